@@ -1,0 +1,119 @@
+"""The collator: the one place where text becomes token ids and images become tensors."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from PIL import Image, ImageOps
+from torchvision.transforms.v2 import functional as F
+
+from datamodules.records import Sample
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class LoadedSample:
+    """A sample with its images read from disk (by the dataset, in a worker)."""
+
+    sample: Sample
+    image: Image.Image
+    prior_image: Image.Image | None
+
+
+def image_transform(image: Image.Image, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Pads to a square (no anatomy cropped away), resizes, normalises: PIL -> (3, size, size)."""
+    fill = tuple(round(255 * m) for m in mean)
+    square = ImageOps.pad(image.convert("RGB"), (size, size), method=Image.Resampling.BICUBIC, color=fill)
+    return F.normalize(F.to_dtype(F.pil_to_tensor(square), torch.float32, scale=True), list(mean), list(std))
+
+
+def user_prompt(sample: Sample, image_token: str, interval_in_prompt: bool) -> str:
+    """Images first, as NVILA and MMXU do: the prior study is Image-1, the current one Image-2."""
+    if not sample.has_prior:
+        return f"{image_token}\n{sample.question}"
+    interval = (
+        f"The prior study was taken {sample.interval_days:g} days earlier.\n" if interval_in_prompt else ""
+    )
+    return (
+        f"Image-1 (prior study): {image_token}\nImage-2 (current study): {image_token}\n"
+        f"{interval}{sample.question}"
+    )
+
+
+class LumenCollator:
+    """Samples -> a batch for ``LumenModel``.
+
+    Each ``<image>`` becomes ``tokens_per_image`` copies of the image token, so sequence lengths are
+    final here and the model only has to ``masked_scatter``. Training batches are right-padded with
+    labels on the assistant answer and its ``<|im_end|>`` only; generation batches are left-padded
+    prompts ending in the assistant header.
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        image_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        tokens_per_image: int,
+        image_token: str = "<image>",
+        interval_in_prompt: bool = True,
+        for_generation: bool = False,
+    ):
+        self.tokenizer = tokenizer
+        self.image_size, self.mean, self.std = image_size, tuple(mean), tuple(std)
+        self.tokens_per_image = tokens_per_image
+        self.image_token = image_token
+        self.interval_in_prompt = interval_in_prompt
+        self.for_generation = for_generation
+        self.end_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        if tokenizer.pad_token_id is None:
+            raise ValueError("the tokenizer has no pad token")
+
+    def tokenize(self, sample: Sample) -> tuple[list[int], list[int]]:
+        """Returns (input ids, labels) for one sample; labels are empty for generation."""
+        prompt = user_prompt(sample, self.image_token, self.interval_in_prompt)
+        text = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
+        text = text.replace(self.image_token, self.image_token * self.tokens_per_image)
+        prompt_ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        if self.for_generation:
+            return prompt_ids, []
+        answer_ids = self.tokenizer(sample.answer, add_special_tokens=False).input_ids + [self.end_token_id]
+        return prompt_ids + answer_ids, [IGNORE_INDEX] * len(prompt_ids) + answer_ids
+
+    def __call__(self, batch: list[LoadedSample]) -> dict:
+        tokenized = [self.tokenize(item.sample) for item in batch]
+        longest = max(len(ids) for ids, _ in tokenized)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.full((len(batch), longest), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), longest), dtype=torch.long)
+        labels = torch.full((len(batch), longest), IGNORE_INDEX, dtype=torch.long)
+        for row, (ids, target) in enumerate(tokenized):
+            # Generation continues from the last prompt token, so prompts are left-padded.
+            span = slice(longest - len(ids), longest) if self.for_generation else slice(0, len(ids))
+            input_ids[row, span] = torch.tensor(ids)
+            attention_mask[row, span] = 1
+            if target:
+                labels[row, span] = torch.tensor(target)
+
+        def pixels(image: Image.Image) -> torch.Tensor:
+            return image_transform(image, self.image_size, self.mean, self.std)
+
+        priors = [pixels(item.prior_image) for item in batch if item.prior_image is not None]
+        out = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "current_images": torch.stack([pixels(item.image) for item in batch]),
+            "prior_images": torch.stack(priors) if priors else torch.zeros(0, 3, self.image_size, self.image_size),
+            "has_prior": torch.tensor([item.sample.has_prior for item in batch]),
+            "interval_days": torch.tensor([item.sample.interval_days or 0.0 for item in batch]),
+            "sample_ids": [item.sample.sample_id for item in batch],
+        }
+        if not self.for_generation:
+            out["labels"] = labels
+        return out

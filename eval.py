@@ -1,0 +1,83 @@
+"""Evaluate a checkpoint: ``python eval.py ckpt=PATH [split=test] [key=value ...]`` (Hydra).
+
+Generates answers greedily for the split, scores them, and writes to the run directory
+``predictions.jsonl`` (one record per sample), ``results.json`` and ``results.md``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from omegaconf import DictConfig
+
+from evaluation.metrics import score_sample
+from evaluation.report import aggregate, markdown_table, write_json_atomic, write_jsonl_atomic, write_text_atomic
+from models.checkpoints import input_spec
+from models.module import LumenModule
+from train import prepare
+
+# Data settings that change what the model sees; by default taken from the checkpoint.
+PROMPT_SETTINGS = ("use_prior", "interval_in_prompt")
+
+
+def generate_records(module: LumenModule, datamodule, split: str, accelerator: str) -> list[dict]:
+    """One record per sample: ids, question, the model's answer and the reference answer."""
+    samples = {sample.sample_id: sample for sample in datamodule.dataset(split).samples}
+    trainer = L.Trainer(accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False)
+    batches = trainer.predict(module, dataloaders=datamodule.generation_loader(split))
+    tokenizer = datamodule.tokenizer
+    records = []
+    for batch in batches:
+        answers = tokenizer.batch_decode(batch["tokens"], skip_special_tokens=True)
+        for sample_id, answer in zip(batch["sample_ids"], answers):
+            sample = samples[sample_id]
+            records.append(
+                {
+                    "sample_id": sample_id,
+                    "task": sample.task,
+                    "question_type": sample.question_type,
+                    "question": sample.question,
+                    "has_prior": sample.has_prior,
+                    "prediction": answer.strip(),
+                    "reference": sample.answer,
+                }
+            )
+    return records
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    L.seed_everything(cfg.seed)
+    prepare(cfg)
+    checkpoint = torch.load(cfg.ckpt, map_location="cpu", weights_only=True)
+    module = LumenModule(**checkpoint["hyper_parameters"])
+    module.configure_model()
+    module.load_state_dict(checkpoint["state_dict"])
+    trained_data = checkpoint.get("datamodule_hyper_parameters", {})
+    as_trained = {key: trained_data.get(key, True) for key in PROMPT_SETTINGS if cfg.data[key] is None}
+    datamodule = hydra.utils.instantiate(
+        cfg.data, tokenizer_dir=str(module.config.llm_dir), input_spec=input_spec(module.config), **as_trained
+    )
+    records = [record | score_sample(record) for record in generate_records(module, datamodule, cfg.split, cfg.accelerator)]
+    results = aggregate(records)
+    results["checkpoint"] = str(Path(cfg.ckpt).resolve())
+    results["split"] = cfg.split
+    out = Path(cfg.paths.output_dir)
+    write_jsonl_atomic(out / "predictions.jsonl", records)
+    write_json_atomic(out / "results.json", results)
+    table = markdown_table(results)
+    write_text_atomic(out / "results.md", table)
+    print(table)
+    print(f"results: {out}")
+    return results
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="eval")
+def main(cfg: DictConfig) -> None:
+    evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()

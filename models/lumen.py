@@ -1,0 +1,122 @@
+"""LumenModel: vision tower -> projector -> temporal fusion -> visual tokens spliced into a causal LLM."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from models.projector import MLPDownsampleProjector, TemporalFusion
+from models.vision import TimmVisionTower
+
+
+class LumenModel(nn.Module):
+    """A longitudinal VLM. Knows nothing about files, tokenizers or parallelism.
+
+    Prompt layout contract with the collator: a sample with a prior study carries
+    ``2 * tokens_per_image`` image-token ids (prior first, then current, as "Image-1"/"Image-2" in
+    the text); a sample without one carries ``tokens_per_image``.
+    """
+
+    def __init__(
+        self,
+        vision: TimmVisionTower,
+        projector: MLPDownsampleProjector,
+        fusion: TemporalFusion,
+        llm: PreTrainedModel,
+        image_token_id: int,
+    ):
+        super().__init__()
+        self.vision = vision
+        self.projector = projector
+        self.fusion = fusion
+        self.llm = llm
+        self.image_token_id = image_token_id
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.projector.tokens_per_image
+
+    def visual_tokens(
+        self,
+        current_images: torch.Tensor,
+        prior_images: torch.Tensor,
+        has_prior: torch.Tensor,
+        interval_days: torch.Tensor,
+    ) -> torch.Tensor:
+        """current_images (B, 3, H, W); prior_images (P, 3, H, W) for the P samples with
+        ``has_prior``, in batch order. Returns all visual tokens in prompt order, (T, D)."""
+        batch = current_images.shape[0]
+        # One tower call for both visits: same weights, one kernel launch sequence.
+        images = torch.cat([current_images, prior_images]).to(self.projector.layers[2].weight.dtype)
+        projected = self.projector(self.vision(images))  # (B + P, N, D)
+        current = projected[:batch]
+        prior = torch.zeros_like(current)
+        prior[has_prior] = projected[batch:]
+        current, prior = self.fusion(current, prior, has_prior, interval_days)
+        # Per sample: [prior tokens, current tokens] if it has a prior, else [current tokens].
+        both = torch.stack([prior, current], dim=1)  # (B, 2, N, D)
+        keep = torch.stack([has_prior, torch.ones_like(has_prior)], dim=1)  # (B, 2)
+        return both[keep].flatten(0, 1)  # (T, D)
+
+    def embed(self, input_ids: torch.Tensor, **images: torch.Tensor) -> torch.Tensor:
+        """Text embeddings with the visual tokens written over the image-token positions."""
+        embeddings = self.llm.get_input_embeddings()(input_ids)
+        features = self.visual_tokens(**images).to(embeddings.dtype)
+        image_positions = input_ids == self.image_token_id
+        if int(image_positions.sum()) != features.shape[0]:
+            raise ValueError(
+                f"the prompts hold {int(image_positions.sum())} image tokens but the images give "
+                f"{features.shape[0]} visual tokens ({self.tokens_per_image} per image): the collator "
+                "and the model disagree on tokens per image"
+            )
+        return embeddings.masked_scatter(image_positions[..., None], features)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        current_images: torch.Tensor,
+        prior_images: torch.Tensor,
+        has_prior: torch.Tensor,
+        interval_days: torch.Tensor,
+        labels: torch.Tensor | None = None,
+    ):
+        inputs_embeds = self.embed(
+            input_ids,
+            current_images=current_images,
+            prior_images=prior_images,
+            has_prior=has_prior,
+            interval_days=interval_days,
+        )
+        return self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, use_cache=False)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        current_images: torch.Tensor,
+        prior_images: torch.Tensor,
+        has_prior: torch.Tensor,
+        interval_days: torch.Tensor,
+        max_new_tokens: int,
+        eos_token_id: int,
+        pad_token_id: int,
+    ) -> torch.Tensor:
+        """Greedy decoding of left-padded prompts; returns only the new tokens, (B, <= max_new_tokens)."""
+        inputs_embeds = self.embed(
+            input_ids,
+            current_images=current_images,
+            prior_images=prior_images,
+            has_prior=has_prior,
+            interval_days=interval_days,
+        )
+        return self.llm.generate(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+        )

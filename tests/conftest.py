@@ -1,0 +1,37 @@
+"""Shared fixtures: a small synthetic world and a tiny base model built from it, once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from datamodules.synthetic import ensure_world
+from models.tiny import ensure_tiny_base
+from tests.helpers import TINY_LLM, TINY_VISION, WORLD_SUBJECTS
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory) -> Path:
+    return ensure_world(tmp_path_factory.mktemp("world") / "world", subjects=WORLD_SUBJECTS, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_base(world, tmp_path_factory) -> Path:
+    return ensure_tiny_base(tmp_path_factory.mktemp("base") / "tiny-base", world, vision=TINY_VISION, llm=TINY_LLM)
+
+
+@pytest.fixture
+def demo_overrides(world, tiny_base, tmp_path) -> list[str]:
+    """Points the demo config at the session's world and base and keeps everything small."""
+    return [
+        f"paths.output_dir={tmp_path / 'run'}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        f"paths.world_dir={world}",
+        f"paths.tiny_base={tiny_base}",
+        f"prepare.world.subjects={WORLD_SUBJECTS}",
+        f"+prepare.tiny_base.vision={TINY_VISION}".replace("'", ""),
+        f"+prepare.tiny_base.llm={TINY_LLM}".replace("'", ""),
+        "data.batch_size=4",
+        "data.eval_batch_size=8",
+        "logger=csv",
+    ]

@@ -1,0 +1,66 @@
+"""Every entry-point config and experiment composes; the paper's recipe says what is missing."""
+
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from tests.helpers import compose_config
+from train import train
+
+EXPERIMENTS = sorted(path.stem for path in (Path(__file__).resolve().parents[1] / "configs" / "experiment").glob("*.yaml"))
+
+
+def test_the_expected_experiments_exist():
+    assert {"demo", "nvila_ft", "lumen"} <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_composes_with_train_config(experiment):
+    cfg = compose_config("train", [f"experiment={experiment}"])
+    assert cfg.task_name == experiment
+    assert cfg.model._target_ == "models.module.LumenModule"
+    assert cfg.trainer._target_ == "lightning.pytorch.Trainer"
+
+
+def test_eval_config_composes_and_takes_prompt_settings_from_the_checkpoint():
+    cfg = compose_config("eval", ["ckpt=model.ckpt"])
+    assert cfg.data._target_ == "datamodules.datamodule.LumenDataModule"
+    assert cfg.data.use_prior is None and cfg.data.interval_in_prompt is None
+
+
+def test_default_run_is_the_demo():
+    default = compose_config("train", [])
+    demo = compose_config("train", ["experiment=demo"])
+    default.task_name = demo.task_name
+    assert OmegaConf.to_yaml(default) == OmegaConf.to_yaml(demo)
+
+
+def test_lumen_is_the_papers_recipe():
+    cfg = compose_config("train", ["experiment=lumen"])
+    assert cfg.model.optimizer.lr == 1.5e-5
+    assert cfg.trainer.max_epochs == 1
+    assert cfg.trainer.strategy._target_ == "models.parallel.FSDP2Strategy"
+    assert cfg.model.net.attn_implementation == "flash_attention_2"
+    assert cfg.model.fsdp.param_dtype == "bfloat16"
+    assert cfg.data.tasks == ["diagnostic", "difference"]
+
+
+def test_nvila_ft_trains_on_single_image_diagnostic_questions():
+    cfg = compose_config("train", ["experiment=nvila_ft"])
+    assert cfg.data.tasks == ["diagnostic"]
+    assert cfg.data.use_prior is False
+
+
+def test_lumen_without_data_fails_at_once_naming_the_config_key(tmp_path):
+    cfg = compose_config("train", ["experiment=lumen", f"paths.output_dir={tmp_path}"])
+    with pytest.raises(FileNotFoundError, match=r"paths\.mimic_cxr_jpg is not set.*set paths\.mimic_cxr_jpg=<path>"):
+        train(cfg)
+
+
+def test_lumen_with_a_wrong_base_path_names_the_path_and_the_key(tmp_path):
+    missing = tmp_path / "NVILA-8B"
+    cfg = compose_config("train", ["experiment=lumen", f"paths.output_dir={tmp_path}", f"model.net.base={missing}",
+                                   f"paths.mimic_cxr_jpg={tmp_path}", f"paths.diffvqa={tmp_path}"])
+    with pytest.raises(FileNotFoundError, match=rf"model\.net\.base = {missing} does not exist"):
+        train(cfg)

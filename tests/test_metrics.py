@@ -1,0 +1,432 @@
+import re
+from collections import defaultdict
+
+import pytest
+
+from evaluation.metrics import (
+    METRIC_SIGNATURES,
+    closed_correct,
+    difference_correct,
+    exact_match,
+    extract_yes_no,
+    is_closed,
+    normalize_answer,
+    parse_difference,
+    score_sample,
+    token_recall,
+    token_recall_clipped,
+)
+
+# --- LLaVA-Med reference: a direct transcription of llava/eval/eval_metrics/{glossary,utils,
+# evaluate_metrics}.py, kept independent of the module under test. The contraction table is cut
+# down to the entries the pairs below use.
+
+LLAVA_CONTRACTIONS = {"isnt": "isn't", "theres": "there's", "dont": "don't", "doesnt": "doesn't"}
+LLAVA_MANUAL_MAP = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4",
+                    "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+LLAVA_ARTICLES = ["a", "an", "the"]
+LLAVA_PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
+LLAVA_COMMA_STRIP = re.compile(r"(\d)(\,)(\d)")
+LLAVA_PUNCT = [";", r"/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<",
+               "@", "`", ",", "?", "!"]
+
+
+def llava_normalize_word(token):
+    _token = token
+    for p in LLAVA_PUNCT:
+        if (p + " " in token or " " + p in token) or (re.search(LLAVA_COMMA_STRIP, token) != None):
+            _token = _token.replace(p, "")
+        else:
+            _token = _token.replace(p, " ")
+    token = LLAVA_PERIOD_STRIP.sub("", _token, re.UNICODE)
+    _token = []
+    temp = token.lower().split()
+    for word in temp:
+        word = LLAVA_MANUAL_MAP.setdefault(word, word)
+        if word not in LLAVA_ARTICLES:
+            _token.append(word)
+    for i, word in enumerate(_token):
+        if word in LLAVA_CONTRACTIONS:
+            _token[i] = LLAVA_CONTRACTIONS[word]
+    token = " ".join(_token)
+    token = token.replace(",", "")
+    return token
+
+
+def llava_split_sentence(sentence, n):
+    words = defaultdict(int)
+    tmp_sentence = sentence.lower().strip().split()
+    for i in range(len(tmp_sentence) - n + 1):
+        tmp_words = " ".join(tmp_sentence[i: i + n])
+        if tmp_words:
+            words[tmp_words] += 1
+    return words
+
+
+def llava_recall(candidate, reference):
+    candidate_words = llava_split_sentence(llava_normalize_word(candidate), 1)
+    reference_words = llava_split_sentence(llava_normalize_word(reference), 1)
+    word_set = set(candidate_words) | set(reference_words)
+    tp = fp = fn = 0
+    for word in word_set:
+        if word in candidate_words and word in reference_words:
+            tp += candidate_words[word]
+        elif word in candidate_words and word not in reference_words:
+            fp += candidate_words[word]
+        elif word not in candidate_words and word in reference_words:
+            fn += reference_words[word]
+    if len(candidate_words) == 0 or len(reference_words) == 0:
+        return 0
+    recall = tp / (tp + fn)
+    return 0 if tp == 0 else recall
+
+
+PAIRS = [
+    ("left pleural effusion", "pleural effusion"),
+    ("effusion", "left pleural effusion"),
+    ("effusion effusion effusion", "left effusion"),
+    ("", "effusion"),
+    ("effusion", ""),
+    ("", ""),
+    ("cardiomegaly", "pneumothorax"),
+    ("two nodules", "2 nodules"),
+    ("There are three rib fractures.", "3 fractures"),
+    ("The effusion is on the left side.", "left side"),
+    ("an AP view", "AP view"),
+    ("It's a PA view!", "PA view"),
+    ("left-sided effusion", "left sided effusion"),
+    ("effusion - left", "left effusion"),
+    ("1,000 ml (approx.) of fluid", "1000 ml fluid"),
+    ("size 3.5 cm", "3.5 cm"),
+    ("isnt present", "isn't present"),
+    ("there's no change", "theres no change"),
+    ("right/left lower lobe", "right lower lobe"),
+    ("mild to moderate edema, worse on the right", "moderate edema"),
+    ("[atelectasis]; {edema}", "atelectasis, edema"),
+    ("none", "0"),
+    ("None of the above", "no"),
+    ("Yes, there is a small left apical pneumothorax.", "left apical area"),
+    ("left apical area left apical area", "left apical area"),
+    ("what? where!", "where"),
+    ('"quoted" answer_text', "quoted answer text"),
+    ("ten", "10"),
+    ("e.g. edema", "edema"),
+    ("LEFT LOWER LOBE", "left lower lobe"),
+    ("left-sided - effusion", "left sided effusion"),
+    ("chest x-ray 1,000", "chest x ray"),
+]
+
+
+@pytest.mark.parametrize(("prediction", "reference"), PAIRS)
+def test_token_recall_equals_llava_med_reference_implementation(prediction, reference):
+    assert token_recall(prediction, reference) == pytest.approx(llava_recall(prediction, reference))
+
+
+@pytest.mark.parametrize("text", sorted({text for pair in PAIRS for text in pair}))
+def test_normalize_answer_equals_llava_med_normalize_word(text):
+    assert normalize_answer(text) == llava_normalize_word(text)
+
+
+def test_normalize_answer_strips_every_period_not_only_the_first_32():
+    assert normalize_answer("effusion. " * 40) == " ".join(["effusion"] * 40)
+
+
+def test_normalize_answer_maps_number_words_drops_articles_and_restores_apostrophes():
+    assert normalize_answer("The Two effusions ISNT an issue.") == "2 effusions isn't issue"
+
+
+def test_token_recall_of_partial_answer_counts_missing_reference_words():
+    assert token_recall("effusion", "left pleural effusion") == pytest.approx(1 / 3)
+
+
+def test_token_recall_ignores_extra_prediction_words():
+    assert token_recall("small left pleural effusion", "pleural effusion") == 1.0
+
+
+def test_token_recall_is_inflated_by_repeating_a_correct_word():
+    assert token_recall("effusion effusion effusion", "left effusion") == pytest.approx(3 / 4)
+
+
+def test_token_recall_is_zero_without_shared_words():
+    assert token_recall("cardiomegaly", "pneumothorax") == 0.0
+
+
+def test_token_recall_is_zero_for_an_empty_prediction():
+    assert token_recall("", "left side") == 0.0
+
+
+def test_token_recall_matches_number_words_to_digits_and_ignores_articles():
+    assert token_recall("the two nodules", "2 nodules") == 1.0
+
+
+def test_token_recall_clipped_caps_repeated_words_at_reference_count():
+    assert token_recall_clipped("effusion effusion effusion", "left effusion") == pytest.approx(1 / 2)
+
+
+def test_token_recall_clipped_keeps_reference_repeats_recalled_by_one_mention():
+    assert token_recall_clipped("small", "small small") == 1.0
+
+
+@pytest.mark.parametrize(("prediction", "reference"), PAIRS)
+def test_token_recall_clipped_never_exceeds_token_recall(prediction, reference):
+    assert token_recall_clipped(prediction, reference) <= token_recall(prediction, reference)
+
+
+def test_token_recall_clipped_equals_token_recall_without_repetition():
+    assert token_recall_clipped("small left effusion", "left effusion") == token_recall(
+        "small left effusion", "left effusion")
+
+
+# --- yes/no extraction
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("yes", "yes"),
+    ("Yes.", "yes"),
+    ("Yes, there is a small left pleural effusion.", "yes"),
+    ("no", "no"),
+    ("No, there is no effusion.", "no"),
+    ("there is no evidence of pneumothorax", "no"),
+    ("No evidence of pneumothorax.", "no"),
+    ("The pneumothorax is not seen.", "no"),
+    ("The effusion isn't present", "no"),
+    ("not", "no"),
+    ("None.", "no"),
+    ("There is a small right effusion.", "yes"),
+    ("The answer is yes.", "yes"),
+    ("Consolidation is present in the left lower lobe.", "yes"),
+])
+def test_extract_yes_no_reads_the_answer(text, expected):
+    assert extract_yes_no(text) == expected
+
+
+@pytest.mark.parametrize("text", [
+    "",
+    "the heart size is normal",
+    "nodule",
+    "left lower lobe",
+    "there is an effusion but no pneumothorax",
+    "a pneumothorax cannot be excluded",
+    "possibly a small effusion",
+    "maybe yes",
+    "I'm not sure.",
+])
+def test_extract_yes_no_returns_none_for_neither_or_ambiguous(text):
+    assert extract_yes_no(text) is None
+
+
+def test_closed_correct_accepts_verbose_yes_that_exact_match_rejects():
+    prediction = "Yes, there is a small left pleural effusion."
+    assert closed_correct(prediction, "yes")
+    assert not exact_match(prediction, "yes")
+
+
+def test_closed_correct_does_not_read_normal_as_no():
+    assert not closed_correct("normal", "no")
+
+
+def test_closed_correct_marks_wrong_polarity_wrong():
+    assert not closed_correct("there is no effusion", "yes")
+
+
+def test_closed_correct_rejects_an_open_reference():
+    with pytest.raises(ValueError, match="yes/no reference"):
+        closed_correct("yes", "left side")
+
+
+def test_exact_match_ignores_case_punctuation_and_articles():
+    assert exact_match("The Left Side.", "left side")
+
+
+@pytest.mark.parametrize(("reference", "expected"), [
+    ("yes", True), ("No.", True), ("left side", False), ("no change", False)])
+def test_is_closed_only_for_bare_yes_or_no(reference, expected):
+    assert is_closed(reference) is expected
+
+
+# --- difference grammar
+
+GENERATOR_ANSWER = (
+    "the level of pleural effusion has changed from small to moderate to large. "
+    "the main image has additional findings of consolidation, and pneumonia than the reference "
+    "image. the main image is missing the findings of pleural thickening, pneumothorax, and "
+    "atelectasis than the reference image. "
+)
+
+
+def test_parse_difference_single_added_finding():
+    findings = parse_difference(
+        "the main image has an additional finding of edema than the reference image. ")
+    assert findings.parsed
+    assert findings.added == {"edema"}
+    assert findings.missing == frozenset()
+
+
+def test_parse_difference_three_item_list():
+    findings = parse_difference("the main image has additional findings of edema, atelectasis, "
+                                "and lung opacity than the reference image.")
+    assert findings.added == {"edema", "atelectasis", "lung opacity"}
+
+
+def test_parse_difference_generator_two_item_quirk():
+    findings = parse_difference("the main image has additional findings of consolidation, and "
+                                "pneumonia than the reference image. ")
+    assert findings.added == {"consolidation", "pneumonia"}
+
+
+@pytest.mark.parametrize("listed", ["edema and atelectasis and cardiomegaly",
+                                    "edema, atelectasis and cardiomegaly"])
+def test_parse_difference_plain_english_lists(listed):
+    findings = parse_difference(
+        f"the main image has additional findings of {listed} than the reference image.")
+    assert findings.added == {"edema", "atelectasis", "cardiomegaly"}
+
+
+def test_parse_difference_missing_single_finding():
+    findings = parse_difference(
+        "the main image is missing the finding of enlargement of the cardiac silhouette than the "
+        "reference image. ")
+    assert findings.missing == {"enlargement of the cardiac silhouette"}
+    assert findings.added == frozenset()
+
+
+def test_parse_difference_level_change():
+    findings = parse_difference("the level of edema has changed from mild to moderate. ")
+    assert findings.parsed
+    assert findings.level_changes == (("edema", "mild", "moderate"),)
+
+
+def test_parse_difference_level_change_with_compound_level():
+    findings = parse_difference("the level of edema has changed from small to moderate to large.")
+    assert findings.level_changes == (("edema", "small", "moderate to large"),)
+
+
+def test_parse_difference_ambiguous_level_split_is_unparsed():
+    assert not parse_difference(
+        "the level of edema has changed from mild to moderate to severe.").parsed
+
+
+def test_parse_difference_level_added_and_missing_in_one_answer():
+    findings = parse_difference(GENERATOR_ANSWER)
+    assert findings.parsed
+    assert findings.level_changes == (("pleural effusion", "small", "moderate to large"),)
+    assert findings.added == {"consolidation", "pneumonia"}
+    assert findings.missing == {"pleural thickening", "pneumothorax", "atelectasis"}
+
+
+def test_parse_difference_nothing_has_changed():
+    findings = parse_difference("nothing has changed.")
+    assert findings.parsed
+    assert (findings.added, findings.missing, findings.level_changes) == (frozenset(), frozenset(), ())
+
+
+def test_parse_difference_tolerates_case_and_generator_spacing():
+    # The official name "tortuosity of the descending aorta " carries a trailing space.
+    findings = parse_difference("The main image has additional findings of tortuosity of the "
+                                "descending aorta , and edema  than the reference image.  ")
+    assert findings.added == {"tortuosity of the descending aorta", "edema"}
+
+
+def test_parse_difference_reads_infection_as_pneumonia():
+    findings = parse_difference(
+        "the main image is missing the finding of infection than the reference image.")
+    assert findings.missing == {"pneumonia"}
+
+
+@pytest.mark.parametrize("text", [
+    "",
+    "the lungs look worse than before.",
+    "the main image has an additional finding of edema than the reference image. the heart is big.",
+    "nothing has changed. the main image has an additional finding of edema than the reference image.",
+    "the main image has additional findings of edema, than the reference image.",
+])
+def test_parse_difference_unparseable_text_has_no_findings(text):
+    findings = parse_difference(text)
+    assert not findings.parsed
+    assert (findings.added, findings.missing, findings.level_changes) == (frozenset(), frozenset(), ())
+
+
+def test_difference_correct_ignores_list_order():
+    assert difference_correct(
+        "the main image has additional findings of atelectasis, edema, and cardiomegaly than the "
+        "reference image.",
+        "the main image has additional findings of cardiomegaly, atelectasis, and edema than the "
+        "reference image. ")
+
+
+def test_difference_correct_treats_pneumonia_and_infection_as_one_finding():
+    assert difference_correct(
+        "the main image has an additional finding of infection than the reference image.",
+        "the main image has an additional finding of pneumonia than the reference image. ")
+
+
+def test_difference_correct_requires_same_missing_findings():
+    assert not difference_correct(
+        "the main image has an additional finding of edema than the reference image.",
+        "the main image has an additional finding of edema than the reference image. the main "
+        "image is missing the finding of atelectasis than the reference image. ")
+
+
+def test_difference_correct_ignores_level_changes_by_default():
+    assert difference_correct("nothing has changed.",
+                              "the level of edema has changed from mild to moderate. ")
+
+
+def test_difference_correct_compares_level_changes_when_asked():
+    assert not difference_correct("the level of edema has changed from mild to severe.",
+                                  "the level of edema has changed from mild to moderate. ",
+                                  compare_levels=True)
+
+
+def test_difference_correct_marks_unparseable_prediction_wrong():
+    assert not difference_correct("nothing really", "nothing has changed.")
+
+
+def test_difference_correct_rejects_unparseable_reference():
+    with pytest.raises(ValueError, match="not a Medical-Diff-VQA difference answer"):
+        difference_correct("nothing has changed.", "The effusion has grown since the last study.")
+
+
+# --- per-sample scoring
+
+def record(question_type, prediction, reference, task="diagnostic"):
+    return {"sample_id": "s1", "task": task, "question_type": question_type,
+            "question": "q?", "prediction": prediction, "reference": reference}
+
+
+def test_score_sample_difference_question():
+    scores = score_sample(record(
+        "difference", "nothing has changed.",
+        "the level of edema has changed from mild to moderate. ", task="difference"))
+    assert scores == {"difference_correct": 1, "difference_correct_with_levels": 0,
+                      "difference_parsed": 1}
+
+
+def test_score_sample_closed_question():
+    assert score_sample(record("presence", "Yes, there is.", "yes")) == {
+        "closed_accuracy": 1, "exact_match": 0}
+
+
+def test_score_sample_open_question():
+    assert score_sample(record("location", "left lower lung", "left lower lung area")) == {
+        "token_recall": pytest.approx(3 / 4), "token_recall_clipped": pytest.approx(3 / 4)}
+
+
+def test_score_sample_names_the_sample_of_an_unparseable_difference_reference():
+    bad = {**record("difference", "nothing has changed.", "worse", task="difference"),
+           "sample_id": "d-17"}
+    with pytest.raises(ValueError, match="sample d-17"):
+        score_sample(bad)
+
+
+def test_score_sample_names_missing_record_keys():
+    incomplete = record("presence", "yes", "yes")
+    del incomplete["prediction"]
+    with pytest.raises(ValueError, match="prediction"):
+        score_sample(incomplete)
+
+
+def test_every_scored_metric_has_a_signature():
+    records = [record("difference", "nothing has changed.", "nothing has changed.", "difference"),
+               record("presence", "yes", "yes"), record("level", "small", "small")]
+    names = {name for sample in records for name in score_sample(sample)}
+    assert names == set(METRIC_SIGNATURES)

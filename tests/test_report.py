@@ -1,0 +1,136 @@
+import json
+
+import pytest
+
+from evaluation.metrics import METRIC_SIGNATURES
+from evaluation.report import (
+    aggregate,
+    markdown_table,
+    write_json_atomic,
+    write_jsonl_atomic,
+    write_text_atomic,
+)
+
+
+def scored(task, question_type, **metrics):
+    return {"sample_id": f"{task}-{question_type}", "task": task, "question_type": question_type,
+            "question": "q?", "prediction": "p", "reference": "r", **metrics}
+
+
+SCORED = [
+    scored("diagnostic", "presence", closed_accuracy=1, exact_match=1),
+    scored("diagnostic", "presence", closed_accuracy=0, exact_match=0),
+    scored("diagnostic", "presence", closed_accuracy=1, exact_match=0),
+    scored("diagnostic", "location", token_recall=1.0, token_recall_clipped=0.5),
+    scored("diagnostic", "location", token_recall=0.5, token_recall_clipped=0.5),
+    scored("difference", "difference", difference_correct=1, difference_correct_with_levels=0,
+           difference_parsed=1),
+]
+
+
+def test_aggregate_means_and_counts_per_question_type():
+    presence = aggregate(SCORED)["by_task"]["diagnostic"]["presence"]
+    assert presence["closed_accuracy"] == {"mean": pytest.approx(2 / 3), "n": 3}
+    assert presence["exact_match"] == {"mean": pytest.approx(1 / 3), "n": 3}
+
+
+def test_aggregate_only_lists_metrics_that_apply_to_a_question_type():
+    location = aggregate(SCORED)["by_task"]["diagnostic"]["location"]
+    assert location == {"token_recall": {"mean": 0.75, "n": 2},
+                        "token_recall_clipped": {"mean": 0.5, "n": 2}}
+
+
+def test_aggregate_overall_averages_each_metric_over_the_samples_it_applies_to():
+    results = aggregate(SCORED)
+    assert results["n_samples"] == 6
+    assert results["overall"]["closed_accuracy"] == {"mean": pytest.approx(2 / 3), "n": 3}
+    assert results["overall"]["difference_correct"] == {"mean": 1.0, "n": 1}
+
+
+def test_aggregate_groups_question_types_under_their_task():
+    by_task = aggregate(SCORED)["by_task"]
+    assert {task: sorted(types) for task, types in by_task.items()} == {
+        "diagnostic": ["location", "presence"], "difference": ["difference"]}
+
+
+def test_aggregate_records_a_signature_for_each_reported_metric():
+    results = aggregate(SCORED)
+    assert results["signatures"] == {name: METRIC_SIGNATURES[name] for name in results["overall"]}
+
+
+def test_aggregate_result_round_trips_through_json():
+    results = aggregate(SCORED)
+    assert json.loads(json.dumps(results)) == results
+
+
+def test_aggregate_averages_only_fields_named_in_metric_signatures():
+    results = aggregate([scored("diagnostic", "level", token_recall=1.0, interval_days=30)])
+    assert list(results["overall"]) == ["token_recall"]
+
+
+def test_markdown_table_has_a_row_per_question_type_and_an_overall_row():
+    table = markdown_table(aggregate(SCORED))
+    assert "| diagnostic | location | – | – | 0.750 (n=2) | 0.500 (n=2) | – | – | – |" in table
+    assert "| diagnostic | presence | 0.667 (n=3) | 0.333 (n=3) |" in table
+    assert ("| difference | difference | – | – | – | – | 1.000 (n=1) | 0.000 (n=1) | 1.000 (n=1) |"
+            in table)
+    assert table.splitlines()[-1].startswith("| **overall** |  | 0.667 (n=3) | 0.333 (n=3) |")
+
+
+def test_markdown_table_header_names_every_metric():
+    header = markdown_table(aggregate(SCORED)).splitlines()[0]
+    assert header == ("| Task | Question type | closed_accuracy | exact_match | token_recall | "
+                      "token_recall_clipped | difference_correct | difference_correct_with_levels | "
+                      "difference_parsed |")
+
+
+def test_write_json_atomic_writes_readable_json_and_no_temporary_file(tmp_path):
+    path = tmp_path / "results.json"
+    write_json_atomic(path, {"overall": {"exact_match": {"mean": 0.5, "n": 2}}})
+    assert json.loads(path.read_text()) == {"overall": {"exact_match": {"mean": 0.5, "n": 2}}}
+    assert [entry.name for entry in tmp_path.iterdir()] == ["results.json"]
+
+
+def test_write_json_atomic_replaces_an_existing_file(tmp_path):
+    path = tmp_path / "results.json"
+    path.write_text("old")
+    write_json_atomic(path, [1, 2])
+    assert json.loads(path.read_text()) == [1, 2]
+    assert [entry.name for entry in tmp_path.iterdir()] == ["results.json"]
+
+
+def test_write_jsonl_atomic_writes_one_object_per_line(tmp_path):
+    path = tmp_path / "samples.jsonl"
+    write_jsonl_atomic(path, [{"sample_id": "a"}, {"sample_id": "b"}])
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [
+        {"sample_id": "a"}, {"sample_id": "b"}]
+
+
+def test_write_text_atomic_creates_missing_directories(tmp_path):
+    path = tmp_path / "run" / "results.md"
+    write_text_atomic(path, "| a |\n")
+    assert path.read_text() == "| a |\n"
+
+
+def test_failed_write_keeps_the_previous_file_and_leaves_no_temporary_file(tmp_path):
+    path = tmp_path / "samples.jsonl"
+    write_jsonl_atomic(path, [{"sample_id": "a"}])
+    with pytest.raises(ValueError):
+        write_jsonl_atomic(path, [{"sample_id": "b"}, {"score": float("nan")}])
+    assert path.read_text() == '{"sample_id": "a"}\n'
+    assert [entry.name for entry in tmp_path.iterdir()] == ["samples.jsonl"]
+
+
+def test_interrupted_write_keeps_the_previous_file_and_removes_its_temporary_file(
+        tmp_path, monkeypatch):
+    path = tmp_path / "results.md"
+    path.write_text("old")
+
+    def interrupt(descriptor):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("evaluation.report.os.fsync", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        write_text_atomic(path, "new")
+    assert path.read_text() == "old"
+    assert [entry.name for entry in tmp_path.iterdir()] == ["results.md"]

@@ -1,0 +1,84 @@
+"""End to end on CPU: training (one process and FSDP2 with two), then evaluation from the checkpoint."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from eval import evaluate
+from tests.helpers import WORLD_SUBJECTS, compose_config
+from train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_fast_dev_run_trains_one_step_and_lowers_nothing_to_nan(demo_overrides):
+    cfg = compose_config("train", demo_overrides + ["+trainer.fast_dev_run=true"])
+    trainer = train(cfg)
+    assert trainer.state.finished
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+
+
+@pytest.fixture(scope="module")
+def trained_checkpoint(tmp_path_factory, world, tiny_base) -> Path:
+    """A short real training run (a few dozen steps) whose last checkpoint the eval tests load."""
+    run = tmp_path_factory.mktemp("trained")
+    overrides = [
+        f"paths.output_dir={run}", f"paths.cache_dir={run / 'cache'}", f"paths.world_dir={world}",
+        f"paths.tiny_base={tiny_base}", f"prepare.world.subjects={WORLD_SUBJECTS}", "prepare.tiny_base=null",
+        "logger=csv", "data.batch_size=8", "data.limit.val=16", "trainer.max_epochs=2",
+    ]
+    trainer = train(compose_config("train", overrides))
+    assert trainer.global_step > 10
+    return Path(trainer.checkpoint_callback.last_model_path)
+
+
+def test_training_lowers_the_loss_and_logs_it(trained_checkpoint):
+    metrics = (trained_checkpoint.parents[1] / "csv" / "version_0" / "metrics.csv").read_text().splitlines()
+    header = metrics[0].split(",")
+    column = header.index("train/loss")
+    losses = [float(row.split(",")[column]) for row in metrics[1:] if row.split(",")[column]]
+    assert len(losses) >= 2 and losses[-1] < losses[0]
+
+
+def test_checkpoint_loads_with_weights_only(trained_checkpoint):
+    checkpoint = torch.load(trained_checkpoint, map_location="cpu", weights_only=True)
+    assert checkpoint["hyper_parameters"]["net"]["vision_layer"] == -1
+    assert any(key.startswith("model.fusion.") for key in checkpoint["state_dict"])
+
+
+def test_eval_writes_predictions_results_and_a_table(trained_checkpoint, world, tmp_path, capsys):
+    out = tmp_path / "eval"
+    cfg = compose_config("eval", [f"ckpt={trained_checkpoint}", f"paths.output_dir={out}",
+                                  f"paths.world_dir={world}", f"prepare.world.subjects={WORLD_SUBJECTS}",
+                                  "data.limit.test=24", "accelerator=cpu"])
+    results = evaluate(cfg)
+    records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(records) == 24
+    assert {"sample_id", "question_type", "question", "prediction", "reference"} <= set(records[0])
+    assert json.loads((out / "results.json").read_text()) == results
+    table = (out / "results.md").read_text()
+    assert table in capsys.readouterr().out
+    assert "difference" in table or "diagnostic" in table
+
+
+def test_fsdp_with_two_cpu_processes_trains_and_saves_a_sharded_checkpoint(world, tiny_base, tmp_path):
+    run = tmp_path / "fsdp"
+    command = [
+        sys.executable, "train.py", "trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2",
+        "trainer.max_steps=3",
+        f"paths.output_dir={run}", f"paths.world_dir={world}", f"paths.tiny_base={tiny_base}",
+        f"prepare.world.subjects={WORLD_SUBJECTS}", "prepare.tiny_base=null", "data.batch_size=2", "data.limit.train=16", "data.limit.val=4",
+        f"hydra.run.dir={run}",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = run / "checkpoints" / "last.ckpt"
+    assert checkpoint.is_dir(), f"expected a sharded (directory) checkpoint, found {list((run / 'checkpoints').iterdir())}"
+    shards = sorted(path.name for path in checkpoint.iterdir())
+    assert "__0_0.distcp" in shards and "__1_0.distcp" in shards

@@ -1,0 +1,67 @@
+"""Train a LUMEN model: ``python train.py [experiment=NAME] [key=value ...]`` (Hydra)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+
+from models.checkpoints import ModelConfig, input_spec
+
+log = logging.getLogger("train")
+
+# What a run reads from disk, by config key. The demo's prepare steps create all three.
+REQUIRED_INPUTS = {
+    "paths.mimic_cxr_jpg": "the MIMIC-CXR-JPG root (files/, mimic-cxr-2.0.0-*.csv.gz)",
+    "paths.diffvqa": "the Medical-Diff-VQA directory (mimic_pair_questions.csv, mimic_all.csv)",
+    "model.net.base": "the base model directory (llm/, vision_tower/)",
+}
+
+
+def prepare(cfg: DictConfig) -> None:
+    """Runs the config's cached preparation steps (synthetic world, tiny base model) in order."""
+    for name, step in (cfg.get("prepare") or {}).items():
+        if step is not None:
+            log.info("prepare %s: %s", name, hydra.utils.instantiate(step))
+
+
+def require_inputs(cfg: DictConfig) -> None:
+    """Fails at once, naming the key to set, when an input path is unset or does not exist."""
+    for key, what in REQUIRED_INPUTS.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and Path(value).exists():
+            continue
+        problem = "is not set" if value is None else f"= {value} does not exist"
+        raise FileNotFoundError(f"{key} {problem}: it must point to {what}; set {key}=<path>")
+
+
+def train(cfg: DictConfig) -> L.Trainer:
+    L.seed_everything(cfg.seed, workers=True)
+    prepare(cfg)
+    require_inputs(cfg)
+    spec = input_spec(ModelConfig(**cfg.model.net))
+    datamodule = hydra.utils.instantiate(cfg.data, input_spec=spec)
+    module = hydra.utils.instantiate(cfg.model)
+    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    log_dir = trainer.log_dir  # a collective call under distributed strategies: every rank asks
+    if trainer.is_global_zero:
+        checkpoint = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else None
+        print(f"checkpoint: {checkpoint}")
+        print(f"logs: {Path(log_dir or cfg.paths.output_dir)}")
+        print(f"evaluate with: python eval.py ckpt={checkpoint}")
+    return trainer
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="train")
+def main(cfg: DictConfig) -> None:
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()
