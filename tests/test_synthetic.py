@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from datamodules import synthetic
+from datamodules.synthetic import __main__ as cli
 from datamodules.synthetic import difference_answer, ensure_world, generate_world, simulate_population
 
 SUBJECTS, SEED = 20, 0
@@ -253,7 +254,7 @@ def test_whole_image_difference_answers_match_the_true_states(world):
 def test_area_difference_answers_give_the_level_change_on_that_side(tmp_path):
     # Area questions are rare: simulate many subjects (no images needed) to get some.
     studies = simulate_population(300, SEED)
-    table = synthetic._pair_questions(studies, SEED)
+    table = synthetic.questions._pair_questions(studies, SEED)
     area = table[(table.question_type == "difference") & (table.question != WHOLE_IMAGE)]
     assert len(area) >= 5
     by_id = {study.study_id: study for study in studies}
@@ -375,13 +376,13 @@ def test_an_interrupted_generation_leaves_nothing_that_looks_complete(tmp_path, 
     def fail(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(synthetic, "render_image", fail)
+    monkeypatch.setattr(synthetic.writer, "render_image", fail)
     with pytest.raises(KeyboardInterrupt):
         ensure_world(tmp_path / "world", 3, SEED)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_cli_prints_the_counts_and_the_directory(tmp_path, capsys):
-    synthetic.main(["--out", str(tmp_path / "world"), "--subjects", "3", "--seed", "1"])
+    cli.main(["--out", str(tmp_path / "world"), "--subjects", "3", "--seed", "1"])
     line = capsys.readouterr().out.strip()
     assert str(tmp_path / "world") in line and "3 subjects" in line and "\n" not in line

@@ -1,0 +1,164 @@
+"""Writing a simulated world to disk in the real MIMIC-CXR-JPG and Medical-Diff-VQA v1.0.1 layouts,
+with a ``world.json`` manifest, and reusing it when the same world is already there."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from datamodules.synthetic.drawing import render_image
+from datamodules.synthetic.population import FINDINGS, SITE_COLUMNS, SITES, Study, simulate_population
+from datamodules.synthetic.questions import _key_info, _pair_questions
+from datamodules.synthetic.reports import _chexpert_labels, _procedure, report_text
+
+GENERATOR = "lumen.datamodules.synthetic"
+GENERATOR_VERSION = "1.0"
+METADATA_COLUMNS = [
+    "dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition", "Rows",
+    "Columns", "StudyDate", "StudyTime", "ProcedureCodeSequence_CodeMeaning", "ViewCodeSequence_CodeMeaning",
+    "PatientOrientationCodeSequence_CodeMeaning",
+]
+VIEW_MEANINGS = {"PA": "postero-anterior", "AP": "antero-posterior", "LATERAL": "lateral"}
+GZIP = {"method": "gzip", "mtime": 0}  # mtime 0: same seed, same bytes
+
+
+def _study_path(study: Study) -> Path:
+    """``files/p{first two digits}/p{subject}/s{study}``: the images' folder; plus ``.txt``, the report."""
+    subject = str(study.subject_id)
+    return Path("files", f"p{subject[:2]}", f"p{subject}", f"s{study.study_id}")
+
+
+def generate_world(out: Path, subjects: int, seed: int) -> dict:
+    """Write the whole world into ``out`` (new or empty; world.json last) and return the manifest."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty: generate_world writes into a new or empty directory")
+    studies = simulate_population(subjects, seed)
+    mimic, reports, diffvqa, truth = (
+        out / name for name in ("mimic-cxr-jpg", "mimic-cxr-reports", "medical-diff-vqa", "truth")
+    )
+    for directory in (mimic, reports, diffvqa, truth):
+        directory.mkdir(parents=True, exist_ok=True)
+
+    metadata, splits, chexpert, studies_rows, truth_rows = [], [], [], [], []
+    image_index = 0
+    previous: Study | None = None
+    for study in studies:
+        prior = previous if previous is not None and previous.subject_id == study.subject_id else None
+        previous = study
+        for image in study.images:
+            pixels = render_image(study, image, np.random.default_rng([seed, 3, image_index]))
+            image_index += 1
+            (mimic / _study_path(study)).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels).save(mimic / _study_path(study) / f"{image.dicom_id}.jpg", quality=90)
+            procedure = _procedure(study)
+            metadata.append((
+                image.dicom_id, study.subject_id, study.study_id, procedure, image.view, image.rows, image.columns,
+                study.study_date, study.time, procedure, VIEW_MEANINGS[image.view],
+                "Recumbent" if study.view == "AP" else "Erect",
+            ))
+            splits.append((image.dicom_id, study.study_id, study.subject_id, study.split))
+        report = reports / _study_path(study).with_suffix(".txt")
+        report.parent.mkdir(parents=True, exist_ok=True)
+        report.write_text(report_text(study, prior))
+        labels = _chexpert_labels(study)
+        chexpert.append({"subject_id": study.subject_id, "study_id": study.study_id, **labels})
+        frontal = study.images[0]
+        studies_rows.append({
+            "subject_id": study.subject_id, "study_id": study.study_id, **labels, "dicom_id": frontal.dicom_id,
+            "view": VIEW_MEANINGS[frontal.view], "split": study.split, "study_date": study.study_date,
+        })
+        truth_rows.append({
+            "subject_id": study.subject_id, "study_id": study.study_id, "study_date": study.study_date,
+            "view": study.view, **dict(zip(SITE_COLUMNS, study.levels)),
+        })
+
+    tables = {
+        "metadata": pd.DataFrame(metadata, columns=METADATA_COLUMNS),
+        "split": pd.DataFrame(splits, columns=["dicom_id", "study_id", "subject_id", "split"]),
+        "chexpert": pd.DataFrame(chexpert),
+    }
+    for name, table in tables.items():
+        table.to_csv(mimic / f"mimic-cxr-2.0.0-{name}.csv.gz", index=False, compression=GZIP)
+    mimic_all = pd.DataFrame(studies_rows)
+    # As the dataset's get_mimic_all.py: a pandas rank, hence 1.0, 2.0, ...
+    mimic_all["study_order"] = mimic_all.groupby("subject_id")["study_date"].rank(method="min")
+    mimic_all.to_csv(diffvqa / "mimic_all.csv", index=False)
+    questions = _pair_questions(studies, seed)
+    questions.to_csv(diffvqa / "mimic_pair_questions.csv", index=False)
+    (diffvqa / "all_diseases.json").write_text(json.dumps([_key_info(study) for study in studies], indent=4))
+    pd.DataFrame(truth_rows).to_csv(truth / "studies.csv", index=False)
+
+    manifest = {
+        "generator": GENERATOR,
+        "generator_version": GENERATOR_VERSION,
+        "subjects": subjects,
+        "seed": seed,
+        "counts": {
+            "subjects": subjects,
+            "studies": len(studies),
+            "images": image_index,
+            "questions": len(questions),
+            "difference_questions": int((questions["question_type"] == "difference").sum()),
+        },
+        "findings": {finding.name: list(finding.levels) for finding in FINDINGS},
+        "truth_columns": dict(zip(SITE_COLUMNS, ([f.name, site] for f, site in SITES))),
+    }
+    (out / "world.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def _our_manifest(directory: Path) -> dict | None:
+    try:
+        manifest = json.loads((directory / "world.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) and manifest.get("generator") == GENERATOR else None
+
+
+def ensure_world(out: str | Path, subjects: int, seed: int) -> Path:
+    """``out`` holding the world for (subjects, seed), generating it only when it is not there yet.
+
+    The world is written to a hidden sibling directory and renamed into place when complete, so an
+    interrupted run never leaves a world that looks complete. An older world of ours is replaced;
+    any other non-empty directory is refused.
+    """
+    out = Path(out)
+    wanted = {"generator_version": GENERATOR_VERSION, "subjects": subjects, "seed": seed}
+
+    def is_wanted(manifest: dict | None) -> bool:
+        return manifest is not None and all(manifest.get(key) == value for key, value in wanted.items())
+
+    existing = _our_manifest(out)
+    if is_wanted(existing):
+        return out
+    if existing is None and out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(
+            f"{out} exists and is not a synthetic world (no world.json written by {GENERATOR}); "
+            "refusing to overwrite it: choose another directory or empty this one"
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    partial.chmod(0o755)  # mkdtemp makes it private; the world is ordinary data
+    try:
+        generate_world(partial, subjects, seed)
+        # Another process (a second rank) may have put the same world in place meanwhile.
+        if is_wanted(_our_manifest(out)):
+            return out
+        if out.exists():  # empty, or an older world of ours
+            stale = Path(tempfile.mkdtemp(prefix=f".{out.name}.stale-", dir=out.parent))
+            out.rename(stale)
+            shutil.rmtree(stale)
+        partial.rename(out)
+    except OSError:
+        if not is_wanted(_our_manifest(out)):
+            raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return out
