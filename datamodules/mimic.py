@@ -5,6 +5,13 @@ from __future__ import annotations
 from datetime import date
 from pathlib import Path
 
+# The 14 labels of mimic-cxr-2.0.0-chexpert.csv (and -negbio.csv), in the file's column order.
+CHEXPERT_LABELS = (
+    "Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum", "Fracture",
+    "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion", "Pleural Other", "Pneumonia",
+    "Pneumothorax", "Support Devices",
+)
+
 
 def image_path(root: str | Path, subject_id: int, study_id: int, dicom_id: str) -> Path:
     """``files/p{first two digits}/p{subject}/s{study}/{dicom}.jpg`` under the MIMIC-CXR-JPG root."""

@@ -8,7 +8,6 @@ import hydra
 import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
 from transformers import get_cosine_schedule_with_warmup
 
 from models.checkpoints import DTYPES, ModelConfig, build_model
@@ -18,15 +17,26 @@ from models.parallel import shard
 BATCH_INPUTS = ("input_ids", "attention_mask", "current_images", "prior_images", "has_prior", "interval_days")
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on norms, biases, embeddings and learned tokens (all 1-D or embedding tables)."""
-    decay, no_decay = [], []
+def parameter_groups(
+    model: LumenModel, lr: float, weight_decay: float, vision_lr: float | None, projector_lr: float | None
+) -> list[dict]:
+    """One group per (component, decay): NVILA's separate vision-tower and projector learning rates
+    (``None`` = the base ``lr``; the fusion counts as projector), and no weight decay on norms,
+    biases, embeddings and learned tokens."""
+    rates = {"vision": vision_lr or lr, "projector": projector_lr or lr, "fusion": projector_lr or lr, "llm": lr}
+    groups: dict[tuple[str, bool], list] = {}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
+        component = name.split(".", 1)[0]
         is_embedding = "embed" in name or name.endswith(("_tokens", "_type", "position", "no_interval"))
-        (no_decay if parameter.ndim < 2 or is_embedding else decay).append(parameter)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        decays = parameter.ndim >= 2 and not is_embedding
+        groups.setdefault((component, decays), []).append(parameter)
+    return [
+        {"params": params, "lr": rates[component], "weight_decay": weight_decay if decays else 0.0,
+         "name": f"{component}{'' if decays else '/no_decay'}"}
+        for (component, decays), params in groups.items()
+    ]
 
 
 class LumenModule(L.LightningModule):
@@ -88,8 +98,14 @@ class LumenModule(L.LightningModule):
 
     def configure_optimizers(self):
         optimizer_config = _plain(self.hparams.optimizer)
-        weight_decay = optimizer_config.pop("weight_decay", 0.0)
-        optimizer = hydra.utils.instantiate(optimizer_config)(parameter_groups(self.model, weight_decay))
+        groups = parameter_groups(
+            self.model,
+            lr=optimizer_config["lr"],
+            weight_decay=optimizer_config.pop("weight_decay", 0.0),
+            vision_lr=optimizer_config.pop("vision_lr", None),
+            projector_lr=optimizer_config.pop("projector_lr", None),
+        )
+        optimizer = hydra.utils.instantiate(optimizer_config)(groups)
         total_steps = self.trainer.estimated_stepping_batches
         warmup_steps = int(self.hparams.scheduler["warmup_ratio"] * total_steps)
         scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps, max(total_steps, 1))

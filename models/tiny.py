@@ -4,7 +4,8 @@
     BASE/vision_tower/   timm ViT in timm's local-dir format (config.json + model.safetensors)
     BASE/lumen-base.json what was built, from what (written last: marks the directory complete)
 
-The tokenizer is a byte-level BPE trained on the synthetic world's questions, answers and reports.
+The tokenizer is a byte-level BPE trained on the synthetic world's questions, answers and reports;
+the vision tower is pretrained on the world's training-split labels (see ``pretrain_vision_tower``).
 
     python -m models.tiny --world DIR --out BASE
 """
@@ -18,12 +19,18 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import timm
 import torch
+import torch.nn.functional as F
+from PIL import Image
 from timm.models import save_for_hf
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from datamodules.collate import image_transform
+from datamodules.mimic import CHEXPERT_LABELS, image_path
 
 IMAGE_TOKEN = "<image>"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", IMAGE_TOKEN]
@@ -84,40 +91,89 @@ def train_tokenizer(corpus: Iterator[str], vocab_size: int) -> PreTrainedTokeniz
     return tokenizer
 
 
-def build_tiny_base(
-    out: str | Path,
-    world: str | Path,
-    vision: dict | None = None,
-    llm: dict | None = None,
-    vocab_size: int = 1024,
-    seed: int = 0,
-) -> Path:
+def pretrain_vision_tower(
+    tower: torch.nn.Module, world: Path, steps: int, image_size: int, mean, std, seed: int, batch_size: int = 64
+) -> float:
+    """Multi-label pretraining of the tower on the world's train-split images: the 14 CheXpert labels
+    (positive = 1.0) and the view. Returns the last batch's loss.
+
+    A real base model comes with a pretrained vision tower (SigLIP for NVILA); a tower at random
+    initialisation makes a tiny VLM spend most of a CPU budget learning to see, so the tiny base gets
+    the equivalent of that pretraining from its own world's training split (never val/test).
+    """
+    jpg = world / "mimic-cxr-jpg"
+    images = (
+        pd.read_csv(jpg / "mimic-cxr-2.0.0-metadata.csv.gz")
+        .merge(pd.read_csv(jpg / "mimic-cxr-2.0.0-split.csv.gz")[["dicom_id", "split"]], on="dicom_id")
+        .merge(pd.read_csv(jpg / "mimic-cxr-2.0.0-chexpert.csv.gz"), on=["subject_id", "study_id"])
+        .query("split == 'train'")
+    )
+    labels = [column for column in images.columns if column in CHEXPERT_LABELS]
+    targets = torch.tensor(
+        np.concatenate([(images[labels] == 1.0).to_numpy(), pd.get_dummies(images["ViewPosition"]).to_numpy()], axis=1),
+        dtype=torch.float32,
+    )
+    pixels = torch.stack([
+        image_transform(Image.open(image_path(jpg, row.subject_id, row.study_id, row.dicom_id)), image_size, mean, std)
+        for row in images.itertuples()
+    ])
+    head = torch.nn.Linear(tower.num_features, targets.shape[1])
+    optimizer = torch.optim.AdamW([*tower.parameters(), *head.parameters()], lr=1e-3)
+    generator = torch.Generator().manual_seed(seed)
+    tower.train()
+    loss = torch.tensor(float("nan"))
+    for _ in range(steps):
+        batch = torch.randint(len(pixels), (batch_size,), generator=generator)
+        loss = F.binary_cross_entropy_with_logits(head(tower.forward_features(pixels[batch]).mean(dim=1)), targets[batch])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return float(loss)
+
+
+def base_manifest(world: str | Path, vision: dict | None = None, llm: dict | None = None, vocab_size: int = 1024,
+                  vision_pretrain_steps: int = 600, seed: int = 0) -> dict:
+    """Everything a tiny base is built from: equal manifests, equal bases."""
+    return {
+        "world": str(Path(world).resolve()),
+        "vision": {**DEFAULT_VISION, **(vision or {})},
+        "llm": {**DEFAULT_LLM, **(llm or {})},
+        "vocab_size": vocab_size,
+        "vision_pretrain_steps": vision_pretrain_steps,
+        "seed": seed,
+    }
+
+
+def build_tiny_base(out: str | Path, world: str | Path, **options) -> Path:
     """Builds the tiny base into ``out`` (atomically: a temp directory renamed into place)."""
     out, world = Path(out), Path(world)
-    vision = {**DEFAULT_VISION, **(vision or {})}
-    llm = {**DEFAULT_LLM, **(llm or {})}
-    torch.manual_seed(seed)
+    manifest = base_manifest(world, **options)
+    torch.manual_seed(manifest["seed"])
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
-        tokenizer = train_tokenizer(world_corpus(world), vocab_size)
+        tokenizer = train_tokenizer(world_corpus(world), manifest["vocab_size"])
         config = Qwen2Config(
             vocab_size=len(tokenizer),
             bos_token_id=None,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
             tie_word_embeddings=False,
-            **llm,
+            **manifest["llm"],
         )
         Qwen2ForCausalLM(config).save_pretrained(staging / "llm")
         tokenizer.save_pretrained(staging / "llm")
 
-        model_args = {k: v for k, v in vision.items() if k != "architecture"}
-        model_args.update(num_classes=0, class_token=False, global_pool="avg")
-        tower = timm.create_model(vision["architecture"], pretrained=False, **model_args)
+        vision = dict(manifest["vision"])
+        architecture = vision.pop("architecture")
+        model_args = {**vision, "num_classes": 0, "class_token": False, "global_pool": "avg"}
+        tower = timm.create_model(architecture, pretrained=False, **model_args)
+        data = timm.data.resolve_data_config({}, model=tower)
+        manifest["vision_pretrain_loss"] = pretrain_vision_tower(
+            tower, world, manifest["vision_pretrain_steps"], vision["img_size"], data["mean"], data["std"], manifest["seed"]
+        )
         save_for_hf(tower, str(staging / "vision_tower"), model_args=model_args, safe_serialization=True)
 
-        manifest = {"world": str(world.resolve()), "vision": vision, "llm": llm, "vocab_size": vocab_size, "seed": seed}
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
         if out.exists():
             shutil.rmtree(out)
@@ -128,19 +184,13 @@ def build_tiny_base(
 
 
 def ensure_tiny_base(out: str | Path, world: str | Path, **options) -> Path:
-    """Builds the tiny base unless ``out`` already holds one built with the same options."""
+    """Builds the tiny base unless ``out`` already holds one built from the same world and options."""
     out = Path(out)
     manifest = out / MANIFEST
     if manifest.is_file():
         built = json.loads(manifest.read_text())
-        wanted = {
-            "world": str(Path(world).resolve()),
-            "vision": {**DEFAULT_VISION, **(options.get("vision") or {})},
-            "llm": {**DEFAULT_LLM, **(options.get("llm") or {})},
-            "vocab_size": options.get("vocab_size", 1024),
-            "seed": options.get("seed", 0),
-        }
-        if built == wanted:
+        built.pop("vision_pretrain_loss", None)
+        if built == base_manifest(world, **options):
             return out
     elif out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not a tiny base built by lumen (no {MANIFEST}); choose another path")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from datamodules.synthetic import ensure_world
 from models.tiny import ensure_tiny_base
-from tests.helpers import TINY_LLM, TINY_VISION, WORLD_SUBJECTS
+from tests.helpers import TINY_LLM, TINY_PRETRAIN_STEPS, TINY_VISION, WORLD_SUBJECTS
 
 
 @pytest.fixture(scope="session")
@@ -17,7 +17,8 @@ def world(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_base(world, tmp_path_factory) -> Path:
-    return ensure_tiny_base(tmp_path_factory.mktemp("base") / "tiny-base", world, vision=TINY_VISION, llm=TINY_LLM)
+    return ensure_tiny_base(tmp_path_factory.mktemp("base") / "tiny-base", world, vision=TINY_VISION, llm=TINY_LLM,
+                            vision_pretrain_steps=TINY_PRETRAIN_STEPS)
 
 
 @pytest.fixture
@@ -31,6 +32,7 @@ def demo_overrides(world, tiny_base, tmp_path) -> list[str]:
         f"prepare.world.subjects={WORLD_SUBJECTS}",
         f"+prepare.tiny_base.vision={TINY_VISION}".replace("'", ""),
         f"+prepare.tiny_base.llm={TINY_LLM}".replace("'", ""),
+        f"prepare.tiny_base.vision_pretrain_steps={TINY_PRETRAIN_STEPS}",
         "data.batch_size=4",
         "data.eval_batch_size=8",
         "logger=csv",

@@ -13,6 +13,7 @@ WORLD_SUBJECTS = 16
 TINY_VISION = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
 TINY_LLM = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
             "intermediate_size": 64}
+TINY_PRETRAIN_STEPS = 5
 
 
 def compose_config(name: str, overrides: list[str]):

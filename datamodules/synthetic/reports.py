@@ -5,14 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from datamodules.mimic import CHEXPERT_LABELS
 from datamodules.synthetic.population import DEVICES, FINDING_BY_NAME, FINDINGS, ZONES, Finding, Study
 from datamodules.synthetic.questions import location
 
-CHEXPERT_LABELS = (
-    "Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum", "Fracture",
-    "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion", "Pleural Other", "Pneumonia",
-    "Pneumothorax", "Support Devices",
-)
 
 
 def _change(before: int | None, now: int) -> str:
