@@ -298,6 +298,25 @@ def difference_correct(prediction: str, reference: str, *, compare_levels: bool 
                         compare_levels)
 
 
+def change_f1(pairs: list[tuple[str, str]]) -> dict[str, dict[str, float]]:
+    """Micro precision/recall/F1 of the added and of the missing findings over (prediction,
+    reference) pairs of difference answers: partial credit where ``difference_correct`` gives none.
+    Unparseable predictions count as naming no finding."""
+    counts = {"added": [0, 0, 0], "missing": [0, 0, 0]}  # true positives, false positives, false negatives
+    for prediction, reference in pairs:
+        predicted, expected = parse_difference(prediction), _parse_reference_difference(reference)
+        for kind, (tp, fp, fn) in counts.items():
+            found, wanted = getattr(predicted, kind), getattr(expected, kind)
+            counts[kind] = [tp + len(found & wanted), fp + len(found - wanted), fn + len(wanted - found)]
+    scores = {}
+    for kind, (tp, fp, fn) in counts.items():
+        precision = tp / (tp + fp) if tp + fp else 0.0
+        recall = tp / (tp + fn) if tp + fn else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        scores[kind] = {"precision": precision, "recall": recall, "f1": f1, "support": tp + fn}
+    return scores
+
+
 # ---------------------------------------------------------------------------------------------
 # Per-sample scoring
 

@@ -4,6 +4,7 @@ from collections import defaultdict
 import pytest
 
 from evaluation.metrics import (
+    change_f1,
     METRIC_SIGNATURES,
     closed_correct,
     difference_correct,
@@ -430,3 +431,12 @@ def test_every_scored_metric_has_a_signature():
                record("presence", "yes", "yes"), record("level", "small", "small")]
     names = {name for sample in records for name in score_sample(sample)}
     assert names == set(METRIC_SIGNATURES)
+
+
+def test_change_f1_counts_added_and_missing_findings_separately():
+    reference = ("the main image has additional findings of pleural effusion, and atelectasis than the reference "
+                 "image. the main image is missing the finding of cardiomegaly than the reference image.")
+    prediction = "the main image has an additional finding of pleural effusion than the reference image."
+    scores = change_f1([(prediction, reference), ("nothing has changed.", "nothing has changed.")])
+    assert scores["added"] == {"precision": 1.0, "recall": 0.5, "f1": pytest.approx(2 / 3), "support": 2}
+    assert scores["missing"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
