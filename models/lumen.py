@@ -59,10 +59,17 @@ class LumenModel(nn.Module):
         keep = torch.stack([has_prior, torch.ones_like(has_prior)], dim=1)  # (B, 2)
         return both[keep].flatten(0, 1)  # (T, D)
 
-    def embed(self, input_ids: torch.Tensor, **images: torch.Tensor) -> torch.Tensor:
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        current_images: torch.Tensor,
+        prior_images: torch.Tensor,
+        has_prior: torch.Tensor,
+        interval_days: torch.Tensor,
+    ) -> torch.Tensor:
         """Text embeddings with the visual tokens written over the image-token positions."""
         embeddings = self.llm.get_input_embeddings()(input_ids)
-        features = self.visual_tokens(**images).to(embeddings.dtype)
+        features = self.visual_tokens(current_images, prior_images, has_prior, interval_days).to(embeddings.dtype)
         image_positions = input_ids == self.image_token_id
         if int(image_positions.sum()) != features.shape[0]:
             raise ValueError(
@@ -76,19 +83,12 @@ class LumenModel(nn.Module):
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
-        current_images: torch.Tensor,
-        prior_images: torch.Tensor,
-        has_prior: torch.Tensor,
-        interval_days: torch.Tensor,
         labels: torch.Tensor | None = None,
+        **images: torch.Tensor,
     ):
-        inputs_embeds = self.embed(
-            input_ids,
-            current_images=current_images,
-            prior_images=prior_images,
-            has_prior=has_prior,
-            interval_days=interval_days,
-        )
+        """``images``: the four image arguments of ``embed``. Returns the LLM output (with ``loss``
+        when ``labels`` are given)."""
+        inputs_embeds = self.embed(input_ids, **images)
         return self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, use_cache=False)
 
     @torch.no_grad()
@@ -96,24 +96,14 @@ class LumenModel(nn.Module):
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
-        current_images: torch.Tensor,
-        prior_images: torch.Tensor,
-        has_prior: torch.Tensor,
-        interval_days: torch.Tensor,
         max_new_tokens: int,
         eos_token_id: int,
         pad_token_id: int,
+        **images: torch.Tensor,
     ) -> torch.Tensor:
         """Greedy decoding of left-padded prompts; returns only the new tokens, (B, <= max_new_tokens)."""
-        inputs_embeds = self.embed(
-            input_ids,
-            current_images=current_images,
-            prior_images=prior_images,
-            has_prior=has_prior,
-            interval_days=interval_days,
-        )
         return self.llm.generate(
-            inputs_embeds=inputs_embeds,
+            inputs_embeds=self.embed(input_ids, **images),
             attention_mask=attention_mask,
             max_new_tokens=max_new_tokens,
             do_sample=False,

@@ -48,13 +48,13 @@ class TimmVisionTower(nn.Module):
     """Any timm ViT-style model; returns the patch tokens (no CLS/register tokens) of ``layer``.
 
     ``layer`` counts like a Python index over the transformer blocks: NVILA takes SigLIP's
-    second-to-last layer (-2); a tiny 2-block tower is better read at its last block (-1).
+    second-to-last layer (-2); a tiny 2-block tower is better read at its last block (-1). The blocks
+    after it are dropped, so the output is always that of the (new) last block.
     """
 
     def __init__(self, model: nn.Module, layer: int = -2):
         super().__init__()
         self.model = model
-        self.layer = layer
         self.grid = tuple(model.patch_embed.grid_size)
         self.hidden_size = model.embed_dim
         # Blocks after the chosen layer never contribute; dropping them saves compute and keeps
@@ -62,7 +62,6 @@ class TimmVisionTower(nn.Module):
         depth = len(model.blocks)
         keep = layer % depth + 1
         model.blocks = model.blocks[:keep]
-        self.layer = -1
         # The pooled head is never used either.
         model.reset_classifier(0, "")
         model.norm = model.fc_norm = nn.Identity()
@@ -80,6 +79,6 @@ class TimmVisionTower(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, grid_h * grid_w, C) patch tokens of the chosen layer."""
         (tokens,) = self.model.forward_intermediates(
-            images, indices=[self.layer], norm=False, output_fmt="NLC", intermediates_only=True
+            images, indices=[-1], norm=False, output_fmt="NLC", intermediates_only=True
         )
         return tokens
