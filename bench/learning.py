@@ -56,10 +56,11 @@ def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=3000, help="optimizer steps per model (same for all)")
+    parser.add_argument("--steps", type=int, default=2500, help="optimizer steps per model (same for all)")
     parser.add_argument("--tasks", nargs="+", default=["difference"], choices=["diagnostic", "difference"],
                         help="what the two demo arms train on")
-    parser.add_argument("--train-subjects", type=int, default=400)
+    parser.add_argument("--train-subjects", type=int, default=1500,
+                        help="training world (seed 0); ~2.4 difference questions per subject")
     parser.add_argument("--eval-subjects", type=int, default=600, help="held-out world (seed 1); its test split is scored")
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench-learning")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
