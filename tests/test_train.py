@@ -16,7 +16,7 @@ from train import train
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_fast_dev_run_trains_one_step_and_lowers_nothing_to_nan(demo_overrides):
+def test_fast_dev_run_trains_one_step_with_a_finite_loss(demo_overrides):
     cfg = compose_config("train", demo_overrides + ["+trainer.fast_dev_run=true"])
     trainer = train(cfg)
     assert trainer.state.finished
