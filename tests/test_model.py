@@ -6,6 +6,7 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from models.lumen import LumenModel
+from models.module import parameter_groups
 from models.projector import IntervalEmbedding, Merge2x2, MLPDownsampleProjector, TemporalFusion
 from models.vision import TimmVisionTower
 
@@ -157,3 +158,16 @@ def test_generate_returns_greedy_continuation_of_left_padded_prompts():
         expected.append(int(token))
         embeddings = torch.cat([embeddings, model.llm.get_input_embeddings()(token)[:, None]], dim=1)
     assert new[0].tolist() == expected
+
+
+def test_parameter_groups_give_vision_and_projector_their_rates_and_spare_norms_from_decay():
+    model = tiny_model()
+    groups = {g["name"]: g for g in parameter_groups(model, lr=1e-4, weight_decay=0.1, vision_lr=1e-5, projector_lr=1e-3)}
+    assert groups["vision"]["lr"] == 1e-5 and groups["projector"]["lr"] == 1e-3
+    assert groups["fusion"]["lr"] == 1e-3 and groups["llm"]["lr"] == 1e-4
+    assert groups["llm"]["weight_decay"] == 0.1 and groups["llm/no_decay"]["weight_decay"] == 0.0
+    no_decay = {id(p) for g in groups.values() if g["weight_decay"] == 0.0 for p in g["params"]}
+    assert id(model.llm.get_input_embeddings().weight) in no_decay
+    assert id(model.projector.layers[1].weight) in no_decay  # LayerNorm
+    assert id(model.projector.layers[2].weight) not in no_decay
+    assert sum(len(g["params"]) for g in groups.values()) == len(list(model.parameters()))
