@@ -1,5 +1,8 @@
 """Evaluate a checkpoint: ``python eval.py ckpt=PATH [split=test] [key=value ...]`` (Hydra).
 
+``PATH`` is a training checkpoint (``.ckpt``) or a directory written by
+``python -m models.checkpoints export``.
+
 Generates answers greedily for the split, scores them, and writes to the run directory
 ``predictions.jsonl`` (one record per sample), ``results.json`` and ``results.md``.
 """
@@ -10,12 +13,11 @@ from pathlib import Path
 
 import hydra
 import lightning as L
-import torch
 from omegaconf import DictConfig
 
 from evaluation.metrics import score_sample
 from evaluation.report import aggregate, markdown_table, write_json_atomic, write_jsonl_atomic, write_text_atomic
-from models.checkpoints import input_spec
+from models.checkpoints import input_spec, load_checkpoint
 from models.module import LumenModule
 from train import prepare
 
@@ -51,12 +53,11 @@ def generate_records(module: LumenModule, datamodule, split: str, accelerator: s
 def evaluate(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed)
     prepare(cfg)
-    checkpoint = torch.load(cfg.ckpt, map_location="cpu", weights_only=True)
-    module = LumenModule(**checkpoint["hyper_parameters"])
-    module.configure_model()
-    module.load_state_dict(checkpoint["state_dict"])
-    trained_data = checkpoint.get("datamodule_hyper_parameters", {})
-    as_trained = {key: trained_data.get(key, True) for key in PROMPT_SETTINGS if cfg.data[key] is None}
+    loaded = load_checkpoint(cfg.ckpt)
+    module = LumenModule(net=loaded.config.to_dict(), optimizer={}, scheduler={},
+                         max_new_tokens=cfg.max_new_tokens or loaded.max_new_tokens or 64)
+    module.model = loaded.model
+    as_trained = {key: loaded.prompt.get(key, True) for key in PROMPT_SETTINGS if cfg.data[key] is None}
     datamodule = hydra.utils.instantiate(
         cfg.data, tokenizer_dir=str(module.config.llm_dir), input_spec=input_spec(module.config), **as_trained
     )

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from PIL import Image, ImageOps
 from torchvision.transforms.v2 import functional as F
+from transformers import AutoTokenizer
 
 from datamodules.records import Sample
 
@@ -23,6 +25,15 @@ class LoadedSample:
     prior_image: Image.Image | None
 
 
+def load_tokenizer(directory: str | Path, image_token: str = "<image>"):
+    """A Hugging Face tokenizer with the image placeholder as a special token (NVILA's ``<image>``),
+    added if the directory's tokenizer lacks it."""
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    if image_token not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [image_token]})
+    return tokenizer
+
+
 def image_transform(image: Image.Image, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """Pads to a square (no anatomy cropped away), resizes, normalises: PIL -> (3, size, size)."""
     fill = tuple(round(255 * m) for m in mean)
@@ -30,17 +41,24 @@ def image_transform(image: Image.Image, size: int, mean: Sequence[float], std: S
     return F.normalize(F.to_dtype(F.pil_to_tensor(square), torch.float32, scale=True), list(mean), list(std))
 
 
-def user_prompt(sample: Sample, image_token: str, interval_in_prompt: bool) -> str:
-    """Images first, as NVILA and MMXU do: the prior study is Image-1, the current one Image-2."""
+# What each image slot of a two-image prompt holds, per fusion mode (models.projector.TemporalFusion):
+# the context set (prior or difference tokens) comes first, the current study last.
+IMAGE_SLOTS = {
+    "concat": ("Image-1 (prior study)", "Image-2 (current study)"),
+    "difference": ("Change since the prior study", "Current study"),
+    "fused": ("Current study, compared with the prior study",),
+}
+
+
+def user_prompt(sample: Sample, image_token: str, interval_in_prompt: bool, fusion_mode: str) -> str:
+    """Images first, as NVILA and MMXU do; each image is followed by a newline, as in NVILA."""
     if not sample.has_prior:
         return f"{image_token}\n{sample.question}"
     interval = (
         f"The prior study was taken {sample.interval_days:g} days earlier.\n" if interval_in_prompt else ""
     )
-    return (
-        f"Image-1 (prior study): {image_token}\nImage-2 (current study): {image_token}\n"
-        f"{interval}{sample.question}"
-    )
+    images = "".join(f"{slot}: {image_token}\n" for slot in IMAGE_SLOTS[fusion_mode])
+    return f"{images}{interval}{sample.question}"
 
 
 class LumenCollator:
@@ -59,15 +77,19 @@ class LumenCollator:
         mean: Sequence[float],
         std: Sequence[float],
         tokens_per_image: int,
+        fusion_mode: str,
         image_token: str = "<image>",
         interval_in_prompt: bool = True,
         for_generation: bool = False,
     ):
+        if fusion_mode not in IMAGE_SLOTS:
+            raise ValueError(f"fusion_mode={fusion_mode!r}: expected one of {sorted(IMAGE_SLOTS)}")
         self.tokenizer = tokenizer
         self.image_size, self.mean, self.std = image_size, tuple(mean), tuple(std)
         self.tokens_per_image = tokens_per_image
         self.image_token = image_token
         self.interval_in_prompt = interval_in_prompt
+        self.fusion_mode = fusion_mode
         self.for_generation = for_generation
         self.end_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
         if tokenizer.pad_token_id is None:
@@ -75,7 +97,7 @@ class LumenCollator:
 
     def tokenize(self, sample: Sample) -> tuple[list[int], list[int]]:
         """Returns (input ids, labels) for one sample; labels are empty for generation."""
-        prompt = user_prompt(sample, self.image_token, self.interval_in_prompt)
+        prompt = user_prompt(sample, self.image_token, self.interval_in_prompt, self.fusion_mode)
         text = self.tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
         )

@@ -9,9 +9,8 @@ from typing import Any
 import lightning as L
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
-from transformers import AutoTokenizer
 
-from datamodules.collate import LoadedSample, LumenCollator
+from datamodules.collate import LoadedSample, LumenCollator, load_tokenizer
 from datamodules.diffvqa import load_diffvqa
 from datamodules.records import Sample
 
@@ -75,7 +74,7 @@ class LumenDataModule(L.LightningDataModule):
         self.tasks, self.use_prior = tuple(tasks), use_prior
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.limit = dict(limit or {})
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        self.tokenizer = load_tokenizer(tokenizer_dir, input_spec["image_token"])
         collator_args = dict(tokenizer=self.tokenizer, interval_in_prompt=interval_in_prompt, **input_spec)
         self.train_collator = LumenCollator(**collator_args)
         self.generation_collator = LumenCollator(**collator_args, for_generation=True)

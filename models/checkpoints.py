@@ -1,25 +1,67 @@
-"""Building a LumenModel from a base-model directory, and loading our Lightning checkpoints.
+"""Building a LumenModel from a base directory, exporting it as one, and loading our Lightning checkpoints.
 
-A base directory is laid out like NVILA's: ``llm/`` (a Hugging Face causal LM + its tokenizer) and
-``vision_tower/`` (here a timm ``local-dir`` tower). The projector and the temporal fusion are new.
+A base directory is laid out like NVILA's (``Efficient-Large-Model/NVILA-8B``), and read without
+remote code:
+
+    llm/              a Hugging Face causal LM + its tokenizer (AutoModelForCausalLM/AutoTokenizer)
+    vision_tower/     a vision tower (``model.net.vision.type``: hf = SiglipVisionModel, timm, open_clip)
+    mm_projector/     optional: NVILA's projector (config.json with mm_projector_type + model.safetensors
+                      keyed ``layers.*``); absent = a fresh ``mlp_downsample``
+    temporal_fusion/  optional (our exports): the temporal fusion's config and weights
+    config.json       optional: NVILA's (model_type llava_llama) or ours (model_type lumen)
+
+    python -m models.checkpoints export CKPT OUT_DIR
+
+writes a trained Lightning checkpoint as such a directory (plus a model card); ``load_checkpoint``
+reads either back (``eval.py ckpt=`` takes both).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import argparse
+import json
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
 
+from datamodules.collate import load_tokenizer as load_directory_tokenizer
 from models.lumen import LumenModel
-from models.projector import MLPDownsampleProjector, TemporalFusion
-from models.tiny import IMAGE_TOKEN
-from models.vision import TimmVisionTower, read_timm_spec
+from models.projector import FUSION_MODES, PROJECTOR_TYPES, MLPDownsampleProjector, TemporalFusion
+from models.vision import TOWER_TYPES, build_vision_tower, read_spec
 
+IMAGE_TOKEN = "<image>"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ATTENTION = ("eager", "sdpa", "flash_attention_2")
+WEIGHTS = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """The ``model/vision`` config group."""
+
+    type: str = "hf"
+    layer: int = -2  # NVILA reads SigLIP's second-to-last layer
+
+    def __post_init__(self) -> None:
+        if self.type not in TOWER_TYPES:
+            raise ValueError(f"model.net.vision.type={self.type!r}: expected one of {TOWER_TYPES}")
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    mode: str = "fused"
+    heads: int = 1
+    interval_embedding: bool = True  # the interval as an embedding; as text it is data.interval_in_prompt
+
+    def __post_init__(self) -> None:
+        if self.mode not in FUSION_MODES:
+            raise ValueError(f"model.net.fusion.mode={self.mode!r}: expected one of {FUSION_MODES}")
 
 
 @dataclass(frozen=True)
@@ -27,18 +69,31 @@ class ModelConfig:
     """The ``model.net`` config group."""
 
     base: str
-    vision_layer: int = -2
-    fusion_heads: int = 1
-    interval_embedding: bool = True
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    projector: str | None = None  # None: the base's mm_projector type, else mlp_downsample
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    tune_vision: bool = True
+    tune_projector: bool = True  # the projector and the temporal fusion
+    tune_llm: bool = True
     attn_implementation: str = "sdpa"
     dtype: str = "float32"
     gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
+        # Hydra hands the nested groups over as dicts.
+        for name, kind in (("vision", VisionConfig), ("fusion", FusionConfig)):
+            value = getattr(self, name)
+            if not isinstance(value, kind):
+                object.__setattr__(self, name, kind(**value))
         if self.dtype not in DTYPES:
             raise ValueError(f"model.net.dtype={self.dtype!r}: expected one of {sorted(DTYPES)}")
         if self.attn_implementation not in ATTENTION:
             raise ValueError(f"model.net.attn_implementation={self.attn_implementation!r}: expected one of {ATTENTION}")
+        if self.projector is not None and self.projector not in PROJECTOR_TYPES:
+            raise ValueError(f"model.net.projector={self.projector!r}: expected one of {PROJECTOR_TYPES} or null")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
     @property
     def llm_dir(self) -> Path:
@@ -46,7 +101,30 @@ class ModelConfig:
 
     @property
     def vision_dir(self) -> Path:
-        return _require_dir(Path(self.base) / "vision_tower", "a vision tower (config.json, model.safetensors)")
+        return _require_dir(Path(self.base) / "vision_tower", f"a {self.vision.type} vision tower")
+
+    @property
+    def projector_dir(self) -> Path:
+        return Path(self.base) / "mm_projector"
+
+    @property
+    def fusion_dir(self) -> Path:
+        return Path(self.base) / "temporal_fusion"
+
+    def projector_type(self) -> str:
+        """The configured projector, checked against the base's ``mm_projector`` if it has one."""
+        config_path = self.projector_dir / "config.json"
+        if not config_path.is_file():
+            return self.projector or "mlp_downsample"
+        stored = json.loads(config_path.read_text()).get("mm_projector_type")
+        if stored not in PROJECTOR_TYPES:
+            raise ValueError(f"{config_path}: mm_projector_type {stored!r} is not one of {PROJECTOR_TYPES}")
+        if self.projector not in (None, stored):
+            raise ValueError(
+                f"model.net.projector={self.projector} but {config_path} holds a {stored} projector: "
+                "set model.net.projector=null to use it"
+            )
+        return stored
 
 
 def _require_dir(path: Path, what: str) -> Path:
@@ -58,28 +136,31 @@ def _require_dir(path: Path, what: str) -> Path:
     return path
 
 
+def _projector_tokens(grid: tuple[int, int], projector_type: str) -> int:
+    k = 2 if projector_type == "mlp_downsample" else 3
+    return -(-grid[0] // k) * -(-grid[1] // k)
+
+
 def input_spec(config: ModelConfig) -> dict[str, Any]:
-    """What the collator must know: image size and normalisation, visual tokens per image."""
-    vision = read_timm_spec(config.vision_dir)
+    """What the collator must know: image size and normalisation, visual tokens per image, and how
+    many token sets a two-image sample shows (``fusion_mode``)."""
+    vision = read_spec(config.vision.type, config.vision_dir, config.vision.layer)
     return {
         "image_size": vision.image_size,
         "mean": list(vision.mean),
         "std": list(vision.std),
-        "tokens_per_image": (vision.grid[0] // 2) * (vision.grid[1] // 2),
+        "tokens_per_image": _projector_tokens(vision.grid, config.projector_type()),
         "image_token": IMAGE_TOKEN,
+        "fusion_mode": config.fusion.mode,
     }
 
 
 def load_tokenizer(config: ModelConfig):
-    tokenizer = AutoTokenizer.from_pretrained(config.llm_dir)
-    if IMAGE_TOKEN not in tokenizer.get_vocab():
-        raise ValueError(f"the tokenizer in {config.llm_dir} has no {IMAGE_TOKEN} special token")
-    return tokenizer
+    """The LLM's tokenizer with NVILA's ``<image>`` special token (added if the directory lacks it)."""
+    return load_directory_tokenizer(config.llm_dir, IMAGE_TOKEN)
 
 
-def build_model(config: ModelConfig) -> LumenModel:
-    """Loads the pretrained towers from ``config.base``; projector and fusion start fresh."""
-    dtype = DTYPES[config.dtype]
+def _load_llm(config: ModelConfig, vocab_size: int):
     if config.attn_implementation == "flash_attention_2":
         try:
             import flash_attn  # noqa: F401
@@ -89,15 +170,176 @@ def build_model(config: ModelConfig) -> LumenModel:
                 "(pip install -e '.[gpu]' on a CUDA machine); use sdpa on CPU"
             ) from error
     llm = AutoModelForCausalLM.from_pretrained(
-        config.llm_dir, dtype=dtype, attn_implementation=config.attn_implementation
+        config.llm_dir, dtype=DTYPES[config.dtype], attn_implementation=config.attn_implementation
     )
+    if llm.get_input_embeddings().num_embeddings < vocab_size:
+        llm.resize_token_embeddings(vocab_size)
     if config.gradient_checkpointing:
-        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    vision = TimmVisionTower.from_dir(config.vision_dir, layer=config.vision_layer).to(dtype)
+        llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    return llm
+
+
+def _projector(config: ModelConfig, vision, llm_size: int) -> MLPDownsampleProjector:
+    """A fresh projector, or the base's ``mm_projector`` with its weights (NVILA's key names)."""
+    projector_type = config.projector_type()
+    weights_path = config.projector_dir / WEIGHTS
+    if not (config.projector_dir / "config.json").is_file():
+        return MLPDownsampleProjector(vision.grid, vision.hidden_size, llm_size, projector_type)
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"{config.projector_dir} has config.json but no {WEIGHTS}")
+    weights = load_file(weights_path)
+    # NVILA-8B's projector reads three image scales concatenated on channels (mm_hidden_size 3x the tower's).
+    merged_channels = weights["layers.1.weight"].shape[0]
+    k2 = 4 if projector_type == "mlp_downsample" else 9
+    scales, remainder = divmod(merged_channels, k2 * vision.hidden_size)
+    if remainder or scales < 1:
+        raise ValueError(
+            f"{weights_path}: layers.1.weight has {merged_channels} channels, not a multiple of "
+            f"{k2} x the vision tower's {vision.hidden_size}"
+        )
+    projector = MLPDownsampleProjector(vision.grid, vision.hidden_size, llm_size, projector_type, scales=scales)
+    projector.load_state_dict(weights)
+    return projector
+
+
+def build_model(config: ModelConfig) -> LumenModel:
+    """Loads the LLM, the vision tower and (if the base has them) projector and fusion weights."""
+    dtype = DTYPES[config.dtype]
+    tokenizer = load_tokenizer(config)
+    llm = _load_llm(config, len(tokenizer))
+    vision = build_vision_tower(config.vision.type, config.vision_dir, config.vision.layer)
+    if config.gradient_checkpointing:
+        vision.enable_activation_checkpointing()
     llm_size = llm.config.hidden_size
-    projector = MLPDownsampleProjector(vision.grid, vision.hidden_size, llm_size).to(dtype)
-    fusion = TemporalFusion(
-        llm_size, projector.tokens_per_image, heads=config.fusion_heads, use_interval=config.interval_embedding
-    ).to(dtype)
-    image_token_id = load_tokenizer(config).convert_tokens_to_ids(IMAGE_TOKEN)
-    return LumenModel(vision, projector, fusion, llm, image_token_id)
+    projector = _projector(config, vision, llm_size)
+    fusion = TemporalFusion(llm_size, projector.tokens_per_image, mode=config.fusion.mode,
+                            heads=config.fusion.heads, use_interval=config.fusion.interval_embedding)
+    if (config.fusion_dir / WEIGHTS).is_file():
+        fusion.load_state_dict(load_file(config.fusion_dir / WEIGHTS))
+    model = LumenModel(vision, projector, fusion, llm, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)).to(dtype)
+    for part, tune in ((model.vision, config.tune_vision), (model.projector, config.tune_projector),
+                       (model.fusion, config.tune_projector), (model.llm, config.tune_llm)):
+        if not tune:
+            part.requires_grad_(False)
+    return model
+
+
+@dataclass
+class Loaded:
+    """A trained model and how it was trained to be prompted."""
+
+    model: LumenModel
+    config: ModelConfig
+    prompt: dict[str, Any]  # the datamodule settings it was trained with (use_prior, interval_in_prompt, tasks)
+    max_new_tokens: int | None = None
+
+
+def load_checkpoint(path: str | Path) -> Loaded:
+    """A LumenModule checkpoint file (read with ``weights_only=True``) or a directory written by ``export``."""
+    path = Path(path)
+    if path.is_dir() and (path / "config.json").is_file():
+        config = exported_config(path)
+        summary = json.loads((path / "config.json").read_text())
+        return Loaded(build_model(config).eval(), config, summary.get("prompt", {}), summary.get("max_new_tokens"))
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found (expected a .ckpt file or an exported directory)")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    config = ModelConfig(**checkpoint["hyper_parameters"]["net"])
+    model = build_model(config)
+    prefix = "model."
+    model.load_state_dict({k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)})
+    return Loaded(model.eval(), config, checkpoint.get("datamodule_hyper_parameters", {}),
+                  checkpoint["hyper_parameters"].get("max_new_tokens"))
+
+
+def export(checkpoint: str | Path, out: str | Path) -> Path:
+    """Writes a trained checkpoint as a self-contained base directory (atomically)."""
+    loaded = load_checkpoint(checkpoint)
+    model, config, data = loaded.model, loaded.config, loaded.prompt
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        model.llm.save_pretrained(staging / "llm")
+        load_tokenizer(config).save_pretrained(staging / "llm")
+        model.vision.save(staging / "vision_tower")
+        if (config.vision_dir / "preprocessor_config.json").is_file():
+            shutil.copy(config.vision_dir / "preprocessor_config.json", staging / "vision_tower")
+        for name, module, extra in (
+            ("mm_projector", model.projector, {"model_type": "v2l_projector", "mm_projector_type": model.projector.projector_type}),
+            ("temporal_fusion", model.fusion, {"model_type": "lumen_temporal_fusion", **asdict(config.fusion)}),
+        ):
+            (staging / name).mkdir()
+            (staging / name / "config.json").write_text(json.dumps(extra, indent=2))
+            save_file({k: v.contiguous() for k, v in module.state_dict().items()}, staging / name / WEIGHTS)
+        # The exported tower holds only the layers up to the chosen one: address it by absolute index.
+        exported = ModelConfig(**{**config.to_dict(), "base": ".", "vision": {"type": config.vision.type, "layer": model.vision.index}})
+        summary = {
+            "model_type": "lumen",
+            "architectures": ["LumenModel"],
+            "lumen": {k: v for k, v in exported.to_dict().items() if k != "base"},
+            "mm_projector_type": model.projector.projector_type,
+            "mm_hidden_size": model.projector.mm_hidden_size,
+            "tokens_per_image": model.tokens_per_image,
+            "image_token": IMAGE_TOKEN,
+            "prompt": {key: data[key] for key in ("use_prior", "interval_in_prompt", "tasks") if key in data},
+            "max_new_tokens": loaded.max_new_tokens,
+        }
+        (staging / "config.json").write_text(json.dumps(summary, indent=2))
+        (staging / "README.md").write_text(model_card(summary, Path(checkpoint)))
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def exported_config(directory: str | Path) -> ModelConfig:
+    """The ModelConfig of a directory written by ``export``."""
+    path = Path(directory) / "config.json"
+    summary = json.loads(path.read_text()) if path.is_file() else {}
+    if summary.get("model_type") != "lumen":
+        raise ValueError(f"{path} is not a lumen export (model_type {summary.get('model_type')!r})")
+    return ModelConfig(base=str(directory), **summary["lumen"])
+
+
+def model_card(summary: dict, checkpoint: Path) -> str:
+    lumen, prompt = summary["lumen"], summary["prompt"]
+    return f"""# LUMEN longitudinal chest X-ray VLM
+
+Exported by `python -m models.checkpoints export` from `{checkpoint.name}`.
+
+| | |
+|---|---|
+| vision tower | `{lumen['vision']['type']}`, patch tokens of layer {lumen['vision']['layer']} (the saved tower ends there) |
+| projector | `{summary['mm_projector_type']}` (NVILA's `mm_projector` key names), {summary['tokens_per_image']} tokens per image |
+| temporal fusion | mode `{lumen['fusion']['mode']}`, interval embedding {'on' if lumen['fusion']['interval_embedding'] else 'off'} |
+| prompt | prior image {'used' if prompt.get('use_prior', True) else 'not used'}, interval in text {'yes' if prompt.get('interval_in_prompt', True) else 'no'}, tasks {prompt.get('tasks', 'n/a')} |
+
+Load it with lumen, no remote code:
+
+```python
+from models.checkpoints import load_checkpoint
+model = load_checkpoint("path/to/this/directory").model
+```
+
+`llm/` is a plain Hugging Face causal LM with its tokenizer (ChatML, `<image>` special token);
+`vision_tower/`, `mm_projector/` and `temporal_fusion/` hold safetensors weights.
+
+Research use only; not a medical device. Trained on data that may carry the biases of its sources.
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    export_parser = commands.add_parser("export", help="write a Lightning checkpoint as a self-contained directory")
+    export_parser.add_argument("checkpoint", type=Path)
+    export_parser.add_argument("out", type=Path)
+    args = parser.parse_args()
+    print(f"exported to {export(args.checkpoint, args.out)}")
+
+
+if __name__ == "__main__":
+    main()

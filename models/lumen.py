@@ -7,20 +7,20 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from models.projector import MLPDownsampleProjector, TemporalFusion
-from models.vision import TimmVisionTower
+from models.vision import VisionTower
 
 
 class LumenModel(nn.Module):
     """A longitudinal VLM. Knows nothing about files, tokenizers or parallelism.
 
     Prompt layout contract with the collator: a sample with a prior study carries
-    ``2 * tokens_per_image`` image-token ids (prior first, then current, as "Image-1"/"Image-2" in
-    the text); a sample without one carries ``tokens_per_image``.
+    ``fusion.slots * tokens_per_image`` image-token ids (the context set -- prior or difference
+    tokens -- first, then the current ones); a sample without one carries ``tokens_per_image``.
     """
 
     def __init__(
         self,
-        vision: TimmVisionTower,
+        vision: VisionTower,
         projector: MLPDownsampleProjector,
         fusion: TemporalFusion,
         llm: PreTrainedModel,
@@ -51,11 +51,12 @@ class LumenModel(nn.Module):
         images = torch.cat([current_images, prior_images]).to(self.projector.layers[2].weight.dtype)
         projected = self.projector(self.vision(images))  # (B + P, N, D)
         current = projected[:batch]
-        prior = torch.zeros_like(current)
-        prior[has_prior] = projected[batch:]
-        current, prior = self.fusion(current, prior, has_prior, interval_days)
-        # Per sample: [prior tokens, current tokens] if it has a prior, else [current tokens].
-        both = torch.stack([prior, current], dim=1)  # (B, 2, N, D)
+        prior = torch.zeros_like(current).index_put((has_prior.nonzero()[:, 0],), projected[batch:])
+        context, current = self.fusion(current, prior, has_prior, interval_days)
+        if context is None:
+            return current.flatten(0, 1)  # (B * N, D)
+        # Per sample: [context tokens, current tokens] if it has a prior, else [current tokens].
+        both = torch.stack([context, current], dim=1)  # (B, 2, N, D)
         keep = torch.stack([has_prior, torch.ones_like(has_prior)], dim=1)  # (B, 2)
         return both[keep].flatten(0, 1)  # (T, D)
 

@@ -18,12 +18,14 @@ BATCH_INPUTS = ("input_ids", "attention_mask", "current_images", "prior_images",
 
 
 def parameter_groups(
-    model: LumenModel, lr: float, weight_decay: float, vision_lr: float | None, projector_lr: float | None
+    model: LumenModel, lr: float, weight_decay: float, vision_lr: float | None = None,
+    projector_lr: float | None = None, llm_lr: float | None = None,
 ) -> list[dict]:
-    """One group per (component, decay): NVILA's separate vision-tower and projector learning rates
-    (``None`` = the base ``lr``; the fusion counts as projector), and no weight decay on norms,
-    biases, embeddings and learned tokens."""
-    rates = {"vision": vision_lr or lr, "projector": projector_lr or lr, "fusion": projector_lr or lr, "llm": lr}
+    """One group per (component, decay) of the trainable parameters: NVILA's separate vision-tower and
+    projector learning rates and one for the LLM (``None`` = the base ``lr``; the fusion counts as
+    projector), and no weight decay on norms, biases, embeddings and learned tokens."""
+    rates = {"vision": vision_lr or lr, "projector": projector_lr or lr, "fusion": projector_lr or lr,
+             "llm": llm_lr or lr}
     groups: dict[tuple[str, bool], list] = {}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
@@ -68,6 +70,7 @@ class LumenModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
+        _check_precision(self.config.dtype, self.trainer.precision if self._trainer is not None else None)
         # from_pretrained returns modules in eval mode; training starts in train mode.
         self.model = build_model(self.config).train()
         if self.device_mesh is not None:
@@ -104,12 +107,26 @@ class LumenModule(L.LightningModule):
             weight_decay=optimizer_config.pop("weight_decay", 0.0),
             vision_lr=optimizer_config.pop("vision_lr", None),
             projector_lr=optimizer_config.pop("projector_lr", None),
+            llm_lr=optimizer_config.pop("llm_lr", None),
         )
         optimizer = hydra.utils.instantiate(optimizer_config)(groups)
         total_steps = self.trainer.estimated_stepping_batches
         warmup_steps = int(self.hparams.scheduler["warmup_ratio"] * total_steps)
         scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps, max(total_steps, 1))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _check_precision(dtype: str, precision: str | None) -> None:
+    """bf16-mixed keeps fp32 master weights (the autocast/FSDP policy computes in bf16); bf16-true
+    stores the weights themselves in bf16. The model's dtype must match the trainer's precision."""
+    if precision is None:
+        return
+    expected = {"bf16-true": "bfloat16", "16-true": "float16"}.get(precision, "float32")
+    if dtype != expected:
+        raise ValueError(
+            f"model.net.dtype={dtype} does not fit trainer.precision={precision}: use model.net.dtype={expected} "
+            "(fp32 master weights for mixed precision, bf16 weights for bf16-true)"
+        )
 
 
 def _plain(config: DictConfig | dict) -> dict:

@@ -1,57 +1,77 @@
-"""Vision-to-LLM projection: NVILA's 2x2 token merge + MLP, and the temporal fusion of a prior study."""
+"""Vision-to-LLM projection: NVILA's token-merging MLP projectors, and the temporal fusion of a prior study."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
-class Merge2x2(nn.Module):
-    """Concatenates each 2x2 block of neighbouring tokens, in NVILA's channel order.
+class TokenMerge(nn.Module):
+    """Concatenates each ``k x k`` block of neighbouring tokens, in NVILA's channel order.
 
-    Token (i, j) becomes [x(2i,2j), x(2i,2j+1), x(2i+1,2j), x(2i+1,2j+1)] -- einops
-    ``b (h 2) (w 2) c -> b h w (2 2 c)``, which is not ``pixel_unshuffle`` order.
+    For k = 2, token (i, j) becomes [x(2i,2j), x(2i,2j+1), x(2i+1,2j), x(2i+1,2j+1)] -- einops
+    ``b (h k) (w k) c -> b h w (k k c)``, which is not ``pixel_unshuffle`` order. A grid that is not a
+    multiple of k is zero-padded at the bottom and right, as NVILA does.
     """
 
-    def __init__(self, grid: tuple[int, int]):
+    def __init__(self, grid: tuple[int, int], k: int):
         super().__init__()
-        rows, cols = grid
-        if rows % 2 or cols % 2:
-            raise ValueError(f"a 2x2 merge needs an even token grid, got {rows}x{cols}")
-        self.grid = grid
+        self.grid, self.k = grid, k
+        self.out_grid = (math.ceil(grid[0] / k), math.ceil(grid[1] / k))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         batch, _, channels = tokens.shape
-        rows, cols = self.grid
-        # (B, rows*cols, C) -> (B, rows/2, 2, cols/2, 2, C) -> (B, rows/2, cols/2, 2, 2, C)
-        blocks = tokens.view(batch, rows // 2, 2, cols // 2, 2, channels).permute(0, 1, 3, 2, 4, 5)
-        # -> (B, rows*cols/4, 4C)
-        return blocks.reshape(batch, (rows // 2) * (cols // 2), 4 * channels)
+        (rows, cols), k = self.grid, self.k
+        grid = tokens.view(batch, rows, cols, channels)
+        out_rows, out_cols = self.out_grid
+        grid = F.pad(grid, (0, 0, 0, out_cols * k - cols, 0, out_rows * k - rows))
+        # (B, R, C, ch) -> (B, R/k, k, C/k, k, ch) -> (B, R/k, C/k, k, k, ch)
+        blocks = grid.view(batch, out_rows, k, out_cols, k, channels).permute(0, 1, 3, 2, 4, 5)
+        return blocks.reshape(batch, out_rows * out_cols, k * k * channels)  # -> (B, N/k^2, k^2 ch)
+
+
+PROJECTOR_TYPES = ("mlp_downsample", "mlp_downsample_3x3_fix")
 
 
 class MLPDownsampleProjector(nn.Module):
-    """NVILA's ``mlp_downsample``: 2x2 merge, LayerNorm(4C), Linear(4C->D), GELU, Linear(D->D).
+    """NVILA's ``mm_projector``, weight-compatible (one ``nn.Sequential`` named ``layers``):
 
-    Kept as one ``nn.Sequential`` named ``layers`` so the state-dict keys (``layers.1.*``,
-    ``layers.2.*``, ``layers.4.*``) are those of NVILA's ``mm_projector``.
+    - ``mlp_downsample`` (NVILA-8B): 2x2 merge, LayerNorm(4C), Linear(4C->D), GELU, Linear(D->D);
+      keys ``layers.1``, ``layers.2``, ``layers.4``;
+    - ``mlp_downsample_3x3_fix`` (NVILA-Lite): 3x3 merge, LayerNorm(9C), Linear(9C->3C), GELU,
+      LayerNorm(3C), Linear(3C->D), GELU, Linear(D->D); keys ``layers.1, 2, 4, 5, 7``.
+
+    ``scales``: NVILA-8B concatenates three image scales on channels (its ``mm_hidden_size`` is 3x the
+    tower's); for an image it does not tile, as with multi-image prompts, it repeats the single-scale
+    features once per scale. ``scales=3`` reproduces that, so its projector weights apply unchanged.
     """
 
-    def __init__(self, grid: tuple[int, int], vision_size: int, llm_size: int):
+    def __init__(self, grid: tuple[int, int], vision_size: int, llm_size: int,
+                 projector_type: str = "mlp_downsample", scales: int = 1):
         super().__init__()
-        self.layers = nn.Sequential(
-            Merge2x2(grid),
-            nn.LayerNorm(4 * vision_size),
-            nn.Linear(4 * vision_size, llm_size),
-            nn.GELU(),
-            nn.Linear(llm_size, llm_size),
-        )
-        self.tokens_per_image = (grid[0] // 2) * (grid[1] // 2)
+        if projector_type not in PROJECTOR_TYPES:
+            raise ValueError(f"projector type {projector_type!r}: expected one of {PROJECTOR_TYPES}")
+        self.projector_type, self.scales = projector_type, scales
+        channels = vision_size * scales
+        if projector_type == "mlp_downsample":
+            merge = TokenMerge(grid, 2)
+            layers = [merge, nn.LayerNorm(4 * channels), nn.Linear(4 * channels, llm_size), nn.GELU(),
+                      nn.Linear(llm_size, llm_size)]
+        else:
+            merge = TokenMerge(grid, 3)
+            layers = [merge, nn.LayerNorm(9 * channels), nn.Linear(9 * channels, 3 * channels), nn.GELU(),
+                      nn.LayerNorm(3 * channels), nn.Linear(3 * channels, llm_size), nn.GELU(),
+                      nn.Linear(llm_size, llm_size)]
+        self.layers = nn.Sequential(*layers)
+        self.tokens_per_image = merge.out_grid[0] * merge.out_grid[1]
+        self.mm_hidden_size = channels
 
     def forward(self, patch_tokens: torch.Tensor) -> torch.Tensor:
-        """(B, rows*cols, C) -> (B, rows*cols/4, D)."""
-        return self.layers(patch_tokens)
+        """(B, rows*cols, C) -> (B, tokens_per_image, D)."""
+        return self.layers(patch_tokens.repeat(1, 1, self.scales) if self.scales > 1 else patch_tokens)
 
 
 class IntervalEmbedding(nn.Module):
@@ -76,35 +96,70 @@ class IntervalEmbedding(nn.Module):
         return torch.where(has_prior[:, None], self.mlp(features), self.no_interval)
 
 
+FUSION_MODES = ("concat", "difference", "fused")
+
+
 class TemporalFusion(nn.Module):
-    """Adds what changed since the prior study to the current study's visual tokens.
+    """Turns the projected current and prior tokens of a sample into what the LLM sees.
 
-    For each current token, attention over the prior tokens finds its counterpart (so a few pixels of
-    mis-registration between visits do not read as change); the difference to that counterpart,
-    modulated by the interval embedding (FiLM), becomes a residual on the current tokens, scaled by a
-    gate that the interval also drives and the has-prior mask forces shut. Samples without a prior
-    use learned no-prior tokens, so every parameter is in every step's graph (DDP/FSDP ranks agree).
+    ``mode`` sets the token budget of a two-image sample (N = tokens per image):
 
-    The residual's last layer and the type embeddings start at zero: at initialisation the current
-    tokens pass through unchanged, i.e. the model computes what the single-image model computes.
+    - ``concat`` (2N): [prior tokens, current tokens] -- NVILA's multi-image prompt, with type
+      embeddings, and the interval embedding added to the prior tokens;
+    - ``difference`` (2N): [difference tokens, current tokens];
+    - ``fused`` (N): current tokens + the gated difference, one token set carrying both.
+
+    The difference branch: each current token attends over the prior tokens to find its counterpart
+    (a few pixels of mis-registration between visits do not read as change); the normalised
+    difference to it is FiLM-modulated by the interval embedding and passed through an MLP, then scaled
+    by a gate that the interval also drives and that the has-prior mask forces shut.
+
+    Samples without a prior get learned no-prior tokens in place of the prior and the interval
+    embedding's own no-interval vector, never a copy of the current image; their outputs are still
+    computed, so every parameter is in every step's graph (DDP/FSDP ranks agree). The last layers of
+    the difference and interval branches and all type embeddings start at zero: a model initialised
+    from NVILA first computes exactly NVILA's tokens for the current image (and, in ``concat``, for
+    the prior image).
     """
 
-    def __init__(self, dim: int, tokens_per_image: int, heads: int = 1, use_interval: bool = True):
+    def __init__(self, dim: int, tokens_per_image: int, mode: str = "fused", heads: int = 1,
+                 use_interval: bool = True):
         super().__init__()
-        self.use_interval = use_interval
+        if mode not in FUSION_MODES:
+            raise ValueError(f"model.net.fusion.mode={mode!r}: expected one of {FUSION_MODES}")
+        self.mode, self.use_interval = mode, use_interval
         self.interval = IntervalEmbedding(dim)
         self.no_prior_tokens = nn.Parameter(torch.randn(tokens_per_image, dim) * 0.02)
-        self.position = nn.Parameter(torch.randn(tokens_per_image, dim) * 0.02)
-        self.align = nn.MultiheadAttention(dim, heads, batch_first=True)
-        self.difference_norm = nn.LayerNorm(dim)
-        self.film = nn.Linear(dim, 2 * dim)
-        self.difference_mlp = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim))
-        self.gate = nn.Linear(dim, 1)
         self.current_type = nn.Parameter(torch.zeros(dim))
-        self.prior_type = nn.Parameter(torch.zeros(dim))
-        for layer in (self.film, self.difference_mlp[-1]):
+        if mode == "concat":
+            self.prior_type = nn.Parameter(torch.zeros(dim))
+            self.interval_to_prior = nn.Linear(dim, dim)
+            zero_init = [self.interval_to_prior]
+        else:
+            self.position = nn.Parameter(torch.randn(tokens_per_image, dim) * 0.02)
+            self.align = nn.MultiheadAttention(dim, heads, batch_first=True)
+            self.difference_norm = nn.LayerNorm(dim)
+            self.film = nn.Linear(dim, 2 * dim)
+            self.difference_mlp = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim))
+            self.gate = nn.Linear(dim, 1)
+            zero_init = [self.film, self.difference_mlp[-1]]
+            if mode == "difference":
+                self.difference_type = nn.Parameter(torch.zeros(dim))
+        for layer in zero_init:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+
+    @property
+    def slots(self) -> int:
+        """Token sets a two-image sample shows the LLM (a single-image sample always shows one)."""
+        return 1 if self.mode == "fused" else 2
+
+    def difference(self, current: torch.Tensor, prior: torch.Tensor, interval: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) current and prior tokens, (B, D) interval embedding -> (B, N, D) difference tokens."""
+        counterpart, _ = self.align(current + self.position, prior + self.position, prior, need_weights=False)
+        difference = self.difference_norm(current - counterpart)
+        scale, shift = self.film(interval)[:, None, :].chunk(2, dim=-1)
+        return self.difference_mlp(difference * (1 + scale) + shift)
 
     def forward(
         self,
@@ -112,20 +167,20 @@ class TemporalFusion(nn.Module):
         prior: torch.Tensor,
         has_prior: torch.Tensor,
         interval_days: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """current, prior: (B, N, D) (prior rows of samples without one are ignored);
-        has_prior (B,) bool; interval_days (B,). Returns (current tokens, prior tokens), each (B, N, D).
-        """
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """current, prior: (B, N, D) (prior rows of samples without one are ignored); has_prior (B,)
+        bool; interval_days (B,). Returns (context tokens, current tokens): context is the prior
+        (``concat``) or difference (``difference``) token set, (B, N, D), or None (``fused``)."""
         prior = torch.where(has_prior[:, None, None], prior, self.no_prior_tokens.to(prior.dtype))
         interval = self.interval(interval_days, has_prior)
         if not self.use_interval:
-            # The ablation keeps the module's parameters in the graph but removes the information.
+            # The ablation keeps the embedding's parameters in the graph but removes the information.
             interval = interval * 0 + self.interval.no_interval
-        query = current + self.position
-        counterpart, _ = self.align(query, prior + self.position, prior, need_weights=False)
-        difference = self.difference_norm(current - counterpart)  # (B, N, D)
-        scale, shift = self.film(interval)[:, None, :].chunk(2, dim=-1)
-        difference = self.difference_mlp(difference * (1 + scale) + shift)
+        if self.mode == "concat":
+            prior = prior + self.prior_type + self.interval_to_prior(interval)[:, None, :]
+            return prior, current + self.current_type
         gate = torch.sigmoid(self.gate(interval))[:, None, :] * has_prior[:, None, None]  # (B, 1, 1)
-        fused_current = current + self.current_type + gate * difference
-        return fused_current, prior + self.prior_type
+        difference = gate * self.difference(current, prior, interval)
+        if self.mode == "difference":
+            return difference + self.difference_type, current + self.current_type
+        return None, current + self.current_type + difference

@@ -1,7 +1,7 @@
 """Writes a tiny base model to disk in the layout a real one has, so the same loaders read both.
 
     BASE/llm/            Hugging Face Qwen2ForCausalLM + tokenizer (ChatML, <image> special token)
-    BASE/vision_tower/   timm ViT in timm's local-dir format (config.json + model.safetensors)
+    BASE/vision_tower/   Hugging Face SiglipVisionModel + preprocessor_config.json, as in NVILA
     BASE/lumen-base.json what was built, from what (written last: marks the directory complete)
 
 The tokenizer is a byte-level BPE trained on the synthetic world's questions, answers and reports;
@@ -21,18 +21,23 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import timm
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from timm.models import save_for_hf
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    SiglipImageProcessor,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+)
 
 from datamodules.collate import image_transform
 from datamodules.mimic import CHEXPERT_LABELS, image_path
+from models.checkpoints import IMAGE_TOKEN
 
-IMAGE_TOKEN = "<image>"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", IMAGE_TOKEN]
 # ChatML as NVILA/Qwen2 use it; a default system turn is added when the messages have none.
 CHATML_TEMPLATE = (
@@ -46,7 +51,7 @@ CHATML_TEMPLATE = (
 )
 
 DEFAULT_VISION = dict(
-    architecture="vit_small_patch16_224", img_size=64, patch_size=8, embed_dim=128, depth=2, num_heads=4
+    image_size=64, patch_size=8, hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=512
 )
 DEFAULT_LLM = dict(
     hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -117,18 +122,19 @@ def pretrain_vision_tower(
         image_transform(Image.open(image_path(jpg, row.subject_id, row.study_id, row.dicom_id)), image_size, mean, std)
         for row in images.itertuples()
     ])
-    head = torch.nn.Linear(tower.num_features, targets.shape[1])
+    head = torch.nn.Linear(tower.config.hidden_size, targets.shape[1])
     optimizer = torch.optim.AdamW([*tower.parameters(), *head.parameters()], lr=1e-3)
     generator = torch.Generator().manual_seed(seed)
     tower.train()
     loss = torch.tensor(float("nan"))
     for _ in range(steps):
         batch = torch.randint(len(pixels), (batch_size,), generator=generator)
-        loss = F.binary_cross_entropy_with_logits(head(tower.forward_features(pixels[batch]).mean(dim=1)), targets[batch])
+        features = tower(pixel_values=pixels[batch]).last_hidden_state.mean(dim=1)
+        loss = F.binary_cross_entropy_with_logits(head(features), targets[batch])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    return float(loss)
+    return loss.item()
 
 
 def base_manifest(world: str | Path, vision: dict | None = None, llm: dict | None = None, vocab_size: int = 1024,
@@ -164,15 +170,15 @@ def build_tiny_base(out: str | Path, world: str | Path, **options) -> Path:
         Qwen2ForCausalLM(config).save_pretrained(staging / "llm")
         tokenizer.save_pretrained(staging / "llm")
 
-        vision = dict(manifest["vision"])
-        architecture = vision.pop("architecture")
-        model_args = {**vision, "num_classes": 0, "class_token": False, "global_pool": "avg"}
-        tower = timm.create_model(architecture, pretrained=False, **model_args)
-        data = timm.data.resolve_data_config({}, model=tower)
+        vision = manifest["vision"]
+        tower = SiglipVisionModel(SiglipVisionConfig(vision_use_head=False, **vision))
+        processor = SiglipImageProcessor(size={"height": vision["image_size"], "width": vision["image_size"]})
         manifest["vision_pretrain_loss"] = pretrain_vision_tower(
-            tower, world, manifest["vision_pretrain_steps"], vision["img_size"], data["mean"], data["std"], manifest["seed"]
+            tower, world, manifest["vision_pretrain_steps"], vision["image_size"], processor.image_mean,
+            processor.image_std, manifest["seed"],
         )
-        save_for_hf(tower, str(staging / "vision_tower"), model_args=model_args, safe_serialization=True)
+        tower.save_pretrained(staging / "vision_tower")
+        processor.save_pretrained(staging / "vision_tower")
 
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
         if out.exists():

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from datamodules.synthetic import ensure_world
 from models.tiny import ensure_tiny_base
-from tests.helpers import TINY_LLM, TINY_PRETRAIN_STEPS, TINY_VISION, WORLD_SUBJECTS
+from train import train
+from tests.helpers import TINY_LLM, TINY_PRETRAIN_STEPS, TINY_VISION, WORLD_SUBJECTS, compose_config
 
 
 @pytest.fixture(scope="session")
@@ -37,3 +38,17 @@ def demo_overrides(world, tiny_base, tmp_path) -> list[str]:
         "data.eval_batch_size=8",
         "logger=csv",
     ]
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(tmp_path_factory, world, tiny_base) -> Path:
+    """A short real training run (a few dozen steps) whose last checkpoint the eval tests load."""
+    run = tmp_path_factory.mktemp("trained")
+    overrides = [
+        f"paths.output_dir={run}", f"paths.cache_dir={run / 'cache'}", f"paths.world_dir={world}",
+        f"paths.tiny_base={tiny_base}", f"prepare.world.subjects={WORLD_SUBJECTS}", "prepare.tiny_base=null",
+        "logger=csv", "data.batch_size=8", "data.limit.val=16", "trainer.max_epochs=2",
+    ]
+    trainer = train(compose_config("train", overrides))
+    assert trainer.global_step > 10
+    return Path(trainer.checkpoint_callback.last_model_path)

@@ -37,11 +37,12 @@ def loaded(sample: Sample) -> LoadedSample:
     return LoadedSample(sample, image(), image(64) if sample.has_prior else None)
 
 
-def test_each_image_token_is_expanded_to_the_visual_token_count(tokenizer, spec):
-    batch = LumenCollator(tokenizer, **spec)([loaded(DIAGNOSTIC), loaded(DIFFERENCE)])
+@pytest.mark.parametrize(("mode", "slots"), [("concat", 2), ("difference", 2), ("fused", 1)])
+def test_each_image_token_is_expanded_to_the_visual_token_count(tokenizer, spec, mode, slots):
+    batch = LumenCollator(tokenizer, **spec | {"fusion_mode": mode})([loaded(DIAGNOSTIC), loaded(DIFFERENCE)])
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     counts = (batch["input_ids"] == image_token_id).sum(dim=1).tolist()
-    assert counts == [spec["tokens_per_image"], 2 * spec["tokens_per_image"]]
+    assert counts == [spec["tokens_per_image"], slots * spec["tokens_per_image"]]
 
 
 def test_labels_cover_only_the_answer_and_its_end_token(tokenizer, spec):
@@ -55,7 +56,7 @@ def test_labels_cover_only_the_answer_and_its_end_token(tokenizer, spec):
 
 
 def test_prompt_follows_chatml_with_prior_first_and_the_interval(tokenizer, spec):
-    batch = LumenCollator(tokenizer, **spec)([loaded(DIFFERENCE)])
+    batch = LumenCollator(tokenizer, **spec | {"fusion_mode": "concat"})([loaded(DIFFERENCE)])
     text = tokenizer.decode(batch["input_ids"][0]).replace("<image>" * spec["tokens_per_image"], "<image>")
     assert text == (
         "<|im_start|>system\nYou are a helpful assistant<|im_end|>\n<|im_start|>user\n"
@@ -64,6 +65,17 @@ def test_prompt_follows_chatml_with_prior_first_and_the_interval(tokenizer, spec
         "what has changed compared to the reference image?<|im_end|>\n<|im_start|>assistant\n"
         + DIFFERENCE.answer + "<|im_end|>"
     )
+
+
+def test_fused_prompt_names_its_one_image_slot(tokenizer, spec):
+    batch = LumenCollator(tokenizer, **spec | {"fusion_mode": "fused"}, for_generation=True)([loaded(DIFFERENCE)])
+    text = tokenizer.decode(batch["input_ids"][0]).replace("<image>" * spec["tokens_per_image"], "<image>")
+    assert "user\nCurrent study, compared with the prior study: <image>\nThe prior study was taken 42 days" in text
+
+
+def test_unknown_fusion_mode_is_a_clear_error(tokenizer, spec):
+    with pytest.raises(ValueError, match="fusion_mode='stacked'"):
+        LumenCollator(tokenizer, **spec | {"fusion_mode": "stacked"})
 
 
 def test_interval_text_can_be_switched_off(tokenizer, spec):

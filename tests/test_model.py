@@ -1,40 +1,39 @@
-"""LumenModel and its parts, built from tiny real components (timm ViT, Qwen2)."""
+"""LumenModel: visual tokens in prompt order, splicing, gradients, generation, parameter groups."""
+
+from pathlib import Path
 
 import pytest
-import timm
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
 from models.lumen import LumenModel
 from models.module import parameter_groups
-from models.projector import IntervalEmbedding, Merge2x2, MLPDownsampleProjector, TemporalFusion
-from models.vision import TimmVisionTower
+from models.projector import MLPDownsampleProjector, TemporalFusion
+from models.vision import HFVisionTower
 
 IMAGE_TOKEN_ID = 5
 TOKENS_PER_IMAGE = 4  # 4x4 patch grid -> 2x2 after the merge
 
 
-def tiny_model(seed: int = 0) -> LumenModel:
+def tiny_model(mode: str = "concat", seed: int = 0, use_interval: bool = True) -> LumenModel:
     torch.manual_seed(seed)
-    tower = timm.create_model(
-        "vit_small_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=16, depth=2,
-        num_heads=2, num_classes=0, class_token=False, global_pool="avg",
-    )
-    vision = TimmVisionTower(tower, layer=-1)
+    tower = SiglipVisionModel(SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                                 num_attention_heads=2, image_size=32, patch_size=8))
+    vision = HFVisionTower(tower, layer=-1, source=Path("tiny"))
     llm = Qwen2ForCausalLM(
         Qwen2Config(vocab_size=32, hidden_size=24, num_hidden_layers=2, num_attention_heads=2,
                     num_key_value_heads=1, intermediate_size=48, max_position_embeddings=128)
     )
     projector = MLPDownsampleProjector(vision.grid, vision.hidden_size, 24)
-    fusion = TemporalFusion(24, projector.tokens_per_image)
+    fusion = TemporalFusion(24, projector.tokens_per_image, mode=mode, use_interval=use_interval)
     return LumenModel(vision, projector, fusion, llm, IMAGE_TOKEN_ID).eval()
 
 
-def batch(has_prior: list[bool], text_tokens: int = 6) -> dict:
+def batch(has_prior: list[bool], text_tokens: int = 6, slots: int = 2) -> dict:
     """Prompts of text tokens followed by the image tokens each sample needs, right-padded."""
     rows = []
     for prior in has_prior:
-        images = (2 if prior else 1) * TOKENS_PER_IMAGE
+        images = (slots if prior else 1) * TOKENS_PER_IMAGE
         rows.append([7] * text_tokens + [IMAGE_TOKEN_ID] * images + [9, 10])
     longest = max(map(len, rows))
     input_ids = torch.tensor([row + [0] * (longest - len(row)) for row in rows])
@@ -50,63 +49,8 @@ def batch(has_prior: list[bool], text_tokens: int = 6) -> dict:
     }
 
 
-def test_merge_2x2_uses_nvila_channel_order():
-    grid = torch.arange(16.0).view(1, 16, 1)  # token (r, c) holds r * 4 + c
-    merged = Merge2x2((4, 4))(grid)
-    assert merged.shape == (1, 4, 4)
-    # token (0, 0) = [x(0,0), x(0,1), x(1,0), x(1,1)]; token (0, 1) = [x(0,2), x(0,3), x(1,2), x(1,3)]
-    assert merged[0, 0].tolist() == [0, 1, 4, 5]
-    assert merged[0, 1].tolist() == [2, 3, 6, 7]
-    assert merged[0, 2].tolist() == [8, 9, 12, 13]
-
-
-def test_merge_rejects_an_odd_grid():
-    with pytest.raises(ValueError, match="even token grid"):
-        Merge2x2((5, 4))
-
-
-def test_vision_tower_returns_patch_tokens_of_the_chosen_layer():
-    tower = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=32, patch_size=8,
-                              embed_dim=16, depth=3, num_heads=2, num_classes=0)
-    images = torch.randn(2, 3, 32, 32)
-    expected = tower.forward_intermediates(images, indices=[1], norm=False, output_fmt="NLC",
-                                           intermediates_only=True)[0]
-    vision = TimmVisionTower(tower, layer=-2)
-    tokens = vision(images)
-    assert tokens.shape == (2, 16, 16)  # 4x4 patches, no CLS token
-    torch.testing.assert_close(tokens, expected)
-    assert len(vision.blocks) == 2
-
-
-def test_fusion_starts_as_identity_on_current_tokens():
-    fusion = TemporalFusion(dim=8, tokens_per_image=4)
-    current, prior = torch.randn(3, 4, 8), torch.randn(3, 4, 8)
-    fused, _ = fusion(current, prior, torch.tensor([True, False, True]), torch.tensor([10.0, 0.0, 400.0]))
-    torch.testing.assert_close(fused, current)
-
-
-def test_fusion_output_depends_on_prior_only_when_present():
-    fusion = TemporalFusion(dim=8, tokens_per_image=4)
-    torch.nn.init.normal_(fusion.difference_mlp[-1].weight)
-    current = torch.randn(2, 4, 8)
-    has_prior = torch.tensor([True, False])
-    days = torch.tensor([30.0, 0.0])
-    a, _ = fusion(current, torch.randn(2, 4, 8), has_prior, days)
-    b, _ = fusion(current, torch.randn(2, 4, 8), has_prior, days)
-    assert not torch.allclose(a[0], b[0])
-    torch.testing.assert_close(a[1], b[1])
-
-
-def test_interval_embedding_separates_intervals_and_missing_prior():
-    embedding = IntervalEmbedding(dim=8)
-    vectors = embedding(torch.tensor([1.0, 30.0, 365.0, 0.0]), torch.tensor([True, True, True, False]))
-    assert not torch.allclose(vectors[0], vectors[1])
-    assert not torch.allclose(vectors[1], vectors[2])
-    torch.testing.assert_close(vectors[3], embedding.no_interval)
-
-
 def test_visual_tokens_are_prior_then_current_per_sample():
-    model = tiny_model()
+    model = tiny_model("concat")
     inputs = batch([True, False])
     tokens = model.visual_tokens(
         inputs["current_images"], inputs["prior_images"], inputs["has_prior"], inputs["interval_days"]
@@ -138,12 +82,27 @@ def test_token_count_mismatch_is_a_clear_error():
         model(**inputs)
 
 
-def test_every_parameter_gets_a_gradient_even_without_priors():
-    model = tiny_model().train()
-    inputs = batch([False, False])
+@pytest.mark.parametrize("mode", ["concat", "difference", "fused"])
+@pytest.mark.parametrize("has_prior", [[True, True], [True, False], [False, False]])
+def test_every_parameter_gets_a_gradient_in_every_step(mode, has_prior):
+    """DDP and FSDP need the same parameters in every rank's graph, whatever its batch holds."""
+    model = tiny_model(mode).train()
+    inputs = batch(has_prior, slots=model.fusion.slots)
     labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == IMAGE_TOKEN_ID, -100)
     model(**inputs, labels=labels).loss.backward()
-    assert [name for name, p in model.named_parameters() if p.grad is None] == []
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
+    assert len(trainable) > 40
+
+
+@pytest.mark.parametrize("mode", ["concat", "difference", "fused"])
+def test_visual_token_count_per_sample_follows_the_mode(mode):
+    model = tiny_model(mode)
+    inputs = batch([True, False], slots=model.fusion.slots)
+    images = {k: inputs[k] for k in ("current_images", "prior_images", "has_prior", "interval_days")}
+    tokens = model.visual_tokens(**images)
+    assert tokens.shape == ((model.fusion.slots + 1) * TOKENS_PER_IMAGE, 24)
+    assert torch.isfinite(tokens).all()
 
 
 def test_generate_returns_greedy_continuation_of_left_padded_prompts():
@@ -170,4 +129,12 @@ def test_parameter_groups_give_vision_and_projector_their_rates_and_spare_norms_
     assert id(model.llm.get_input_embeddings().weight) in no_decay
     assert id(model.projector.layers[1].weight) in no_decay  # LayerNorm
     assert id(model.projector.layers[2].weight) not in no_decay
-    assert sum(len(g["params"]) for g in groups.values()) == len(list(model.parameters()))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert sum(len(g["params"]) for g in groups.values()) == len(trainable)
+    # The vision tower's unused final norm is frozen, so it never reaches the optimizer.
+    assert not model.vision.model.post_layernorm.weight.requires_grad
+
+
+def test_llm_gets_its_own_rate():
+    groups = parameter_groups(tiny_model(), lr=1e-4, weight_decay=0.0, llm_lr=2e-5)
+    assert {g["name"]: g["lr"] for g in groups}["llm"] == 2e-5

@@ -23,20 +23,6 @@ def test_fast_dev_run_trains_one_step_with_a_finite_loss(demo_overrides):
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
 
 
-@pytest.fixture(scope="module")
-def trained_checkpoint(tmp_path_factory, world, tiny_base) -> Path:
-    """A short real training run (a few dozen steps) whose last checkpoint the eval tests load."""
-    run = tmp_path_factory.mktemp("trained")
-    overrides = [
-        f"paths.output_dir={run}", f"paths.cache_dir={run / 'cache'}", f"paths.world_dir={world}",
-        f"paths.tiny_base={tiny_base}", f"prepare.world.subjects={WORLD_SUBJECTS}", "prepare.tiny_base=null",
-        "logger=csv", "data.batch_size=8", "data.limit.val=16", "trainer.max_epochs=2",
-    ]
-    trainer = train(compose_config("train", overrides))
-    assert trainer.global_step > 10
-    return Path(trainer.checkpoint_callback.last_model_path)
-
-
 def test_training_lowers_the_loss_and_logs_it(trained_checkpoint):
     metrics = (trained_checkpoint.parents[1] / "csv" / "version_0" / "metrics.csv").read_text().splitlines()
     header = metrics[0].split(",")
@@ -47,7 +33,7 @@ def test_training_lowers_the_loss_and_logs_it(trained_checkpoint):
 
 def test_checkpoint_loads_with_weights_only(trained_checkpoint):
     checkpoint = torch.load(trained_checkpoint, map_location="cpu", weights_only=True)
-    assert checkpoint["hyper_parameters"]["net"]["vision_layer"] == -1
+    assert checkpoint["hyper_parameters"]["net"]["vision"] == {"type": "hf", "layer": -1}
     assert any(key.startswith("model.fusion.") for key in checkpoint["state_dict"])
 
 

@@ -1,0 +1,155 @@
+"""NVILA-8B import without remote code: a tiny directory in NVILA's exact layout, checked against a
+reference computation written here from NVILA's published architecture (not from our modules)."""
+
+import json
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from models.checkpoints import ModelConfig, build_model, input_spec, load_tokenizer
+from tests import towers
+
+VISION_WIDTH = towers.WIDTH
+SCALES = 3  # NVILA-8B: mm_hidden_size = 3 x the SigLIP width (448/896/1344 on channels)
+LLM_WIDTH = 24
+
+
+@pytest.fixture(scope="module")
+def nvila_dir(tmp_path_factory, tiny_base):
+    """``Efficient-Large-Model/NVILA-8B`` in miniature: llm/, vision_tower/, mm_projector/, config.json."""
+    root = tmp_path_factory.mktemp("nvila") / "NVILA-8B"
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer(ModelConfig(base=str(tiny_base)))
+    llm = Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=LLM_WIDTH, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, intermediate_size=48, max_position_embeddings=512, tie_word_embeddings=False,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    ))
+    llm.save_pretrained(root / "llm")
+    tokenizer.save_pretrained(root / "llm")
+    siglip = towers.write_siglip(root / "vision_tower")
+    # NVILA's tower was saved by transformers 4.x, whose keys start with "vision_model.".
+    weights = load_file(root / "vision_tower" / "model.safetensors")
+    save_file({f"vision_model.{k}": v for k, v in weights.items()}, root / "vision_tower" / "model.safetensors")
+    merged = 4 * SCALES * VISION_WIDTH
+    projector = {
+        "layers.1.weight": 1 + 0.1 * torch.randn(merged), "layers.1.bias": 0.1 * torch.randn(merged),
+        "layers.2.weight": torch.randn(LLM_WIDTH, merged) / merged**0.5, "layers.2.bias": 0.1 * torch.randn(LLM_WIDTH),
+        "layers.4.weight": torch.randn(LLM_WIDTH, LLM_WIDTH) / LLM_WIDTH**0.5, "layers.4.bias": 0.1 * torch.randn(LLM_WIDTH),
+    }
+    (root / "mm_projector").mkdir()
+    save_file(projector, root / "mm_projector" / "model.safetensors")
+    (root / "mm_projector" / "config.json").write_text(json.dumps({
+        "architectures": ["MultimodalProjector"], "mm_projector_type": "mlp_downsample",
+        "model_type": "v2l_projector", "torch_dtype": "float32",
+    }))
+    (root / "config.json").write_text(json.dumps({
+        "architectures": ["LlavaLlamaModel"], "model_type": "llava_llama", "mm_hidden_size": SCALES * VISION_WIDTH,
+        "mm_vision_select_layer": -2, "mm_vision_select_feature": "cls_patch", "hidden_size": LLM_WIDTH,
+        "llm_cfg": {"architectures": ["Qwen2ForCausalLM"]}, "vision_tower_cfg": {"architectures": ["SiglipVisionModel"]},
+        "mm_projector_cfg": {"architectures": ["MultimodalProjector"]},
+    }))
+    return {"root": root, "siglip": siglip, "llm": llm, "projector": projector, "tokenizer": tokenizer}
+
+
+def nvila_visual_tokens(nvila, images: torch.Tensor) -> torch.Tensor:
+    """NVILA for an untiled 448 image: SigLIP hidden_states[-2], repeated once per S2 scale on
+    channels, 2x2 blocks concatenated channels-fastest, LayerNorm -> Linear -> GELU -> Linear."""
+    with torch.no_grad():
+        features = nvila["siglip"](images, output_hidden_states=True).hidden_states[-2]  # (B, 16, C)
+    features = torch.cat([features] * SCALES, dim=-1)
+    side = towers.IMAGE_SIZE // towers.PATCH
+    grid = features.view(len(images), side, side, -1)
+    merged = torch.stack([
+        torch.cat([grid[:, 2 * i, 2 * j], grid[:, 2 * i, 2 * j + 1], grid[:, 2 * i + 1, 2 * j], grid[:, 2 * i + 1, 2 * j + 1]], -1)
+        for i in range(side // 2) for j in range(side // 2)
+    ], dim=1)
+    w = nvila["projector"]
+    hidden = F.layer_norm(merged, (merged.shape[-1],), w["layers.1.weight"], w["layers.1.bias"])
+    hidden = F.gelu(F.linear(hidden, w["layers.2.weight"], w["layers.2.bias"]))
+    return F.linear(hidden, w["layers.4.weight"], w["layers.4.bias"])
+
+
+def prompt_ids(tokenizer, images: int, tokens_per_image: int) -> torch.Tensor:
+    image = "<image>" * tokens_per_image + "\n"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": image * images + "Is there edema?"}],
+                                         add_generation_prompt=True, tokenize=False)
+    return torch.tensor([tokenizer(text, add_special_tokens=False).input_ids])
+
+
+@pytest.fixture(scope="module")
+def imported(nvila_dir):
+    config = ModelConfig(base=str(nvila_dir["root"]), vision={"type": "hf", "layer": -2}, fusion={"mode": "concat"})
+    return config, build_model(config).eval()
+
+
+def test_imported_model_reads_nvila_projector_type_and_scales(imported):
+    config, model = imported
+    assert model.projector.projector_type == "mlp_downsample"
+    assert model.projector.mm_hidden_size == SCALES * VISION_WIDTH
+    assert input_spec(config)["tokens_per_image"] == 4
+
+
+def test_imported_visual_tokens_equal_nvila_for_current_and_prior_images(nvila_dir, imported):
+    _, model = imported
+    generator = torch.Generator().manual_seed(3)
+    current = torch.randn(2, 3, towers.IMAGE_SIZE, towers.IMAGE_SIZE, generator=generator)
+    prior = torch.randn(1, 3, towers.IMAGE_SIZE, towers.IMAGE_SIZE, generator=generator)
+    with torch.no_grad():
+        tokens = model.visual_tokens(current, prior, torch.tensor([True, False]), torch.tensor([90.0, 0.0]))
+    expected_current = nvila_visual_tokens(nvila_dir, current)
+    expected = torch.cat([nvila_visual_tokens(nvila_dir, prior)[0], expected_current[0], expected_current[1]])
+    torch.testing.assert_close(tokens, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_imported_logits_equal_nvila_on_a_two_image_prompt(nvila_dir, imported):
+    _, model = imported
+    generator = torch.Generator().manual_seed(4)
+    current, prior = (torch.randn(1, 3, towers.IMAGE_SIZE, towers.IMAGE_SIZE, generator=generator) for _ in range(2))
+    input_ids = prompt_ids(nvila_dir["tokenizer"], images=2, tokens_per_image=4)
+    with torch.no_grad():
+        logits = model(input_ids, torch.ones_like(input_ids), current_images=current, prior_images=prior,
+                       has_prior=torch.tensor([True]), interval_days=torch.tensor([30.0])).logits
+        reference_llm = nvila_dir["llm"].eval()
+        embeddings = reference_llm.get_input_embeddings()(input_ids)
+        image_positions = (input_ids == nvila_dir["tokenizer"].convert_tokens_to_ids("<image>"))[0]
+        visual = torch.cat([nvila_visual_tokens(nvila_dir, prior)[0], nvila_visual_tokens(nvila_dir, current)[0]])
+        embeddings[0, image_positions] = visual
+        expected = reference_llm(inputs_embeds=embeddings).logits
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_tokenizer_without_image_token_gets_it_added(nvila_dir, tmp_path):
+    root = tmp_path / "nvila"
+    shutil.copytree(nvila_dir["root"], root)
+    tokenizer_config = json.loads((root / "llm" / "tokenizer_config.json").read_text())
+    tokenizer_file = json.loads((root / "llm" / "tokenizer.json").read_text())
+    image_id = next(t["id"] for t in tokenizer_file["added_tokens"] if t["content"] == "<image>")
+    tokenizer_file["added_tokens"] = [t for t in tokenizer_file["added_tokens"] if t["content"] != "<image>"]
+    del tokenizer_file["model"]["vocab"]["<image>"]
+    (root / "llm" / "tokenizer.json").write_text(json.dumps(tokenizer_file))
+    tokenizer_config.pop("extra_special_tokens", None)
+    tokenizer_config.get("added_tokens_decoder", {}).pop(str(image_id), None)
+    (root / "llm" / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    tokenizer = load_tokenizer(ModelConfig(base=str(root)))
+    assert "<image>" in tokenizer.get_vocab()
+    assert tokenizer.tokenize("a<image>b") == ["a", "<image>", "b"]
+
+
+def test_a_projector_that_does_not_fit_the_tower_is_a_clear_error(nvila_dir, tmp_path):
+    root = tmp_path / "nvila"
+    shutil.copytree(nvila_dir["root"], root)
+    weights = load_file(root / "mm_projector" / "model.safetensors")
+    weights["layers.1.weight"] = weights["layers.1.weight"][:-1]
+    save_file(weights, root / "mm_projector" / "model.safetensors")
+    with pytest.raises(ValueError, match="layers.1.weight has 191 channels"):
+        build_model(ModelConfig(base=str(root)))
+
+
+def test_configured_projector_type_must_match_the_base(nvila_dir):
+    with pytest.raises(ValueError, match="holds a mlp_downsample projector"):
+        input_spec(ModelConfig(base=str(nvila_dir["root"]), projector="mlp_downsample_3x3_fix"))
