@@ -65,6 +65,14 @@ def evaluate(cfg: DictConfig) -> dict:
     results = aggregate(records)
     results["checkpoint"] = str(Path(cfg.ckpt).resolve())
     results["split"] = cfg.split
+    model = loaded.model
+    results["model"] = {
+        "vision": loaded.config.vision.type,
+        "projector": model.projector.projector_type,
+        "fusion_mode": model.fusion.mode,
+        "tokens_per_image": model.tokens_per_image,
+        "visual_tokens_with_prior": model.fusion.slots * model.tokens_per_image if datamodule.use_prior else None,
+    }
     out = Path(cfg.paths.output_dir)
     write_jsonl_atomic(out / "predictions.jsonl", records)
     write_json_atomic(out / "results.json", results)

@@ -1,18 +1,23 @@
 """Proof that the demo model learns change from two images: a benchmark, not a test.
 
 Trains, for the same number of steps on the same synthetic world (seed 0):
-  two-image  the demo model (current + prior image, interval)             experiment=demo
-  one-image  the same model and data, difference questions without prior   experiment=demo data.use_prior=false
-  nvila_ft   the paper's baseline: single-image diagnostic questions only  experiment=nvila_ft
-The two demo arms train on the questions named by --tasks (default: difference questions only, so
-the whole CPU budget goes to the skill under test; ``--tasks diagnostic difference`` for the full
-demo mix). Each model is then evaluated on the difference questions of a held-out world generated
-with another seed; the script prints the accuracy of the added/missing finding sets (95% Wilson
-intervals), micro-F1 of the added and of the missing findings, the accuracy ratio to each baseline,
-and an exact McNemar test of two-image vs each baseline on the same questions.
+  fused            the demo model: current tokens carrying the gated difference (N tokens)   experiment=demo
+  fused-no-embed   the same without the interval embedding (the interval is still in the text)
+  concat           prior + current tokens, NVILA's multi-image prompt (2N tokens)
+  difference       difference + current tokens (2N tokens)
+  one-image        the demo model and data, difference questions without their prior image
+  nvila_ft         the paper's baseline: single-image diagnostic questions only            experiment=nvila_ft
+The demo arms train on the questions named by --tasks (default: difference questions only, so the
+whole CPU budget goes to the skill under test; ``--tasks diagnostic difference`` for the full demo
+mix). Each model is then evaluated on the difference questions of a held-out world generated with
+another seed; the script prints the accuracy of the added/missing finding sets (95% Wilson
+intervals), micro-F1 of the added and of the missing findings, the visual tokens a two-image sample
+costs, the accuracy ratio of --reference to every other arm, and an exact McNemar test of the
+reference against each on the same questions.
 
-    python bench/learning.py                # about 10 CPU-minutes of training per model (2 cores)
-    python bench/learning.py --steps 600    # quicker, weaker
+    python bench/learning.py                               # about 6 CPU-minutes of training per model (2 cores)
+    python bench/learning.py --variants fused one-image    # a subset
+    python bench/learning.py --steps 600                   # quicker, weaker
 """
 
 from __future__ import annotations
@@ -29,7 +34,10 @@ from scipy.stats import binomtest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 VARIANTS = {
-    "two-image": ["experiment=demo"],
+    "fused": ["experiment=demo"],
+    "fused-no-embed": ["experiment=demo", "model.net.fusion.interval_embedding=false"],
+    "concat": ["experiment=demo", "model.net.fusion.mode=concat"],
+    "difference": ["experiment=demo", "model.net.fusion.mode=difference"],
     "one-image": ["experiment=demo", "data.use_prior=false"],
     "nvila_ft": ["experiment=nvila_ft"],
 }
@@ -64,6 +72,7 @@ def main() -> None:
     parser.add_argument("--eval-subjects", type=int, default=600, help="held-out world (seed 1); its test split is scored")
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench-learning")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--reference", default="fused", choices=list(VARIANTS), help="the arm compared with every other")
     args = parser.parse_args()
 
     world = [f"prepare.world.subjects={args.train_subjects}", "prepare.world.seed=0"]
@@ -77,8 +86,10 @@ def main() -> None:
                        "trainer.max_epochs=-1", "logger=csv", f"hydra.run.dir={train_dir}"])
         run(["eval.py", f"ckpt={train_dir / 'checkpoints' / 'last.ckpt'}", *held_out, f"hydra.run.dir={eval_dir}"])
         records = [json.loads(line) for line in (eval_dir / "predictions.jsonl").read_text().splitlines()]
+        model = json.loads((eval_dir / "results.json").read_text())["model"]
         rows[name] = {
             "seconds": seconds,
+            "tokens": model["visual_tokens_with_prior"] or model["tokens_per_image"],
             "correct": {r["sample_id"]: r["difference_correct"] for r in records},
             "f1": change_f1([(r["prediction"], r["reference"]) for r in records]),
         }
@@ -86,25 +97,25 @@ def main() -> None:
     print(f"\nDifference questions of a held-out world (seed 1, {args.eval_subjects} subjects, test split); "
           f"{args.steps} training steps per model on the seed-0 world ({args.train_subjects} subjects); "
           f"demo arms trained on: {', '.join(args.tasks)}.\n")
-    print("| model | train time (min) | n | accuracy (added/missing sets) | 95% CI | F1 added | F1 missing |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| model | visual tokens per two-image sample | train time (min) | n | accuracy (added/missing sets) "
+          "| 95% CI | F1 added | F1 missing |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, row in rows.items():
         correct = list(row["correct"].values())
         low, high = wilson(sum(correct), len(correct))
         row["accuracy"] = sum(correct) / len(correct)
-        print(f"| {name} | {row['seconds'] / 60:.1f} | {len(correct)} | {row['accuracy']:.3f} | {low:.3f}–{high:.3f} "
-              f"| {row['f1']['added']['f1']:.3f} | {row['f1']['missing']['f1']:.3f} |")
-    if "two-image" in rows:
-        two = rows["two-image"]
-        for name in [n for n in rows if n != "two-image"]:
-            ratio = two["accuracy"] / rows[name]["accuracy"] if rows[name]["accuracy"] else float("inf")
-            print(f"\ntwo-image / {name} accuracy ratio: {ratio:.2f}")
-            ids = two["correct"].keys() & rows[name]["correct"].keys()
-            only_two = sum(1 for i in ids if two["correct"][i] and not rows[name]["correct"][i])
-            only_other = sum(1 for i in ids if rows[name]["correct"][i] and not two["correct"][i])
-            if only_two + only_other:
-                p = binomtest(only_two, only_two + only_other).pvalue
-                print(f"McNemar (exact) two-image vs {name}: {only_two} vs {only_other} discordant, p = {p:.2g}")
+        print(f"| {name} | {row['tokens']} | {row['seconds'] / 60:.1f} | {len(correct)} | {row['accuracy']:.3f} "
+              f"| {low:.3f}–{high:.3f} | {row['f1']['added']['f1']:.3f} | {row['f1']['missing']['f1']:.3f} |")
+    if args.reference in rows:
+        reference = rows[args.reference]
+        for name in [n for n in rows if n != args.reference]:
+            ratio = f"{reference['accuracy'] / rows[name]['accuracy']:.2f}" if rows[name]["accuracy"] else "n/a"
+            ids = reference["correct"].keys() & rows[name]["correct"].keys()
+            only_reference = sum(1 for i in ids if reference["correct"][i] and not rows[name]["correct"][i])
+            only_other = sum(1 for i in ids if rows[name]["correct"][i] and not reference["correct"][i])
+            p = binomtest(only_reference, only_reference + only_other).pvalue if only_reference + only_other else 1.0
+            print(f"{args.reference} / {name}: accuracy ratio {ratio}; McNemar (exact) {only_reference} vs "
+                  f"{only_other} discordant, p = {p:.2g}")
 
 
 if __name__ == "__main__":
