@@ -7,6 +7,8 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
 from models.checkpoints import ModelConfig, input_spec
@@ -19,6 +21,17 @@ REQUIRED_INPUTS = {
     "paths.diffvqa": "the Medical-Diff-VQA directory (mimic_pair_questions.csv, mimic_all.csv)",
     "model.net.base": "the base model directory (llm/, vision_tower/)",
 }
+
+
+CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+def compose_config(name: str, overrides: list[str]) -> DictConfig:
+    """Composes ``configs/<name>.yaml`` as the entry points do, for use outside a Hydra app (tests,
+    benchmarks). ``paths.cache_dir`` and ``paths.output_dir`` need explicit values there."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose(config_name=name, overrides=overrides)
 
 
 def prepare(cfg: DictConfig) -> None:

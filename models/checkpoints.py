@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
+from common.files import atomic_directory
 from datamodules.collate import load_tokenizer as load_directory_tokenizer
 from models.lumen import LumenModel
 from models.projector import FUSION_MODES, PROJECTOR_TYPES, MLPDownsampleProjector, TemporalFusion
@@ -215,6 +215,13 @@ def build_model(config: ModelConfig) -> LumenModel:
     fusion = TemporalFusion(llm_size, projector.tokens_per_image, mode=config.fusion.mode,
                             heads=config.fusion.heads, use_interval=config.fusion.interval_embedding)
     if (config.fusion_dir / WEIGHTS).is_file():
+        stored = json.loads((config.fusion_dir / "config.json").read_text())
+        for key in ("mode", "interval_embedding"):
+            if stored.get(key) != getattr(config.fusion, key):
+                raise ValueError(
+                    f"model.net.fusion.{key}={getattr(config.fusion, key)} but {config.fusion_dir} holds weights "
+                    f"trained with {key}={stored.get(key)}: set model.net.fusion.{key}={stored.get(key)}"
+                )
         fusion.load_state_dict(load_file(config.fusion_dir / WEIGHTS))
     model = LumenModel(vision, projector, fusion, llm, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)).to(dtype)
     for part, tune in ((model.vision, config.tune_vision), (model.projector, config.tune_projector),
@@ -257,9 +264,7 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
     loaded = load_checkpoint(checkpoint)
     model, config, data = loaded.model, loaded.config, loaded.prompt
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with atomic_directory(out) as staging:
         model.llm.save_pretrained(staging / "llm")
         load_tokenizer(config).save_pretrained(staging / "llm")
         model.vision.save(staging / "vision_tower")
@@ -287,11 +292,6 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
         }
         (staging / "config.json").write_text(json.dumps(summary, indent=2))
         (staging / "README.md").write_text(model_card(summary, Path(checkpoint)))
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out
 
 

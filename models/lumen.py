@@ -102,12 +102,15 @@ class LumenModel(nn.Module):
         pad_token_id: int,
         **images: torch.Tensor,
     ) -> torch.Tensor:
-        """Greedy decoding of left-padded prompts; returns only the new tokens, (B, <= max_new_tokens)."""
+        """Batched greedy decoding of left-padded prompts with the KV cache (positions follow the
+        attention mask, so padding does not shift them); a sample that emits ``eos_token_id`` is padded
+        from then on. Returns only the new tokens, (B, <= max_new_tokens)."""
         return self.llm.generate(
             inputs_embeds=self.embed(input_ids, **images),
             attention_mask=attention_mask,
             max_new_tokens=max_new_tokens,
             do_sample=False,
+            use_cache=True,
             eos_token_id=eos_token_id,
             pad_token_id=pad_token_id,
         )

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,6 +32,7 @@ from transformers import (
     SiglipVisionModel,
 )
 
+from common.files import atomic_directory
 from datamodules.collate import image_transform
 from datamodules.mimic import CHEXPERT_LABELS, image_path
 from models.checkpoints import IMAGE_TOKEN
@@ -155,9 +154,7 @@ def build_tiny_base(out: str | Path, world: str | Path, **options) -> Path:
     out, world = Path(out), Path(world)
     manifest = base_manifest(world, **options)
     torch.manual_seed(manifest["seed"])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with atomic_directory(out) as staging:
         tokenizer = train_tokenizer(world_corpus(world), manifest["vocab_size"])
         config = Qwen2Config(
             vocab_size=len(tokenizer),
@@ -181,11 +178,6 @@ def build_tiny_base(out: str | Path, world: str | Path, **options) -> Path:
         processor.save_pretrained(staging / "vision_tower")
 
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out
 
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from datamodules.synthetic import ensure_world
 from models.tiny import ensure_tiny_base
-from train import train
-from tests.helpers import TINY_LLM, TINY_PRETRAIN_STEPS, TINY_VISION, WORLD_SUBJECTS, compose_config
+from tests.helpers import TINY_LLM, TINY_PRETRAIN_STEPS, TINY_VISION, WORLD_SUBJECTS
+from train import compose_config, train
 
 
 @pytest.fixture(scope="session")

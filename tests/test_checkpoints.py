@@ -11,7 +11,8 @@ import torch
 from eval import evaluate
 from models.checkpoints import ModelConfig, build_model, input_spec, load_checkpoint
 from models.module import LumenModule
-from tests.helpers import WORLD_SUBJECTS, compose_config
+from tests.helpers import WORLD_SUBJECTS
+from train import compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,6 +71,11 @@ def test_exported_directory_does_not_depend_on_the_base(exported, tmp_path):
         assert load_checkpoint(moved).config.base == str(moved)
     finally:
         moved.rename(exported)
+
+
+def test_exported_fusion_weights_refuse_another_fusion_mode(exported):
+    with pytest.raises(ValueError, match="model.net.fusion.mode=concat but .* holds weights trained with mode=fused"):
+        build_model(ModelConfig(base=str(exported), fusion={"mode": "concat"}))
 
 
 def test_eval_accepts_an_exported_directory(exported, world, tmp_path):

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from eval import evaluate
-from tests.helpers import WORLD_SUBJECTS, compose_config
+from tests.helpers import WORLD_SUBJECTS
+from train import compose_config
 from train import train
 
 ROOT = Path(__file__).resolve().parents[1]
