@@ -115,3 +115,18 @@ def test_unsupported_hugging_face_model_is_a_clear_error(tmp_path):
 def test_missing_tower_directory_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no vision tower at"):
         build_vision_tower("timm", tmp_path / "nothing", -2)
+
+
+@pytest.mark.parametrize(("kind", "tower_type", "write"), TOWERS, ids=[t[0] for t in TOWERS])
+def test_activation_checkpointing_gives_the_same_gradients(tmp_path, kind, tower_type, write):
+    write(tmp_path / kind)
+    gradients = []
+    for checkpointed in (False, True):
+        tower = build_vision_tower(tower_type, tmp_path / kind, -1).train()
+        if checkpointed:
+            tower.enable_activation_checkpointing()
+        tower(IMAGES).square().sum().backward()
+        gradients.append({n: p.grad for n, p in tower.named_parameters() if p.requires_grad})
+    assert gradients[0].keys() == gradients[1].keys()
+    for name, gradient in gradients[0].items():
+        torch.testing.assert_close(gradients[1][name], gradient, msg=name)
