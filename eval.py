@@ -51,8 +51,9 @@ def generate_records(module: LumenModule, datamodule, split: str, accelerator: s
 
 
 def evaluate(cfg: DictConfig) -> dict:
-    L.seed_everything(cfg.seed)
     prepare(cfg)
+    # Seeded after preparation, which draws random numbers only when it has to build something.
+    L.seed_everything(cfg.seed)
     loaded = load_checkpoint(cfg.ckpt)
     module = LumenModule(net=loaded.config.to_dict(), optimizer={}, scheduler={},
                          max_new_tokens=cfg.max_new_tokens or loaded.max_new_tokens or 64)

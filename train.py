@@ -52,8 +52,9 @@ def require_inputs(cfg: DictConfig) -> None:
 
 
 def train(cfg: DictConfig) -> L.Trainer:
-    L.seed_everything(cfg.seed, workers=True)
     prepare(cfg)
+    # Seeded after preparation, which draws random numbers only when it has to build something.
+    L.seed_everything(cfg.seed, workers=True)
     require_inputs(cfg)
     spec = input_spec(ModelConfig(**cfg.model.net))
     datamodule = hydra.utils.instantiate(cfg.data, input_spec=spec)

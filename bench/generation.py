@@ -31,11 +31,12 @@ def decode_all(model, batches: list[dict], max_new_tokens: int, eos: int, pad: i
     """Greedy answers for every batch; returns (seconds spent in generate, answers without padding)."""
     answers = []
     start = time.perf_counter()
-    for batch in batches:
-        new = model.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=max_new_tokens,
-                             eos_token_id=eos, pad_token_id=pad, **{k: batch[k] for k in IMAGE_KEYS})
-        for row in new.tolist():
-            answers.append(row[: row.index(eos) + 1] if eos in row else [t for t in row if t != pad])
+    with torch.inference_mode():
+        for batch in batches:
+            new = model.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=max_new_tokens,
+                                 eos_token_id=eos, pad_token_id=pad, **{k: batch[k] for k in IMAGE_KEYS})
+            for row in new.tolist():
+                answers.append(row[: row.index(eos) + 1] if eos in row else [t for t in row if t != pad])
     return time.perf_counter() - start, answers
 
 
@@ -85,5 +86,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    with torch.inference_mode():
-        main()
+    main()

@@ -1,12 +1,12 @@
 """Proof that the demo model learns change from two images: a benchmark, not a test.
 
 Trains, for the same number of steps on the same synthetic world (seed 0):
-  fused            the demo model: current tokens carrying the gated difference (N tokens)   experiment=demo
-  fused-no-embed   the same without the interval embedding (the interval is still in the text)
-  concat           prior + current tokens, NVILA's multi-image prompt (2N tokens)
-  difference       difference + current tokens (2N tokens)
-  one-image        the demo model and data, difference questions without their prior image
-  nvila_ft         the paper's baseline: single-image diagnostic questions only            experiment=nvila_ft
+  difference           the demo model: difference + current tokens (2N visual tokens)     experiment=demo
+  difference-no-embed  the same without the interval embedding (the interval stays in the text)
+  concat               prior + current tokens, NVILA's multi-image prompt (2N)
+  fused                current tokens carrying the gated difference (N)
+  one-image            the demo model and data, difference questions without their prior image
+  nvila_ft             the paper's baseline: single-image diagnostic questions only      experiment=nvila_ft
 The demo arms train on the questions named by --tasks (default: difference questions only, so the
 whole CPU budget goes to the skill under test; ``--tasks diagnostic difference`` for the full demo
 mix). Each model is then evaluated on the difference questions of a held-out world generated with
@@ -18,6 +18,7 @@ reference against each on the same questions.
     python bench/learning.py                               # about 6 CPU-minutes of training per model (2 cores)
     python bench/learning.py --variants fused one-image    # a subset
     python bench/learning.py --steps 600                   # quicker, weaker
+    python bench/learning.py --reuse                       # train only the arms not yet run with these settings
 """
 
 from __future__ import annotations
@@ -34,13 +35,15 @@ from scipy.stats import binomtest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 VARIANTS = {
-    "fused": ["experiment=demo"],
-    "fused-no-embed": ["experiment=demo", "model.net.fusion.interval_embedding=false"],
-    "concat": ["experiment=demo", "model.net.fusion.mode=concat"],
     "difference": ["experiment=demo", "model.net.fusion.mode=difference"],
+    "difference-no-embed": ["experiment=demo", "model.net.fusion.mode=difference",
+                            "model.net.fusion.interval_embedding=false"],
+    "concat": ["experiment=demo", "model.net.fusion.mode=concat"],
+    "fused": ["experiment=demo", "model.net.fusion.mode=fused"],
     "one-image": ["experiment=demo", "data.use_prior=false"],
     "nvila_ft": ["experiment=nvila_ft"],
 }
+REFERENCE = "difference"  # the demo's default mode
 
 
 from evaluation.metrics import change_f1  # noqa: E402  (after the repository root is on sys.path)
@@ -72,7 +75,9 @@ def main() -> None:
     parser.add_argument("--eval-subjects", type=int, default=600, help="held-out world (seed 1); its test split is scored")
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench-learning")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--reference", default="fused", choices=list(VARIANTS), help="the arm compared with every other")
+    parser.add_argument("--reference", default=REFERENCE, choices=list(VARIANTS), help="the arm compared with every other")
+    parser.add_argument("--reuse", action="store_true",
+                        help="reuse an arm's earlier run in --out when its train and eval commands are the same")
     args = parser.parse_args()
 
     world = [f"prepare.world.subjects={args.train_subjects}", "prepare.world.seed=0"]
@@ -82,9 +87,20 @@ def main() -> None:
     for name in args.variants:
         train_dir, eval_dir = args.out / name, args.out / f"{name}-eval"
         tasks = [] if name == "nvila_ft" else [f"data.tasks=[{','.join(args.tasks)}]"]
-        seconds = run(["train.py", *VARIANTS[name], *tasks, *world, f"trainer.max_steps={args.steps}",
-                       "trainer.max_epochs=-1", "logger=csv", f"hydra.run.dir={train_dir}"])
-        run(["eval.py", f"ckpt={train_dir / 'checkpoints' / 'last.ckpt'}", *held_out, f"hydra.run.dir={eval_dir}"])
+        commands = {
+            "train": ["train.py", *VARIANTS[name], *tasks, *world, f"trainer.max_steps={args.steps}",
+                      "trainer.max_epochs=-1", "logger=csv", f"hydra.run.dir={train_dir}"],
+            "eval": ["eval.py", f"ckpt={train_dir / 'checkpoints' / 'last.ckpt'}", *held_out, f"hydra.run.dir={eval_dir}"],
+        }
+        arm_record = args.out / f"{name}.json"
+        previous = json.loads(arm_record.read_text()) if arm_record.is_file() else {}
+        if args.reuse and previous.get("commands") == commands and (eval_dir / "predictions.jsonl").is_file():
+            seconds = previous["seconds"]
+            print(f"{name}: reusing the run in {train_dir} (same commands)")
+        else:
+            seconds = run(commands["train"])
+            run(commands["eval"])
+            arm_record.write_text(json.dumps({"commands": commands, "seconds": seconds}, indent=2))
         records = [json.loads(line) for line in (eval_dir / "predictions.jsonl").read_text().splitlines()]
         model = json.loads((eval_dir / "results.json").read_text())["model"]
         rows[name] = {

@@ -55,7 +55,7 @@ class VisionConfig:
 
 @dataclass(frozen=True)
 class FusionConfig:
-    mode: str = "fused"
+    mode: str = "difference"
     heads: int = 1
     interval_embedding: bool = True  # the interval as an embedding; as text it is data.interval_in_prompt
 

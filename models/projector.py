@@ -122,7 +122,7 @@ class TemporalFusion(nn.Module):
     the prior image).
     """
 
-    def __init__(self, dim: int, tokens_per_image: int, mode: str = "fused", heads: int = 1,
+    def __init__(self, dim: int, tokens_per_image: int, mode: str = "difference", heads: int = 1,
                  use_interval: bool = True):
         super().__init__()
         if mode not in FUSION_MODES:
