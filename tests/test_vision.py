@@ -130,3 +130,19 @@ def test_activation_checkpointing_gives_the_same_gradients(tmp_path, kind, tower
     assert gradients[0].keys() == gradients[1].keys()
     for name, gradient in gradients[0].items():
         torch.testing.assert_close(gradients[1][name], gradient, msg=name)
+
+
+def test_timm_convnet_gives_its_stage_feature_map_as_tokens(tmp_path):
+    import timm
+    from timm.models import save_for_hf
+
+    torch.manual_seed(0)
+    convnet = timm.create_model("convnext_atto", pretrained=False, num_classes=0).eval()
+    save_for_hf(convnet, str(tmp_path / "convnext"), model_args={"num_classes": 0}, safe_serialization=True)
+    tower = build_vision_tower("timm", tmp_path / "convnext", -2).eval()
+    images = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        tokens = tower(images)
+        (expected,) = convnet.forward_intermediates(images, indices=[2], intermediates_only=True)
+    assert tower.grid == (14, 14) and tower.hidden_size == expected.shape[1]  # stage 2: stride 16
+    torch.testing.assert_close(tokens, expected.flatten(2).transpose(1, 2))
