@@ -34,7 +34,7 @@ from transformers import (
 
 from common.files import atomic_directory
 from datamodules.collate import image_transform
-from datamodules.mimic import CHEXPERT_LABELS, image_path
+from datamodules.mimic import CHEXPERT_LABELS, load_chexpert, load_images
 from models.checkpoints import IMAGE_TOKEN
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", IMAGE_TOKEN]
@@ -106,21 +106,13 @@ def pretrain_vision_tower(
     the equivalent of that pretraining from its own world's training split (never val/test).
     """
     jpg = world / "mimic-cxr-jpg"
-    images = (
-        pd.read_csv(jpg / "mimic-cxr-2.0.0-metadata.csv.gz")
-        .merge(pd.read_csv(jpg / "mimic-cxr-2.0.0-split.csv.gz")[["dicom_id", "split"]], on="dicom_id")
-        .merge(pd.read_csv(jpg / "mimic-cxr-2.0.0-chexpert.csv.gz"), on=["subject_id", "study_id"])
-        .query("split == 'train'")
-    )
+    images = load_images(jpg).query("split == 'train'").merge(load_chexpert(jpg), on=["subject_id", "study_id"])
     labels = [column for column in images.columns if column in CHEXPERT_LABELS]
     targets = torch.tensor(
-        np.concatenate([(images[labels] == 1.0).to_numpy(), pd.get_dummies(images["ViewPosition"]).to_numpy()], axis=1),
+        np.concatenate([(images[labels] == 1.0).to_numpy(), pd.get_dummies(images["view"]).to_numpy()], axis=1),
         dtype=torch.float32,
     )
-    pixels = torch.stack([
-        image_transform(Image.open(image_path(jpg, row.subject_id, row.study_id, row.dicom_id)), image_size, mean, std)
-        for row in images.itertuples()
-    ])
+    pixels = torch.stack([image_transform(Image.open(path), image_size, mean, std) for path in images["path"]])
     head = torch.nn.Linear(tower.config.hidden_size, targets.shape[1])
     optimizer = torch.optim.AdamW([*tower.parameters(), *head.parameters()], lr=1e-3)
     generator = torch.Generator().manual_seed(seed)
