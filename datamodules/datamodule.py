@@ -59,6 +59,7 @@ class LumenDataModule(L.LightningDataModule):
         tasks: tuple[str, ...] = ("diagnostic", "difference"),
         use_prior: bool = True,
         interval_in_prompt: bool = True,
+        test_policy: str = "all",
         batch_size: int = 8,
         eval_batch_size: int = 16,
         num_workers: int = 0,
@@ -71,7 +72,7 @@ class LumenDataModule(L.LightningDataModule):
              "batch_size": batch_size}
         )
         self.mimic_cxr_jpg, self.diffvqa = mimic_cxr_jpg, diffvqa
-        self.tasks, self.use_prior = tuple(tasks), use_prior
+        self.tasks, self.use_prior, self.test_policy = tuple(tasks), use_prior, test_policy
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.limit = dict(limit or {})
         self.tokenizer = load_tokenizer(tokenizer_dir, input_spec["image_token"])
@@ -81,7 +82,8 @@ class LumenDataModule(L.LightningDataModule):
         self.datasets: dict[str, SampleDataset] = {}
 
     def samples(self, split: str) -> list[Sample]:
-        samples, report = load_diffvqa(self.diffvqa, self.mimic_cxr_jpg, split, self.tasks, self.use_prior)
+        samples, report = load_diffvqa(self.diffvqa, self.mimic_cxr_jpg, split, self.tasks, self.use_prior,
+                                       self.test_policy)
         log.info("Medical-Diff-VQA %s: %s", split, report)
         limit = self.limit.get(split)
         return samples[:limit] if limit is not None else samples

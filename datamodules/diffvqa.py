@@ -5,7 +5,9 @@ Policies (each counted in the returned ``LoadReport``, nothing dropped silently)
   a difference row whose reference is *later* than its main study is skipped (``ref_later``);
 - exact duplicate difference rows (same study, reference and answer) are kept once (``duplicate``);
 - diagnostic rows never use the reference (in v1.0.1 it can even be a later study);
-- answers are stripped (the dataset's generator leaves a trailing space).
+- answers are stripped (the dataset's generator leaves a trailing space);
+- ``test_policy="one_study_per_subject"`` (the LUMEN paper's test set) keeps, for the test split, the
+  questions of one study per subject, drawn with a seeded generator (``other_study_of_subject``).
 ``sample_id`` is ``diffvqa-<row>``, ``row`` counting data rows of ``mimic_pair_questions.csv`` from 0.
 """
 
@@ -21,6 +23,7 @@ from datamodules.mimic import days_between, image_path
 from datamodules.records import Sample
 
 SPLITS = ("train", "val", "test")
+TEST_POLICIES = ("all", "one_study_per_subject")
 QUESTION_TYPES = ("abnormality", "presence", "view", "location", "level", "type", "difference")
 PAIR_COLUMNS = ["study_id", "subject_id", "ref_id", "question_type", "question", "answer", "split"]
 STUDY_COLUMNS = ["subject_id", "study_id", "dicom_id", "study_date"]
@@ -53,11 +56,15 @@ def load_diffvqa(
     split: str,
     tasks: tuple[str, ...] = ("diagnostic", "difference"),
     use_prior: bool = True,
+    test_policy: str = "all",
+    seed: int = 0,
 ) -> tuple[list[Sample], LoadReport]:
     """Samples of one split. ``use_prior=False`` turns difference questions into single-image ones
     (the control that shows what the current image alone can answer)."""
     if split not in SPLITS:
         raise ValueError(f"unknown Medical-Diff-VQA split {split!r}: expected one of {SPLITS}")
+    if test_policy not in TEST_POLICIES:
+        raise ValueError(f"test_policy={test_policy!r}: expected one of {TEST_POLICIES}")
     diffvqa_dir = Path(diffvqa_dir)
     studies_path = diffvqa_dir / "mimic_all.csv"
     questions_path = diffvqa_dir / "mimic_pair_questions.csv"
@@ -65,6 +72,12 @@ def load_diffvqa(
         row.study_id: row for row in _read_csv(studies_path, STUDY_COLUMNS).itertuples(index=False)
     }
     questions = _read_csv(questions_path, PAIR_COLUMNS)
+    kept_studies = None
+    if split == "test" and test_policy == "one_study_per_subject":
+        test_studies = questions.loc[questions["split"] == "test", ["subject_id", "study_id"]].drop_duplicates()
+        kept_studies = set(
+            test_studies.sort_values(["subject_id", "study_id"]).groupby("subject_id").sample(n=1, random_state=seed)["study_id"]
+        )
 
     def study(study_id: int, row: int, column: str):
         if study_id not in studies:
@@ -81,6 +94,9 @@ def load_diffvqa(
             raise ValueError(f"{questions_path} row {row}, field question_type: unknown value {question.question_type!r}")
         task = "difference" if question.question_type == "difference" else "diagnostic"
         if task not in tasks:
+            continue
+        if kept_studies is not None and question.study_id not in kept_studies:
+            report.skipped["other_study_of_subject"] += 1
             continue
         answer = str(question.answer).strip()
         current = study(question.study_id, row, "study_id")

@@ -103,3 +103,22 @@ def test_a_table_without_a_required_column_is_named(world, world_copy):
     pd.read_csv(world_copy / "mimic_all.csv").drop(columns="study_date").to_csv(world_copy / "mimic_all.csv", index=False)
     with pytest.raises(ValueError, match=r"mimic_all.csv: missing columns \['study_date'\]"):
         load_diffvqa(world_copy, world / "mimic-cxr-jpg", "train")
+
+
+def test_paper_test_policy_keeps_one_study_per_subject(world):
+    every, _ = load_diffvqa(world / "medical-diff-vqa", world / "mimic-cxr-jpg", "test")
+    one, report = load_diffvqa(world / "medical-diff-vqa", world / "mimic-cxr-jpg", "test",
+                               test_policy="one_study_per_subject")
+    studies_per_subject = pd.Series({s.study_id: s.subject_id for s in one}).value_counts()
+    assert studies_per_subject.max() == 1
+    assert {s.subject_id for s in one} == {s.subject_id for s in every}
+    assert len(one) + report.skipped["other_study_of_subject"] == len(every)
+    assert report.skipped["other_study_of_subject"] > 0
+    again, _ = load_diffvqa(world / "medical-diff-vqa", world / "mimic-cxr-jpg", "test",
+                            test_policy="one_study_per_subject")
+    assert [s.sample_id for s in again] == [s.sample_id for s in one]
+
+
+def test_unknown_test_policy_is_a_clear_error(world):
+    with pytest.raises(ValueError, match="test_policy='latest'"):
+        load_diffvqa(world / "medical-diff-vqa", world / "mimic-cxr-jpg", "test", test_policy="latest")
