@@ -1,0 +1,91 @@
+"""Checks a MIMIC-CXR-JPG + Medical-Diff-VQA copy before training on it.
+
+    python -m datamodules.validate --mimic-cxr-jpg ROOT --diffvqa DIR [--read-images]
+
+Reports questions per split, task and question type; rows skipped by the documented policies
+(later references, duplicates); interval anomalies (same-day pairs, more than ten years); images
+that are missing (or, with ``--read-images``, unreadable); and malformed tables or rows. Exits 1 when
+there is an error (a malformed table or row, a missing or unreadable image), 0 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from pathlib import Path
+
+from PIL import Image
+
+from datamodules.diffvqa import SPLITS, load_diffvqa
+from datamodules.mimic import load_images
+
+EXAMPLES = 5  # offending items listed per kind of error
+
+
+def _unreadable(path: Path) -> str | None:
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except FileNotFoundError:
+        return "missing"
+    except OSError as error:
+        return f"unreadable ({error})"
+    return None
+
+
+def validate(mimic_cxr_jpg: Path, diffvqa: Path, read_images: bool = False) -> tuple[list[str], list[str]]:
+    """Returns (report lines, error lines)."""
+    lines, errors = [], []
+    try:
+        images = load_images(mimic_cxr_jpg)
+        lines.append(f"MIMIC-CXR-JPG: {len(images)} images, {images['study_id'].nunique()} studies, "
+                     f"{images['subject_id'].nunique()} subjects; "
+                     + ", ".join(f"{n} {split}" for split, n in images["split"].value_counts().sort_index().items()))
+    except (OSError, ValueError, KeyError) as error:
+        errors.append(f"MIMIC-CXR-JPG tables: {error}")
+    for split in SPLITS:
+        try:
+            samples, report = load_diffvqa(diffvqa, mimic_cxr_jpg, split)
+        except (OSError, ValueError, KeyError) as error:
+            errors.append(f"Medical-Diff-VQA {split}: {error}")
+            continue
+        types = Counter(f"{s.task}/{s.question_type}" for s in samples)
+        lines.append(f"Medical-Diff-VQA {split}: {report}")
+        lines.append("  " + ", ".join(f"{n} {name}" for name, n in sorted(types.items())))
+        intervals = [s.interval_days for s in samples if s.has_prior]
+        same_day = sum(days == 0 for days in intervals)
+        long = sum(days > 3652 for days in intervals)
+        if intervals:
+            lines.append(f"  intervals: {min(intervals):g}-{max(intervals):g} days; {same_day} same-day pairs, "
+                         f"{long} over ten years")
+        problems: dict[str, list[str]] = {}
+        paths = {(s.sample_id, "image"): s.image for s in samples}
+        paths |= {(s.sample_id, "prior_image"): s.prior_image for s in samples if s.has_prior}
+        for (sample_id, field), path in paths.items():
+            problem = _unreadable(path) if read_images else (None if Path(path).is_file() else "missing")
+            if problem:
+                problems.setdefault(problem.split(" (")[0], []).append(f"{sample_id} {field} {path}: {problem}")
+        for kind, items in problems.items():
+            errors.append(f"Medical-Diff-VQA {split}: {len(items)} {kind} images, e.g.\n    "
+                          + "\n    ".join(items[:EXAMPLES]))
+    return lines, errors
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mimic-cxr-jpg", type=Path, required=True, help="the MIMIC-CXR-JPG root")
+    parser.add_argument("--diffvqa", type=Path, required=True, help="the Medical-Diff-VQA directory")
+    parser.add_argument("--read-images", action="store_true", help="decode every image, not only check it exists")
+    args = parser.parse_args(argv)
+    lines, errors = validate(args.mimic_cxr_jpg, args.diffvqa, args.read_images)
+    print("\n".join(lines))
+    if errors:
+        print(f"\n{len(errors)} error(s):\n" + "\n".join(errors), file=sys.stderr)
+        return 1
+    print("\nno errors")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
