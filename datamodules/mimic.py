@@ -87,12 +87,12 @@ def read_table(root: str | Path, stem: str, columns: list[str]) -> pd.DataFrame:
     return table
 
 
-def _view(position, meaning, path: str, row: int) -> str:
+def _view(position, meaning) -> str:
+    """The mapped view; a value missing from ``VIEWS`` is kept as written (upper-cased), an image
+    with neither field is ``UNKNOWN``."""
     for value in (position, meaning):
         if isinstance(value, str) and value.strip():
-            if value.strip() not in VIEWS:
-                raise ValueError(f"{path} row {row}: unknown view {value!r} (known: {sorted(set(VIEWS.values()))})")
-            return VIEWS[value.strip()]
+            return VIEWS.get(value.strip(), value.strip().upper())
     return "UNKNOWN"
 
 
@@ -121,8 +121,7 @@ def load_images(root: str | Path) -> pd.DataFrame:
         "subject_id": images["subject_id"].astype(int),
         "study_id": images["study_id"].astype(int),
         "split": images["split"].map(SPLITS),
-        "view": [_view(p, m, metadata_path, row) for row, (p, m) in
-                 enumerate(zip(images["ViewPosition"], images["ViewCodeSequence_CodeMeaning"]))],
+        "view": [_view(p, m) for p, m in zip(images["ViewPosition"], images["ViewCodeSequence_CodeMeaning"])],
         "study_datetime": times,
         "path": [image_path(root, s, t, d) for s, t, d in zip(images["subject_id"], images["study_id"], images["dicom_id"])],
     })

@@ -41,7 +41,8 @@ def validate(mimic_cxr_jpg: Path, diffvqa: Path, read_images: bool = False) -> t
         images = load_images(mimic_cxr_jpg)
         lines.append(f"MIMIC-CXR-JPG: {len(images)} images, {images['study_id'].nunique()} studies, "
                      f"{images['subject_id'].nunique()} subjects; "
-                     + ", ".join(f"{n} {split}" for split, n in images["split"].value_counts().sort_index().items()))
+                     + ", ".join(f"{n} {split}" for split, n in images["split"].value_counts().sort_index().items())
+                     + "; views: " + ", ".join(f"{n} {view}" for view, n in images["view"].value_counts().items()))
     except (OSError, ValueError, KeyError) as error:
         errors.append(f"MIMIC-CXR-JPG tables: {error}")
     for split in SPLITS:

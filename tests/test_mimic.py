@@ -55,6 +55,13 @@ def test_images_table_reads_gzipped_and_plain_tables_alike(tmp_path, gzipped):
     assert str(images["path"][0]).endswith("files/p10/p10000032/s50414267/02aa804e-bde0afdd-112c0b34-7bc16630-4e384014.jpg")
 
 
+def test_views_without_a_mapping_are_kept_and_missing_ones_marked(tmp_path):
+    rows = [ROWS[0].replace(",PA,", ",,").replace("postero-anterior", "Skyline"),
+            ROWS[1].replace(",lateral,", ",,"), ROWS[2]]
+    images = load_images(write(tmp_path / "mimic", True, metadata_rows=rows))
+    assert images["view"].tolist() == ["SKYLINE", "UNKNOWN", "AP"]
+
+
 @pytest.mark.parametrize(("value", "expected"), [
     (80556.875, time(8, 5, 56, 875000)), ("213014.531", time(21, 30, 14, 531000)), (5.0, time(0, 0, 5)),
     (120000, time(12, 0, 0)),

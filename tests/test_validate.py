@@ -25,7 +25,7 @@ def run(root, capsys, *extra) -> tuple[int, str, str]:
 def test_a_good_copy_passes_with_counts_per_split_and_type(world, capsys):
     code, out, err = run(world, capsys, "--read-images")
     assert code == 0 and err == ""
-    assert "MIMIC-CXR-JPG:" in out and "Medical-Diff-VQA val: loaded" in out
+    assert "MIMIC-CXR-JPG:" in out and "Medical-Diff-VQA val: loaded" in out and "views: " in out
     assert "difference/difference" in out and "diagnostic/presence" in out
     assert "same-day pairs" in out and out.rstrip().endswith("no errors")
 
