@@ -32,13 +32,19 @@ from transformers import AutoModelForCausalLM
 from common.files import atomic_directory
 from datamodules.collate import load_tokenizer as load_directory_tokenizer
 from models.lumen import LumenModel
-from models.projector import FUSION_MODES, PROJECTOR_TYPES, MLPDownsampleProjector, TemporalFusion
-from models.vision import TOWER_TYPES, build_vision_tower, read_spec
+from models.projector import (
+    FUSION_MODES,
+    MERGE_SIZE,
+    PROJECTOR_TYPES,
+    MLPDownsampleProjector,
+    TemporalFusion,
+    tokens_per_image,
+)
+from models.vision import TOWER_TYPES, WEIGHTS, build_vision_tower, read_spec
 
 IMAGE_TOKEN = "<image>"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ATTENTION = ("eager", "sdpa", "flash_attention_2")
-WEIGHTS = "model.safetensors"
 
 
 @dataclass(frozen=True)
@@ -136,11 +142,6 @@ def _require_dir(path: Path, what: str) -> Path:
     return path
 
 
-def _projector_tokens(grid: tuple[int, int], projector_type: str) -> int:
-    k = 2 if projector_type == "mlp_downsample" else 3
-    return -(-grid[0] // k) * -(-grid[1] // k)
-
-
 def input_spec(config: ModelConfig) -> dict[str, Any]:
     """What the collator must know: image size and normalisation, visual tokens per image, and how
     many token sets a two-image sample shows (``fusion_mode``)."""
@@ -149,7 +150,7 @@ def input_spec(config: ModelConfig) -> dict[str, Any]:
         "image_size": vision.image_size,
         "mean": list(vision.mean),
         "std": list(vision.std),
-        "tokens_per_image": _projector_tokens(vision.grid, config.projector_type()),
+        "tokens_per_image": tokens_per_image(vision.grid, config.projector_type()),
         "image_token": IMAGE_TOKEN,
         "fusion_mode": config.fusion.mode,
     }
@@ -190,7 +191,7 @@ def _projector(config: ModelConfig, vision, llm_size: int) -> MLPDownsampleProje
     weights = load_file(weights_path)
     # NVILA-8B's projector reads three image scales concatenated on channels (mm_hidden_size 3x the tower's).
     merged_channels = weights["layers.1.weight"].shape[0]
-    k2 = 4 if projector_type == "mlp_downsample" else 9
+    k2 = MERGE_SIZE[projector_type] ** 2
     scales, remainder = divmod(merged_channels, k2 * vision.hidden_size)
     if remainder or scales < 1:
         raise ValueError(

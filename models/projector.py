@@ -33,7 +33,15 @@ class TokenMerge(nn.Module):
         return blocks.reshape(batch, out_rows * out_cols, k * k * channels)  # -> (B, N/k^2, k^2 ch)
 
 
-PROJECTOR_TYPES = ("mlp_downsample", "mlp_downsample_3x3_fix")
+# Projector type -> side of the square block of tokens it merges into one.
+MERGE_SIZE = {"mlp_downsample": 2, "mlp_downsample_3x3_fix": 3}
+PROJECTOR_TYPES = tuple(MERGE_SIZE)
+
+
+def tokens_per_image(grid: tuple[int, int], projector_type: str) -> int:
+    """Visual tokens a projector makes of a ``grid`` of patch tokens (without building it)."""
+    rows, cols = TokenMerge(grid, MERGE_SIZE[projector_type]).out_grid
+    return rows * cols
 
 
 class MLPDownsampleProjector(nn.Module):
@@ -56,12 +64,11 @@ class MLPDownsampleProjector(nn.Module):
             raise ValueError(f"projector type {projector_type!r}: expected one of {PROJECTOR_TYPES}")
         self.projector_type, self.scales = projector_type, scales
         channels = vision_size * scales
+        merge = TokenMerge(grid, MERGE_SIZE[projector_type])
         if projector_type == "mlp_downsample":
-            merge = TokenMerge(grid, 2)
             layers = [merge, nn.LayerNorm(4 * channels), nn.Linear(4 * channels, llm_size), nn.GELU(),
                       nn.Linear(llm_size, llm_size)]
         else:
-            merge = TokenMerge(grid, 3)
             layers = [merge, nn.LayerNorm(9 * channels), nn.Linear(9 * channels, 3 * channels), nn.GELU(),
                       nn.LayerNorm(3 * channels), nn.Linear(3 * channels, llm_size), nn.GELU(),
                       nn.Linear(llm_size, llm_size)]
