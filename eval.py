@@ -44,7 +44,7 @@ def generate_records(module: LumenModule, datamodule, split: str, accelerator: s
                     "question": sample.question,
                     "has_prior": sample.has_prior,
                     "prediction": answer.strip(),
-                    "reference": sample.answer,
+                    "reference": sample.reference,
                 }
             )
     return records

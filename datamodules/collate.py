@@ -50,15 +50,25 @@ IMAGE_SLOTS = {
 }
 
 
+CHOICE_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+
+
 def user_prompt(sample: Sample, image_token: str, interval_in_prompt: bool, fusion_mode: str) -> str:
-    """Images first, as NVILA and MMXU do; each image is followed by a newline, as in NVILA."""
-    if not sample.has_prior:
-        return f"{image_token}\n{sample.question}"
-    interval = (
-        f"The prior study was taken {sample.interval_days:g} days earlier.\n" if interval_in_prompt else ""
-    )
-    images = "".join(f"{slot}: {image_token}\n" for slot in IMAGE_SLOTS[fusion_mode])
-    return f"{images}{interval}{sample.question}"
+    """The one user turn, in this order: the images (first, as NVILA and MMXU do; each followed by
+    a newline, as in NVILA), the interval, the expert predictions, the prior study's history, the
+    question, and a single-choice question's options with MMXU's instruction."""
+    if sample.has_prior:
+        lines = [f"{slot}: {image_token}" for slot in IMAGE_SLOTS[fusion_mode]]
+        if interval_in_prompt:
+            lines.append(f"The prior study was taken {sample.interval_days:g} days earlier.")
+    else:
+        lines = [image_token]
+    lines += [text for text in (sample.expert, sample.history) if text]
+    lines.append(sample.question)
+    if sample.options:
+        lines += [f"{letter}. {text}" for letter, text in sample.options.items()]
+        lines.append(CHOICE_INSTRUCTION)
+    return "\n".join(lines)
 
 
 class LumenCollator:

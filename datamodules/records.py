@@ -13,7 +13,11 @@ class Sample:
     """One question about one study (and, for two-image tasks, its prior study).
 
     ``interval_days`` is ``StudyDate(current) - StudyDate(prior)`` in days, present exactly when
-    ``prior_image`` is.
+    ``prior_image`` is. ``answer`` is the training target; ``short_answer`` the dataset's original
+    short answer when ``answer`` is an enhanced full sentence (metrics score ``reference``).
+    ``options`` are a single-choice question's choices by letter (``answer`` is then the letter);
+    ``history`` is text about the prior study (its report, or the report's sentences about the asked
+    region); ``expert`` is the expert models' predictions as text. The collator places them all.
     """
 
     sample_id: str
@@ -27,6 +31,10 @@ class Sample:
     subject_id: int | None = None
     study_id: int | None = None
     prior_study_id: int | None = None
+    short_answer: str | None = None
+    options: dict[str, str] | None = None
+    history: str | None = None
+    expert: str | None = None
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -35,7 +43,16 @@ class Sample:
             raise ValueError(
                 f"sample {self.sample_id}: prior_image and interval_days must be given together"
             )
+        if self.options is not None and self.answer not in self.options:
+            raise ValueError(
+                f"sample {self.sample_id}: answer {self.answer!r} is not one of the options {sorted(self.options)}"
+            )
 
     @property
     def has_prior(self) -> bool:
         return self.prior_image is not None
+
+    @property
+    def reference(self) -> str:
+        """The answer metrics score against: the short original one where there is one."""
+        return self.short_answer if self.short_answer is not None else self.answer
