@@ -82,11 +82,11 @@ def main() -> None:
 
     world = [f"prepare.world.subjects={args.train_subjects}", "prepare.world.seed=0"]
     held_out = [f"prepare.world.subjects={args.eval_subjects}", "prepare.world.seed=1",
-                "data.tasks=[difference]", "data.limit.test=null", "accelerator=cpu"]
+                "data.sources.diffvqa.tasks=[difference]", "data.limit.test=null", "accelerator=cpu"]
     rows = {}
     for name in args.variants:
         train_dir, eval_dir = args.out / name, args.out / f"{name}-eval"
-        tasks = [] if name == "nvila_ft" else [f"data.tasks=[{','.join(args.tasks)}]"]
+        tasks = [] if name == "nvila_ft" else [f"data.sources.diffvqa.tasks=[{','.join(args.tasks)}]"]
         commands = {
             "train": ["train.py", *VARIANTS[name], *tasks, *world, f"trainer.max_steps={args.steps}",
                       "trainer.max_epochs=-1", "logger=csv", f"hydra.run.dir={train_dir}"],

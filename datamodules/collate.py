@@ -34,10 +34,25 @@ def load_tokenizer(directory: str | Path, image_token: str = "<image>"):
     return tokenizer
 
 
-def image_transform(image: Image.Image, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """Pads to a square (no anatomy cropped away), resizes, normalises: PIL -> (3, size, size)."""
-    fill = tuple(round(255 * m) for m in mean)
-    square = ImageOps.pad(image.convert("RGB"), (size, size), method=Image.Resampling.BICUBIC, color=fill)
+# How an image becomes a square: pad (keeps all anatomy and the aspect ratio; our default), squash
+# (resize, as SigLIP's own processor does) or crop (the centre square, as torchxrayvision does).
+RESIZE_POLICIES = ("pad", "squash", "crop")
+
+
+def image_transform(image: Image.Image, size: int, mean: Sequence[float], std: Sequence[float],
+                    resize: str = "pad") -> torch.Tensor:
+    """Grayscale to 3 channels, a square of ``size`` px by the ``resize`` policy, normalised:
+    PIL -> (3, size, size)."""
+    rgb = image.convert("RGB")
+    if resize == "pad":
+        fill = tuple(round(255 * m) for m in mean)
+        square = ImageOps.pad(rgb, (size, size), method=Image.Resampling.BICUBIC, color=fill)
+    elif resize == "squash":
+        square = rgb.resize((size, size), Image.Resampling.BICUBIC)
+    elif resize == "crop":
+        square = ImageOps.fit(rgb, (size, size), method=Image.Resampling.BICUBIC)
+    else:
+        raise ValueError(f"resize={resize!r}: expected one of {RESIZE_POLICIES}")
     return F.normalize(F.to_dtype(F.pil_to_tensor(square), torch.float32, scale=True), list(mean), list(std))
 
 
@@ -90,10 +105,14 @@ class LumenCollator:
         fusion_mode: str,
         image_token: str = "<image>",
         interval_in_prompt: bool = True,
+        resize: str = "pad",
         for_generation: bool = False,
     ):
         if fusion_mode not in IMAGE_SLOTS:
             raise ValueError(f"fusion_mode={fusion_mode!r}: expected one of {sorted(IMAGE_SLOTS)}")
+        if resize not in RESIZE_POLICIES:
+            raise ValueError(f"image_resize={resize!r}: expected one of {RESIZE_POLICIES}")
+        self.resize = resize
         self.tokenizer = tokenizer
         self.image_size, self.mean, self.std = image_size, tuple(mean), tuple(std)
         self.tokens_per_image = tokens_per_image
@@ -104,6 +123,11 @@ class LumenCollator:
         self.end_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token")
+
+    @property
+    def slots(self) -> tuple[str, ...]:
+        """The image slots a two-image prompt shows."""
+        return IMAGE_SLOTS[self.fusion_mode]
 
     def tokenize(self, sample: Sample) -> tuple[list[int], list[int]]:
         """Returns (input ids, labels) for one sample; labels are empty for generation."""
@@ -134,7 +158,7 @@ class LumenCollator:
                 labels[row, span] = torch.tensor(target)
 
         def pixels(image: Image.Image) -> torch.Tensor:
-            return image_transform(image, self.image_size, self.mean, self.std)
+            return image_transform(image, self.image_size, self.mean, self.std, self.resize)
 
         priors = [pixels(item.prior_image) for item in batch if item.prior_image is not None]
         out = {

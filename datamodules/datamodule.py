@@ -1,4 +1,4 @@
-"""The LightningDataModule: Medical-Diff-VQA samples -> image-reading datasets -> collated batches."""
+"""The LightningDataModule: a weighted mixture of sources -> image-reading datasets -> collated batches."""
 
 from __future__ import annotations
 
@@ -8,13 +8,16 @@ from typing import Any
 
 import lightning as L
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from datamodules.collate import LoadedSample, LumenCollator, load_tokenizer
-from datamodules.diffvqa import load_diffvqa
+from datamodules.collate import RESIZE_POLICIES, LoadedSample, LumenCollator, load_tokenizer
 from datamodules.records import Sample
+from datamodules.sampling import MixtureBatchSampler
 
 log = logging.getLogger(__name__)
+
+# Characters per token, for the length estimate that groups batches (the collator alone tokenizes).
+CHARS_PER_TOKEN = 4
 
 
 def read_image(path: Path, sample: Sample, field: str) -> Image.Image:
@@ -43,75 +46,112 @@ class SampleDataset(Dataset):
 
 
 class LumenDataModule(L.LightningDataModule):
-    """Medical-Diff-VQA (real or synthetic) for training, validation loss and answer generation.
+    """A mixture of sources (``datamodules.sources``) for training, validation loss and generation.
 
+    Training draws each source's samples ``weight`` times per epoch, in length-grouped, seeded
+    batches that every rank shards itself (``MixtureBatchSampler``; the trainer configs set
+    ``use_distributed_sampler: false``). Validation and generation read every source's split in order.
     ``input_spec`` (image size, normalisation, visual tokens per image) comes from the model's base
     directory (``models.checkpoints.input_spec``) so the collator and the model always agree.
-    ``limit`` caps the samples of a split (keeps CPU runs short; ``null`` for all).
+    ``experts``: an expert-prediction CSV whose text goes into every prompt (``datamodules.experts``).
+    ``limit`` caps each source's samples of a split (keeps CPU runs short; ``null`` for all). A source
+    set to ``null`` is left out (``data.sources.prognostic=null``).
     """
 
     def __init__(
         self,
-        mimic_cxr_jpg: str,
-        diffvqa: str,
+        sources: dict[str, Any],
         tokenizer_dir: str,
         input_spec: dict[str, Any],
-        tasks: tuple[str, ...] = ("diagnostic", "difference"),
         use_prior: bool = True,
         interval_in_prompt: bool = True,
-        test_policy: str = "all",
+        image_resize: str = "pad",
         batch_size: int = 8,
         eval_batch_size: int = 16,
         num_workers: int = 0,
+        group_batches: int = 32,
+        seed: int = 0,
         limit: dict[str, int | None] | None = None,
     ):
         super().__init__()
+        sources = {name: source for name, source in sources.items() if source is not None}
+        if not sources:
+            raise ValueError("data.sources is empty: name at least one source")
+        tasks = sorted({task for source in sources.values() for task in source.tasks})
         # Saved in checkpoints, so evaluation can prompt exactly as training did.
         self.save_hyperparameters(
-            {"tasks": list(tasks), "use_prior": use_prior, "interval_in_prompt": interval_in_prompt,
-             "batch_size": batch_size}
+            {"tasks": tasks, "use_prior": use_prior, "interval_in_prompt": interval_in_prompt, "batch_size": batch_size,
+             "sources": {name: type(source).__name__ for name, source in sources.items()}}
         )
-        self.mimic_cxr_jpg, self.diffvqa = mimic_cxr_jpg, diffvqa
-        self.tasks, self.use_prior, self.test_policy = tuple(tasks), use_prior, test_policy
+        self.sources, self.use_prior = dict(sources), use_prior
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
+        self.group_batches, self.seed = group_batches, seed
         self.limit = dict(limit or {})
+        self.tokens_per_image = input_spec["tokens_per_image"]
         self.tokenizer = load_tokenizer(tokenizer_dir, input_spec["image_token"])
-        collator_args = dict(tokenizer=self.tokenizer, interval_in_prompt=interval_in_prompt, **input_spec)
+        collator_args = dict(tokenizer=self.tokenizer, interval_in_prompt=interval_in_prompt, resize=image_resize,
+                             **input_spec)
         self.train_collator = LumenCollator(**collator_args)
         self.generation_collator = LumenCollator(**collator_args, for_generation=True)
-        self.datasets: dict[str, SampleDataset] = {}
+        self.image_slots = len(self.train_collator.slots)
+        self.datasets: dict[str, list[SampleDataset]] = {}
+
+    def source_samples(self, split: str) -> list[list[Sample]]:
+        """Each source's samples of a split (after ``limit``), in source order."""
+        per_source = []
+        for name, source in self.sources.items():
+            samples, report = source.load(split, self.use_prior)
+            log.info("%s %s: %s", name, split, report)
+            per_source.append(samples[:self.limit.get(split)])
+        return per_source
 
     def samples(self, split: str) -> list[Sample]:
-        samples, report = load_diffvqa(self.diffvqa, self.mimic_cxr_jpg, split, self.tasks, self.use_prior,
-                                       self.test_policy)
-        log.info("Medical-Diff-VQA %s: %s", split, report)
-        limit = self.limit.get(split)
-        return samples[:limit] if limit is not None else samples
+        return [sample for dataset in self.source_datasets(split) for sample in dataset.samples]
 
-    def dataset(self, split: str) -> SampleDataset:
+    def source_datasets(self, split: str) -> list[SampleDataset]:
         if split not in self.datasets:
-            self.datasets[split] = SampleDataset(self.samples(split))
+            self.datasets[split] = [SampleDataset(samples) for samples in self.source_samples(split)]
         return self.datasets[split]
 
-    def _loader(self, split: str, shuffle: bool, collator: LumenCollator, batch_size: int) -> DataLoader:
-        return DataLoader(
-            self.dataset(split),
-            batch_size=batch_size,
-            shuffle=shuffle,
-            collate_fn=collator,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+    def dataset(self, split: str) -> SampleDataset:
+        """All sources' samples of a split, one after another."""
+        return SampleDataset(self.samples(split))
+
+    def length(self, sample: Sample) -> int:
+        """About how many tokens a sample takes: its visual tokens plus its text at CHARS_PER_TOKEN."""
+        images = self.image_slots if sample.has_prior else 1
+        text = sum(len(part or "") for part in (sample.question, sample.answer, sample.history, sample.expert))
+        text += sum(len(option) for option in (sample.options or {}).values())
+        return images * self.tokens_per_image + text // CHARS_PER_TOKEN
+
+    def _rank(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True, self.train_collator, self.batch_size)
+        datasets = self.source_datasets("train")
+        dataset = SampleDataset([sample for part in datasets for sample in part.samples])
+        rank, world_size = self._rank()
+        sampler = MixtureBatchSampler(
+            [len(part) for part in datasets], [source.weight for source in self.sources.values()],
+            [self.length(sample) for sample in dataset.samples], self.batch_size, self.seed, rank, world_size,
+            self.group_batches,
+        )
+        return DataLoader(dataset, batch_sampler=sampler, collate_fn=self.train_collator,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", False, self.train_collator, self.eval_batch_size)
+        dataset = self.dataset("val")
+        rank, world_size = self._rank()
+        # Each rank scores its share; the module averages the loss over ranks.
+        sampler = DistributedSampler(dataset, world_size, rank, shuffle=False) if world_size > 1 else None
+        return DataLoader(dataset, batch_size=self.eval_batch_size, sampler=sampler, collate_fn=self.train_collator,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def generation_loader(self, split: str) -> DataLoader:
         """Left-padded prompts without answers, for ``Trainer.predict``."""
-        return self._loader(split, False, self.generation_collator, self.eval_batch_size)
+        return DataLoader(self.dataset(split), batch_size=self.eval_batch_size, collate_fn=self.generation_collator,
+                          num_workers=self.num_workers)
 
     def predict_dataloader(self) -> DataLoader:
         return self.generation_loader("test")

@@ -43,12 +43,16 @@ def test_lumen_is_the_papers_recipe():
     assert cfg.trainer.strategy._target_ == "models.parallel.FSDP2Strategy"
     assert cfg.model.net.attn_implementation == "flash_attention_2"
     assert cfg.model.fsdp.param_dtype == "bfloat16"
-    assert cfg.data.tasks == ["diagnostic", "difference"]
+    sources = {name: source for name, source in cfg.data.sources.items() if source is not None}
+    assert {name: source._target_.rsplit(".", 1)[1] for name, source in sources.items()} == {
+        "diagnostic": "DiffVQASource", "difference": "DiffVQASource", "prognostic": "PrognosticSource"}
+    assert (sources["diagnostic"].tasks, sources["difference"].tasks) == (["diagnostic"], ["difference"])
+    assert sources["prognostic"].path is None  # the user's built JSONL: required
 
 
 def test_nvila_ft_trains_on_single_image_diagnostic_questions():
     cfg = compose_config("train", ["experiment=nvila_ft"])
-    assert cfg.data.tasks == ["diagnostic"]
+    assert cfg.data.sources.diffvqa.tasks == ["diagnostic"]
     assert cfg.data.use_prior is False
 
 

@@ -1,0 +1,92 @@
+"""The data sources a run mixes, one small config per source (Hydra instantiates them from
+``data.sources``). Each turns a split into Samples through its adapter and reports what it loaded
+and skipped; ``weight`` is how many times per epoch each training sample is seen on average
+(``datamodules.sampling``)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from functools import cached_property
+from pathlib import Path
+
+from datamodules.diffvqa import LoadReport, load_diffvqa
+from datamodules.prognostic import load_prognostic
+from datamodules.records import Sample
+
+
+def _require(path: str | None, what: str, key: str) -> None:
+    """Fails when the source is configured, before any model is built, naming the key to set."""
+    if path is None or not Path(path).exists():
+        problem = "is not set" if path is None else f"= {path} does not exist"
+        raise FileNotFoundError(f"{key} {problem}: it must point to {what}")
+
+
+def _single_image(sample: Sample) -> Sample:
+    """The control that shows what the current image alone can answer."""
+    return replace(sample, prior_image=None, interval_days=None, prior_study_id=None)
+
+
+@dataclass
+class DiffVQASource:
+    """Medical-Diff-VQA questions of the given tasks (``diagnostic``, ``difference``).
+
+    ``enhanced``: a JSONL from ``python -m datamodules.build enhance``; its full sentences become the
+    training targets and the dataset's short answers stay beside them for metrics.
+    """
+
+    diffvqa: str
+    mimic_cxr_jpg: str
+    tasks: tuple[str, ...] = ("diagnostic", "difference")
+    test_policy: str = "all"
+    enhanced: str | None = None
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(self.diffvqa, "the Medical-Diff-VQA directory (mimic_pair_questions.csv, mimic_all.csv)", "diffvqa")
+        if self.enhanced is not None:
+            _require(self.enhanced, "a JSONL from `python -m datamodules.build enhance`", "enhanced")
+
+    @cached_property
+    def _enhanced(self) -> dict[str, dict]:
+        path = Path(self.enhanced)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: build it with `python -m datamodules.build enhance`")
+        return {record["sample_id"]: record for record in map(json.loads, path.read_text().splitlines())}
+
+    def load(self, split: str, use_prior: bool) -> tuple[list[Sample], LoadReport]:
+        samples, report = load_diffvqa(self.diffvqa, self.mimic_cxr_jpg, split, tuple(self.tasks), use_prior,
+                                       self.test_policy)
+        if self.enhanced:
+            samples = [self._enhance(sample) for sample in samples]
+        return samples, report
+
+    def _enhance(self, sample: Sample) -> Sample:
+        record = self._enhanced.get(sample.sample_id)
+        if record is None or record["short_answer"] != sample.answer:
+            found = "is missing" if record is None else f"has short answer {record['short_answer']!r}"
+            raise ValueError(
+                f"{self.enhanced}: {sample.sample_id} {found}, but {self.diffvqa} gives {sample.answer!r}: the "
+                "file was built from other questions; rebuild it with `python -m datamodules.build enhance`"
+            )
+        return replace(sample, answer=record["answer"], short_answer=sample.answer)
+
+
+@dataclass
+class PrognosticSource:
+    """Prognostic questions from a JSONL of ``python -m datamodules.build prognostic`` (or the
+    synthetic world's ground truth), on the difference pair's two images."""
+
+    path: str
+    diffvqa: str
+    mimic_cxr_jpg: str
+    weight: float = 1.0
+    tasks = ("prognostic",)
+
+    def __post_init__(self) -> None:
+        _require(self.path, "a JSONL from `python -m datamodules.build prognostic` (or the synthetic world's "
+                 "prognostic/prognostic.jsonl)", "path")
+
+    def load(self, split: str, use_prior: bool) -> tuple[list[Sample], LoadReport]:
+        samples, report = load_prognostic(self.path, self.diffvqa, self.mimic_cxr_jpg, split)
+        return (samples if use_prior else [_single_image(sample) for sample in samples]), report

@@ -1,0 +1,163 @@
+"""The multi-task mixture: weighted, length-grouped, seeded, rank-sharded batches; sources; the
+DataModule with workers; the LUMEN mixture trained end to end on the synthetic world."""
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from datamodules.collate import image_transform, user_prompt
+from datamodules.datamodule import LumenDataModule
+from datamodules.records import Sample
+from datamodules.sampling import MixtureBatchSampler
+from datamodules.sources import DiffVQASource, PrognosticSource
+from models.checkpoints import ModelConfig, input_spec
+from train import compose_config, train
+
+
+def sampler(sizes=(100, 40), weights=(1.0, 0.5), batch_size=4, **options) -> MixtureBatchSampler:
+    lengths = np.random.default_rng(0).integers(10, 200, size=sum(sizes))
+    return MixtureBatchSampler(sizes, weights, lengths, batch_size, **options)
+
+
+def test_weights_set_how_often_each_source_is_seen_per_epoch():
+    batches = list(sampler(sizes=(100, 40, 30), weights=(1.0, 0.5, 2.0)))
+    drawn = Counter(index for batch in batches for index in batch)
+    assert all(drawn[i] == 1 for i in range(100))  # weight 1: every sample once
+    assert sum(drawn[i] for i in range(100, 140)) == 20 and max(drawn[i] for i in range(100, 140)) == 1
+    assert all(drawn[i] == 2 for i in range(140, 170))  # weight 2: every sample twice
+    assert len(batches) == len(sampler(sizes=(100, 40, 30), weights=(1.0, 0.5, 2.0))) == 180 // 4
+
+
+def test_batches_are_grouped_by_length_but_in_random_order():
+    grouped, ungrouped = sampler(group_batches=8), sampler(group_batches=1)
+    lengths = grouped.lengths
+
+    def padding(batches):
+        return sum(max(lengths[b]) * len(b) - sum(lengths[b]) for b in batches)
+
+    assert padding(list(grouped)) < 0.5 * padding(list(ungrouped))
+    first_lengths = [max(lengths[b]) for b in list(grouped)[:8]]
+    assert first_lengths != sorted(first_lengths, reverse=True)
+
+
+def test_an_epoch_is_reproducible_and_the_next_one_differs():
+    a, b = sampler(seed=3), sampler(seed=3)
+    assert list(a) == list(b)
+    b.set_epoch(1)
+    assert list(a) != list(b)
+
+
+def test_ranks_share_an_epoch_without_overlap_and_run_the_same_number_of_steps():
+    ranks = [sampler(rank=rank, world_size=3, seed=1) for rank in range(3)]
+    batches = [list(rank) for rank in ranks]
+    assert len({len(b) for b in batches}) == 1 and len(batches[0]) == len(ranks[0])
+    seen = [tuple(batch) for rank in batches for batch in rank]
+    assert len(seen) == len(set(seen))
+    everything = list(sampler(seed=1))
+    assert set(seen) <= {tuple(batch) for batch in everything}
+
+
+@pytest.mark.parametrize("weights, message", [((1.0,), "2 sources but 1 weights"), ((0.0, 0.0), "select at least")])
+def test_bad_weights_are_refused(weights, message):
+    with pytest.raises(ValueError, match=message):
+        sampler(weights=weights)
+
+
+def test_the_prompt_places_interval_expert_history_question_and_options_in_order():
+    sample = Sample("mmxu-1", "mmxu", "worsen", "How has the left lung changed?", "B", Path("c.jpg"),
+                    Path("p.jpg"), 12.0, options={"A": "improved", "B": "worsened", "C": "no change", "D": "new"},
+                    history="The previous report: small left effusion.", expert="Expert models: effusion: yes.")
+    assert user_prompt(sample, "<image>", True, "concat") == (
+        "Image-1 (prior study): <image>\nImage-2 (current study): <image>\n"
+        "The prior study was taken 12 days earlier.\nExpert models: effusion: yes.\n"
+        "The previous report: small left effusion.\nHow has the left lung changed?\n"
+        "A. improved\nB. worsened\nC. no change\nD. new\n"
+        "Answer with the option's letter from the given choices directly."
+    )
+
+
+def test_an_answer_that_is_not_an_option_is_refused():
+    with pytest.raises(ValueError, match="answer 'E' is not one of the options"):
+        Sample("m", "mmxu", "worsen", "q", "E", Path("c.jpg"), options={"A": "x", "B": "y"})
+
+
+def test_resize_policies_pad_squash_or_crop_a_wide_image():
+    from PIL import Image
+    wide = Image.new("L", (40, 20), color=255)
+    stats = {policy: image_transform(wide, 8, (0.5,) * 3, (0.5,) * 3, policy) for policy in ("pad", "squash", "crop")}
+    assert stats["pad"][:, 0].mean() < 0.9 and stats["pad"][:, 4].min() == 1.0  # fill rows above, image in the middle
+    assert torch.equal(stats["squash"], torch.ones(3, 8, 8)) and torch.equal(stats["crop"], torch.ones(3, 8, 8))
+    with pytest.raises(ValueError, match="resize='stretch'"):
+        image_transform(wide, 8, (0.5,) * 3, (0.5,) * 3, "stretch")
+
+
+@pytest.fixture
+def sources(world):
+    diffvqa, mimic = str(world / "medical-diff-vqa"), str(world / "mimic-cxr-jpg")
+    return {
+        "diagnostic": DiffVQASource(diffvqa, mimic, tasks=("diagnostic",)),
+        "difference": DiffVQASource(diffvqa, mimic, tasks=("difference",), weight=2.0),
+        "prognostic": PrognosticSource(str(world / "prognostic" / "prognostic.jsonl"), diffvqa, mimic, weight=0.5),
+    }
+
+
+def datamodule(sources, tiny_base, **options) -> LumenDataModule:
+    spec = input_spec(ModelConfig(base=str(tiny_base), vision={"type": "hf", "layer": -1}))
+    return LumenDataModule(sources=sources, tokenizer_dir=str(tiny_base / "llm"), input_spec=spec, **options)
+
+
+def test_the_mixture_draws_every_source_by_its_weight(sources, tiny_base):
+    data = datamodule(sources, tiny_base, batch_size=4)
+    sizes = {name: len(part) for name, part in zip(sources, data.source_datasets("train"))}
+    assert all(sizes.values())
+    loader = data.train_dataloader()
+    tasks = Counter(task for batch in loader.batch_sampler for task in (loader.dataset.samples[i].task for i in batch))
+    assert tasks == {"diagnostic": sizes["diagnostic"], "difference": 2 * sizes["difference"],
+                     "prognostic": round(0.5 * sizes["prognostic"])}
+    assert data.hparams.tasks == ["diagnostic", "difference", "prognostic"]
+
+
+def test_workers_give_the_same_batches_as_the_main_process(sources, tiny_base):
+    def first_batches(workers):
+        loader = datamodule(sources, tiny_base, batch_size=4, num_workers=workers).train_dataloader()
+        return [batch for batch, _ in zip(loader, range(3))]
+
+    for alone, pooled in zip(first_batches(0), first_batches(2)):
+        assert alone["sample_ids"] == pooled["sample_ids"]
+        assert torch.equal(alone["input_ids"], pooled["input_ids"])
+        assert torch.equal(alone["current_images"], pooled["current_images"])
+
+
+def test_enhanced_answers_train_and_the_short_ones_stay_for_metrics(world, tiny_base, tmp_path):
+    from datamodules.build import main
+    enhanced = tmp_path / "enhanced.jsonl"
+    main(["enhance", "--diffvqa", str(world / "medical-diff-vqa"), "--out", str(enhanced)])
+    source = DiffVQASource(str(world / "medical-diff-vqa"), str(world / "mimic-cxr-jpg"), enhanced=str(enhanced))
+    samples, _ = source.load("test", use_prior=True)
+    yes = next(s for s in samples if s.short_answer == "yes")
+    assert yes.answer.startswith("Yes, ") and yes.reference == "yes"
+    records = [json.loads(line) for line in enhanced.read_text().splitlines()]
+    for record in records:
+        if record["sample_id"] == samples[0].sample_id:
+            record["short_answer"] = "something else"
+    enhanced.write_text("".join(json.dumps(r) + "\n" for r in records))
+    stale = DiffVQASource(str(world / "medical-diff-vqa"), str(world / "mimic-cxr-jpg"), enhanced=str(enhanced))
+    with pytest.raises(ValueError, match=f"{samples[0].sample_id} has short answer 'something else'"):
+        stale.load("test", use_prior=True)
+
+
+def test_a_missing_source_file_fails_when_configured(world):
+    with pytest.raises(FileNotFoundError, match="path = /nowhere.jsonl does not exist"):
+        PrognosticSource("/nowhere.jsonl", str(world / "medical-diff-vqa"), str(world / "mimic-cxr-jpg"))
+
+
+def test_the_lumen_mixture_trains_on_the_synthetic_world(demo_overrides):
+    overrides = demo_overrides + ["data=lumen", "trainer.max_steps=6", "data.limit.val=8",
+                                  "data.sources.difference.weight=2.0"]
+    trainer = train(compose_config("train", overrides))
+    assert trainer.global_step == 6
+    assert trainer.datamodule.hparams.tasks == ["diagnostic", "difference", "prognostic"]
