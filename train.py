@@ -9,16 +9,17 @@ import hydra
 import lightning as L
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
 from models.checkpoints import ModelConfig, input_spec
 
 log = logging.getLogger("train")
 
-# What a run reads from disk, by config key. The demo's prepare steps create all three.
+# What every run reads from disk, by config key (the demo's prepare steps create them). Each data
+# source checks its own files when the data config is instantiated, still before the model is built.
 REQUIRED_INPUTS = {
     "paths.mimic_cxr_jpg": "the MIMIC-CXR-JPG root (files/, mimic-cxr-2.0.0-*.csv.gz)",
-    "paths.diffvqa": "the Medical-Diff-VQA directory (mimic_pair_questions.csv, mimic_all.csv)",
     "model.net.base": "the base model directory (llm/, vision_tower/)",
 }
 
@@ -51,13 +52,24 @@ def require_inputs(cfg: DictConfig) -> None:
         raise FileNotFoundError(f"{key} {problem}: it must point to {what}; set {key}=<path>")
 
 
+def instantiate_data(cfg: DictConfig, spec: dict):
+    """The data config's DataModule. A source's own error (a missing file, a bad value) already says
+    what to set, so it is raised as it is rather than inside Hydra's wrapper."""
+    try:
+        return hydra.utils.instantiate(cfg.data, input_spec=spec)
+    except InstantiationException as error:
+        if isinstance(error.__cause__, (FileNotFoundError, ValueError)):
+            raise error.__cause__ from None
+        raise
+
+
 def train(cfg: DictConfig) -> L.Trainer:
     prepare(cfg)
     # Seeded after preparation, which draws random numbers only when it has to build something.
     L.seed_everything(cfg.seed, workers=True)
     require_inputs(cfg)
     spec = input_spec(ModelConfig(**cfg.model.net))
-    datamodule = hydra.utils.instantiate(cfg.data, input_spec=spec)
+    datamodule = instantiate_data(cfg, spec)
     module = hydra.utils.instantiate(cfg.model)
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]

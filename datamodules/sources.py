@@ -16,10 +16,11 @@ from datamodules.records import Sample
 
 
 def _require(path: str | None, what: str, key: str) -> None:
-    """Fails when the source is configured, before any model is built, naming the key to set."""
+    """Fails when the source is configured, before any model is built, naming the config key that
+    feeds it in our data configs."""
     if path is None or not Path(path).exists():
         problem = "is not set" if path is None else f"= {path} does not exist"
-        raise FileNotFoundError(f"{key} {problem}: it must point to {what}")
+        raise FileNotFoundError(f"{key} {problem}: it must point to {what}; set {key}=<path>")
 
 
 def _single_image(sample: Sample) -> Sample:
@@ -43,9 +44,10 @@ class DiffVQASource:
     weight: float = 1.0
 
     def __post_init__(self) -> None:
-        _require(self.diffvqa, "the Medical-Diff-VQA directory (mimic_pair_questions.csv, mimic_all.csv)", "diffvqa")
+        _require(self.diffvqa, "the Medical-Diff-VQA directory (mimic_pair_questions.csv, mimic_all.csv)",
+                 "paths.diffvqa")
         if self.enhanced is not None:
-            _require(self.enhanced, "a JSONL from `python -m datamodules.build enhance`", "enhanced")
+            _require(self.enhanced, "a JSONL from `python -m datamodules.build enhance`", "data.sources.<name>.enhanced")
 
     @cached_property
     def _enhanced(self) -> dict[str, dict]:
@@ -85,7 +87,7 @@ class PrognosticSource:
 
     def __post_init__(self) -> None:
         _require(self.path, "a JSONL from `python -m datamodules.build prognostic` (or the synthetic world's "
-                 "prognostic/prognostic.jsonl)", "path")
+                 "prognostic/prognostic.jsonl)", "paths.prognostic")
 
     def load(self, split: str, use_prior: bool) -> tuple[list[Sample], LoadReport]:
         samples, report = load_prognostic(self.path, self.diffvqa, self.mimic_cxr_jpg, split)

@@ -68,3 +68,11 @@ def test_lumen_with_a_wrong_base_path_names_the_path_and_the_key(tmp_path):
                                    f"paths.mimic_cxr_jpg={tmp_path}", f"paths.diffvqa={tmp_path}"])
     with pytest.raises(FileNotFoundError, match=rf"model\.net\.base = {missing} does not exist"):
         train(cfg)
+
+
+def test_lumen_without_its_prognostic_questions_names_the_key_before_building_the_model(tmp_path, world, tiny_base):
+    cfg = compose_config("train", ["experiment=lumen", f"paths.output_dir={tmp_path}", f"model.net.base={tiny_base}",
+                                   f"paths.mimic_cxr_jpg={world / 'mimic-cxr-jpg'}",
+                                   f"paths.diffvqa={world / 'medical-diff-vqa'}"])
+    with pytest.raises(FileNotFoundError, match=r"paths\.prognostic is not set.*build prognostic"):
+        train(cfg)

@@ -151,7 +151,7 @@ def test_enhanced_answers_train_and_the_short_ones_stay_for_metrics(world, tiny_
 
 
 def test_a_missing_source_file_fails_when_configured(world):
-    with pytest.raises(FileNotFoundError, match="path = /nowhere.jsonl does not exist"):
+    with pytest.raises(FileNotFoundError, match="paths.prognostic = /nowhere.jsonl does not exist"):
         PrognosticSource("/nowhere.jsonl", str(world / "medical-diff-vqa"), str(world / "mimic-cxr-jpg"))
 
 
