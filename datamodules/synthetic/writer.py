@@ -13,12 +13,13 @@ import pandas as pd
 from PIL import Image
 
 from datamodules.synthetic.drawing import render_image
+from datamodules.synthetic.mmxu import write_mmxu
 from datamodules.synthetic.population import FINDINGS, SITE_COLUMNS, SITES, Study, simulate_population
 from datamodules.synthetic.questions import _key_info, _pair_questions
 from datamodules.synthetic.reports import _chexpert_labels, _procedure, report_text
 
 GENERATOR = "lumen.datamodules.synthetic"
-GENERATOR_VERSION = "1.0"
+GENERATOR_VERSION = "1.1"  # 1.1: MMXU files
 METADATA_COLUMNS = [
     "dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition", "Rows",
     "Columns", "StudyDate", "StudyTime", "ProcedureCodeSequence_CodeMeaning", "ViewCodeSequence_CodeMeaning",
@@ -106,6 +107,7 @@ def generate_world(out: Path, subjects: int, seed: int) -> dict:
             "images": image_index,
             "questions": len(questions),
             "difference_questions": int((questions["question_type"] == "difference").sum()),
+            **write_mmxu(out, studies, seed),
         },
         "findings": {finding.name: list(finding.levels) for finding in FINDINGS},
         "truth_columns": dict(zip(SITE_COLUMNS, ([f.name, site] for f, site in SITES))),
