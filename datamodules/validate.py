@@ -1,11 +1,12 @@
-"""Checks a MIMIC-CXR-JPG + Medical-Diff-VQA copy before training on it.
+"""Checks a MIMIC-CXR-JPG + Medical-Diff-VQA copy, and MMXU files, before training on them.
 
-    python -m datamodules.validate --mimic-cxr-jpg ROOT --diffvqa DIR [--read-images]
+    python -m datamodules.validate --mimic-cxr-jpg ROOT [--diffvqa DIR] [--mmxu FILE ...] [--read-images]
 
-Reports questions per split, task and question type; rows skipped by the documented policies
-(later references, duplicates); interval anomalies (same-day pairs, more than ten years); images
-that are missing (or, with ``--read-images``, unreadable); and malformed tables or rows. Exits 1 when
-there is an error (a malformed table or row, a missing or unreadable image), 0 otherwise.
+Reports questions per split, task and question type (MMXU: per file, content type and answer
+letter); rows skipped by the documented policies (later references, duplicates); interval
+anomalies (same-day pairs, more than ten years); images that are missing (or, with
+``--read-images``, unreadable); and malformed tables or rows. Exits 1 when there is an error (a
+malformed table or row, a missing or unreadable image), 0 otherwise.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from PIL import Image
 
 from datamodules.diffvqa import SPLITS, load_diffvqa
 from datamodules.mimic import load_images
+from datamodules.mmxu import LETTERS, load_mmxu
+from datamodules.records import Sample
 
 EXAMPLES = 5  # offending items listed per kind of error
 
@@ -34,7 +37,27 @@ def _unreadable(path: Path) -> str | None:
     return None
 
 
-def validate(mimic_cxr_jpg: Path, diffvqa: Path, read_images: bool = False) -> tuple[list[str], list[str]]:
+def _check_samples(name: str, samples: list[Sample], read_images: bool, lines: list[str], errors: list[str]) -> None:
+    """Interval anomalies (to ``lines``) and missing or unreadable images (to ``errors``)."""
+    intervals = [s.interval_days for s in samples if s.has_prior]
+    same_day = sum(days == 0 for days in intervals)
+    long = sum(days > 3652 for days in intervals)
+    if intervals:
+        lines.append(f"  intervals: {min(intervals):g}-{max(intervals):g} days; {same_day} same-day pairs, "
+                     f"{long} over ten years")
+    problems: dict[str, list[str]] = {}
+    paths = {(s.sample_id, "image"): s.image for s in samples}
+    paths |= {(s.sample_id, "prior_image"): s.prior_image for s in samples if s.has_prior}
+    for (sample_id, field), path in paths.items():
+        problem = _unreadable(path) if read_images else (None if Path(path).is_file() else "missing")
+        if problem:
+            problems.setdefault(problem.split(" (")[0], []).append(f"{sample_id} {field} {path}: {problem}")
+    for kind, items in problems.items():
+        errors.append(f"{name}: {len(items)} {kind} images, e.g.\n    " + "\n    ".join(items[:EXAMPLES]))
+
+
+def validate(mimic_cxr_jpg: Path, diffvqa: Path | None = None, read_images: bool = False,
+             mmxu: tuple[Path, ...] = ()) -> tuple[list[str], list[str]]:
     """Returns (report lines, error lines)."""
     lines, errors = [], []
     try:
@@ -45,7 +68,7 @@ def validate(mimic_cxr_jpg: Path, diffvqa: Path, read_images: bool = False) -> t
                      + "; views: " + ", ".join(f"{n} {view}" for view, n in images["view"].value_counts().items()))
     except (OSError, ValueError, KeyError) as error:
         errors.append(f"MIMIC-CXR-JPG tables: {error}")
-    for split in SPLITS:
+    for split in SPLITS if diffvqa is not None else ():
         try:
             samples, report = load_diffvqa(diffvqa, mimic_cxr_jpg, split)
         except (OSError, ValueError, KeyError) as error:
@@ -54,32 +77,32 @@ def validate(mimic_cxr_jpg: Path, diffvqa: Path, read_images: bool = False) -> t
         types = Counter(f"{s.task}/{s.question_type}" for s in samples)
         lines.append(f"Medical-Diff-VQA {split}: {report}")
         lines.append("  " + ", ".join(f"{n} {name}" for name, n in sorted(types.items())))
-        intervals = [s.interval_days for s in samples if s.has_prior]
-        same_day = sum(days == 0 for days in intervals)
-        long = sum(days > 3652 for days in intervals)
-        if intervals:
-            lines.append(f"  intervals: {min(intervals):g}-{max(intervals):g} days; {same_day} same-day pairs, "
-                         f"{long} over ten years")
-        problems: dict[str, list[str]] = {}
-        paths = {(s.sample_id, "image"): s.image for s in samples}
-        paths |= {(s.sample_id, "prior_image"): s.prior_image for s in samples if s.has_prior}
-        for (sample_id, field), path in paths.items():
-            problem = _unreadable(path) if read_images else (None if Path(path).is_file() else "missing")
-            if problem:
-                problems.setdefault(problem.split(" (")[0], []).append(f"{sample_id} {field} {path}: {problem}")
-        for kind, items in problems.items():
-            errors.append(f"Medical-Diff-VQA {split}: {len(items)} {kind} images, e.g.\n    "
-                          + "\n    ".join(items[:EXAMPLES]))
+        _check_samples(f"Medical-Diff-VQA {split}", samples, read_images, lines, errors)
+    for path in mmxu:
+        try:
+            samples, report = load_mmxu(path, mimic_cxr_jpg)
+        except (OSError, ValueError, KeyError) as error:
+            errors.append(f"MMXU {path}: {error}")
+            continue
+        types, letters = Counter(s.question_type for s in samples), Counter(s.answer for s in samples)
+        lines.append(f"MMXU {path}: {report}")
+        lines.append("  content types: " + ", ".join(f"{n} {name}" for name, n in sorted(types.items()))
+                     + "; answers: " + ", ".join(f"{letters[letter]} {letter}" for letter in LETTERS))
+        _check_samples(f"MMXU {path}", samples, read_images, lines, errors)
     return lines, errors
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mimic-cxr-jpg", type=Path, required=True, help="the MIMIC-CXR-JPG root")
-    parser.add_argument("--diffvqa", type=Path, required=True, help="the Medical-Diff-VQA directory")
+    parser.add_argument("--diffvqa", type=Path, help="the Medical-Diff-VQA directory")
+    parser.add_argument("--mmxu", type=Path, nargs="+", default=[], metavar="FILE",
+                        help="MMXU JSONL files (MMXU-test.jsonl, dev-schema files), read against --mimic-cxr-jpg")
     parser.add_argument("--read-images", action="store_true", help="decode every image, not only check it exists")
     args = parser.parse_args(argv)
-    lines, errors = validate(args.mimic_cxr_jpg, args.diffvqa, args.read_images)
+    if args.diffvqa is None and not args.mmxu:
+        parser.error("nothing to check: give --diffvqa DIR, --mmxu FILE ..., or both")
+    lines, errors = validate(args.mimic_cxr_jpg, args.diffvqa, args.read_images, tuple(args.mmxu))
     print("\n".join(lines))
     if errors:
         print(f"\n{len(errors)} error(s):\n" + "\n".join(errors), file=sys.stderr)

@@ -1,4 +1,5 @@
-"""Per-sample answer metrics: token recall, yes/no accuracy and Diff-VQA difference findings.
+"""Per-sample answer metrics: token recall, yes/no accuracy, Diff-VQA difference findings and MMXU
+single-choice accuracy.
 
 Every metric scores one (prediction, reference) pair, because paired comparisons between models
 (Wilcoxon signed-rank, McNemar) need per-sample values; `evaluation.report` averages them.
@@ -318,6 +319,62 @@ def change_f1(pairs: list[tuple[str, str]]) -> dict[str, dict[str, float]]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Single-choice questions (MMXU): the option letter, never guessed
+
+_WHOLE_LETTER = re.compile(r"\s*\(?([A-Za-z])\)?\s*[.:)]?\s*")
+_LETTER_CUE = re.compile(r"\b(?:answer|option|choice)(?:\s+(?:is|would be|:))?\s*[:(]?\s*\(?([A-Z])\b(?![a-z'])",
+                         re.IGNORECASE)
+_STANDALONE_LETTER = re.compile(r"(?<![A-Za-z'])\(?([A-Z])\)?(?![A-Za-z'])")
+_ARTICLE = re.compile(r"\bA\s+(?!(?:and|or)\b)[a-z]")  # "A small effusion": the article, not option A
+# A negation at most one word before an option's text, within its clause ("has not increased").
+_NEGATION_BEFORE = re.compile(r"\b(?:not|no|never|isn't|isnt|hasn't|hasnt|rather than|instead of)\s+(?:\w+\s+)?$")
+
+
+def _option_key(text: str) -> str:
+    return " ".join(text.lower().replace("\u2019", "'").rstrip(" .").split())
+
+
+def extract_choice(prediction: str, options: dict[str, str] | None = None) -> tuple[str | None, str]:
+    """The option letter a free-text answer chooses, and how it was read: ``letter`` (the whole
+    answer is one letter: ``C``, ``C.``, ``(C)``, ``C:``), ``cue`` ("the answer is C", "option C";
+    the last one wins), ``standalone`` (exactly one option letter standing alone, a leading article
+    "A small ..." is a word), ``text`` (exactly one option's text in the answer, longer texts first,
+    skipping those negated just before: "not unchanged"), or ``(None, "unparsed")``.
+
+    Letters are those of ``options`` (A-D without them); without options the text rule is off.
+    """
+    letters = sorted(options) if options else ["A", "B", "C", "D"]
+    whole = _WHOLE_LETTER.fullmatch(prediction)
+    if whole and whole[1].upper() in letters:
+        return whole[1].upper(), "letter"
+    cues = [match[1].upper() for match in _LETTER_CUE.finditer(prediction) if match[1].upper() in letters]
+    if cues:
+        return cues[-1], "cue"
+    text = _ARTICLE.sub(" ", prediction)
+    standalone = {match[1] for match in _STANDALONE_LETTER.finditer(text) if match[1] in letters}
+    if len(standalone) == 1:
+        return standalone.pop(), "standalone"
+    if options:
+        remaining, found = _option_key(prediction), set()
+        for letter, option in sorted(options.items(), key=lambda item: -len(item[1])):
+            key = _option_key(option)
+            start = remaining.find(key) if key else -1
+            if start >= 0:
+                if not _NEGATION_BEFORE.search(remaining[:start]):
+                    found.add(letter)
+                # Blanked so that a shorter option inside it ("increased" in "not increased") is not read.
+                remaining = remaining[:start] + " " * len(key) + remaining[start + len(key):]
+        if len(found) == 1:
+            return found.pop(), "text"
+    return None, "unparsed"
+
+
+def choice_correct(prediction: str, reference: str, options: dict[str, str] | None = None) -> bool:
+    """MMXU accuracy: the extracted letter is the reference letter; an unparsed answer is wrong."""
+    return extract_choice(prediction, options)[0] == reference
+
+
+# ---------------------------------------------------------------------------------------------
 # Per-sample scoring
 
 # How each per-sample metric is computed. A scored record holds its metrics as top-level fields
@@ -337,6 +394,11 @@ METRIC_SIGNATURES = {
                                       "main level) changes equal as sets",
     "difference_parsed": "difference questions; the prediction parses completely as the "
                          "Medical-Diff-VQA difference grammar",
+    "choice_accuracy": "mmxu single-choice questions; the letter read by extract_choice (whole "
+                       "letter, answer/option cue, one standalone letter, one non-negated option "
+                       "text) equals the reference letter; unparsed answers are wrong and stay in "
+                       "the denominator",
+    "choice_parsed": "mmxu single-choice questions; extract_choice read a letter",
 }
 
 RECORD_KEYS = ("sample_id", "task", "question_type", "question", "prediction", "reference")
@@ -345,7 +407,8 @@ RECORD_KEYS = ("sample_id", "task", "question_type", "question", "prediction", "
 def score_sample(record: dict) -> dict[str, float]:
     """The metrics that apply to one prediction record (keys `RECORD_KEYS`), by name.
 
-    difference questions -> difference_correct, difference_correct_with_levels, difference_parsed;
+    mmxu questions -> choice_accuracy, choice_parsed (option texts from the record's optional
+    ``options``); difference questions -> difference_correct, difference_correct_with_levels, difference_parsed;
     yes/no references -> closed_accuracy, exact_match; other references -> token_recall,
     token_recall_clipped. Accuracies are 0/1. The reference must be the short original answer.
     """
@@ -354,6 +417,9 @@ def score_sample(record: dict) -> dict[str, float]:
         raise ValueError(f"prediction record {record.get('sample_id')!r} lacks {absent}; "
                          f"every record needs {list(RECORD_KEYS)}")
     prediction, reference = record["prediction"], record["reference"]
+    if record["task"] == "mmxu":
+        letter, _ = extract_choice(prediction, record.get("options"))
+        return {"choice_accuracy": int(letter == reference), "choice_parsed": int(letter is not None)}
     if record["question_type"] == "difference":
         try:
             expected = _parse_reference_difference(reference)

@@ -428,7 +428,8 @@ def test_score_sample_names_missing_record_keys():
 
 def test_every_scored_metric_has_a_signature():
     records = [record("difference", "nothing has changed.", "nothing has changed.", "difference"),
-               record("presence", "yes", "yes"), record("level", "small", "small")]
+               record("presence", "yes", "yes"), record("level", "small", "small"),
+               record("worsen", "A", "A", task="mmxu")]
     names = {name for sample in records for name in score_sample(sample)}
     assert names == set(METRIC_SIGNATURES)
 

@@ -13,13 +13,14 @@ import pandas as pd
 from PIL import Image
 
 from datamodules.synthetic.drawing import render_image
+from datamodules.synthetic.mmxu import write_mmxu
 from datamodules.synthetic.population import FINDINGS, SITE_COLUMNS, SITES, Study, simulate_population
 from datamodules.synthetic.prognosis import prognostic_records
 from datamodules.synthetic.questions import _key_info, _pair_questions
 from datamodules.synthetic.reports import _chexpert_labels, _procedure, report_text
 
 GENERATOR = "lumen.datamodules.synthetic"
-GENERATOR_VERSION = "1.1"
+GENERATOR_VERSION = "1.1"  # 1.1: prognostic ground truth and MMXU files
 METADATA_COLUMNS = [
     "dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition", "Rows",
     "Columns", "StudyDate", "StudyTime", "ProcedureCodeSequence_CodeMeaning", "ViewCodeSequence_CodeMeaning",
@@ -111,6 +112,7 @@ def generate_world(out: Path, subjects: int, seed: int) -> dict:
             "questions": len(questions),
             "difference_questions": int((questions["question_type"] == "difference").sum()),
             "prognostic_questions": len(prognostic),
+            **write_mmxu(out, studies, seed),
         },
         "findings": {finding.name: list(finding.levels) for finding in FINDINGS},
         "truth_columns": dict(zip(SITE_COLUMNS, ([f.name, site] for f, site in SITES))),
