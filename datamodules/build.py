@@ -3,19 +3,30 @@
     python -m datamodules.build enhance --diffvqa DIR --out enhanced.jsonl [--backend template|llm]
         [--base-url http://localhost:8000/v1 --model NAME --api-key-env OPENAI_API_KEY]
 
+    python -m datamodules.build experts --mimic-cxr-jpg ROOT --weights-dir DIR --out experts.csv
+        [--batch-size 16] [--device cpu|cuda] [--workers 4] [--limit N]
+
 ``enhance`` rewrites every short Medical-Diff-VQA answer as a full sentence (``datamodules.enhance``);
 with ``--backend llm`` the answers are cached next to the output (``<out>.cache.jsonl``), so an
 interrupted build resumes where it stopped.
+
+``experts`` runs TorchXRayVision's pathology, age, race and view models over every image of
+MIMIC-CXR-JPG (``datamodules.expert_models``); ``--weights-dir`` holds their weight files under
+xrv's names (a copy of ``~/.torchxrayvision/models_data/``). Rows are kept in ``<out>.partial``
+until all are done, so an interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 from collections import Counter
 from pathlib import Path
 
 from datamodules.enhance import PROMPT_VERSION, enhance
+from datamodules.expert_models import load_expert_models, partial_path, run_experts
 from datamodules.llm import ChatCache, LLMClient, LLMConfig
+from datamodules.mimic import load_images
 from evaluation.report import write_jsonl_atomic
 
 
@@ -31,8 +42,22 @@ def main(argv: list[str] | None = None) -> None:
     command.add_argument("--model", help="model name at the endpoint (llm backend)")
     command.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
     command.add_argument("--concurrency", type=int, default=8)
+    command = commands.add_parser("experts", help="expert-model predictions for every image")
+    command.add_argument("--mimic-cxr-jpg", type=Path, required=True, help="the MIMIC-CXR-JPG root")
+    command.add_argument("--weights-dir", type=Path, required=True, help="xrv's weight files, under xrv's names")
+    command.add_argument("--out", type=Path, required=True, help="the CSV to write")
+    command.add_argument("--batch-size", type=int, default=16)
+    command.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    command.add_argument("--workers", type=int, default=4, help="processes reading and resizing images")
+    command.add_argument("--limit", type=int, help="only the first N images (a trial run)")
     args = parser.parse_args(argv)
+    if args.command == "enhance":
+        build_enhance(args, parser)
+    else:
+        build_experts(args)
 
+
+def build_enhance(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     client = None
     if args.backend == "llm":
         if not (args.base_url and args.model):
@@ -45,6 +70,17 @@ def main(argv: list[str] | None = None) -> None:
     counts = Counter(record["question_type"] for record in records)
     print(f"{len(records)} answers enhanced ({args.backend}) -> {args.out}: "
           + ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items())))
+
+
+def build_experts(args: argparse.Namespace) -> None:
+    started = time.perf_counter()
+    images = load_images(args.mimic_cxr_jpg)
+    if args.limit is not None:
+        images = images.head(args.limit)
+    models = load_expert_models(args.weights_dir)
+    run = run_experts(images, models, args.out, batch_size=args.batch_size, device=args.device, workers=args.workers)
+    print(f"{run.images} images -> {args.out}: {run.computed} computed, {run.resumed} resumed from "
+          f"{partial_path(args.out)}, in {time.perf_counter() - started:.1f} s")
 
 
 if __name__ == "__main__":
