@@ -13,12 +13,13 @@ import pandas as pd
 from PIL import Image
 
 from datamodules.synthetic.drawing import render_image
+from datamodules.synthetic.experts import write_experts
 from datamodules.synthetic.population import FINDINGS, SITE_COLUMNS, SITES, Study, simulate_population
 from datamodules.synthetic.questions import _key_info, _pair_questions
 from datamodules.synthetic.reports import _chexpert_labels, _procedure, report_text
 
 GENERATOR = "lumen.datamodules.synthetic"
-GENERATOR_VERSION = "1.0"
+GENERATOR_VERSION = "1.1"  # 1.1: experts/experts.csv
 METADATA_COLUMNS = [
     "dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition", "Rows",
     "Columns", "StudyDate", "StudyTime", "ProcedureCodeSequence_CodeMeaning", "ViewCodeSequence_CodeMeaning",
@@ -94,6 +95,7 @@ def generate_world(out: Path, subjects: int, seed: int) -> dict:
     questions.to_csv(diffvqa / "mimic_pair_questions.csv", index=False)
     (diffvqa / "all_diseases.json").write_text(json.dumps([_key_info(study) for study in studies], indent=4))
     pd.DataFrame(truth_rows).to_csv(truth / "studies.csv", index=False)
+    expert_rows = write_experts(studies, seed, out / "experts" / "experts.csv")
 
     manifest = {
         "generator": GENERATOR,
@@ -106,6 +108,7 @@ def generate_world(out: Path, subjects: int, seed: int) -> dict:
             "images": image_index,
             "questions": len(questions),
             "difference_questions": int((questions["question_type"] == "difference").sum()),
+            "expert_rows": expert_rows,
         },
         "findings": {finding.name: list(finding.levels) for finding in FINDINGS},
         "truth_columns": dict(zip(SITE_COLUMNS, ([f.name, site] for f, site in SITES))),
