@@ -201,12 +201,12 @@ def run_experts(images: pd.DataFrame, models: ExpertModels, out: str | Path, bat
     out = Path(out)
     partial = partial_path(out)
     lines = _finished_rows(partial)
-    resumed = int(images["dicom_id"].isin(lines).sum())
-    pending = images[~images["dicom_id"].isin(lines)]
+    finished = images["dicom_id"].isin(set(lines))
+    pending = images[~finished]
     models = models.to(device).eval()
     loader = DataLoader(_Images(list(pending["path"])), batch_size=batch_size, num_workers=workers)
     with partial.open("a", encoding="utf-8", newline="") as side, \
-            tqdm(total=len(images), initial=resumed, unit="image", desc="experts") as progress:
+            tqdm(total=len(images), initial=int(finished.sum()), unit="image", desc="experts") as progress:
         for start, (image_224, image_320) in zip(range(0, len(pending), batch_size), loader):
             with torch.inference_mode():
                 outputs = models(image_224.to(device), image_320.to(device))
@@ -218,4 +218,4 @@ def run_experts(images: pd.DataFrame, models: ExpertModels, out: str | Path, bat
             progress.update(len(batch))
     write_text_atomic(out, HEADER + "".join(lines[dicom_id] for dicom_id in images["dicom_id"]))
     partial.unlink()
-    return ExpertRun(images=len(images), computed=len(pending), resumed=resumed)
+    return ExpertRun(images=len(images), computed=len(pending), resumed=int(finished.sum()))
