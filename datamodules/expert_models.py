@@ -85,12 +85,12 @@ def _baseline_model(cls: type[nn.Module], network: nn.Module) -> nn.Module:
 
 def load_expert_models(weights_dir: str | Path) -> ExpertModels:
     """The pathology, age, race and view models from the weight files in ``weights_dir``, on the CPU."""
-    for model, url in WEIGHT_URLS.items():
-        path = weight_file(weights_dir, model)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"{path}: the {model} model's weights are missing. Put {path.name} into {Path(weights_dir)}: "
-                f"copy it from ~/.torchxrayvision/models_data/ or download {url}")
+    missing = [f"{weight_file(weights_dir, model)} (the {model} model's; from {url})"
+               for model, url in WEIGHT_URLS.items() if not weight_file(weights_dir, model).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"missing weight files: {'; '.join(missing)}. Put them into {Path(weights_dir)}: copy them from "
+            "~/.torchxrayvision/models_data/ or download them from the URLs named")
     # With the file present, xrv's own constructor loads it (and sets the calibration) without downloading.
     pathology = xrv.models.DenseNet(weights=PATHOLOGY_WEIGHTS, cache_dir=str(weights_dir))
     age = torch.jit.load(weight_file(weights_dir, "age"), map_location="cpu")  # the whole network, TorchScript

@@ -212,7 +212,7 @@ def test_a_missing_weight_file_is_an_error_naming_it_its_directory_and_its_url(w
     with pytest.raises(FileNotFoundError) as error:
         load_expert_models(tmp_path)
     assert str(expected) in str(error.value) and f"into {tmp_path}" in str(error.value)
-    assert WEIGHT_URLS["race"] in str(error.value)
+    assert WEIGHT_URLS["race"] in str(error.value) and "the view model's" not in str(error.value)
 
 
 def test_rows_equal_xrvs_own_models_on_xrvs_own_preprocessing(weights_dir, clean_csv, images, tmp_path,
