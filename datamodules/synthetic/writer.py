@@ -13,6 +13,7 @@ import pandas as pd
 from PIL import Image
 
 from datamodules.synthetic.drawing import render_image
+from datamodules.synthetic.experts import write_experts
 from datamodules.synthetic.mmxu import write_mmxu
 from datamodules.synthetic.population import FINDINGS, SITE_COLUMNS, SITES, Study, simulate_population
 from datamodules.synthetic.prognosis import prognostic_records
@@ -20,7 +21,7 @@ from datamodules.synthetic.questions import _key_info, _pair_questions
 from datamodules.synthetic.reports import _chexpert_labels, _procedure, report_text
 
 GENERATOR = "lumen.datamodules.synthetic"
-GENERATOR_VERSION = "1.1"  # 1.1: prognostic ground truth and MMXU files
+GENERATOR_VERSION = "1.1"  # 1.1: prognostic ground truth, MMXU files and the expert CSV
 METADATA_COLUMNS = [
     "dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition", "Rows",
     "Columns", "StudyDate", "StudyTime", "ProcedureCodeSequence_CodeMeaning", "ViewCodeSequence_CodeMeaning",
@@ -99,6 +100,7 @@ def generate_world(out: Path, subjects: int, seed: int) -> dict:
     prognostic = prognostic_records(studies, questions, seed)
     (out / "prognostic").mkdir()
     (out / "prognostic" / "prognostic.jsonl").write_text("".join(json.dumps(record) + "\n" for record in prognostic))
+    expert_rows = write_experts(studies, seed, out / "experts" / "experts.csv")
 
     manifest = {
         "generator": GENERATOR,
@@ -113,6 +115,7 @@ def generate_world(out: Path, subjects: int, seed: int) -> dict:
             "difference_questions": int((questions["question_type"] == "difference").sum()),
             "prognostic_questions": len(prognostic),
             **write_mmxu(out, studies, seed),
+            "expert_rows": expert_rows,
         },
         "findings": {finding.name: list(finding.levels) for finding in FINDINGS},
         "truth_columns": dict(zip(SITE_COLUMNS, ([f.name, site] for f, site in SITES))),

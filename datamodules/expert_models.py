@@ -1,0 +1,221 @@
+"""TorchXRayVision's expert models run over chest X-ray images, offline and resumably, into the
+expert CSV of ``datamodules.experts``.
+
+Weights are read only from a local directory holding xrv's files under xrv's own names (a copy of
+``~/.torchxrayvision/models_data/`` will do); nothing is downloaded. Each image is read and scaled
+as xrv does (first channel, ``(2x/255 - 1)·1024``), centre-cropped to a square and resized to each
+model's native resolution: 224 px for the pathology and view models, 320 px for the age and race
+models (given 224 px they would upsample it).
+
+Resuming: rows are appended batch by batch to ``<out>.partial`` (flushed and fsynced). A rerun cuts
+that file back to its last whole line and skips the images it holds. When every image is done the
+rows are written to ``out`` in image order at once (a temporary file renamed into place) and the
+side file is removed, so ``out`` is never half-written. A missing or unreadable image stops the run
+with an error naming the file; the rows finished before it are kept for the rerun.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torchvision
+import torchxrayvision as xrv
+from torch import nn
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from datamodules.experts import COLUMNS, RACES, SCHEMA_VERSION, VIEWS
+from evaluation.report import write_text_atomic
+
+PATHOLOGY_WEIGHTS = "densenet121-res224-all"
+_RELEASE = "https://github.com/mlmed/torchxrayvision/releases/download/v1"
+# Where xrv 1.5 downloads each model's weights from; the file keeps the URL's last part as its name.
+WEIGHT_URLS = {
+    "pathology": xrv.models.model_urls[PATHOLOGY_WEIGHTS]["weights_url"],
+    "age": f"{_RELEASE}/baseline_models_riken_xray_age_every_model_age_senet154_v2_tl_26_ft_7_fp32.pt",
+    "race": f"{_RELEASE}/resnet_race_detection_val-loss_0.157_mimic_public.pt",
+    "view": f"{_RELEASE}/xinario_chestViewSplit_resnet-50.pt",
+}
+PATHOLOGY_RESOLUTION = 224  # also the view model's
+DEMOGRAPHY_RESOLUTION = 320  # the age and race models'
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def weight_file(weights_dir: str | Path, model: str) -> Path:
+    """The file xrv keeps ``model``'s weights in, under ``weights_dir``."""
+    return Path(weights_dir) / WEIGHT_URLS[model].rsplit("/", 1)[1]
+
+
+class ExpertModels(nn.Module):
+    """The four xrv models, run together on one batch of images."""
+
+    def __init__(self, pathology: nn.Module, age: nn.Module, race: nn.Module, view: nn.Module):
+        super().__init__()
+        self.pathology, self.age, self.race, self.view = pathology, age, race, view
+
+    def forward(self, image_224: torch.Tensor, image_320: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(B, 1, 224, 224) and (B, 1, 320, 320), scaled to [-1024, 1024]."""
+        return {
+            "pathology": self.pathology(image_224),  # (B, 18) calibrated probabilities
+            "age": self.age(image_320)[:, 0],  # (B,) years
+            "race": self.race(image_320).exp(),  # (B, 3): the model gives log-probabilities
+            "view": self.view(image_224).argmax(dim=1),  # (B,) index into VIEWS
+        }
+
+
+def _baseline_model(cls: type[nn.Module], network: nn.Module) -> nn.Module:
+    """An instance of xrv's ``cls`` (its forward: resize, rescale, normalise, run ``network``)
+    around a network whose weights are already loaded. Its constructor is skipped because it
+    downloads into ~/.torchxrayvision whenever the file is not there, with no way to name another
+    directory; the two attributes forward uses are set as that constructor sets them."""
+    model = cls.__new__(cls)
+    nn.Module.__init__(model)
+    model.model = network
+    model.norm = torchvision.transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    return model.eval()
+
+
+def load_expert_models(weights_dir: str | Path) -> ExpertModels:
+    """The pathology, age, race and view models from the weight files in ``weights_dir``, on the CPU."""
+    missing = [f"{weight_file(weights_dir, model)} (the {model} model's; from {url})"
+               for model, url in WEIGHT_URLS.items() if not weight_file(weights_dir, model).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"missing weight files: {'; '.join(missing)}. Put them into {Path(weights_dir)}: copy them from "
+            "~/.torchxrayvision/models_data/ or download them from the URLs named")
+    # With the file present, xrv's own constructor loads it (and sets the calibration) without downloading.
+    pathology = xrv.models.DenseNet(weights=PATHOLOGY_WEIGHTS, cache_dir=str(weights_dir))
+    age = torch.jit.load(weight_file(weights_dir, "age"), map_location="cpu")  # the whole network, TorchScript
+    race = torchvision.models.resnet34(weights=None)
+    race.fc = nn.Sequential(nn.Linear(race.fc.in_features, len(RACES)), nn.LogSoftmax(dim=1))
+    race_state = torch.load(weight_file(weights_dir, "race"), map_location="cpu", weights_only=True)
+    consume_prefix_in_state_dict_if_present(race_state, "module.")  # saved from nn.DataParallel
+    race.load_state_dict(race_state)
+    view = torchvision.models.resnet50(weights=None)
+    view.load_state_dict(torch.load(weight_file(weights_dir, "view"), map_location="cpu", weights_only=True))
+    return ExpertModels(
+        pathology.eval(),
+        _baseline_model(xrv.baseline_models.riken.AgeModel, age),
+        _baseline_model(xrv.baseline_models.emory_hiti.RaceModel, race),
+        _baseline_model(xrv.baseline_models.xinario.ViewModel, view),
+    )
+
+
+def preprocess(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """The image at ``path`` as xrv reads it, centre-cropped: (1, 224, 224) and (1, 320, 320) float32."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: image not found; check the MIMIC-CXR-JPG root or restore the file")
+    try:
+        image = xrv.utils.load_image(str(path))  # (1, H, W) in [-1024, 1024]
+    except Exception as error:  # the image readers raise many types for a damaged file
+        raise ValueError(f"{path}: unreadable image ({error}); download it again") from error
+    square = xrv.datasets.XRayCenterCrop()(image)
+    return (xrv.datasets.XRayResizer(PATHOLOGY_RESOLUTION)(square),
+            xrv.datasets.XRayResizer(DEMOGRAPHY_RESOLUTION)(square))
+
+
+class _Images(Dataset):
+    def __init__(self, paths: list[Path]):
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        return preprocess(self.paths[index])
+
+
+def _csv_lines(rows: list[list]) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows(rows)
+    return buffer.getvalue()
+
+
+HEADER = _csv_lines([list(COLUMNS)])
+
+
+def partial_path(out: str | Path) -> Path:
+    """The side file an unfinished run keeps its rows in."""
+    return Path(f"{out}.partial")
+
+
+def _finished_rows(partial: Path) -> dict[str, str]:
+    """dicom_id -> its line, from an interrupted run's side file (created with its header when
+    there is none). A torn last line (the run stopped mid-write) is cut off, so appends start on a
+    line boundary and that image is done again."""
+    whole = b""
+    if partial.exists():
+        data = partial.read_bytes()
+        whole = data[: data.rfind(b"\n") + 1]
+        os.truncate(partial, len(whole))
+    if not whole:
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(HEADER, encoding="utf-8")
+        return {}
+    header, *lines = whole.decode("utf-8").splitlines(keepends=True)
+    if header != HEADER:
+        raise ValueError(f"{partial}: its header is not that of expert CSV schema {SCHEMA_VERSION} "
+                         f"({HEADER.strip()}); delete it to start over")
+    return {next(csv.reader([line]))[0]: line for line in lines}
+
+
+def _rows(images: pd.DataFrame, outputs: dict[str, torch.Tensor]) -> list[list]:
+    outputs = {name: value.cpu().tolist() for name, value in outputs.items()}
+    rows = []
+    for index, image in enumerate(images.itertuples()):
+        race = outputs["race"][index]
+        rows.append([
+            image.dicom_id, image.subject_id, image.study_id,
+            *(f"{probability:.6f}" for probability in outputs["pathology"][index]),
+            f"{outputs['age'][index]:.2f}",
+            RACES[int(np.argmax(race))], *(f"{probability:.6f}" for probability in race),
+            VIEWS[outputs["view"][index]],
+        ])
+    return rows
+
+
+@dataclass(frozen=True)
+class ExpertRun:
+    images: int
+    computed: int
+    resumed: int  # rows taken from an interrupted run's side file
+
+
+def run_experts(images: pd.DataFrame, models: ExpertModels, out: str | Path, batch_size: int = 16,
+                device: str = "cpu", workers: int = 0) -> ExpertRun:
+    """Write the expert CSV ``out`` for every row of ``images`` (columns dicom_id, subject_id,
+    study_id, path; as ``datamodules.mimic.load_images`` gives them), in that order, resuming an
+    interrupted run from ``<out>.partial``. ``workers`` processes read and resize the images."""
+    repeated = images["dicom_id"][images["dicom_id"].duplicated()]
+    if len(repeated):
+        raise ValueError(f"dicom_id {repeated.iloc[0]} is listed twice: each image gets one row")
+    out = Path(out)
+    partial = partial_path(out)
+    lines = _finished_rows(partial)
+    finished = images["dicom_id"].isin(set(lines))
+    pending = images[~finished]
+    models = models.to(device).eval()
+    loader = DataLoader(_Images(list(pending["path"])), batch_size=batch_size, num_workers=workers)
+    with partial.open("a", encoding="utf-8", newline="") as side, \
+            tqdm(total=len(images), initial=int(finished.sum()), unit="image", desc="experts") as progress:
+        for start, (image_224, image_320) in zip(range(0, len(pending), batch_size), loader):
+            with torch.inference_mode():
+                outputs = models(image_224.to(device), image_320.to(device))
+            batch = {row[0]: _csv_lines([row]) for row in _rows(pending.iloc[start:start + batch_size], outputs)}
+            side.write("".join(batch.values()))
+            side.flush()
+            os.fsync(side.fileno())
+            lines.update(batch)
+            progress.update(len(batch))
+    write_text_atomic(out, HEADER + "".join(lines[dicom_id] for dicom_id in images["dicom_id"]))
+    partial.unlink()
+    return ExpertRun(images=len(images), computed=len(pending), resumed=int(finished.sum()))
