@@ -22,7 +22,7 @@ from models.module import LumenModule
 from train import prepare
 
 # Data settings that change what the model sees; by default taken from the checkpoint.
-PROMPT_SETTINGS = ("use_prior", "interval_in_prompt")
+PROMPT_SETTINGS = ("use_prior", "interval_in_prompt", "expert_demographics")
 
 
 def generate_records(module: LumenModule, datamodule, split: str, accelerator: str) -> list[dict]:
@@ -45,6 +45,7 @@ def generate_records(module: LumenModule, datamodule, split: str, accelerator: s
                     "has_prior": sample.has_prior,
                     "prediction": answer.strip(),
                     "reference": sample.reference,
+                    **({"options": sample.options} if sample.options else {}),
                 }
             )
     return records
@@ -59,6 +60,9 @@ def evaluate(cfg: DictConfig) -> dict:
                          max_new_tokens=cfg.max_new_tokens or loaded.max_new_tokens or 64)
     module.model = loaded.model
     as_trained = {key: loaded.prompt.get(key, True) for key in PROMPT_SETTINGS if cfg.data[key] is None}
+    if loaded.prompt.get("experts") and cfg.data.experts is None:
+        raise ValueError(f"{cfg.ckpt} was trained with expert predictions in its prompts: set data.experts=<the "
+                         "expert CSV> (the synthetic world's is paths.experts)")
     datamodule = hydra.utils.instantiate(
         cfg.data, tokenizer_dir=str(module.config.llm_dir), input_spec=input_spec(module.config), **as_trained
     )

@@ -16,10 +16,13 @@ from models.checkpoints import ModelConfig, input_spec
 
 log = logging.getLogger("train")
 
-# What every run reads from disk, by config key (the demo's prepare steps create them). Each data
-# source checks its own files when the data config is instantiated, still before the model is built.
-REQUIRED_INPUTS = {
+# What each input path must point to. A config lists the ones its run needs under `required_inputs`
+# (the demo's prepare steps create them); each data source also checks its own files.
+INPUTS = {
     "paths.mimic_cxr_jpg": "the MIMIC-CXR-JPG root (files/, mimic-cxr-2.0.0-*.csv.gz)",
+    "paths.diffvqa": "the Medical-Diff-VQA directory (mimic_pair_questions.csv, mimic_all.csv)",
+    "paths.prognostic": "the prognostic questions (python -m datamodules.build prognostic)",
+    "paths.experts": "the expert predictions (python -m datamodules.build experts)",
     "model.net.base": "the base model directory (llm/, vision_tower/)",
 }
 
@@ -43,8 +46,9 @@ def prepare(cfg: DictConfig) -> None:
 
 
 def require_inputs(cfg: DictConfig) -> None:
-    """Fails at once, naming the key to set, when an input path is unset or does not exist."""
-    for key, what in REQUIRED_INPUTS.items():
+    """Fails at once, naming the key to set, when a required input path is unset or does not exist."""
+    for key in cfg.get("required_inputs") or []:
+        what = INPUTS.get(key, "an input of this run")
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None and Path(value).exists():
             continue

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +12,8 @@ import lightning as L
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from datamodules.collate import RESIZE_POLICIES, LoadedSample, LumenCollator, load_tokenizer
+from datamodules.collate import LoadedSample, LumenCollator, load_tokenizer
+from datamodules.experts import expert_text, load_experts
 from datamodules.records import Sample
 from datamodules.sampling import MixtureBatchSampler
 
@@ -53,7 +56,8 @@ class LumenDataModule(L.LightningDataModule):
     ``use_distributed_sampler: false``). Validation and generation read every source's split in order.
     ``input_spec`` (image size, normalisation, visual tokens per image) comes from the model's base
     directory (``models.checkpoints.input_spec``) so the collator and the model always agree.
-    ``experts``: an expert-prediction CSV whose text goes into every prompt (``datamodules.experts``).
+    ``experts``: an expert-prediction CSV (``python -m datamodules.build experts``) whose text about the
+    current image goes into every prompt, with age, race and view when ``expert_demographics``.
     ``limit`` caps each source's samples of a split (keeps CPU runs short; ``null`` for all). A source
     set to ``null`` is left out (``data.sources.prognostic=null``).
     """
@@ -65,6 +69,8 @@ class LumenDataModule(L.LightningDataModule):
         input_spec: dict[str, Any],
         use_prior: bool = True,
         interval_in_prompt: bool = True,
+        experts: str | None = None,
+        expert_demographics: bool = True,
         image_resize: str = "pad",
         batch_size: int = 8,
         eval_batch_size: int = 16,
@@ -81,9 +87,14 @@ class LumenDataModule(L.LightningDataModule):
         # Saved in checkpoints, so evaluation can prompt exactly as training did.
         self.save_hyperparameters(
             {"tasks": tasks, "use_prior": use_prior, "interval_in_prompt": interval_in_prompt, "batch_size": batch_size,
-             "sources": {name: type(source).__name__ for name, source in sources.items()}}
+             "sources": {name: type(source).__name__ for name, source in sources.items()},
+             "experts": experts is not None, "expert_demographics": expert_demographics}
         )
         self.sources, self.use_prior = dict(sources), use_prior
+        self.experts, self.expert_demographics = experts, expert_demographics
+        if experts is not None and not Path(experts).is_file():
+            raise FileNotFoundError(f"data.experts = {experts} does not exist: build it with "
+                                    "`python -m datamodules.build experts`, or set data.experts=null")
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.group_batches, self.seed = group_batches, seed
         self.limit = dict(limit or {})
@@ -102,8 +113,25 @@ class LumenDataModule(L.LightningDataModule):
         for name, source in self.sources.items():
             samples, report = source.load(split, self.use_prior)
             log.info("%s %s: %s", name, split, report)
-            per_source.append(samples[:self.limit.get(split)])
+            samples = samples[:self.limit.get(split)]
+            per_source.append(self._with_experts(samples, name) if self.experts else samples)
         return per_source
+
+    @cached_property
+    def _expert_predictions(self) -> dict:
+        return load_experts(self.experts)
+
+    def _with_experts(self, samples: list[Sample], source: str) -> list[Sample]:
+        """Each sample with the expert models' text about its current image (the file stem is the dicom_id)."""
+        predictions = self._expert_predictions
+        missing = [sample for sample in samples if sample.image.stem not in predictions]
+        if missing:
+            raise ValueError(
+                f"{self.experts}: no expert predictions for {len(missing)} image(s) of source {source}, e.g. "
+                f"{missing[0].image} ({missing[0].sample_id}); rebuild it with `python -m datamodules.build experts`"
+            )
+        return [replace(sample, expert=expert_text(predictions[sample.image.stem], self.expert_demographics))
+                for sample in samples]
 
     def samples(self, split: str) -> list[Sample]:
         return [sample for dataset in self.source_datasets(split) for sample in dataset.samples]

@@ -11,6 +11,7 @@ from functools import cached_property
 from pathlib import Path
 
 from datamodules.diffvqa import LoadReport, load_diffvqa
+from datamodules.mmxu import load_mmxu
 from datamodules.prognostic import load_prognostic
 from datamodules.records import Sample
 
@@ -92,3 +93,33 @@ class PrognosticSource:
     def load(self, split: str, use_prior: bool) -> tuple[list[Sample], LoadReport]:
         samples, report = load_prognostic(self.path, self.diffvqa, self.mimic_cxr_jpg, split)
         return (samples if use_prior else [_single_image(sample) for sample in samples]), report
+
+
+@dataclass
+class MMXUSource:
+    """MMXU single-choice questions, one JSONL per split (the public test file, MMXU-dev for training;
+    a split without a file has no samples). ``history``: ``none``, ``global`` or ``regional`` prior
+    report (``datamodules.mmxu``); ``reports_root`` is the MIMIC-CXR reports directory, for rows
+    without their own ``prior_report``."""
+
+    mimic_cxr_jpg: str
+    train: str | None = None
+    val: str | None = None
+    test: str | None = None
+    history: str = "none"
+    reports_root: str | None = None
+    weight: float = 1.0
+    tasks = ("mmxu",)
+
+    def __post_init__(self) -> None:
+        for split in ("train", "val", "test"):
+            if getattr(self, split) is not None:
+                _require(getattr(self, split), "an MMXU JSONL file", f"data.sources.<name>.{split}")
+
+    def load(self, split: str, use_prior: bool) -> tuple[list[Sample], LoadReport]:
+        path = getattr(self, split)
+        if path is None:
+            return [], LoadReport()
+        samples, report = load_mmxu(path, self.mimic_cxr_jpg, self.history, self.reports_root)
+        return (samples if use_prior else [_single_image(sample) for sample in samples]), report
+

@@ -232,6 +232,10 @@ def build_model(config: ModelConfig) -> LumenModel:
     return model
 
 
+# The datamodule settings that shape a prompt, carried from training into evaluation and exports.
+PROMPT_KEYS = ("use_prior", "interval_in_prompt", "tasks", "experts", "expert_demographics")
+
+
 @dataclass
 class Loaded:
     """A trained model and how it was trained to be prompted."""
@@ -288,7 +292,7 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
             "mm_hidden_size": model.projector.mm_hidden_size,
             "tokens_per_image": model.tokens_per_image,
             "image_token": IMAGE_TOKEN,
-            "prompt": {key: data[key] for key in ("use_prior", "interval_in_prompt", "tasks") if key in data},
+            "prompt": {key: data[key] for key in PROMPT_KEYS if key in data},
             "max_new_tokens": loaded.max_new_tokens,
         }
         (staging / "config.json").write_text(json.dumps(summary, indent=2))

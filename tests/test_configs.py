@@ -76,3 +76,12 @@ def test_lumen_without_its_prognostic_questions_names_the_key_before_building_th
                                    f"paths.diffvqa={world / 'medical-diff-vqa'}"])
     with pytest.raises(FileNotFoundError, match=r"paths\.prognostic is not set.*build prognostic"):
         train(cfg)
+
+
+def test_lumen_without_its_expert_predictions_names_the_key(tmp_path, world, tiny_base):
+    cfg = compose_config("train", ["experiment=lumen", f"paths.output_dir={tmp_path}", f"model.net.base={tiny_base}",
+                                   f"paths.mimic_cxr_jpg={world / 'mimic-cxr-jpg'}",
+                                   f"paths.diffvqa={world / 'medical-diff-vqa'}",
+                                   f"paths.prognostic={world / 'prognostic' / 'prognostic.jsonl'}"])
+    with pytest.raises(FileNotFoundError, match=r"paths\.experts is not set.*build experts"):
+        train(cfg)

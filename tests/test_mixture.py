@@ -15,6 +15,7 @@ from datamodules.records import Sample
 from datamodules.sampling import MixtureBatchSampler
 from datamodules.sources import DiffVQASource, PrognosticSource
 from models.checkpoints import ModelConfig, input_spec
+from tests.helpers import WORLD_SUBJECTS
 from train import compose_config, train
 
 
@@ -161,3 +162,41 @@ def test_the_lumen_mixture_trains_on_the_synthetic_world(demo_overrides):
     trainer = train(compose_config("train", overrides))
     assert trainer.global_step == 6
     assert trainer.datamodule.hparams.tasks == ["diagnostic", "difference", "prognostic"]
+
+
+def test_expert_predictions_go_into_every_prompt_once(sources, tiny_base, world):
+    data = datamodule(sources, tiny_base, experts=str(world / "experts" / "experts.csv"))
+    samples = data.samples("val")
+    assert samples and all(s.expert.startswith("Expert models' findings on the current image: ") for s in samples)
+    prompt = user_prompt(samples[0], "<image>", True, "difference")
+    assert prompt.count("Expert models'") == 1 and prompt.count("Estimated age") == 1
+    assert prompt.index("Expert models'") < prompt.index(samples[0].question)
+    without = datamodule(sources, tiny_base, experts=str(world / "experts" / "experts.csv"), expert_demographics=False)
+    assert "Estimated age" not in without.samples("val")[0].expert
+    assert data.hparams.experts is True and datamodule(sources, tiny_base).hparams.experts is False
+
+
+def test_an_image_without_expert_predictions_is_named(sources, tiny_base, world, tmp_path):
+    lines = (world / "experts" / "experts.csv").read_text().splitlines()
+    samples = datamodule(sources, tiny_base).samples("val")
+    kept = [line for line in lines if samples[0].image.stem not in line]
+    partial = tmp_path / "experts.csv"
+    partial.write_text("\n".join(kept) + "\n")
+    with pytest.raises(ValueError, match=f"no expert predictions for .* e.g. {samples[0].image}"):
+        datamodule(sources, tiny_base, experts=str(partial)).samples("val")
+
+
+def test_mmxu_fine_tunes_and_evaluates_with_letter_accuracy(demo_overrides, world, tmp_path):
+    from eval import evaluate
+    trainer = train(compose_config("train", demo_overrides + ["experiment=mmxu", "trainer.max_steps=4",
+                                                              "data.limit.val=8"]))
+    assert trainer.global_step == 4 and trainer.datamodule.hparams.tasks == ["mmxu"]
+    checkpoint = trainer.checkpoint_callback.last_model_path
+    results = evaluate(compose_config("eval", [
+        f"ckpt={checkpoint}", "data=mmxu", f"paths.output_dir={tmp_path / 'eval'}", f"paths.world_dir={world}",
+        f"prepare.world.subjects={WORLD_SUBJECTS}", "data.limit.test=8", "accelerator=cpu"]))
+    records = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    questions = len((world / "mmxu" / "MMXU-test.jsonl").read_text().splitlines())
+    assert len(records) == min(8, questions) > 0 and all(r["task"] == "mmxu" and set(r["options"]) == set("ABCD") for r in records)
+    assert all(r["choice_accuracy"] in (0, 1) for r in records)
+    assert "choice_accuracy" in json.dumps(results)
