@@ -59,3 +59,25 @@ def test_a_malformed_row_is_an_error_naming_file_row_and_field(data_copy, capsys
     split = questions.loc[3, "split"]
     assert code == 1
     assert f"Medical-Diff-VQA {split}: {path} row 3, field question_type: unknown value 'colour'" in err
+
+
+def test_prognostic_questions_and_expert_coverage_are_checked(world, capsys):
+    code, out, err = run(world, capsys, "--prognostic", str(world / "prognostic" / "prognostic.jsonl"),
+                         "--experts", str(world / "experts" / "experts.csv"))
+    assert code == 0 and err == ""
+    assert "prognostic train: loaded" in out and "experts " in out
+
+
+def test_question_images_without_expert_predictions_are_an_error(data_copy, world, capsys):
+    lines = (world / "experts" / "experts.csv").read_text().splitlines()
+    partial = data_copy / "experts.csv"
+    partial.write_text("\n".join(lines[:-3]) + "\n")
+    code, _, err = run(data_copy, capsys, "--experts", str(partial))
+    assert code == 1 and "question images without predictions" in err
+
+
+def test_prognostic_needs_diffvqa(world, capsys):
+    with pytest.raises(SystemExit):
+        main(["--mimic-cxr-jpg", str(world / "mimic-cxr-jpg"), "--mmxu", str(world / "mmxu" / "MMXU-test.jsonl"),
+              "--prognostic", str(world / "prognostic" / "prognostic.jsonl")])
+    assert "--prognostic needs --diffvqa" in capsys.readouterr().err
