@@ -1,0 +1,162 @@
+"""Proof that the LUMEN mixture and MMXU fine-tuning learn their tasks: a benchmark, not a test.
+
+Trains, for the same number of steps on the same synthetic world (seed 0):
+  mmxu                 experiment=mmxu: MMXU single-choice questions, no history
+  mmxu-global          the same with the prior report in the prompt (MAG's global record)
+  mmxu-one-image       the same without the prior image (the current image and the question only)
+  lumen                data=lumen: diagnostic + difference + prognostic, expert predictions in the prompt
+  lumen-no-experts     the same without the expert predictions
+then scores a held-out world generated with another seed: MMXU arms on all its MMXU questions
+(``MMXU-dev.jsonl``, every subject; chance is 0.25), LUMEN arms on its prognostic questions (exact
+answer and LLaVA-Med token recall against the chains' ground truth) and its difference questions.
+A text-only baseline is printed beside the prognostic scores: for each asked number of days, the
+training world's most frequent answer.
+
+    python bench/tasks.py                        # about 6 CPU-minutes of training per model (2 cores)
+    python bench/tasks.py --variants mmxu mmxu-one-image --steps 600
+    python bench/tasks.py --reuse                # train only the arms not yet run with these settings
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from scipy.stats import binomtest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+CACHE = Path(os.environ.get("LUMEN_CACHE", ROOT / ".cache" / "lumen"))  # configs/paths/default.yaml's cache_dir
+
+from evaluation.metrics import normalize_answer  # noqa: E402  (after the repository root is on sys.path)
+
+EXPERTS = "data.experts=${paths.experts}"
+PROGNOSTIC_ONLY = ["data.sources.diagnostic=null", "data.sources.difference=null"]
+DIFFERENCE_ONLY = ["data.sources.diagnostic=null", "data.sources.prognostic=null"]
+# name -> (train overrides, {evaluation name: eval overrides})
+MMXU_EVAL = {"mmxu": ["data=mmxu", "data.sources.mmxu.test=${paths.mmxu}/MMXU-dev.jsonl"]}
+VARIANTS = {
+    "mmxu": (["experiment=mmxu"], MMXU_EVAL),
+    "mmxu-global": (["experiment=mmxu", "data.sources.mmxu.history=global"],
+                    {"mmxu": MMXU_EVAL["mmxu"] + ["data.sources.mmxu.history=global"]}),
+    "mmxu-one-image": (["experiment=mmxu", "data.use_prior=false"], MMXU_EVAL),
+    "lumen": (["data=lumen", EXPERTS], {"prognostic": ["data=lumen", EXPERTS, *PROGNOSTIC_ONLY],
+                                         "difference": ["data=lumen", EXPERTS, *DIFFERENCE_ONLY]}),
+    "lumen-no-experts": (["data=lumen"], {"prognostic": ["data=lumen", *PROGNOSTIC_ONLY],
+                                          "difference": ["data=lumen", *DIFFERENCE_ONLY]}),
+}
+PAIRS = [("mmxu", "mmxu-one-image"), ("mmxu-global", "mmxu"), ("lumen", "lumen-no-experts")]
+
+
+def run(command: list[str]) -> float:
+    """Runs a command from the repository root; returns its wall time in seconds."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, *command], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def score(name: str, records: list[dict]) -> dict[str, int | float]:
+    """Per sample: 1/0 for MMXU letters and difference sets, exact answers for prognosis."""
+    if name == "mmxu":
+        return {r["sample_id"]: r["choice_accuracy"] for r in records}
+    if name == "difference":
+        return {r["sample_id"]: r["difference_correct"] for r in records}
+    return {r["sample_id"]: int(normalize_answer(r["prediction"]) == normalize_answer(r["reference"])) for r in records}
+
+
+def days_prior(train_world: Path, held_out: list[dict]) -> float:
+    """Exact-answer rate of answering each held-out question with the training world's most frequent
+    answer for the same asked days (a model that reads the question and ignores the images)."""
+    by_days = defaultdict(Counter)
+    for record in read_jsonl(train_world / "prognostic" / "prognostic.jsonl"):
+        if record["split"] == "train":
+            by_days[record["days"]][record["answer"]] += 1
+    overall = Counter(answer for counts in by_days.values() for answer in counts.elements())
+    guesses = [(by_days.get(r["days"]) or overall).most_common(1)[0][0] for r in held_out]
+    return sum(g == r["answer"] for g, r in zip(guesses, held_out)) / len(held_out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=2500, help="optimizer steps per model (same for all)")
+    parser.add_argument("--train-subjects", type=int, default=1500, help="training world (seed 0)")
+    parser.add_argument("--eval-subjects", type=int, default=600, help="held-out world (seed 1)")
+    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench-tasks")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--reuse", action="store_true",
+                        help="reuse an arm's earlier run in --out when its train and eval commands are the same")
+    args = parser.parse_args()
+
+    world = [f"prepare.world.subjects={args.train_subjects}", "prepare.world.seed=0"]
+    held_out = [f"prepare.world.subjects={args.eval_subjects}", "prepare.world.seed=1", "data.limit.test=null",
+                "accelerator=cpu"]
+    scores: dict[tuple[str, str], dict] = {}
+    seconds: dict[str, float] = {}
+    for name in args.variants:
+        train_overrides, evaluations = VARIANTS[name]
+        train_dir = args.out / name
+        commands = {"train": ["train.py", *train_overrides, *world, f"trainer.max_steps={args.steps}",
+                              "trainer.max_epochs=-1", "logger=csv", f"hydra.run.dir={train_dir}"]}
+        for task, overrides in evaluations.items():
+            commands[task] = ["eval.py", f"ckpt={train_dir / 'checkpoints' / 'last.ckpt'}", *overrides, *held_out,
+                              f"hydra.run.dir={args.out / f'{name}-{task}'}"]
+        arm_record = args.out / f"{name}.json"
+        previous = json.loads(arm_record.read_text()) if arm_record.is_file() else {}
+        done = all((args.out / f"{name}-{task}" / "predictions.jsonl").is_file() for task in evaluations)
+        if args.reuse and previous.get("commands") == commands and done:
+            seconds[name] = previous["seconds"]
+            print(f"{name}: reusing the run in {train_dir} (same commands)")
+        else:
+            seconds[name] = run(commands["train"])
+            for task in evaluations:
+                run(commands[task])
+            arm_record.parent.mkdir(parents=True, exist_ok=True)
+            arm_record.write_text(json.dumps({"commands": commands, "seconds": seconds[name]}, indent=2))
+        for task in evaluations:
+            records = read_jsonl(args.out / f"{name}-{task}" / "predictions.jsonl")
+            scores[name, task] = {"correct": score(task, records), "records": records}
+
+    print(f"\nA held-out world (seed 1, {args.eval_subjects} subjects) after {args.steps} training steps per model "
+          f"on the seed-0 world ({args.train_subjects} subjects).\n")
+    print("| model | train time (min) | questions | n | accuracy | token recall |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for (name, task), row in scores.items():
+        correct = list(row["correct"].values())
+        recall = [r["token_recall"] for r in row["records"] if "token_recall" in r]
+        recall_text = f"{sum(recall) / len(recall):.3f}" if recall else "–"
+        label = {"mmxu": "MMXU (letter)", "difference": "difference (added/missing sets)",
+                 "prognostic": "prognostic (exact answer)"}[task]
+        print(f"| {name} | {seconds[name] / 60:.1f} | {label} | {len(correct)} | {sum(correct) / len(correct):.3f} "
+              f"| {recall_text} |")
+    prognostic = next((row for (_, task), row in scores.items() if task == "prognostic"), None)
+    if prognostic is not None:
+        held_out_world = CACHE / f"world-{args.eval_subjects}subjects-seed1"
+        truth = {r["id"]: r for r in read_jsonl(held_out_world / "prognostic" / "prognostic.jsonl")}
+        asked = [truth[r["sample_id"]] for r in prognostic["records"]]
+        train_world = CACHE / f"world-{args.train_subjects}subjects-seed0"
+        print(f"\nprognostic, text only (the most frequent training answer for the asked days): "
+              f"{days_prior(train_world, asked):.3f} exact")
+    for first, second in PAIRS:
+        for task in {task for (name, task) in scores if name == first}:
+            if (second, task) not in scores:
+                continue
+            a, b = scores[first, task]["correct"], scores[second, task]["correct"]
+            ids = a.keys() & b.keys()
+            only_a = sum(1 for i in ids if a[i] and not b[i])
+            only_b = sum(1 for i in ids if b[i] and not a[i])
+            p = binomtest(only_a, only_a + only_b).pvalue if only_a + only_b else 1.0
+            print(f"{first} vs {second} ({task}): McNemar (exact) {only_a} vs {only_b} discordant, p = {p:.2g}")
+
+
+if __name__ == "__main__":
+    main()
