@@ -79,6 +79,17 @@ def test_duplicate_difference_rows_are_kept_once_and_counted(world, world_copy):
     assert after_report.skipped["duplicate"] == before_report.skipped["duplicate"] + 2
 
 
+def test_answers_with_the_generators_trailing_space_are_stripped_and_still_deduplicated(world, world_copy):
+    table = pd.read_csv(world_copy / "mimic_pair_questions.csv")
+    before, before_report = load_diffvqa(world_copy, world / "mimic-cxr-jpg", "train")
+    row = table[(table.question_type == "difference") & (table.split == "train")].iloc[[0]]
+    table["answer"] = table["answer"] + " "  # as v1.0.1 writes many of its answers
+    pd.concat([table, row]).to_csv(world_copy / "mimic_pair_questions.csv", index=False)
+    after, after_report = load_diffvqa(world_copy, world / "mimic-cxr-jpg", "train")
+    assert [s.answer for s in after] == [s.answer for s in before]
+    assert after_report.skipped["duplicate"] == before_report.skipped["duplicate"] + 1
+
+
 def test_without_prior_difference_questions_see_only_the_current_image(world):
     samples, _ = load_diffvqa(world / "medical-diff-vqa", world / "mimic-cxr-jpg", "train", use_prior=False)
     differences = [s for s in samples if s.task == "difference"]
