@@ -7,7 +7,7 @@ import pytest
 
 from datamodules.build import main
 from datamodules.enhance import template_answer
-from tests.test_llm import FakeEndpoint
+from tests.test_llm import build_twice
 
 
 @pytest.mark.parametrize(("question_type", "question", "answer", "expected"), [
@@ -51,17 +51,8 @@ def test_template_build_covers_every_row_and_keeps_the_short_answer(world, tmp_p
 
 
 def test_llm_build_asks_once_per_distinct_question_and_resumes_from_its_cache(world, tmp_path, monkeypatch):
-    monkeypatch.setenv("LUMEN_TEST_KEY", "k")
-    server = FakeEndpoint()
     out = tmp_path / "enhanced.jsonl"
-    args = ["enhance", "--diffvqa", str(world / "medical-diff-vqa"), "--out", str(out), "--splits", "test",
-            "--backend", "llm", "--base-url", server.url, "--model", "llama", "--api-key-env", "LUMEN_TEST_KEY"]
-    try:
-        main(args)
-        asked = len(server.requests)
-        main(args)
-    finally:
-        server.close()
+    asked, server = build_twice("enhance", world, out, monkeypatch)
     records = [json.loads(line) for line in out.read_text().splitlines()]
     distinct = {(r["question"], r["short_answer"]) for r in records}
     assert asked == len(distinct) == len(server.requests)  # repeats and the second build came from the cache

@@ -7,6 +7,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from datamodules.build import main as build
 from datamodules.llm import ChatCache, LLMClient, LLMConfig
 
 
@@ -58,6 +59,22 @@ class FakeEndpoint:
 
     def close(self):
         self.server.shutdown()
+
+
+def build_twice(command: str, world, out, monkeypatch) -> tuple[int, FakeEndpoint]:
+    """Runs ``python -m datamodules.build <command> --backend llm`` on the world's test split twice
+    against a fresh loopback endpoint; returns the requests of the first build and the endpoint."""
+    monkeypatch.setenv("LUMEN_TEST_KEY", "k")
+    server = FakeEndpoint()
+    args = [command, "--diffvqa", str(world / "medical-diff-vqa"), "--out", str(out), "--splits", "test",
+            "--backend", "llm", "--base-url", server.url, "--model", "llama", "--api-key-env", "LUMEN_TEST_KEY"]
+    try:
+        build(args)
+        asked = len(server.requests)
+        build(args)
+    finally:
+        server.close()
+    return asked, server
 
 
 @pytest.fixture

@@ -6,13 +6,12 @@ from datetime import date
 
 import pytest
 
-from datamodules.build import main
 from datamodules.prognostic import (
     MAX_DAYS, RECORD_KEYS, TEMPLATES, ask, build_prognostic, draw_question, load_prognostic, rules_answer,
 )
 from datamodules.synthetic.population import FINDING_BY_NAME, SITES, Study
 from datamodules.synthetic.prognosis import prognosis
-from tests.test_llm import FakeEndpoint
+from tests.test_llm import build_twice
 
 
 def read_jsonl(path):
@@ -90,17 +89,8 @@ def test_the_world_writes_one_truth_record_per_difference_pair_with_the_builders
 
 
 def test_the_llm_backend_asks_with_the_difference_and_both_intervals_and_resumes(world, tmp_path, monkeypatch):
-    monkeypatch.setenv("LUMEN_TEST_KEY", "k")
-    server = FakeEndpoint()
     out = tmp_path / "prognostic.jsonl"
-    args = ["prognostic", "--diffvqa", str(world / "medical-diff-vqa"), "--out", str(out), "--splits", "test",
-            "--backend", "llm", "--base-url", server.url, "--model", "llama", "--api-key-env", "LUMEN_TEST_KEY"]
-    try:
-        main(args)
-        asked = len(server.requests)
-        main(args)
-    finally:
-        server.close()
+    asked, server = build_twice("prognostic", world, out, monkeypatch)
     records = read_jsonl(out)
     assert asked == len(records) == len(server.requests) > 0
     first = records[0]
