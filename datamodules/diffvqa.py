@@ -50,6 +50,13 @@ def _read_csv(path: Path, columns: list[str]) -> pd.DataFrame:
     return table
 
 
+def one_study_per_subject(table: pd.DataFrame, seed: int) -> set[int]:
+    """The LUMEN paper's test set: of the studies in ``table`` (columns subject_id, study_id), one
+    per subject, drawn with a seeded generator."""
+    studies = table[["subject_id", "study_id"]].drop_duplicates().sort_values(["subject_id", "study_id"])
+    return set(studies.groupby("subject_id").sample(n=1, random_state=seed)["study_id"])
+
+
 def load_diffvqa(
     diffvqa_dir: str | Path,
     mimic_root: str | Path,
@@ -74,10 +81,7 @@ def load_diffvqa(
     questions = _read_csv(questions_path, PAIR_COLUMNS)
     kept_studies = None
     if split == "test" and test_policy == "one_study_per_subject":
-        test_studies = questions.loc[questions["split"] == "test", ["subject_id", "study_id"]].drop_duplicates()
-        kept_studies = set(
-            test_studies.sort_values(["subject_id", "study_id"]).groupby("subject_id").sample(n=1, random_state=seed)["study_id"]
-        )
+        kept_studies = one_study_per_subject(questions[questions["split"] == "test"], seed)
 
     def study(study_id: int, row: int, column: str):
         if study_id not in studies:

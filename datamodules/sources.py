@@ -10,7 +10,9 @@ from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 
-from datamodules.diffvqa import LoadReport, load_diffvqa
+import pandas as pd
+
+from datamodules.diffvqa import TEST_POLICIES, LoadReport, load_diffvqa, one_study_per_subject
 from datamodules.mmxu import load_mmxu
 from datamodules.prognostic import load_prognostic
 from datamodules.records import Sample
@@ -78,20 +80,29 @@ class DiffVQASource:
 @dataclass
 class PrognosticSource:
     """Prognostic questions from a JSONL of ``python -m datamodules.build prognostic`` (or the
-    synthetic world's ground truth), on the difference pair's two images."""
+    synthetic world's ground truth), on the difference pair's two images. ``test_policy`` as for
+    Medical-Diff-VQA: ``one_study_per_subject`` keeps the questions of one study per test subject."""
 
     path: str
     diffvqa: str
     mimic_cxr_jpg: str
+    test_policy: str = "all"
     weight: float = 1.0
     tasks = ("prognostic",)
 
     def __post_init__(self) -> None:
         _require(self.path, "a JSONL from `python -m datamodules.build prognostic` (or the synthetic world's "
                  "prognostic/prognostic.jsonl)", "paths.prognostic")
+        if self.test_policy not in TEST_POLICIES:
+            raise ValueError(f"test_policy={self.test_policy!r}: expected one of {TEST_POLICIES}")
 
     def load(self, split: str, use_prior: bool) -> tuple[list[Sample], LoadReport]:
         samples, report = load_prognostic(self.path, self.diffvqa, self.mimic_cxr_jpg, split)
+        if split == "test" and self.test_policy == "one_study_per_subject":
+            studies = pd.DataFrame([(s.subject_id, s.study_id) for s in samples], columns=["subject_id", "study_id"])
+            kept = one_study_per_subject(studies, seed=0)
+            report.skipped["other_study_of_subject"] += sum(s.study_id not in kept for s in samples)
+            samples = [s for s in samples if s.study_id in kept]
         return (samples if use_prior else [_single_image(sample) for sample in samples]), report
 
 

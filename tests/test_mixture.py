@@ -200,3 +200,14 @@ def test_mmxu_fine_tunes_and_evaluates_with_letter_accuracy(demo_overrides, worl
     assert len(records) == min(8, questions) > 0 and all(r["task"] == "mmxu" and set(r["options"]) == set("ABCD") for r in records)
     assert all(r["choice_accuracy"] in (0, 1) for r in records)
     assert "choice_accuracy" in json.dumps(results)
+
+
+def test_the_papers_prognostic_test_set_keeps_one_study_per_subject(world):
+    diffvqa, mimic = str(world / "medical-diff-vqa"), str(world / "mimic-cxr-jpg")
+    path = str(world / "prognostic" / "prognostic.jsonl")
+    every, _ = PrognosticSource(path, diffvqa, mimic).load("test", use_prior=True)
+    kept, report = PrognosticSource(path, diffvqa, mimic, test_policy="one_study_per_subject").load("test", True)
+    assert len({s.subject_id for s in kept}) == len({s.study_id for s in kept}) == len({s.subject_id for s in every})
+    assert report.skipped["other_study_of_subject"] == len(every) - len(kept)
+    with pytest.raises(ValueError, match="test_policy='latest'"):
+        PrognosticSource(path, diffvqa, mimic, test_policy="latest")
