@@ -3,8 +3,10 @@
 ``PATH`` is a training checkpoint (``.ckpt``) or a directory written by
 ``python -m models.checkpoints export``.
 
-Generates answers greedily for the split, scores them, and writes to the run directory
-``predictions.jsonl`` (one record per sample), ``results.json`` and ``results.md``.
+Generates answers greedily for the split (resumable: rerun with ``hydra.run.dir=<the run
+directory>``, see ``evaluation.generation``), scores them, and writes to the run directory
+``predictions.jsonl`` (one record per sample, with its scores), ``results.json``, ``results.md`` and
+PNG plots; with ``logger=wandb`` the table and plots go to a W&B run as well.
 """
 
 from __future__ import annotations
@@ -13,9 +15,12 @@ from pathlib import Path
 
 import hydra
 import lightning as L
-from omegaconf import DictConfig
+from lightning.pytorch.loggers import WandbLogger
+from omegaconf import DictConfig, OmegaConf
 
+from evaluation.generation import PARTIAL, generate_records
 from evaluation.metrics import score_sample
+from evaluation.plots import plot_by_question_type, plot_distributions
 from evaluation.report import aggregate, markdown_table, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from models.checkpoints import input_spec, load_checkpoint
 from models.module import LumenModule
@@ -23,32 +28,6 @@ from train import prepare
 
 # Data settings that change what the model sees; by default taken from the checkpoint.
 PROMPT_SETTINGS = ("use_prior", "interval_in_prompt", "expert_demographics")
-
-
-def generate_records(module: LumenModule, datamodule, split: str, accelerator: str) -> list[dict]:
-    """One record per sample: ids, question, the model's answer and the reference answer."""
-    samples = {sample.sample_id: sample for sample in datamodule.dataset(split).samples}
-    trainer = L.Trainer(accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False)
-    batches = trainer.predict(module, dataloaders=datamodule.generation_loader(split))
-    tokenizer = datamodule.tokenizer
-    records = []
-    for batch in batches:
-        answers = tokenizer.batch_decode(batch["tokens"], skip_special_tokens=True)
-        for sample_id, answer in zip(batch["sample_ids"], answers):
-            sample = samples[sample_id]
-            records.append(
-                {
-                    "sample_id": sample_id,
-                    "task": sample.task,
-                    "question_type": sample.question_type,
-                    "question": sample.question,
-                    "has_prior": sample.has_prior,
-                    "prediction": answer.strip(),
-                    "reference": sample.reference,
-                    **({"options": sample.options} if sample.options else {}),
-                }
-            )
-    return records
 
 
 def evaluate(cfg: DictConfig) -> dict:
@@ -66,7 +45,15 @@ def evaluate(cfg: DictConfig) -> dict:
     datamodule = hydra.utils.instantiate(
         cfg.data, tokenizer_dir=str(module.config.llm_dir), input_spec=input_spec(module.config), **as_trained
     )
-    records = [record | score_sample(record) for record in generate_records(module, datamodule, cfg.split, cfg.accelerator)]
+    out = Path(cfg.paths.output_dir)
+    fingerprint = {
+        "checkpoint": str(Path(cfg.ckpt).resolve()), "split": cfg.split, "max_new_tokens": module.hparams.max_new_tokens,
+        "prompt": {key: datamodule.hparams[key] for key in ("use_prior", "interval_in_prompt", "experts",
+                                                            "expert_demographics")},
+        "sources": OmegaConf.to_container(cfg.data.sources), "limit": OmegaConf.to_container(cfg.data.limit),
+    }
+    generated = generate_records(module, datamodule, cfg.split, cfg.accelerator, out, fingerprint)
+    records = [record | score_sample(record) for record in generated]
     results = aggregate(records)
     results["checkpoint"] = str(Path(cfg.ckpt).resolve())
     results["split"] = cfg.split
@@ -78,14 +65,28 @@ def evaluate(cfg: DictConfig) -> dict:
         "tokens_per_image": model.tokens_per_image,
         "visual_tokens_with_prior": model.fusion.slots * model.tokens_per_image if datamodule.use_prior else None,
     }
-    out = Path(cfg.paths.output_dir)
     write_jsonl_atomic(out / "predictions.jsonl", records)
+    (out / PARTIAL).unlink(missing_ok=True)
     write_json_atomic(out / "results.json", results)
     table = markdown_table(results)
     write_text_atomic(out / "results.md", table)
+    plots = [*plot_by_question_type(results, out), plot_distributions(records, out)]
+    log_to_loggers(cfg, table, [plot for plot in plots if plot is not None])
     print(table)
     print(f"results: {out}")
     return results
+
+
+def log_to_loggers(cfg: DictConfig, table: str, plots: list[Path]) -> None:
+    """The results table and the plots (never images of patients) to the configured W&B run."""
+    for config in (cfg.get("logger") or {}).values():
+        logger = hydra.utils.instantiate(config)
+        if isinstance(logger, WandbLogger):
+            lines = [line for line in table.splitlines() if line and not line.startswith("| ---")]
+            rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+            logger.log_table("eval/results", columns=rows[0], data=rows[1:])
+            logger.log_image("eval/plots", images=[str(plot) for plot in plots], caption=[plot.stem for plot in plots])
+            logger.experiment.finish()
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="eval")

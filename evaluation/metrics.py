@@ -400,6 +400,9 @@ METRIC_SIGNATURES = {
                        "the denominator",
     "choice_parsed": "mmxu single-choice questions; extract_choice read a letter",
 }
+# The metrics that are 0/1 per sample (paired by McNemar; plotted as rates, not distributions).
+BINARY_METRICS = frozenset({"closed_accuracy", "exact_match", "difference_correct", "difference_correct_with_levels",
+                            "difference_parsed", "choice_accuracy", "choice_parsed"})
 
 RECORD_KEYS = ("sample_id", "task", "question_type", "question", "prediction", "reference")
 

@@ -1,0 +1,114 @@
+"""Answer generation for evaluation, written as it goes and resumable.
+
+Each finished batch is appended to ``predictions.partial.jsonl`` in the run directory (flushed and
+fsynced) by a Lightning prediction writer. A rerun into the same directory (``hydra.run.dir=<it>``)
+generates only the samples in neither that file nor a finished ``predictions.jsonl`` (so a finished
+run can be scored again, e.g. with a judge, without generating again); a torn last line (a crash
+mid-write) is dropped and that sample generated again. ``generation.json`` records what is being
+generated (checkpoint, split, prompt settings, generation length), and a rerun with other settings
+is refused rather than mixed in. The records come back in dataset order; the caller writes
+``predictions.jsonl`` atomically and then removes the partial file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import BasePredictionWriter
+from torch.utils.data import DataLoader
+
+from datamodules.datamodule import SampleDataset
+from datamodules.records import Sample
+from evaluation.report import write_json_atomic
+
+log = logging.getLogger(__name__)
+
+PREDICTIONS = "predictions.jsonl"
+PARTIAL = "predictions.partial.jsonl"
+FINGERPRINT = "generation.json"
+# What generation wrote; everything else in a finished record is a score, computed again.
+RECORD_FIELDS = ("sample_id", "task", "question_type", "question", "has_prior", "prediction", "reference", "answer",
+                 "options")
+
+
+def record(sample: Sample, prediction: str) -> dict:
+    """One prediction record: ids, the question, the model's answer, the reference it is scored
+    against and, when it differs, the training target (an enhanced full sentence)."""
+    out = {
+        "sample_id": sample.sample_id, "task": sample.task, "question_type": sample.question_type,
+        "question": sample.question, "has_prior": sample.has_prior, "prediction": prediction.strip(),
+        "reference": sample.reference,
+    }
+    if sample.answer != sample.reference:
+        out["answer"] = sample.answer
+    if sample.options:
+        out["options"] = sample.options
+    return out
+
+
+def _finished(predictions: Path) -> dict[str, dict]:
+    if not predictions.is_file():
+        return {}
+    records = map(json.loads, predictions.read_text(encoding="utf-8").splitlines())
+    return {item["sample_id"]: {k: item[k] for k in RECORD_FIELDS if k in item} for item in records}
+
+
+def _done(partial: Path) -> dict[str, dict]:
+    """Records already appended, by sample id; a torn last line is cut off."""
+    if not partial.is_file():
+        return {}
+    data = partial.read_bytes()
+    whole = data[: data.rfind(b"\n") + 1]
+    if len(whole) < len(data):
+        log.warning("%s: dropped a torn last line (an interrupted write); that sample is generated again", partial)
+        os.truncate(partial, len(whole))
+    return {item["sample_id"]: item for item in map(json.loads, whole.decode("utf-8").splitlines())}
+
+
+class _AppendRecords(BasePredictionWriter):
+    """Appends each predicted batch's records to the partial file as soon as it is decoded."""
+
+    def __init__(self, partial: Path, samples: dict[str, Sample], tokenizer):
+        super().__init__(write_interval="batch")
+        self.partial, self.samples, self.tokenizer = partial, samples, tokenizer
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        answers = self.tokenizer.batch_decode(prediction["tokens"], skip_special_tokens=True)
+        lines = "".join(json.dumps(record(self.samples[sample_id], answer)) + "\n"
+                        for sample_id, answer in zip(prediction["sample_ids"], answers))
+        with self.partial.open("a", encoding="utf-8") as handle:
+            handle.write(lines)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def generate_records(module, datamodule, split: str, accelerator: str, out: Path, fingerprint: dict) -> list[dict]:
+    """Every sample's record for ``split``, generating only those not already in ``out``'s partial file."""
+    out.mkdir(parents=True, exist_ok=True)
+    partial, fingerprint_path = out / PARTIAL, out / FINGERPRINT
+    if partial.is_file() or (out / PREDICTIONS).is_file():
+        previous = json.loads(fingerprint_path.read_text()) if fingerprint_path.is_file() else None
+        if previous != fingerprint:
+            raise ValueError(
+                f"{out} holds answers generated with other settings ({fingerprint_path}: {previous}); "
+                f"now: {fingerprint}. Evaluate into another directory, or delete both files to start over"
+            )
+    write_json_atomic(fingerprint_path, fingerprint)
+    samples = datamodule.dataset(split).samples
+    done = _finished(out / PREDICTIONS) | _done(partial)
+    pending = [sample for sample in samples if sample.sample_id not in done]
+    if done:
+        log.info("resuming %s: %d of %d answers already generated", partial, len(samples) - len(pending), len(samples))
+    if pending:
+        writer = _AppendRecords(partial, {sample.sample_id: sample for sample in pending}, datamodule.tokenizer)
+        trainer = L.Trainer(accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,
+                            callbacks=[writer])
+        loader = DataLoader(SampleDataset(pending), batch_size=datamodule.eval_batch_size,
+                            collate_fn=datamodule.generation_collator, num_workers=datamodule.num_workers)
+        trainer.predict(module, dataloaders=loader, return_predictions=False)
+        done |= _done(partial)
+    return [done[sample.sample_id] for sample in samples]

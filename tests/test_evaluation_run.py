@@ -1,0 +1,81 @@
+"""eval.py as a run: answers written as they are generated, resumed after an interruption, plots,
+and the table and plots sent to W&B (offline)."""
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from eval import evaluate
+from evaluation.generation import FINGERPRINT, PARTIAL
+from tests.helpers import WORLD_SUBJECTS
+from train import compose_config
+
+
+def eval_config(checkpoint, world, out: Path, *extra):
+    return compose_config("eval", [f"ckpt={checkpoint}", f"paths.output_dir={out}", f"paths.world_dir={world}",
+                                   f"prepare.world.subjects={WORLD_SUBJECTS}", "data.limit.test=20",
+                                   "accelerator=cpu", *extra])
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def finished(trained_checkpoint, world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval") / "run"
+    evaluate(eval_config(trained_checkpoint, world, out))
+    return out
+
+
+def test_a_finished_run_leaves_predictions_results_plots_and_no_partial_file(finished):
+    assert len(read_jsonl(finished / "predictions.jsonl")) == 20
+    assert not (finished / PARTIAL).exists() and (finished / FINGERPRINT).is_file()
+    plots = sorted(path.name for path in finished.glob("*.png"))
+    assert plots == ["score_distributions.png", "scores_diagnostic.png", "scores_difference.png"]
+    with Image.open(finished / "scores_diagnostic.png") as image:
+        assert image.size[0] > 300 and image.size[1] > 200
+
+
+def test_an_interrupted_run_generates_only_what_is_missing(finished, trained_checkpoint, world, tmp_path):
+    records = read_jsonl(finished / "predictions.jsonl")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / FINGERPRINT).write_text((finished / FINGERPRINT).read_text())
+    kept = [{key: r[key] for key in ("sample_id", "task", "question_type", "question", "has_prior", "reference")}
+            | {"prediction": "ANSWER FROM BEFORE THE CRASH"} for r in records[:5]]
+    torn = json.dumps(kept[0] | {"sample_id": records[5]["sample_id"]})[:40]  # a crash mid-write
+    (run / PARTIAL).write_text("".join(json.dumps(r) + "\n" for r in kept) + torn)
+    evaluate(eval_config(trained_checkpoint, world, run))
+    resumed = read_jsonl(run / "predictions.jsonl")
+    assert [r["sample_id"] for r in resumed] == [r["sample_id"] for r in records]
+    assert [r["prediction"] for r in resumed[:5]] == ["ANSWER FROM BEFORE THE CRASH"] * 5  # not generated again
+    assert [r["prediction"] for r in resumed[5:]] == [r["prediction"] for r in records[5:]]  # the torn one too
+    assert not (run / PARTIAL).exists()
+
+
+def test_a_finished_run_is_scored_again_without_generating(finished, trained_checkpoint, world):
+    before = (finished / "predictions.jsonl").read_text()
+    lines = before.splitlines()
+    edited = json.loads(lines[0]) | {"prediction": "EDITED"}
+    (finished / "predictions.jsonl").write_text("\n".join([json.dumps(edited), *lines[1:]]) + "\n")
+    evaluate(eval_config(trained_checkpoint, world, finished))
+    assert read_jsonl(finished / "predictions.jsonl")[0]["prediction"] == "EDITED"
+
+
+def test_answers_from_other_settings_are_not_mixed_in(finished, trained_checkpoint, world):
+    with pytest.raises(ValueError, match="generated with other settings"):
+        evaluate(eval_config(trained_checkpoint, world, finished, "data.use_prior=false"))
+
+
+def test_with_the_wandb_logger_the_table_and_plots_go_to_an_offline_run(trained_checkpoint, world, tmp_path,
+                                                                         monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    evaluate(eval_config(trained_checkpoint, world, tmp_path / "run", "logger=wandb"))
+    media = list((tmp_path / "run" / "wandb").rglob("*.png"))
+    tables = list((tmp_path / "run" / "wandb").rglob("*.table.json"))
+    assert len(media) >= 2 and len(tables) == 1
+    assert json.loads(tables[0].read_text())["columns"][:2] == ["Task", "Question type"]
