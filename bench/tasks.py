@@ -5,14 +5,16 @@ Trains, for the same number of steps on the same synthetic world (seed 0):
   mmxu-global          the same with the prior report in the prompt (MAG's global record)
   mmxu-one-image       the same without the prior image (the current image and the question only)
   lumen                data=lumen: diagnostic + difference + prognostic, expert predictions in the prompt
-  lumen-no-experts     the same without the expert predictions
+  lumen-one-image      the same without the prior image (two-image questions see the current image only)
+  lumen-no-experts     the same as lumen without the expert predictions
 then scores a held-out world generated with another seed: MMXU arms on all its MMXU questions
 (``MMXU-dev.jsonl``, every subject; chance is 0.25), LUMEN arms on its prognostic questions (exact
 answer and LLaVA-Med token recall against the chains' ground truth) and its difference questions.
 A text-only baseline is printed beside the prognostic scores: for each asked number of days, the
 training world's most frequent answer.
 
-    python bench/tasks.py                        # about 6 CPU-minutes of training per model (2 cores)
+    python bench/tasks.py                        # the four default arms, about 10 minutes each (2 cores)
+    python bench/tasks.py --variants mmxu-global lumen-no-experts   # the other two
     python bench/tasks.py --variants mmxu mmxu-one-image --steps 600
     python bench/tasks.py --reuse                # train only the arms not yet run with these settings
 """
@@ -48,10 +50,15 @@ VARIANTS = {
     "mmxu-one-image": (["experiment=mmxu", "data.use_prior=false"], MMXU_EVAL),
     "lumen": (["data=lumen", EXPERTS], {"prognostic": ["data=lumen", EXPERTS, *PROGNOSTIC_ONLY],
                                          "difference": ["data=lumen", EXPERTS, *DIFFERENCE_ONLY]}),
+    "lumen-one-image": (["data=lumen", EXPERTS, "data.use_prior=false"],
+                        {"prognostic": ["data=lumen", EXPERTS, *PROGNOSTIC_ONLY],
+                         "difference": ["data=lumen", EXPERTS, *DIFFERENCE_ONLY]}),
     "lumen-no-experts": (["data=lumen"], {"prognostic": ["data=lumen", *PROGNOSTIC_ONLY],
                                           "difference": ["data=lumen", *DIFFERENCE_ONLY]}),
 }
-PAIRS = [("mmxu", "mmxu-one-image"), ("mmxu-global", "mmxu"), ("lumen", "lumen-no-experts")]
+DEFAULT_VARIANTS = ["mmxu", "mmxu-one-image", "lumen", "lumen-one-image"]
+PAIRS = [("mmxu", "mmxu-one-image"), ("mmxu-global", "mmxu"), ("lumen", "lumen-one-image"),
+         ("lumen", "lumen-no-experts")]
 
 
 def run(command: list[str]) -> float:
@@ -88,11 +95,11 @@ def days_prior(train_world: Path, held_out: list[dict]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=2500, help="optimizer steps per model (same for all)")
+    parser.add_argument("--steps", type=int, default=1500, help="optimizer steps per model (same for all)")
     parser.add_argument("--train-subjects", type=int, default=1500, help="training world (seed 0)")
     parser.add_argument("--eval-subjects", type=int, default=600, help="held-out world (seed 1)")
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench-tasks")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
     parser.add_argument("--reuse", action="store_true",
                         help="reuse an arm's earlier run in --out when its train and eval commands are the same")
     args = parser.parse_args()
