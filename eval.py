@@ -57,6 +57,7 @@ def evaluate(cfg: DictConfig) -> dict:
     results = aggregate(records)
     results["checkpoint"] = str(Path(cfg.ckpt).resolve())
     results["split"] = cfg.split
+    results["config"] = OmegaConf.to_container(cfg, resolve=True)
     model = loaded.model
     results["model"] = {
         "vision": loaded.config.vision.type,

@@ -80,7 +80,8 @@ def test_exported_fusion_weights_refuse_another_fusion_mode(exported):
 
 
 def test_eval_accepts_an_exported_directory(exported, world, tmp_path):
-    cfg = compose_config("eval", [f"ckpt={exported}", f"paths.output_dir={tmp_path}", f"paths.world_dir={world}",
+    cfg = compose_config("eval", [f"ckpt={exported}", f"paths.output_dir={tmp_path}", f"paths.cache_dir={tmp_path / 'cache'}",
+                                  f"paths.world_dir={world}",
                                   f"prepare.world.subjects={WORLD_SUBJECTS}", "data.limit.test=8", "accelerator=cpu"])
     results = evaluate(cfg)
     assert results["checkpoint"] == str(exported.resolve())

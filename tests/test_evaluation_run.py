@@ -14,7 +14,8 @@ from train import compose_config
 
 
 def eval_config(checkpoint, world, out: Path, *extra):
-    return compose_config("eval", [f"ckpt={checkpoint}", f"paths.output_dir={out}", f"paths.world_dir={world}",
+    return compose_config("eval", [f"ckpt={checkpoint}", f"paths.output_dir={out}", f"paths.cache_dir={out}-cache",
+                                   f"paths.world_dir={world}",
                                    f"prepare.world.subjects={WORLD_SUBJECTS}", "data.limit.test=20",
                                    "accelerator=cpu", *extra])
 

@@ -193,7 +193,8 @@ def test_mmxu_fine_tunes_and_evaluates_with_letter_accuracy(demo_overrides, worl
     assert trainer.global_step == 4 and trainer.datamodule.hparams.tasks == ["mmxu"]
     checkpoint = trainer.checkpoint_callback.last_model_path
     results = evaluate(compose_config("eval", [
-        f"ckpt={checkpoint}", "data=mmxu", f"paths.output_dir={tmp_path / 'eval'}", f"paths.world_dir={world}",
+        f"ckpt={checkpoint}", "data=mmxu", f"paths.output_dir={tmp_path / 'eval'}", f"paths.cache_dir={tmp_path / 'cache'}",
+        f"paths.world_dir={world}",
         f"prepare.world.subjects={WORLD_SUBJECTS}", "data.limit.test=8", "accelerator=cpu"]))
     records = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
     questions = len((world / "mmxu" / "MMXU-test.jsonl").read_text().splitlines())

@@ -40,7 +40,7 @@ def test_checkpoint_loads_with_weights_only(trained_checkpoint):
 
 def test_eval_writes_predictions_results_and_a_table(trained_checkpoint, world, tmp_path, capsys):
     out = tmp_path / "eval"
-    cfg = compose_config("eval", [f"ckpt={trained_checkpoint}", f"paths.output_dir={out}",
+    cfg = compose_config("eval", [f"ckpt={trained_checkpoint}", f"paths.output_dir={out}", f"paths.cache_dir={tmp_path / 'cache'}",
                                   f"paths.world_dir={world}", f"prepare.world.subjects={WORLD_SUBJECTS}",
                                   "data.limit.test=24", "accelerator=cpu"])
     results = evaluate(cfg)
