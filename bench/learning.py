@@ -30,8 +30,6 @@ import sys
 import time
 from pathlib import Path
 
-from scipy.stats import binomtest
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 VARIANTS = {
@@ -47,6 +45,7 @@ REFERENCE = "difference"  # the demo's default mode
 
 
 from evaluation.metrics import change_f1  # noqa: E402  (after the repository root is on sys.path)
+from evaluation.stats import mcnemar  # noqa: E402
 
 
 def run(command: list[str]) -> float:
@@ -126,12 +125,10 @@ def main() -> None:
         reference = rows[args.reference]
         for name in [n for n in rows if n != args.reference]:
             ratio = f"{reference['accuracy'] / rows[name]['accuracy']:.2f}" if rows[name]["accuracy"] else "n/a"
-            ids = reference["correct"].keys() & rows[name]["correct"].keys()
-            only_reference = sum(1 for i in ids if reference["correct"][i] and not rows[name]["correct"][i])
-            only_other = sum(1 for i in ids if rows[name]["correct"][i] and not reference["correct"][i])
-            p = binomtest(only_reference, only_reference + only_other).pvalue if only_reference + only_other else 1.0
-            print(f"{args.reference} / {name}: accuracy ratio {ratio}; McNemar (exact) {only_reference} vs "
-                  f"{only_other} discordant, p = {p:.2g}")
+            ids = sorted(reference["correct"].keys() & rows[name]["correct"].keys())
+            test = mcnemar([reference["correct"][i] for i in ids], [rows[name]["correct"][i] for i in ids])
+            print(f"{args.reference} / {name}: accuracy ratio {ratio}; McNemar (exact) {test.only_a} vs "
+                  f"{test.only_b} discordant, p = {test.p_value:.2g}")
 
 
 if __name__ == "__main__":

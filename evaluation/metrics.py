@@ -404,6 +404,12 @@ METRIC_SIGNATURES = {
 BINARY_METRICS = frozenset({"closed_accuracy", "exact_match", "difference_correct", "difference_correct_with_levels",
                             "difference_parsed", "choice_accuracy", "choice_parsed"})
 
+# Metrics that score a sample 0 or 1 (an accuracy's per-sample value): paired comparisons of
+# these also get McNemar's test. The token recalls are the continuous ones.
+ZERO_ONE_METRICS = frozenset({"closed_accuracy", "exact_match", "difference_correct",
+                              "difference_correct_with_levels", "difference_parsed",
+                              "choice_accuracy", "choice_parsed"})
+
 RECORD_KEYS = ("sample_id", "task", "question_type", "question", "prediction", "reference")
 
 
