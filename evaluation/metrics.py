@@ -400,12 +400,8 @@ METRIC_SIGNATURES = {
                        "the denominator",
     "choice_parsed": "mmxu single-choice questions; extract_choice read a letter",
 }
-# The metrics that are 0/1 per sample (paired by McNemar; plotted as rates, not distributions).
-BINARY_METRICS = frozenset({"closed_accuracy", "exact_match", "difference_correct", "difference_correct_with_levels",
-                            "difference_parsed", "choice_accuracy", "choice_parsed"})
-
 # Metrics that score a sample 0 or 1 (an accuracy's per-sample value): paired comparisons of
-# these also get McNemar's test. The token recalls are the continuous ones.
+# these also get McNemar's test, and plots show them as rates, not distributions.
 ZERO_ONE_METRICS = frozenset({"closed_accuracy", "exact_match", "difference_correct",
                               "difference_correct_with_levels", "difference_parsed",
                               "choice_accuracy", "choice_parsed"})

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from evaluation.metrics import BINARY_METRICS, METRIC_SIGNATURES
+from evaluation.metrics import ZERO_ONE_METRICS, METRIC_SIGNATURES
 
 
 def _save(figure: Figure, path: Path) -> Path:
@@ -56,7 +56,7 @@ def plot_distributions(records: list[dict], out: Path) -> Path | None:
         for name in METRIC_SIGNATURES.keys() & record.keys():
             if record[name] is not None:
                 values[name][record["task"]].append(record[name])
-    graded = [name for name in METRIC_SIGNATURES if name in values and name not in BINARY_METRICS]
+    graded = [name for name in METRIC_SIGNATURES if name in values and name not in ZERO_ONE_METRICS]
     if not graded:
         return None
     figure = Figure(figsize=(4.2 * len(graded), 3.4))
