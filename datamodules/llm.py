@@ -5,7 +5,11 @@ Llama-3.2-11B-Vision-Instruct on this machine), greedy, with a resumable cache.
   connection errors, 408/409/429 and 5xx); at most ``concurrency`` requests in flight;
 - the API key is read from the environment variable ``api_key_env`` and never logged or cached;
 - every answer is appended to a JSONL cache keyed by (model, prompt version, messages) as soon as it
-  arrives, so an interrupted build resumes without asking again or losing work.
+  arrives, so an interrupted build resumes without asking again or losing work; with
+  ``key_sampling`` the sampling parameters (temperature, max_tokens) join the key;
+- with ``failures_as_none`` a request that still fails after its retries (timeout, connection
+  error, 408/409/429, 5xx) gives ``None`` for that conversation instead of stopping the run; it is
+  not cached, so the next run asks again. Other errors (a wrong key or model) still raise.
 """
 
 from __future__ import annotations
@@ -55,23 +59,39 @@ class ChatCache:
             log.warning("%s: skipped %d unreadable line(s) (an interrupted write)", self.path, self.torn_lines)
 
     @staticmethod
-    def key(model: str, prompt_version: str, messages: Messages) -> str:
-        payload = json.dumps([model, prompt_version, messages], sort_keys=True, ensure_ascii=False)
+    def key(model: str, prompt_version: str, messages: Messages, sampling: dict | None = None) -> str:
+        # Without sampling the payload is the original one, so caches written before it still answer.
+        parts = [model, prompt_version, messages] + ([sampling] if sampling is not None else [])
+        payload = json.dumps(parts, sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(payload.encode()).hexdigest()
 
-    def add(self, key: str, model: str, prompt_version: str, answer: str) -> None:
+    def add(self, key: str, model: str, prompt_version: str, answer: str, sampling: dict | None = None) -> None:
         self.answers[key] = answer
+        entry = {"key": key, "model": model, "prompt_version": prompt_version,
+                 **({"sampling": sampling} if sampling is not None else {}), "answer": answer}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as handle:
-            handle.write(json.dumps({"key": key, "model": model, "prompt_version": prompt_version,
-                                     "answer": answer}, ensure_ascii=False) + "\n")
+            handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
 
 
+def _transient(error: Exception) -> bool:
+    """The failures the openai client retries: timeouts, connection errors, 408/409/429 and 5xx."""
+    import openai
+
+    if isinstance(error, openai.APIConnectionError):  # timeouts included
+        return True
+    return isinstance(error, openai.APIStatusError) and (error.status_code in (408, 409, 429)
+                                                         or error.status_code >= 500)
+
+
 class LLMClient:
-    def __init__(self, config: LLMConfig, cache: ChatCache, prompt_version: str):
+    def __init__(self, config: LLMConfig, cache: ChatCache, prompt_version: str, key_sampling: bool = False):
         self.config, self.cache, self.prompt_version = config, cache, prompt_version
+        self.sampling = {"temperature": 0.0, "max_tokens": config.max_tokens}
+        # Off for the data builds, whose caches were keyed without sampling parameters.
+        self.key_sampling = key_sampling
 
     def _api_key(self) -> str:
         key = os.environ.get(self.config.api_key_env)
@@ -82,15 +102,22 @@ class LLMClient:
             )
         return key
 
-    def complete(self, conversations: Sequence[Messages], description: str = "LLM") -> list[str]:
-        """The answer to each conversation, in order: cached ones at once, the rest from the endpoint."""
-        keys = [ChatCache.key(self.config.model, self.prompt_version, messages) for messages in conversations]
+    def complete(self, conversations: Sequence[Messages], description: str = "LLM",
+                 failures_as_none: bool = False) -> list[str | None]:
+        """The answer to each conversation, in order: cached ones at once, the rest from the endpoint.
+
+        An answer is ``None`` only with ``failures_as_none``, where its request still failed after
+        the retries; otherwise that failure raises.
+        """
+        sampling = self.sampling if self.key_sampling else None
+        keys = [ChatCache.key(self.config.model, self.prompt_version, messages, sampling)
+                for messages in conversations]
         todo = {key: messages for key, messages in zip(keys, conversations) if key not in self.cache.answers}
         if todo:
-            asyncio.run(self._ask_all(todo, description))
-        return [self.cache.answers[key] for key in keys]
+            asyncio.run(self._ask_all(todo, description, failures_as_none))
+        return [self.cache.answers.get(key) for key in keys]
 
-    async def _ask_all(self, todo: dict[str, Messages], description: str) -> None:
+    async def _ask_all(self, todo: dict[str, Messages], description: str, failures_as_none: bool) -> None:
         from openai import AsyncOpenAI
 
         client = AsyncOpenAI(base_url=self.config.base_url, api_key=self._api_key(),
@@ -99,11 +126,18 @@ class LLMClient:
         progress = tqdm(total=len(todo), desc=description, unit="request")
 
         async def ask(key: str, messages: Messages) -> None:
-            async with slots:
-                response = await client.chat.completions.create(
-                    model=self.config.model, messages=messages, temperature=0.0, max_tokens=self.config.max_tokens,
-                )
-            self.cache.add(key, self.config.model, self.prompt_version, response.choices[0].message.content or "")
+            try:
+                async with slots:
+                    response = await client.chat.completions.create(
+                        model=self.config.model, messages=messages, **self.sampling)
+            except Exception as error:
+                if not (failures_as_none and _transient(error)):
+                    raise
+                log.warning("%s: a request failed after %d retries (%s); it is not cached and is asked again "
+                            "on the next run", description, self.config.max_retries, type(error).__name__)
+            else:
+                self.cache.add(key, self.config.model, self.prompt_version, response.choices[0].message.content or "",
+                               self.sampling if self.key_sampling else None)
             progress.update()
 
         try:

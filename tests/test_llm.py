@@ -12,10 +12,12 @@ from datamodules.llm import ChatCache, LLMClient, LLMConfig
 
 
 class FakeEndpoint:
-    """Answers /v1/chat/completions with the upper-cased last user message; can fail the first calls."""
+    """Answers /v1/chat/completions with ``answer(messages)`` (by default the upper-cased last user
+    message); can fail the first calls with ``status`` and wait ``delay_s`` before each answer."""
 
-    def __init__(self, failures: int = 0, delay_s: float = 0.0):
-        self.requests, self.failures, self.delay_s = [], failures, delay_s
+    def __init__(self, failures: int = 0, delay_s: float = 0.0, answer=None, status: int = 503):
+        self.requests, self.failures, self.delay_s, self.status = [], failures, delay_s, status
+        self.answer = answer or (lambda messages: messages[-1]["content"].upper())
         self.in_flight = self.max_in_flight = 0
         self.lock = threading.Lock()
         endpoint = self
@@ -36,12 +38,12 @@ class FakeEndpoint:
                 with endpoint.lock:
                     endpoint.in_flight -= 1
                 if fail:
-                    self.send_response(503)
+                    self.send_response(endpoint.status)
                     self.send_header("Content-Type", "application/json")
                     self.end_headers()
                     self.wfile.write(b'{"error": {"message": "busy"}}')
                     return
-                answer = body["messages"][-1]["content"].upper()
+                answer = endpoint.answer(body["messages"])
                 payload = json.dumps({
                     "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
                     "choices": [{"index": 0, "finish_reason": "stop",
@@ -160,3 +162,42 @@ def test_a_missing_api_key_variable_is_a_clear_error(endpoint, tmp_path, monkeyp
     config = LLMConfig(base_url=endpoint.url, model="m", api_key_env="LUMEN_ABSENT_KEY")
     with pytest.raises(KeyError, match="environment variable LUMEN_ABSENT_KEY is not set"):
         LLMClient(config, ChatCache(tmp_path / "c.jsonl"), "v1").complete(conversations(1))
+
+
+def test_sampling_parameters_join_the_key_only_when_asked_so_earlier_caches_still_answer(endpoint, tmp_path,
+                                                                                         monkeypatch):
+    path = tmp_path / "cache.jsonl"
+    client(endpoint.url, path, monkeypatch).complete(conversations(2))
+    client(endpoint.url, path, monkeypatch, max_tokens=64).complete(conversations(2))
+    assert len(endpoint.requests) == 2
+    keyed = client(endpoint.url, path, monkeypatch, max_tokens=64)
+    keyed.key_sampling = True
+    keyed.complete(conversations(2))
+    keyed.complete(conversations(2))
+    assert len(endpoint.requests) == 4
+    assert {r["body"]["max_tokens"] for r in endpoint.requests[2:]} == {64}
+    assert json.loads(path.read_text().splitlines()[-1])["sampling"] == {"temperature": 0.0, "max_tokens": 64}
+
+
+def test_a_request_failing_after_its_retries_can_be_a_none_that_is_asked_again_next_run(tmp_path, monkeypatch):
+    server = FakeEndpoint(failures=2, status=429)
+    path = tmp_path / "cache.jsonl"
+    try:
+        first = client(server.url, path, monkeypatch, max_retries=1, concurrency=1).complete(
+            conversations(2), failures_as_none=True)
+        second = client(server.url, path, monkeypatch, max_retries=1).complete(conversations(2), failures_as_none=True)
+    finally:
+        server.close()
+    assert first == [None, "ANSWER 1"] and second == ["ANSWER 0", "ANSWER 1"]
+    assert len(server.requests) == 2 + 1 + 1  # a try and a retry, the other, then the failed one again
+
+
+def test_errors_that_are_not_transient_raise_even_with_failures_as_none(tmp_path, monkeypatch):
+    import openai
+
+    server = FakeEndpoint(failures=1, status=401)
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            client(server.url, tmp_path / "cache.jsonl", monkeypatch).complete(conversations(1), failures_as_none=True)
+    finally:
+        server.close()
