@@ -19,7 +19,9 @@ from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from evaluation.generation import PARTIAL, generate_records
-from evaluation.metrics import score_sample
+from datamodules.llm import LLMConfig
+from evaluation.judge import judge_client, judge_records, judge_summary
+from evaluation.metrics import is_closed, score_sample
 from evaluation.plots import plot_by_question_type, plot_distributions
 from evaluation.report import aggregate, markdown_table, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from models.checkpoints import input_spec, load_checkpoint
@@ -54,7 +56,10 @@ def evaluate(cfg: DictConfig) -> dict:
     }
     generated = generate_records(module, datamodule, cfg.split, cfg.accelerator, out, fingerprint)
     records = [record | score_sample(record) for record in generated]
+    judge = judge_open_answers(records, cfg.judge, out) if cfg.get("judge") else None
     results = aggregate(records)
+    if judge is not None:
+        results["judge"] = judge
     results["checkpoint"] = str(Path(cfg.ckpt).resolve())
     results["split"] = cfg.split
     results["config"] = OmegaConf.to_container(cfg, resolve=True)
@@ -76,6 +81,17 @@ def evaluate(cfg: DictConfig) -> dict:
     print(table)
     print(f"results: {out}")
     return results
+
+
+def judge_open_answers(records: list[dict], judge: DictConfig, out: Path) -> dict:
+    """Adds the LLM judge's score to every open-ended record (yes/no and single-choice questions have
+    exact answers) and returns the judge's summary for results.json."""
+    client = judge_client(LLMConfig(**judge), cache_path=out / "judge_cache.jsonl")
+    open_ended = [r for r in records if r["task"] != "mmxu" and not is_closed(r["reference"])]
+    judged = judge_records(open_ended, client)
+    for record, judgement in zip(open_ended, judged):
+        record |= judgement
+    return judge_summary(judged, client)
 
 
 def log_to_loggers(cfg: DictConfig, table: str, plots: list[Path]) -> None:

@@ -56,6 +56,8 @@ def read_predictions(run_dir: str | Path, by: str) -> dict[str, dict]:
         if sample_id in records:
             raise ValueError(f"{path}, line {number}: sample_id {sample_id!r} repeats line "
                              f"{lines[sample_id]}; each sample must be scored once")
+        # No score (a judge that could not grade the answer) means the metric does not apply.
+        record = {key: value for key, value in record.items() if value is not None}
         for name in METRIC_SIGNATURES.keys() & record.keys():
             if isinstance(record[name], bool) or not isinstance(record[name], (int, float)):
                 raise ValueError(f"{path}, line {number}: metric '{name}' is "

@@ -399,12 +399,17 @@ METRIC_SIGNATURES = {
                        "text) equals the reference letter; unparsed answers are wrong and stay in "
                        "the denominator",
     "choice_parsed": "mmxu single-choice questions; extract_choice read a letter",
+    "judge_score": "open-ended questions (not yes/no, not single choice), with judge=...: the "
+                   "reference-guided 1-10 LLM judge of evaluation/judge.py; mean over the parsed "
+                   "judgements (parse and request failures have no score); judge model, prompt "
+                   "version and failure counts in results['judge']",
+    "judge_parsed": "as judge_score; 1 when the judge's rating was read (after at most one repair)",
 }
 # Metrics that score a sample 0 or 1 (an accuracy's per-sample value): paired comparisons of
 # these also get McNemar's test, and plots show them as rates, not distributions.
 ZERO_ONE_METRICS = frozenset({"closed_accuracy", "exact_match", "difference_correct",
                               "difference_correct_with_levels", "difference_parsed",
-                              "choice_accuracy", "choice_parsed"})
+                              "choice_accuracy", "choice_parsed", "judge_parsed"})
 
 RECORD_KEYS = ("sample_id", "task", "question_type", "question", "prediction", "reference")
 

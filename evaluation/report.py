@@ -32,6 +32,8 @@ def aggregate(scored_records: list[dict]) -> dict:
     for record in scored_records:
         n_samples += 1
         for name in METRIC_SIGNATURES.keys() & record.keys():
+            if record[name] is None:  # not scored (a judge parse failure): the metric does not apply
+                continue
             overall[name].append(record[name])
             by_group[(record["task"], record["question_type"])][name].append(record[name])
     names = [name for name in METRIC_SIGNATURES if name in overall]
