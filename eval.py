@@ -45,6 +45,8 @@ def generate_records(module: LumenModule, datamodule, split: str, accelerator: s
                     "has_prior": sample.has_prior,
                     "prediction": answer.strip(),
                     "reference": sample.reference,
+                    # The enhanced long training target, which BLEU-4 and ROUGE-L score against.
+                    **({"answer": sample.answer} if sample.answer != sample.reference else {}),
                     **({"options": sample.options} if sample.options else {}),
                 }
             )

@@ -19,6 +19,15 @@ from evaluation.difference import (  # noqa: F401  (re-exported: callers import 
     parse_reference_difference,
     same_change,
 )
+from evaluation.findings import label_change_f1, label_changes, reference_label_changes
+from evaluation.text_metrics import (
+    CORPUS_BLEU_SIGNATURE,
+    ROUGE_L_SIGNATURE,
+    SENTENCE_BLEU_SIGNATURE,
+    corpus_bleu4,
+    rouge_l,
+    sentence_bleu4,
+)
 
 # ---------------------------------------------------------------------------------------------
 # VQA answer normalisation, as copied into LLaVA-Med (llava/eval/eval_metrics/glossary.py)
@@ -257,8 +266,9 @@ METRIC_SIGNATURES = {
                        "reference; unreadable answers are wrong and stay in the denominator",
     "exact_match": "yes/no references; D-Rax strict match of the VQA-normalised prediction and "
                    "reference",
-    "token_recall": "open non-difference references; LLaVA-Med unigram recall, LLaVA-Med VQA "
-                    "normalisation, whitespace tokens, candidate counts (repetition inflates)",
+    "token_recall": "open diagnostic and prognostic questions, against the short reference; "
+                    "LLaVA-Med unigram recall, LLaVA-Med VQA normalisation, whitespace tokens, "
+                    "candidate counts (repetition inflates)",
     "token_recall_clipped": "as token_recall with candidate counts clipped to reference counts",
     "difference_correct": "difference questions; Medical-Diff-VQA grammar parse, added and missing "
                           "finding sets equal (pneumonia = infection), level changes ignored; "
@@ -272,41 +282,116 @@ METRIC_SIGNATURES = {
                        "text) equals the reference letter; unparsed answers are wrong and stay in "
                        "the denominator",
     "choice_parsed": "mmxu single-choice questions; extract_choice read a letter",
+    "bleu4": "diagnostic, difference and prognostic questions, against the record's `answer` (the "
+             "enhanced long training target) where it has one, else its reference; per-sample "
+             f"smoothed sentence BLEU-4 on a 0-1 scale, {SENTENCE_BLEU_SIGNATURE}",
+    "rougeL": "as bleu4 for the questions and the reference text; per-sample ROUGE-L, "
+              f"{ROUGE_L_SIGNATURE}",
+    "chexpert_added_accuracy": "difference questions; the set of CheXpert labels the prediction "
+                               "says were added equals the reference's (evaluation.findings: "
+                               "grammar parse, else keyword rules; unmapped findings ignored)",
+    "chexpert_missing_accuracy": "as chexpert_added_accuracy for the labels said to be missing",
+}
+
+# Metrics of a whole group of records (`corpus_metrics`), not averages of per-sample values.
+CORPUS_METRIC_SIGNATURES = {
+    "corpus_bleu4": "the records bleu4 applies to, against the same texts; corpus BLEU-4 (n-gram "
+                    f"counts and lengths pooled) on a 0-1 scale, {CORPUS_BLEU_SIGNATURE}",
+    **{f"chexpert_{kind}_{score}": f"difference questions; micro {score} of the CheXpert labels "
+                                   f"said to be {kind}, pooled over samples (evaluation.findings)"
+       for kind in ("added", "missing") for score in ("precision", "recall", "f1", "support")},
 }
 
 RECORD_KEYS = ("sample_id", "task", "question_type", "question", "prediction", "reference")
 
 
-def score_sample(record: dict) -> dict[str, float]:
-    """The metrics that apply to one prediction record (keys `RECORD_KEYS`), by name.
+def _text_reference(record: dict) -> str:
+    # Diagnostic records trained on enhanced answers carry the long target as `answer`; overlap
+    # metrics compare with it, recall and accuracy with the short reference.
+    return record.get("answer", record["reference"])
 
-    mmxu questions -> choice_accuracy, choice_parsed (option texts from the record's optional
-    ``options``); difference questions -> difference_correct, difference_correct_with_levels, difference_parsed;
-    yes/no references -> closed_accuracy, exact_match; other references -> token_recall,
-    token_recall_clipped. Accuracies are 0/1. The reference must be the short original answer.
-    """
+
+def _overlap_scores(record: dict) -> dict[str, float]:
+    reference = _text_reference(record)
+    return {"bleu4": sentence_bleu4(record["prediction"], reference),
+            "rougeL": rouge_l(record["prediction"], reference)}
+
+
+def _difference_scores(record: dict) -> dict[str, float]:
+    prediction, reference = record["prediction"], record["reference"]
+    try:
+        expected = parse_reference_difference(reference)
+    except ValueError as error:
+        raise ValueError(f"sample {record['sample_id']}: {error}") from error
+    predicted = parse_difference(prediction)
+    predicted_labels, expected_labels = label_changes(prediction), reference_label_changes(reference)
+    return {
+        "difference_correct": int(same_change(predicted, expected, compare_levels=False)),
+        "difference_correct_with_levels": int(same_change(predicted, expected, compare_levels=True)),
+        "difference_parsed": int(predicted.parsed),
+        "chexpert_added_accuracy": int(predicted_labels.added == expected_labels.added),
+        "chexpert_missing_accuracy": int(predicted_labels.missing == expected_labels.missing),
+    }
+
+
+def _check_record(record: dict) -> None:
     absent = [key for key in RECORD_KEYS if key not in record]
     if absent:
         raise ValueError(f"prediction record {record.get('sample_id')!r} lacks {absent}; "
                          f"every record needs {list(RECORD_KEYS)}")
+
+
+def _recall_scores(prediction: str, reference: str) -> dict[str, float]:
+    return {"token_recall": token_recall(prediction, reference),
+            "token_recall_clipped": token_recall_clipped(prediction, reference)}
+
+
+def score_sample(record: dict) -> dict[str, float]:
+    """The metrics that apply to one prediction record (keys `RECORD_KEYS`), by name.
+
+    - mmxu -> choice_accuracy, choice_parsed (option texts from the optional ``options``);
+    - difference questions -> difference_correct, difference_correct_with_levels,
+      difference_parsed, chexpert_added_accuracy, chexpert_missing_accuracy, bleu4, rougeL;
+    - prognostic -> bleu4, rougeL, token_recall, token_recall_clipped;
+    - other (diagnostic) questions -> closed_accuracy and exact_match for yes/no references,
+      token_recall and token_recall_clipped otherwise; bleu4 and rougeL for both.
+
+    ``reference`` must be the short original answer. bleu4 and rougeL compare with the optional
+    ``answer`` (the enhanced long training target, present only where it differs from the
+    reference) when there is one. Accuracies are 0/1.
+    """
+    _check_record(record)
     prediction, reference = record["prediction"], record["reference"]
     if record["task"] == "mmxu":
         letter, _ = extract_choice(prediction, record.get("options"))
         return {"choice_accuracy": int(letter == reference), "choice_parsed": int(letter is not None)}
     if record["question_type"] == "difference":
-        try:
-            expected = parse_reference_difference(reference)
-        except ValueError as error:
-            raise ValueError(f"sample {record['sample_id']}: {error}") from error
-        predicted = parse_difference(prediction)
-        return {
-            "difference_correct": int(same_change(predicted, expected, compare_levels=False)),
-            "difference_correct_with_levels": int(same_change(predicted, expected,
-                                                               compare_levels=True)),
-            "difference_parsed": int(predicted.parsed),
-        }
+        return _difference_scores(record) | _overlap_scores(record)
+    if record["task"] == "prognostic":
+        return _overlap_scores(record) | _recall_scores(prediction, reference)
     if is_closed(reference):
-        return {"closed_accuracy": int(closed_correct(prediction, reference)),
-                "exact_match": int(exact_match(prediction, reference))}
-    return {"token_recall": token_recall(prediction, reference),
-            "token_recall_clipped": token_recall_clipped(prediction, reference)}
+        scores = {"closed_accuracy": int(closed_correct(prediction, reference)),
+                  "exact_match": int(exact_match(prediction, reference))}
+    else:
+        scores = _recall_scores(prediction, reference)
+    return scores | _overlap_scores(record)
+
+
+def corpus_metrics(records: list[dict]) -> dict[str, float]:
+    """Corpus-level metrics of one group of prediction records (e.g. one task and question type),
+    by name (`CORPUS_METRIC_SIGNATURES`): corpus_bleu4 over the records bleu4 applies to, and the
+    micro precision/recall/F1/support of added and missing CheXpert labels over the difference
+    questions. Metrics with no record to apply to are left out."""
+    for record in records:
+        _check_record(record)
+    metrics: dict[str, float] = {}
+    texts = [record for record in records if record["task"] != "mmxu"]
+    if texts:
+        metrics["corpus_bleu4"] = corpus_bleu4([record["prediction"] for record in texts],
+                                               [_text_reference(record) for record in texts])
+    differences = [(record["prediction"], record["reference"]) for record in texts
+                   if record["question_type"] == "difference"]
+    if differences:
+        for kind, scores in label_change_f1(differences).items():
+            metrics.update({f"chexpert_{kind}_{name}": value for name, value in scores.items()})
+    return metrics
