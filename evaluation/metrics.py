@@ -1,5 +1,6 @@
-"""Per-sample answer metrics: token recall, yes/no accuracy, Diff-VQA difference findings and MMXU
-single-choice accuracy.
+"""Per-sample answer metrics: token recall, yes/no accuracy and MMXU single-choice accuracy, and
+`score_sample`, which routes a prediction record to every metric that applies to it (difference
+findings from `evaluation.difference`).
 
 Every metric scores one (prediction, reference) pair, because paired comparisons between models
 (Wilcoxon signed-rank, McNemar) need per-sample values; `evaluation.report` averages them.
@@ -9,7 +10,24 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from dataclasses import dataclass
+
+from evaluation.difference import (  # noqa: F401  (re-exported: callers import them from here)
+    DifferenceFindings,
+    change_f1,
+    difference_correct,
+    parse_difference,
+    parse_reference_difference,
+    same_change,
+)
+from evaluation.findings import label_change_f1, label_changes, reference_label_changes
+from evaluation.text_metrics import (
+    CORPUS_BLEU_SIGNATURE,
+    ROUGE_L_SIGNATURE,
+    SENTENCE_BLEU_SIGNATURE,
+    corpus_bleu4,
+    rouge_l,
+    sentence_bleu4,
+)
 
 # ---------------------------------------------------------------------------------------------
 # VQA answer normalisation, as copied into LLaVA-Med (llava/eval/eval_metrics/glossary.py)
@@ -183,142 +201,6 @@ def exact_match(prediction: str, reference: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# Difference questions: the Medical-Diff-VQA answer grammar
-
-@dataclass(frozen=True)
-class DifferenceFindings:
-    """What a difference answer says changed from the reference (prior) to the main image.
-
-    `level_changes` holds (finding, reference level, main level). `parsed` is False when the text
-    is not entirely in the grammar; the sets are then empty, never a partial guess.
-    """
-
-    added: frozenset[str]
-    missing: frozenset[str]
-    level_changes: tuple[tuple[str, str, str], ...]
-    parsed: bool
-
-
-_UNPARSED = DifferenceFindings(frozenset(), frozenset(), (), parsed=False)
-_NO_CHANGE = "nothing has changed"
-_ADDED = re.compile(r"the main image has (?:an additional finding|additional findings) of "
-                    r"(?P<findings>.+) than the reference image")
-_MISSING = re.compile(r"the main image is missing the findings? of (?P<findings>.+) "
-                      r"than the reference image")
-_LEVEL = re.compile(r"the level of (?P<finding>.+?) has changed from (?P<levels>.+)")
-# The generator writes "a, b, and c" and, for two items, "a, and b"; people write "a and b" and
-# "a, b and c". No official finding name contains a comma or the word "and".
-_LIST_SEPARATOR = re.compile(r"\s*,\s*(?:and\s+)?|\s+and\s+")
-# Multi-word levels from Diff-VQA's level_lib.csv: the only ones that contain "to".
-_COMPOUND_LEVELS = ("mild to moderate", "moderate to large", "moderate to severe")
-
-
-def _canonical_finding(name: str) -> str:
-    # Diff-VQA's generator treats pneumonia and infection as one finding when it computes
-    # added/missing, so an answer naming either means the same.
-    name = name.strip()
-    return "pneumonia" if name == "infection" else name
-
-
-def _findings(listed: str) -> frozenset[str] | None:
-    names = [_canonical_finding(name) for name in _LIST_SEPARATOR.split(listed)]
-    return None if "" in names else frozenset(names)
-
-
-def _is_level(phrase: str) -> bool:
-    for compound in _COMPOUND_LEVELS:
-        phrase = phrase.replace(compound, "")
-    return "to" not in phrase.split()
-
-
-def _split_levels(levels: str) -> tuple[str, str] | None:
-    """Split "A to B" where A or B may be "moderate to large"; None unless exactly one way fits."""
-    words = levels.split(" ")
-    splits = [(" ".join(words[:i]), " ".join(words[i + 1:]))
-              for i, word in enumerate(words) if word == "to" and 0 < i < len(words) - 1]
-    valid = [split for split in splits if _is_level(split[0]) and _is_level(split[1])]
-    return valid[0] if len(valid) == 1 else None
-
-
-def parse_difference(text: str) -> DifferenceFindings:
-    """Parse a Medical-Diff-VQA difference answer; case and spacing are free, every sentence must
-    be one of the grammar's forms, and "nothing has changed." must stand alone."""
-    sentences = [sentence.strip() for sentence in " ".join(text.lower().split()).split(".")]
-    sentences = [sentence for sentence in sentences if sentence]
-    if sentences == [_NO_CHANGE]:
-        return DifferenceFindings(frozenset(), frozenset(), (), parsed=True)
-    added: set[str] = set()
-    missing: set[str] = set()
-    level_changes = []
-    for sentence in sentences:
-        listed = _ADDED.fullmatch(sentence) or _MISSING.fullmatch(sentence)
-        level = _LEVEL.fullmatch(sentence)
-        if listed:
-            findings = _findings(listed["findings"])
-            if findings is None:
-                return _UNPARSED
-            (added if listed.re is _ADDED else missing).update(findings)
-        elif level and (levels := _split_levels(level["levels"])):
-            level_changes.append((_canonical_finding(level["finding"]), *levels))
-        else:
-            return _UNPARSED
-    return DifferenceFindings(frozenset(added), frozenset(missing), tuple(level_changes),
-                              parsed=bool(sentences))
-
-
-def _parse_reference_difference(reference: str) -> DifferenceFindings:
-    findings = parse_difference(reference)
-    if not findings.parsed:
-        raise ValueError(f"reference {reference!r} is not a Medical-Diff-VQA difference answer; "
-                         "score difference questions against the short original answer")
-    return findings
-
-
-def _same_change(predicted: DifferenceFindings, expected: DifferenceFindings,
-                 compare_levels: bool) -> bool:
-    if not predicted.parsed:
-        return False
-    same = predicted.added == expected.added and predicted.missing == expected.missing
-    if compare_levels:
-        same = same and set(predicted.level_changes) == set(expected.level_changes)
-    return same
-
-
-def difference_correct(prediction: str, reference: str, *, compare_levels: bool = False) -> bool:
-    """Whether the prediction names the same added and the same missing findings as the reference.
-
-    Level changes are ignored by default: the generator lifts levels as adjectives from the two
-    free-text reports ("small" in one, "mild" in the other reads as a change), level sentences are
-    a few percent of all clauses, and finding-level Diff-VQA scoring (MMXU appendix) uses
-    added/missing only. With `compare_levels=True` the (finding, from, to) changes must match too;
-    use that for the location-conditioned questions, whose references are level-only and which
-    the default would count right for any answer that adds and removes nothing. An unparseable
-    prediction is wrong; an unparseable reference raises ValueError.
-    """
-    return _same_change(parse_difference(prediction), _parse_reference_difference(reference),
-                        compare_levels)
-
-
-def change_f1(pairs: list[tuple[str, str]]) -> dict[str, dict[str, float]]:
-    """Micro precision/recall/F1 of the added and of the missing findings over (prediction,
-    reference) pairs of difference answers: partial credit where ``difference_correct`` gives none.
-    Unparseable predictions count as naming no finding."""
-    counts = {"added": [0, 0, 0], "missing": [0, 0, 0]}  # true positives, false positives, false negatives
-    for prediction, reference in pairs:
-        predicted, expected = parse_difference(prediction), _parse_reference_difference(reference)
-        for kind, (tp, fp, fn) in counts.items():
-            found, wanted = getattr(predicted, kind), getattr(expected, kind)
-            counts[kind] = [tp + len(found & wanted), fp + len(found - wanted), fn + len(wanted - found)]
-    scores = {}
-    for kind, (tp, fp, fn) in counts.items():
-        precision = tp / (tp + fp) if tp + fp else 0.0
-        recall = tp / (tp + fn) if tp + fn else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        scores[kind] = {"precision": precision, "recall": recall, "f1": f1, "support": tp + fn}
-    return scores
-
-
-# ---------------------------------------------------------------------------------------------
 # Single-choice questions (MMXU): the option letter, never guessed
 
 _WHOLE_LETTER = re.compile(r"\s*\(?([A-Za-z])\)?\s*[.:)]?\s*")
@@ -384,8 +266,9 @@ METRIC_SIGNATURES = {
                        "reference; unreadable answers are wrong and stay in the denominator",
     "exact_match": "yes/no references; D-Rax strict match of the VQA-normalised prediction and "
                    "reference",
-    "token_recall": "open non-difference references; LLaVA-Med unigram recall, LLaVA-Med VQA "
-                    "normalisation, whitespace tokens, candidate counts (repetition inflates)",
+    "token_recall": "open diagnostic and prognostic questions, against the short reference; "
+                    "LLaVA-Med unigram recall, LLaVA-Med VQA normalisation, whitespace tokens, "
+                    "candidate counts (repetition inflates)",
     "token_recall_clipped": "as token_recall with candidate counts clipped to reference counts",
     "difference_correct": "difference questions; Medical-Diff-VQA grammar parse, added and missing "
                           "finding sets equal (pneumonia = infection), level changes ignored; "
@@ -404,46 +287,122 @@ METRIC_SIGNATURES = {
                    "judgements (parse and request failures have no score); judge model, prompt "
                    "version and failure counts in results['judge']",
     "judge_parsed": "as judge_score; 1 when the judge's rating was read (after at most one repair)",
+    "bleu4": "diagnostic, difference and prognostic questions, against the record's `answer` (the "
+             "enhanced long training target) where it has one, else its reference; per-sample "
+             f"smoothed sentence BLEU-4 on a 0-1 scale, {SENTENCE_BLEU_SIGNATURE}",
+    "rougeL": "as bleu4 for the questions and the reference text; per-sample ROUGE-L, "
+              f"{ROUGE_L_SIGNATURE}",
+    "chexpert_added_accuracy": "difference questions; the set of CheXpert labels the prediction "
+                               "says were added equals the reference's (evaluation.findings: "
+                               "grammar parse, else keyword rules; unmapped findings ignored)",
+    "chexpert_missing_accuracy": "as chexpert_added_accuracy for the labels said to be missing",
+}
+
+# Metrics of a whole group of records (`corpus_metrics`), not averages of per-sample values.
+CORPUS_METRIC_SIGNATURES = {
+    "corpus_bleu4": "the records bleu4 applies to, against the same texts; corpus BLEU-4 (n-gram "
+                    f"counts and lengths pooled) on a 0-1 scale, {CORPUS_BLEU_SIGNATURE}",
+    **{f"chexpert_{kind}_{score}": f"difference questions; micro {score} of the CheXpert labels "
+                                   f"said to be {kind}, pooled over samples (evaluation.findings)"
+       for kind in ("added", "missing") for score in ("precision", "recall", "f1", "support")},
 }
 # Metrics that score a sample 0 or 1 (an accuracy's per-sample value): paired comparisons of
 # these also get McNemar's test, and plots show them as rates, not distributions.
 ZERO_ONE_METRICS = frozenset({"closed_accuracy", "exact_match", "difference_correct",
                               "difference_correct_with_levels", "difference_parsed",
-                              "choice_accuracy", "choice_parsed", "judge_parsed"})
+                              "choice_accuracy", "choice_parsed", "judge_parsed",
+                              "chexpert_added_accuracy", "chexpert_missing_accuracy"})
 
 RECORD_KEYS = ("sample_id", "task", "question_type", "question", "prediction", "reference")
+
+
+def _text_reference(record: dict) -> str:
+    # Diagnostic records trained on enhanced answers carry the long target as `answer`; overlap
+    # metrics compare with it, recall and accuracy with the short reference.
+    return record.get("answer", record["reference"])
+
+
+def _overlap_scores(record: dict) -> dict[str, float]:
+    reference = _text_reference(record)
+    return {"bleu4": sentence_bleu4(record["prediction"], reference),
+            "rougeL": rouge_l(record["prediction"], reference)}
+
+
+def _difference_scores(record: dict) -> dict[str, float]:
+    prediction, reference = record["prediction"], record["reference"]
+    try:
+        expected = parse_reference_difference(reference)
+    except ValueError as error:
+        raise ValueError(f"sample {record['sample_id']}: {error}") from error
+    predicted = parse_difference(prediction)
+    predicted_labels, expected_labels = label_changes(prediction), reference_label_changes(reference)
+    return {
+        "difference_correct": int(same_change(predicted, expected, compare_levels=False)),
+        "difference_correct_with_levels": int(same_change(predicted, expected, compare_levels=True)),
+        "difference_parsed": int(predicted.parsed),
+        "chexpert_added_accuracy": int(predicted_labels.added == expected_labels.added),
+        "chexpert_missing_accuracy": int(predicted_labels.missing == expected_labels.missing),
+    }
+
+
+def _check_record(record: dict) -> None:
+    absent = [key for key in RECORD_KEYS if key not in record]
+    if absent:
+        raise ValueError(f"prediction record {record.get('sample_id')!r} lacks {absent}; "
+                         f"every record needs {list(RECORD_KEYS)}")
+
+
+def _recall_scores(prediction: str, reference: str) -> dict[str, float]:
+    return {"token_recall": token_recall(prediction, reference),
+            "token_recall_clipped": token_recall_clipped(prediction, reference)}
 
 
 def score_sample(record: dict) -> dict[str, float]:
     """The metrics that apply to one prediction record (keys `RECORD_KEYS`), by name.
 
-    mmxu questions -> choice_accuracy, choice_parsed (option texts from the record's optional
-    ``options``); difference questions -> difference_correct, difference_correct_with_levels, difference_parsed;
-    yes/no references -> closed_accuracy, exact_match; other references -> token_recall,
-    token_recall_clipped. Accuracies are 0/1. The reference must be the short original answer.
+    - mmxu -> choice_accuracy, choice_parsed (option texts from the optional ``options``);
+    - difference questions -> difference_correct, difference_correct_with_levels,
+      difference_parsed, chexpert_added_accuracy, chexpert_missing_accuracy, bleu4, rougeL;
+    - prognostic -> bleu4, rougeL, token_recall, token_recall_clipped;
+    - other (diagnostic) questions -> closed_accuracy and exact_match for yes/no references,
+      token_recall and token_recall_clipped otherwise; bleu4 and rougeL for both.
+
+    ``reference`` must be the short original answer. bleu4 and rougeL compare with the optional
+    ``answer`` (the enhanced long training target, present only where it differs from the
+    reference) when there is one. Accuracies are 0/1.
     """
-    absent = [key for key in RECORD_KEYS if key not in record]
-    if absent:
-        raise ValueError(f"prediction record {record.get('sample_id')!r} lacks {absent}; "
-                         f"every record needs {list(RECORD_KEYS)}")
+    _check_record(record)
     prediction, reference = record["prediction"], record["reference"]
     if record["task"] == "mmxu":
         letter, _ = extract_choice(prediction, record.get("options"))
         return {"choice_accuracy": int(letter == reference), "choice_parsed": int(letter is not None)}
     if record["question_type"] == "difference":
-        try:
-            expected = _parse_reference_difference(reference)
-        except ValueError as error:
-            raise ValueError(f"sample {record['sample_id']}: {error}") from error
-        predicted = parse_difference(prediction)
-        return {
-            "difference_correct": int(_same_change(predicted, expected, compare_levels=False)),
-            "difference_correct_with_levels": int(_same_change(predicted, expected,
-                                                               compare_levels=True)),
-            "difference_parsed": int(predicted.parsed),
-        }
+        return _difference_scores(record) | _overlap_scores(record)
+    if record["task"] == "prognostic":
+        return _overlap_scores(record) | _recall_scores(prediction, reference)
     if is_closed(reference):
-        return {"closed_accuracy": int(closed_correct(prediction, reference)),
-                "exact_match": int(exact_match(prediction, reference))}
-    return {"token_recall": token_recall(prediction, reference),
-            "token_recall_clipped": token_recall_clipped(prediction, reference)}
+        scores = {"closed_accuracy": int(closed_correct(prediction, reference)),
+                  "exact_match": int(exact_match(prediction, reference))}
+    else:
+        scores = _recall_scores(prediction, reference)
+    return scores | _overlap_scores(record)
+
+
+def corpus_metrics(records: list[dict]) -> dict[str, float]:
+    """Corpus-level metrics of one group of prediction records (e.g. one task and question type),
+    by name (`CORPUS_METRIC_SIGNATURES`): corpus_bleu4 over the records bleu4 applies to, and the
+    micro precision/recall/F1/support of added and missing CheXpert labels over the difference
+    questions. Metrics with no record to apply to are left out."""
+    for record in records:
+        _check_record(record)
+    metrics: dict[str, float] = {}
+    texts = [record for record in records if record["task"] != "mmxu"]
+    if texts:
+        metrics["corpus_bleu4"] = corpus_bleu4([record["prediction"] for record in texts],
+                                               [_text_reference(record) for record in texts])
+    differences = [(record["prediction"], record["reference"]) for record in texts
+                   if record["question_type"] == "difference"]
+    if differences:
+        for kind, scores in label_change_f1(differences).items():
+            metrics.update({f"chexpert_{kind}_{name}": value for name, value in scores.items()})
+    return metrics

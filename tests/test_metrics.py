@@ -2,11 +2,14 @@ import re
 from collections import defaultdict
 
 import pytest
+import sacrebleu
 
 from evaluation.metrics import (
-    change_f1,
+    CORPUS_METRIC_SIGNATURES,
     METRIC_SIGNATURES,
+    change_f1,
     closed_correct,
+    corpus_metrics,
     difference_correct,
     exact_match,
     extract_yes_no,
@@ -17,6 +20,7 @@ from evaluation.metrics import (
     token_recall,
     token_recall_clipped,
 )
+from evaluation.text_metrics import corpus_bleu4, rouge_l, sentence_bleu4
 
 # --- LLaVA-Med reference: a direct transcription of llava/eval/eval_metrics/{glossary,utils,
 # evaluate_metrics}.py, kept independent of the module under test. The contraction table is cut
@@ -389,6 +393,9 @@ def test_difference_correct_rejects_unparseable_reference():
 
 # --- per-sample scoring
 
+EDEMA_LEVEL = "the level of edema has changed from mild to moderate. "
+
+
 def record(question_type, prediction, reference, task="diagnostic"):
     return {"sample_id": "s1", "task": task, "question_type": question_type,
             "question": "q?", "prediction": prediction, "reference": reference}
@@ -399,17 +406,58 @@ def test_score_sample_difference_question():
         "difference", "nothing has changed.",
         "the level of edema has changed from mild to moderate. ", task="difference"))
     assert scores == {"difference_correct": 1, "difference_correct_with_levels": 0,
-                      "difference_parsed": 1}
+                      "difference_parsed": 1, "chexpert_added_accuracy": 1,
+                      "chexpert_missing_accuracy": 1,
+                      "bleu4": pytest.approx(sentence_bleu4("nothing has changed.", EDEMA_LEVEL)),
+                      "rougeL": pytest.approx(rouge_l("nothing has changed.", EDEMA_LEVEL))}
+
+
+def test_score_sample_difference_question_scores_chexpert_labels_of_free_text():
+    scores = score_sample(record(
+        "difference", "There is a new pleural effusion; the pneumothorax has resolved.",
+        "the main image has an additional finding of pleural effusion than the reference image. "
+        "the main image is missing the finding of atelectasis than the reference image. ",
+        task="difference"))
+    assert (scores["difference_parsed"], scores["chexpert_added_accuracy"],
+            scores["chexpert_missing_accuracy"]) == (0, 1, 0)
 
 
 def test_score_sample_closed_question():
-    assert score_sample(record("presence", "Yes, there is.", "yes")) == {
-        "closed_accuracy": 1, "exact_match": 0}
+    scores = score_sample(record("presence", "Yes, there is.", "yes"))
+    assert scores == {"closed_accuracy": 1, "exact_match": 0,
+                      "bleu4": pytest.approx(sentence_bleu4("Yes, there is.", "yes")),
+                      "rougeL": pytest.approx(0.5)}
 
 
 def test_score_sample_open_question():
-    assert score_sample(record("location", "left lower lung", "left lower lung area")) == {
-        "token_recall": pytest.approx(3 / 4), "token_recall_clipped": pytest.approx(3 / 4)}
+    scores = score_sample(record("location", "left lower lung", "left lower lung area"))
+    assert scores == {"token_recall": pytest.approx(3 / 4), "token_recall_clipped": pytest.approx(3 / 4),
+                      "bleu4": pytest.approx(sentence_bleu4("left lower lung", "left lower lung area")),
+                      "rougeL": pytest.approx(6 / 7)}
+
+
+def test_score_sample_diagnostic_overlap_uses_the_enhanced_answer_and_recall_the_short_one():
+    enhanced = record("location", "The effusion is in the left lower lung.", "left lower lung")
+    enhanced["answer"] = "The effusion is in the left lower lung."
+    scores = score_sample(enhanced)
+    assert scores["bleu4"] == pytest.approx(1.0)
+    assert scores["rougeL"] == pytest.approx(1.0)
+    assert scores["token_recall"] == 1.0
+
+
+def test_score_sample_overlap_without_an_enhanced_answer_uses_the_reference():
+    scores = score_sample(record("location", "left lower lung", "left lower lung"))
+    assert (scores["bleu4"], scores["rougeL"]) == (pytest.approx(1.0), pytest.approx(1.0))
+
+
+def test_score_sample_prognostic_question():
+    prediction = "The effusion will likely resolve within weeks."
+    reference = "The pleural effusion is expected to resolve within a few weeks."
+    scores = score_sample(record("prognostic", prediction, reference, task="prognostic"))
+    assert scores == {"bleu4": pytest.approx(sentence_bleu4(prediction, reference)),
+                      "rougeL": pytest.approx(rouge_l(prediction, reference)),
+                      "token_recall": pytest.approx(token_recall(prediction, reference)),
+                      "token_recall_clipped": pytest.approx(token_recall_clipped(prediction, reference))}
 
 
 def test_score_sample_names_the_sample_of_an_unparseable_difference_reference():
@@ -429,9 +477,11 @@ def test_score_sample_names_missing_record_keys():
 def test_every_scored_metric_has_a_signature():
     records = [record("difference", "nothing has changed.", "nothing has changed.", "difference"),
                record("presence", "yes", "yes"), record("level", "small", "small"),
+               record("prognostic", "stable", "stable", task="prognostic"),
                record("worsen", "A", "A", task="mmxu")]
     names = {name for sample in records for name in score_sample(sample)}
-    assert names == set(METRIC_SIGNATURES)
+    # The judge's scores come from evaluation.judge (eval.py judge=...), not from score_sample.
+    assert names == set(METRIC_SIGNATURES) - {"judge_score", "judge_parsed"}
 
 
 def test_change_f1_counts_added_and_missing_findings_separately():
@@ -441,3 +491,44 @@ def test_change_f1_counts_added_and_missing_findings_separately():
     scores = change_f1([(prediction, reference), ("nothing has changed.", "nothing has changed.")])
     assert scores["added"] == {"precision": 1.0, "recall": 0.5, "f1": pytest.approx(2 / 3), "support": 2}
     assert scores["missing"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
+
+
+def test_corpus_metrics_pools_bleu_over_text_records_and_labels_over_difference_questions():
+    added_effusion = "the main image has an additional finding of pleural effusion than the reference image. "
+    records = [
+        record("difference", "the main image has an additional finding of pleural effusion than the reference "
+               "image.", added_effusion, task="difference"),
+        record("difference", "nothing has changed.", added_effusion, task="difference"),
+        record("presence", "yes", "yes"),
+        record("worsen", "A", "A", task="mmxu"),
+    ]
+    metrics = corpus_metrics(records)
+    assert metrics["corpus_bleu4"] == pytest.approx(corpus_bleu4(
+        [sample["prediction"] for sample in records[:3]], [sample["reference"] for sample in records[:3]]))
+    assert (metrics["chexpert_added_precision"], metrics["chexpert_added_recall"],
+            metrics["chexpert_added_support"]) == (1.0, 0.5, 2)
+    assert metrics["chexpert_added_f1"] == pytest.approx(2 / 3)
+    assert metrics["chexpert_missing_support"] == 0
+
+
+def test_corpus_metrics_bleu_uses_the_enhanced_answer_where_a_record_has_one():
+    enhanced = record("location", "The effusion is in the left lower lung.", "left lower lung")
+    enhanced["answer"] = "The effusion is in the left lower lung."
+    assert corpus_metrics([enhanced])["corpus_bleu4"] == pytest.approx(1.0)
+
+
+def test_corpus_metrics_leaves_out_metrics_without_records():
+    assert corpus_metrics([record("worsen", "A", "A", task="mmxu")]) == {}
+    assert set(corpus_metrics([record("presence", "yes", "yes")])) == {"corpus_bleu4"}
+
+
+def test_every_corpus_metric_has_a_signature():
+    metrics = corpus_metrics([record("difference", "nothing has changed.", "nothing has changed.", "difference")])
+    assert set(metrics) == set(CORPUS_METRIC_SIGNATURES)
+
+
+def test_metric_signatures_name_the_library_version_tokenizer_and_smoothing():
+    assert (f"sacrebleu nrefs:1|case:lc|eff:yes|tok:13a|smooth:exp|version:{sacrebleu.__version__}"
+            in METRIC_SIGNATURES["bleu4"])
+    assert "smooth:none" in CORPUS_METRIC_SIGNATURES["corpus_bleu4"]
+    assert "beta = 1 " in METRIC_SIGNATURES["rougeL"]
