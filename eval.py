@@ -23,7 +23,9 @@ from datamodules.llm import LLMConfig
 from evaluation.judge import judge_client, judge_records, judge_summary
 from evaluation.metrics import is_closed, score_sample
 from evaluation.plots import plot_by_question_type, plot_distributions
-from evaluation.report import aggregate, markdown_table, write_json_atomic, write_jsonl_atomic, write_text_atomic
+from evaluation.report import (
+    aggregate, markdown_report, markdown_table, write_json_atomic, write_jsonl_atomic, write_text_atomic,
+)
 from models.checkpoints import input_spec, load_checkpoint
 from models.module import LumenModule
 from train import prepare
@@ -74,11 +76,11 @@ def evaluate(cfg: DictConfig) -> dict:
     write_jsonl_atomic(out / "predictions.jsonl", records)
     (out / PARTIAL).unlink(missing_ok=True)
     write_json_atomic(out / "results.json", results)
-    table = markdown_table(results)
-    write_text_atomic(out / "results.md", table)
+    report = markdown_report(results)
+    write_text_atomic(out / "results.md", report)
     plots = [*plot_by_question_type(results, out), plot_distributions(records, out)]
-    log_to_loggers(cfg, table, [plot for plot in plots if plot is not None])
-    print(table)
+    log_to_loggers(cfg, markdown_table(results), [plot for plot in plots if plot is not None])
+    print(report)
     print(f"results: {out}")
     return results
 

@@ -1,5 +1,6 @@
-"""Results files: per-sample scores averaged per task and question type, a Markdown table, and
-atomic writers so an interrupted run never leaves a half-written result behind."""
+"""Results files: per-sample scores averaged per task and question type, corpus-level scores of
+the same groups, Markdown tables laid out like the papers' (and one of every metric), and atomic
+writers so an interrupted run never leaves a half-written result behind."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import tempfile
 from collections import defaultdict
 from pathlib import Path
 
-from evaluation.metrics import METRIC_SIGNATURES
+from evaluation.metrics import CORPUS_METRIC_SIGNATURES, METRIC_SIGNATURES, corpus_metrics
 
 
 def _summary(values: list[float]) -> dict:
@@ -41,11 +42,21 @@ def aggregate(scored_records: list[dict]) -> dict:
     for (task, question_type), metrics in sorted(by_group.items()):
         by_task.setdefault(task, {})[question_type] = {
             name: _summary(metrics[name]) for name in names if name in metrics}
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for record in scored_records:
+        groups[(record["task"], record["question_type"])].append(record)
+    corpus_by_task: dict[str, dict] = {}
+    for (task, question_type), records in sorted(groups.items()):
+        corpus_by_task.setdefault(task, {})[question_type] = corpus_metrics(records)
+    corpus = {"overall": corpus_metrics(scored_records) if scored_records else {}, "by_task": corpus_by_task}
+    corpus_names = {name for group in [corpus["overall"]] for name in group}
     return {
         "n_samples": n_samples,
         "overall": {name: _summary(overall[name]) for name in names},
         "by_task": by_task,
-        "signatures": {name: METRIC_SIGNATURES[name] for name in names},
+        "corpus": corpus,
+        "signatures": {name: METRIC_SIGNATURES[name] for name in names}
+        | {name: CORPUS_METRIC_SIGNATURES[name] for name in CORPUS_METRIC_SIGNATURES if name in corpus_names},
     }
 
 
@@ -67,6 +78,79 @@ def markdown_table(results: dict) -> str:
             lines.append(_row([task, question_type, *(_cell(metrics.get(name)) for name in names)]))
     lines.append(_row(["**overall**", "", *(_cell(results["overall"][name]) for name in names)]))
     return "\n".join(lines) + "\n"
+
+
+def _pooled(groups: list[dict], name: str) -> dict | None:
+    """Mean and n of a metric over several groups' summaries (each weighted by its n)."""
+    summaries = [group[name] for group in groups if name in group]
+    n = sum(summary["n"] for summary in summaries)
+    return {"mean": math.fsum(s["mean"] * s["n"] for s in summaries) / n, "n": n} if n else None
+
+
+def _value(summary: dict | None, scale: float = 1.0) -> str:
+    return f"{summary['mean'] * scale:.3f}" if summary else "–"
+
+
+def _n(groups: list[dict]) -> int:
+    return max((summary["n"] for group in groups for summary in group.values()), default=0)
+
+
+def _diagnostic_table(question_types: dict) -> list[str]:
+    names = ("token_recall", "closed_accuracy", "exact_match", "bleu4", "rougeL")
+    lines = ["## Diagnostic questions (one image)", "",
+             _row(["Question type", "n", "Open: token recall", "Closed: accuracy", "Closed: exact match",
+                   "BLEU-4", "ROUGE-L"]), _row(["---"] * 7)]
+    for question_type, metrics in question_types.items():
+        lines.append(_row([question_type, str(_n([metrics])), *(_value(metrics.get(name)) for name in names)]))
+    groups = list(question_types.values())
+    lines.append(_row(["**all**", str(sum(_n([g]) for g in groups)), *(_value(_pooled(groups, n)) for n in names)]))
+    return lines
+
+
+def _two_image_table(results: dict) -> list[str]:
+    """LUMEN Table 1: difference and prediction questions by BLEU-4, ROUGE-L and the judge."""
+    lines = ["## Difference and prognostic questions (two images)", "",
+             _row(["Questions", "n", "BLEU-4", "corpus BLEU-4", "ROUGE-L", "Judge (1-10)", "Change sets correct",
+                   "CheXpert added F1", "CheXpert missing F1"]), _row(["---"] * 9)]
+    for task, label in (("difference", "difference"), ("prognostic", "prediction (prognostic)")):
+        if task not in results["by_task"]:
+            continue
+        groups = list(results["by_task"][task].values())
+        corpus = results["corpus"]["by_task"][task]
+        pooled_corpus = corpus[next(iter(corpus))] if len(corpus) == 1 else {}
+        cells = [_value(_pooled(groups, "bleu4")), f"{pooled_corpus['corpus_bleu4']:.3f}"
+                 if "corpus_bleu4" in pooled_corpus else "–", _value(_pooled(groups, "rougeL")),
+                 _value(_pooled(groups, "judge_score")), _value(_pooled(groups, "difference_correct")),
+                 *(f"{pooled_corpus[key]:.3f}" if key in pooled_corpus else "–"
+                   for key in ("chexpert_added_f1", "chexpert_missing_f1"))]
+        lines.append(_row([label, str(sum(_n([g]) for g in groups)), *cells]))
+    return lines
+
+
+def _mmxu_table(content_types: dict) -> list[str]:
+    lines = ["## MMXU (single choice)", "", _row(["Content type", "n", "Accuracy", "Unparsed"]), _row(["---"] * 4)]
+    groups = list(content_types.values())
+    for name, metrics in [*content_types.items(), ("**all**", None)]:
+        chosen = [metrics] if metrics is not None else groups
+        accuracy, parsed = _pooled(chosen, "choice_accuracy"), _pooled(chosen, "choice_parsed")
+        unparsed = f"{1 - parsed['mean']:.3f}" if parsed else "–"
+        lines.append(_row([name, str(sum(_n([g]) for g in chosen)), _value(accuracy), unparsed]))
+    return lines
+
+
+def markdown_report(results: dict) -> str:
+    """The tables a paper would show, for the tasks present: diagnostic questions by type (LUMEN's
+    open recall and closed accuracy), difference and prognostic questions (LUMEN Table 1's BLEU-4,
+    ROUGE-L and judge), MMXU by content type (accuracy and the unparsed rate); then every metric."""
+    sections = []
+    if "diagnostic" in results["by_task"]:
+        sections.append(_diagnostic_table(results["by_task"]["diagnostic"]))
+    if {"difference", "prognostic"} & results["by_task"].keys():
+        sections.append(_two_image_table(results))
+    if "mmxu" in results["by_task"]:
+        sections.append(_mmxu_table(results["by_task"]["mmxu"]))
+    sections.append(["## Every metric (mean and number of samples)", "", markdown_table(results).rstrip()])
+    return "\n\n".join("\n".join(lines) for lines in sections) + "\n"
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

@@ -80,3 +80,21 @@ def test_with_the_wandb_logger_the_table_and_plots_go_to_an_offline_run(trained_
     tables = list((tmp_path / "run" / "wandb").rglob("*.table.json"))
     assert len(media) >= 2 and len(tables) == 1
     assert json.loads(tables[0].read_text())["columns"][:2] == ["Task", "Question type"]
+
+
+def test_the_judge_scores_open_answers_and_its_summary_goes_into_the_results(finished, trained_checkpoint, world,
+                                                                             monkeypatch):
+    from tests.test_llm import FakeEndpoint
+    monkeypatch.setenv("LUMEN_TEST_KEY", "k")
+    server = FakeEndpoint(answer=lambda messages: "Close to the reference.\nRating: [[7]]")
+    try:
+        results = evaluate(eval_config(trained_checkpoint, world, finished, "judge=openai", "judge.model=llama",
+                                       f"judge.base_url={server.url}", "judge.api_key_env=LUMEN_TEST_KEY"))
+    finally:
+        server.close()
+    records = read_jsonl(finished / "predictions.jsonl")
+    judged = [r for r in records if "judge_score" in r]
+    assert judged and 0 < len(server.requests) <= len(judged)  # the same conversation is asked once
+    assert all(r["judge_score"] == 7.0 for r in judged) and not any(r["reference"] in ("yes", "no") for r in judged)
+    assert results["judge"]["model"] == "llama" and results["overall"]["judge_score"]["mean"] == 7.0
+    assert "| Judge (1-10) |" in (finished / "results.md").read_text()

@@ -2,9 +2,10 @@ import json
 
 import pytest
 
-from evaluation.metrics import METRIC_SIGNATURES
+from evaluation.metrics import CORPUS_METRIC_SIGNATURES, METRIC_SIGNATURES
 from evaluation.report import (
     aggregate,
+    markdown_report,
     markdown_table,
     write_json_atomic,
     write_jsonl_atomic,
@@ -13,8 +14,9 @@ from evaluation.report import (
 
 
 def scored(task, question_type, **metrics):
+    reference = "nothing has changed." if question_type == "difference" else "r"
     return {"sample_id": f"{task}-{question_type}", "task": task, "question_type": question_type,
-            "question": "q?", "prediction": "p", "reference": "r", **metrics}
+            "question": "q?", "prediction": "p", "reference": reference, **metrics}
 
 
 SCORED = [
@@ -55,7 +57,14 @@ def test_aggregate_groups_question_types_under_their_task():
 
 def test_aggregate_records_a_signature_for_each_reported_metric():
     results = aggregate(SCORED)
-    assert results["signatures"] == {name: METRIC_SIGNATURES[name] for name in results["overall"]}
+    assert results["signatures"] == ({name: METRIC_SIGNATURES[name] for name in results["overall"]}
+                                     | {name: CORPUS_METRIC_SIGNATURES[name] for name in results["corpus"]["overall"]})
+
+
+def test_aggregate_adds_corpus_scores_per_group():
+    corpus = aggregate(SCORED)["corpus"]
+    assert set(corpus["by_task"]["difference"]["difference"]) >= {"corpus_bleu4", "chexpert_added_f1"}
+    assert "chexpert_added_f1" not in corpus["by_task"]["diagnostic"]["presence"]
 
 
 def test_aggregate_result_round_trips_through_json():
@@ -134,3 +143,16 @@ def test_interrupted_write_keeps_the_previous_file_and_removes_its_temporary_fil
         write_text_atomic(path, "new")
     assert path.read_text() == "old"
     assert [entry.name for entry in tmp_path.iterdir()] == ["results.md"]
+
+
+def test_the_report_lays_out_the_papers_tables_for_the_tasks_present():
+    records = SCORED + [scored("prognostic", "prognostic", bleu4=0.2, rougeL=0.4, judge_score=6.0),
+                        scored("mmxu", "worsen", choice_accuracy=1, choice_parsed=1),
+                        scored("mmxu", "improved", choice_accuracy=0, choice_parsed=0)]
+    report = markdown_report(aggregate(records))
+    assert report.index("## Diagnostic questions") < report.index("## Difference and prognostic") \
+        < report.index("## MMXU") < report.index("## Every metric")
+    assert "| presence | 3 | – | 0.667 | 0.333 | – | – |" in report
+    assert "| prediction (prognostic) | 1 | 0.200 |" in report and "| 0.400 | 6.000 |" in report
+    assert "| **all** | 2 | 0.500 | 0.500 |" in report
+    assert "## MMXU" not in markdown_report(aggregate(SCORED))
