@@ -54,7 +54,8 @@ def evaluate(cfg: DictConfig) -> dict:
         "checkpoint": str(Path(cfg.ckpt).resolve()), "split": cfg.split, "max_new_tokens": module.hparams.max_new_tokens,
         "prompt": {key: datamodule.hparams[key] for key in ("use_prior", "interval_in_prompt", "experts",
                                                             "expert_demographics")},
-        "sources": OmegaConf.to_container(cfg.data.sources), "limit": OmegaConf.to_container(cfg.data.limit),
+        "sources": OmegaConf.to_container(cfg.data.sources, resolve=True),
+        "limit": OmegaConf.to_container(cfg.data.limit, resolve=True),
     }
     generated = generate_records(module, datamodule, cfg.split, cfg.accelerator, out, fingerprint)
     records = [record | score_sample(record) for record in generated]
