@@ -43,7 +43,7 @@ def evaluate(cfg: DictConfig) -> dict:
                          max_new_tokens=cfg.max_new_tokens or loaded.max_new_tokens or 64)
     module.model = loaded.model
     as_trained = {key: loaded.prompt.get(key, True) for key in PROMPT_SETTINGS if cfg.data[key] is None}
-    if loaded.prompt.get("experts") and cfg.data.experts is None:
+    if loaded.prompt.get("experts_in_prompt") and cfg.data.experts is None:
         raise ValueError(f"{cfg.ckpt} was trained with expert predictions in its prompts: set data.experts=<the "
                          "expert CSV> (the synthetic world's is paths.experts)")
     datamodule = hydra.utils.instantiate(
@@ -52,7 +52,7 @@ def evaluate(cfg: DictConfig) -> dict:
     out = Path(cfg.paths.output_dir)
     fingerprint = {
         "checkpoint": str(Path(cfg.ckpt).resolve()), "split": cfg.split, "max_new_tokens": module.hparams.max_new_tokens,
-        "prompt": {key: datamodule.hparams[key] for key in ("use_prior", "interval_in_prompt", "experts",
+        "prompt": {key: datamodule.hparams[key] for key in ("use_prior", "interval_in_prompt", "experts_in_prompt",
                                                             "expert_demographics")},
         "sources": OmegaConf.to_container(cfg.data.sources, resolve=True),
         "limit": OmegaConf.to_container(cfg.data.limit, resolve=True),

@@ -88,7 +88,7 @@ class LumenDataModule(L.LightningDataModule):
         self.save_hyperparameters(
             {"tasks": tasks, "use_prior": use_prior, "interval_in_prompt": interval_in_prompt, "batch_size": batch_size,
              "sources": {name: type(source).__name__ for name, source in sources.items()},
-             "experts": experts is not None, "expert_demographics": expert_demographics}
+             "experts_in_prompt": experts is not None, "expert_demographics": expert_demographics}
         )
         self.sources, self.use_prior = dict(sources), use_prior
         self.experts, self.expert_demographics = experts, expert_demographics

@@ -173,7 +173,7 @@ def test_expert_predictions_go_into_every_prompt_once(sources, tiny_base, world)
     assert prompt.index("Expert models'") < prompt.index(samples[0].question)
     without = datamodule(sources, tiny_base, experts=str(world / "experts" / "experts.csv"), expert_demographics=False)
     assert "Estimated age" not in without.samples("val")[0].expert
-    assert data.hparams.experts is True and datamodule(sources, tiny_base).hparams.experts is False
+    assert data.hparams.experts_in_prompt is True and datamodule(sources, tiny_base).hparams.experts_in_prompt is False
 
 
 def test_an_image_without_expert_predictions_is_named(sources, tiny_base, world, tmp_path):
@@ -212,3 +212,18 @@ def test_the_papers_prognostic_test_set_keeps_one_study_per_subject(world):
     assert report.skipped["other_study_of_subject"] == len(every) - len(kept)
     with pytest.raises(ValueError, match="test_policy='latest'"):
         PrognosticSource(path, diffvqa, mimic, test_policy="latest")
+
+
+def test_a_model_trained_with_expert_predictions_is_not_evaluated_without_them(demo_overrides, world, tmp_path):
+    from eval import evaluate
+    trainer = train(compose_config("train", demo_overrides + ["data.experts=${paths.experts}", "trainer.max_steps=2",
+                                                              "data.limit.val=4"]))
+    checkpoint = trainer.checkpoint_callback.last_model_path
+    assert torch.load(checkpoint, weights_only=True)["datamodule_hyper_parameters"]["experts_in_prompt"] is True
+    base = [f"ckpt={checkpoint}", f"paths.output_dir={tmp_path / 'eval'}", f"paths.cache_dir={tmp_path / 'cache'}",
+            f"paths.world_dir={world}", f"prepare.world.subjects={WORLD_SUBJECTS}", "data.limit.test=4",
+            "accelerator=cpu"]
+    with pytest.raises(ValueError, match="trained with expert predictions in its prompts: set data.experts"):
+        evaluate(compose_config("eval", base))
+    evaluate(compose_config("eval", base + ["data.experts=${paths.experts}"]))
+    assert (tmp_path / "eval" / "predictions.jsonl").is_file()
