@@ -1,7 +1,8 @@
-"""Writing a directory so that nobody ever sees it half-written."""
+"""Writing files so that nobody ever sees them half-written, and recovering append-only files."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -24,3 +25,15 @@ def atomic_directory(out: str | Path) -> Iterator[Path]:
         staging.rename(out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def whole_lines(path: Path) -> bytes:
+    """The complete lines of an append-only file, cutting a torn last line (a write interrupted by a
+    crash) off the file itself, so that appends start on a line boundary. Empty when absent."""
+    if not path.is_file():
+        return b""
+    data = path.read_bytes()
+    whole = data[: data.rfind(b"\n") + 1]
+    if len(whole) < len(data):
+        os.truncate(path, len(whole))
+    return whole

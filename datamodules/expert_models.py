@@ -32,6 +32,7 @@ from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from common.files import whole_lines
 from datamodules.experts import COLUMNS, RACES, SCHEMA_VERSION, VIEWS
 from evaluation.report import write_text_atomic
 
@@ -152,11 +153,7 @@ def _finished_rows(partial: Path) -> dict[str, str]:
     """dicom_id -> its line, from an interrupted run's side file (created with its header when
     there is none). A torn last line (the run stopped mid-write) is cut off, so appends start on a
     line boundary and that image is done again."""
-    whole = b""
-    if partial.exists():
-        data = partial.read_bytes()
-        whole = data[: data.rfind(b"\n") + 1]
-        os.truncate(partial, len(whole))
+    whole = whole_lines(partial)
     if not whole:
         partial.parent.mkdir(parents=True, exist_ok=True)
         partial.write_text(HEADER, encoding="utf-8")

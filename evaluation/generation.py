@@ -21,6 +21,7 @@ import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader
 
+from common.files import whole_lines
 from datamodules.datamodule import SampleDataset
 from datamodules.records import Sample
 from evaluation.report import write_json_atomic
@@ -59,13 +60,10 @@ def _finished(predictions: Path) -> dict[str, dict]:
 
 def _done(partial: Path) -> dict[str, dict]:
     """Records already appended, by sample id; a torn last line is cut off."""
-    if not partial.is_file():
-        return {}
-    data = partial.read_bytes()
-    whole = data[: data.rfind(b"\n") + 1]
-    if len(whole) < len(data):
+    size = partial.stat().st_size if partial.is_file() else 0
+    whole = whole_lines(partial)
+    if len(whole) < size:
         log.warning("%s: dropped a torn last line (an interrupted write); that sample is generated again", partial)
-        os.truncate(partial, len(whole))
     return {item["sample_id"]: item for item in map(json.loads, whole.decode("utf-8").splitlines())}
 
 
