@@ -7,14 +7,19 @@ Trains, for the same number of steps on the same synthetic world (seed 0):
   lumen                data=lumen: diagnostic + difference + prognostic, expert predictions in the prompt
   lumen-one-image      the same without the prior image (two-image questions see the current image only)
   lumen-no-experts     the same as lumen without the expert predictions
+  temporal             data=lumen with the two-image sources only: difference + prognostic
+  temporal-one-image   the same without the prior image
 then scores a held-out world generated with another seed: MMXU arms on all its MMXU questions
-(``MMXU-dev.jsonl``, every subject; chance is 0.25), LUMEN arms on its prognostic questions (exact
-answer and LLaVA-Med token recall against the chains' ground truth) and its difference questions.
-A text-only baseline is printed beside the prognostic scores: for each asked number of days, the
-training world's most frequent answer.
+(``MMXU-dev.jsonl``, every subject; chance is 0.25), LUMEN arms on its prognostic questions (every
+finding's expected course right, ``prognosis_correct``, and LLaVA-Med token recall against the
+world's ground truth) and its difference questions. Two baselines are printed beside the prognostic
+scores: text only (for each asked number of days, the training world's most frequent answer) and
+the best forecast from the current study alone (the world's own model without the prior study: the
+ceiling of any one-image model).
 
     python bench/tasks.py                        # the four default arms, about 10 minutes each (2 cores)
     python bench/tasks.py --variants mmxu-global lumen-no-experts   # the other two
+    python bench/tasks.py --variants temporal temporal-one-image --steps 3000
     python bench/tasks.py --variants mmxu mmxu-one-image --steps 600
     python bench/tasks.py --reuse                # train only the arms not yet run with these settings
 """
@@ -36,7 +41,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 CACHE = Path(os.environ.get("LUMEN_CACHE", ROOT / ".cache" / "lumen"))  # configs/paths/default.yaml's cache_dir
 
-from evaluation.metrics import normalize_answer  # noqa: E402  (after the repository root is on sys.path)
+# After the repository root is on sys.path:
+from datamodules.synthetic.population import simulate_population  # noqa: E402
+from datamodules.synthetic.prognosis import prognosis  # noqa: E402
+from evaluation.prognosis import parse_prognosis  # noqa: E402
 
 EXPERTS = "data.experts=${paths.experts}"
 PROGNOSTIC_ONLY = ["data.sources.diagnostic=null", "data.sources.difference=null"]
@@ -55,10 +63,15 @@ VARIANTS = {
                          "difference": ["data=lumen", EXPERTS, *DIFFERENCE_ONLY]}),
     "lumen-no-experts": (["data=lumen"], {"prognostic": ["data=lumen", *PROGNOSTIC_ONLY],
                                           "difference": ["data=lumen", *DIFFERENCE_ONLY]}),
+    "temporal": (["data=lumen", "data.sources.diagnostic=null"],
+                 {"prognostic": ["data=lumen", *PROGNOSTIC_ONLY], "difference": ["data=lumen", *DIFFERENCE_ONLY]}),
+    "temporal-one-image": (["data=lumen", "data.sources.diagnostic=null", "data.use_prior=false"],
+                           {"prognostic": ["data=lumen", *PROGNOSTIC_ONLY],
+                            "difference": ["data=lumen", *DIFFERENCE_ONLY]}),
 }
 DEFAULT_VARIANTS = ["mmxu", "mmxu-one-image", "lumen", "lumen-one-image"]
 PAIRS = [("mmxu", "mmxu-one-image"), ("mmxu-global", "mmxu"), ("lumen", "lumen-one-image"),
-         ("lumen", "lumen-no-experts")]
+         ("lumen", "lumen-no-experts"), ("temporal", "temporal-one-image")]
 
 
 def run(command: list[str]) -> float:
@@ -72,17 +85,21 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+SCORED = {"mmxu": "choice_accuracy", "difference": "difference_correct", "prognostic": "prognosis_correct"}
+
+
 def score(name: str, records: list[dict]) -> dict[str, int | float]:
-    """Per sample: 1/0 for MMXU letters and difference sets, exact answers for prognosis."""
-    if name == "mmxu":
-        return {r["sample_id"]: r["choice_accuracy"] for r in records}
-    if name == "difference":
-        return {r["sample_id"]: r["difference_correct"] for r in records}
-    return {r["sample_id"]: int(normalize_answer(r["prediction"]) == normalize_answer(r["reference"])) for r in records}
+    """Per sample, 0/1: MMXU letters, difference sets, every finding's expected course."""
+    return {r["sample_id"]: r[SCORED[name]] for r in records}
+
+
+def same_prognosis(prediction: str, reference: str) -> bool:
+    predicted = parse_prognosis(prediction)
+    return predicted.parsed and predicted.expectations == parse_prognosis(reference).expectations
 
 
 def days_prior(train_world: Path, held_out: list[dict]) -> float:
-    """Exact-answer rate of answering each held-out question with the training world's most frequent
+    """prognosis_correct of answering each held-out question with the training world's most frequent
     answer for the same asked days (a model that reads the question and ignores the images)."""
     by_days = defaultdict(Counter)
     for record in read_jsonl(train_world / "prognostic" / "prognostic.jsonl"):
@@ -90,7 +107,14 @@ def days_prior(train_world: Path, held_out: list[dict]) -> float:
             by_days[record["days"]][record["answer"]] += 1
     overall = Counter(answer for counts in by_days.values() for answer in counts.elements())
     guesses = [(by_days.get(r["days"]) or overall).most_common(1)[0][0] for r in held_out]
-    return sum(g == r["answer"] for g, r in zip(guesses, held_out)) / len(held_out)
+    return sum(same_prognosis(g, r["answer"]) for g, r in zip(guesses, held_out)) / len(held_out)
+
+
+def one_image_ceiling(subjects: int, seed: int, held_out: list[dict]) -> float:
+    """prognosis_correct of the world's own best forecast from the current study alone."""
+    studies = {study.study_id: study for study in simulate_population(subjects, seed)}
+    return sum(same_prognosis(prognosis(studies[r["study_id"]], r["days"]), r["answer"])
+               for r in held_out) / len(held_out)
 
 
 def main() -> None:
@@ -142,7 +166,7 @@ def main() -> None:
         recall = [r["token_recall"] for r in row["records"] if "token_recall" in r]
         recall_text = f"{sum(recall) / len(recall):.3f}" if recall else "–"
         label = {"mmxu": "MMXU (letter)", "difference": "difference (added/missing sets)",
-                 "prognostic": "prognostic (exact answer)"}[task]
+                 "prognostic": "prognostic (every course right)"}[task]
         print(f"| {name} | {seconds[name] / 60:.1f} | {label} | {len(correct)} | {sum(correct) / len(correct):.3f} "
               f"| {recall_text} |")
     prognostic = next((row for (_, task), row in scores.items() if task == "prognostic"), None)
@@ -152,7 +176,9 @@ def main() -> None:
         asked = [truth[r["sample_id"]] for r in prognostic["records"]]
         train_world = CACHE / f"world-{args.train_subjects}subjects-seed0"
         print(f"\nprognostic, text only (the most frequent training answer for the asked days): "
-              f"{days_prior(train_world, asked):.3f} exact")
+              f"{days_prior(train_world, asked):.3f}")
+        print(f"prognostic, the best forecast from the current study alone (the ceiling of one image): "
+              f"{one_image_ceiling(args.eval_subjects, 1, asked):.3f}")
     for first, second in PAIRS:
         for task in {task for (name, task) in scores if name == first}:
             if (second, task) not in scores:

@@ -26,7 +26,6 @@ The synthetic world also writes ground-truth prognoses computed from its traject
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +36,7 @@ from datamodules.llm import LLMClient
 from datamodules.mimic import days_between, image_path
 from datamodules.records import Sample
 from evaluation.metrics import parse_difference
+from evaluation.prognosis import Expectation, days_phrase, describe
 
 PROMPT_VERSION = "prognostic-v1"
 RULES_VERSION = "rules-v1"
@@ -84,10 +84,6 @@ SYSTEM_PROMPT = (
 )
 
 
-def days_phrase(days: int) -> str:
-    return "1 day" if days == 1 else f"{days} days"
-
-
 def ask(template_id: int, days: int) -> str:
     # "{days}' time" reads "30 days' time"; for one day it must read "1 day's time".
     text = TEMPLATES[template_id].replace("{days}'", "1 day's" if days == 1 else f"{days} days'")
@@ -98,43 +94,6 @@ def draw_question(seed: int, row: int) -> tuple[int, int]:
     """(template id, asked days) for one source row, independent of every other row."""
     rng = np.random.default_rng([seed, row])
     return int(rng.integers(len(TEMPLATES))), int(round(np.exp(rng.uniform(0, np.log(MAX_DAYS)))))
-
-
-# The answer grammar shared by the rules backend and the synthetic ground truth.
-
-
-@dataclass(frozen=True)
-class Expectation:
-    """What one finding is expected to do: ``persist``, ``resolve``, ``develop``, ``increase`` or
-    ``decrease`` (to ``level``), ``stay_resolved``, or ``keep_increasing``/``keep_decreasing``."""
-
-    finding: str
-    course: str
-    level: str | None = None
-    before: str | None = None
-
-
-def _clause(expectation: Expectation) -> str:
-    name, level = expectation.finding, expectation.level
-    return {
-        "persist": f"the {name} is expected to remain {level}" if level else f"the {name} is expected to persist",
-        "resolve": f"the {name} is expected to resolve",
-        "develop": f"a new {name} is expected to develop",
-        "increase": f"the {name} is expected to increase from {expectation.before} to {level}",
-        "decrease": f"the {name} is expected to decrease from {expectation.before} to {level}",
-        "stay_resolved": f"the {name} is not expected to recur",
-        "keep_increasing": f"the {name} is expected to keep increasing",
-        "keep_decreasing": f"the {name} is expected to keep decreasing",
-    }[expectation.course]
-
-
-def describe(days: int, expectations: list[Expectation]) -> str:
-    """``In 30 days, the pleural effusion is expected to resolve. The cardiomegaly ...``"""
-    if not expectations:
-        return f"No change is expected in {days_phrase(days)}."
-    clauses = [_clause(expectation) for expectation in expectations]
-    sentences = [f"In {days_phrase(days)}, {clauses[0]}."] + [f"{c[0].upper()}{c[1:]}." for c in clauses[1:]]
-    return " ".join(sentences)
 
 
 # A finding that newly appeared is expected to still be there within this horizon, gone after it.

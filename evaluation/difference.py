@@ -53,7 +53,7 @@ def _is_level(phrase: str) -> bool:
     return "to" not in phrase.split()
 
 
-def _split_levels(levels: str) -> tuple[str, str] | None:
+def split_levels(levels: str) -> tuple[str, str] | None:
     """Split "A to B" where A or B may be "moderate to large"; None unless exactly one way fits."""
     words = levels.split(" ")
     splits = [(" ".join(words[:i]), " ".join(words[i + 1:]))
@@ -80,7 +80,7 @@ def parse_difference(text: str) -> DifferenceFindings:
             if findings is None:
                 return _UNPARSED
             (added if listed.re is _ADDED else missing).update(findings)
-        elif level and (levels := _split_levels(level["levels"])):
+        elif level and (levels := split_levels(level["levels"])):
             level_changes.append((_canonical_finding(level["finding"]), *levels))
         else:
             return _UNPARSED

@@ -20,6 +20,7 @@ from evaluation.difference import (  # noqa: F401  (re-exported: callers import 
     same_change,
 )
 from evaluation.findings import label_change_f1, label_changes, reference_label_changes
+from evaluation.prognosis import parse_prognosis
 from evaluation.text_metrics import (
     CORPUS_BLEU_SIGNATURE,
     ROUGE_L_SIGNATURE,
@@ -296,6 +297,13 @@ METRIC_SIGNATURES = {
                                "says were added equals the reference's (evaluation.findings: "
                                "grammar parse, else keyword rules; unmapped findings ignored)",
     "chexpert_missing_accuracy": "as chexpert_added_accuracy for the labels said to be missing",
+    "prognosis_correct": "prognostic questions whose reference is in the offline answer grammar "
+                         "(rules and synthetic-truth backends); evaluation.prognosis parse, the "
+                         "(finding, course, level) expectations equal as sets, the stated horizon "
+                         "ignored; unparsed prediction is wrong",
+    "prognosis_days_correct": "as prognosis_correct; the prediction states the reference's horizon "
+                              "in days",
+    "prognosis_parsed": "as prognosis_correct; the prediction parses completely as the grammar",
 }
 
 # Metrics of a whole group of records (`corpus_metrics`), not averages of per-sample values.
@@ -311,7 +319,8 @@ CORPUS_METRIC_SIGNATURES = {
 ZERO_ONE_METRICS = frozenset({"closed_accuracy", "exact_match", "difference_correct",
                               "difference_correct_with_levels", "difference_parsed",
                               "choice_accuracy", "choice_parsed", "judge_parsed",
-                              "chexpert_added_accuracy", "chexpert_missing_accuracy"})
+                              "chexpert_added_accuracy", "chexpert_missing_accuracy",
+                              "prognosis_correct", "prognosis_days_correct", "prognosis_parsed"})
 
 RECORD_KEYS = ("sample_id", "task", "question_type", "question", "prediction", "reference")
 
@@ -345,6 +354,16 @@ def _difference_scores(record: dict) -> dict[str, float]:
     }
 
 
+def _prognosis_scores(record: dict) -> dict[str, float]:
+    expected = parse_prognosis(record["reference"])
+    if not expected.parsed:  # a free-text reference (the llm backend): only overlap metrics apply
+        return {}
+    predicted = parse_prognosis(record["prediction"])
+    return {"prognosis_correct": int(predicted.parsed and predicted.expectations == expected.expectations),
+            "prognosis_days_correct": int(predicted.days == expected.days),
+            "prognosis_parsed": int(predicted.parsed)}
+
+
 def _check_record(record: dict) -> None:
     absent = [key for key in RECORD_KEYS if key not in record]
     if absent:
@@ -363,7 +382,8 @@ def score_sample(record: dict) -> dict[str, float]:
     - mmxu -> choice_accuracy, choice_parsed (option texts from the optional ``options``);
     - difference questions -> difference_correct, difference_correct_with_levels,
       difference_parsed, chexpert_added_accuracy, chexpert_missing_accuracy, bleu4, rougeL;
-    - prognostic -> bleu4, rougeL, token_recall, token_recall_clipped;
+    - prognostic -> bleu4, rougeL, token_recall, token_recall_clipped, and prognosis_correct,
+      prognosis_days_correct, prognosis_parsed where the reference is in the offline grammar;
     - other (diagnostic) questions -> closed_accuracy and exact_match for yes/no references,
       token_recall and token_recall_clipped otherwise; bleu4 and rougeL for both.
 
@@ -379,7 +399,7 @@ def score_sample(record: dict) -> dict[str, float]:
     if record["question_type"] == "difference":
         return _difference_scores(record) | _overlap_scores(record)
     if record["task"] == "prognostic":
-        return _overlap_scores(record) | _recall_scores(prediction, reference)
+        return _prognosis_scores(record) | _overlap_scores(record) | _recall_scores(prediction, reference)
     if is_closed(reference):
         scores = {"closed_accuracy": int(closed_correct(prediction, reference)),
                   "exact_match": int(exact_match(prediction, reference))}

@@ -17,10 +17,12 @@ def loaded(trained_checkpoint):
 
 @pytest.fixture(scope="module")
 def datamodule(loaded, world):
-    source = DiffVQASource(diffvqa=str(world / "medical-diff-vqa"), mimic_cxr_jpg=str(world / "mimic-cxr-jpg"))
+    # Six one-image and six two-image questions: prompts of different lengths in one batch.
+    sources = {task: DiffVQASource(diffvqa=str(world / "medical-diff-vqa"), mimic_cxr_jpg=str(world / "mimic-cxr-jpg"),
+                                   tasks=[task]) for task in ("diagnostic", "difference")}
     return LumenDataModule(
-        sources={"diffvqa": source}, tokenizer_dir=str(loaded.config.llm_dir), input_spec=input_spec(loaded.config),
-        eval_batch_size=12, limit={"test": 12},
+        sources=sources, tokenizer_dir=str(loaded.config.llm_dir), input_spec=input_spec(loaded.config),
+        eval_batch_size=12, limit={"test": 6},
     )
 
 

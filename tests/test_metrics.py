@@ -460,6 +460,27 @@ def test_score_sample_prognostic_question():
                       "token_recall_clipped": pytest.approx(token_recall_clipped(prediction, reference))}
 
 
+GRAMMAR_REFERENCE = ("In 30 days, the pleural effusion is expected to resolve. "
+                     "The cardiomegaly is expected to remain mild.")
+
+
+@pytest.mark.parametrize("prediction, correct, days, parsed", [
+    (GRAMMAR_REFERENCE, 1, 1, 1),
+    # Order, case and spacing are free; the horizon is scored on its own.
+    ("in 1 day,  the cardiomegaly is expected to remain mild. The pleural effusion is expected to resolve.", 1, 0, 1),
+    ("In 30 days, the pleural effusion is expected to resolve.", 0, 1, 1),  # a finding left out
+    ("In 30 days, the pleural effusion is expected to persist. The cardiomegaly is expected to remain mild.", 0, 1, 1),
+    ("In 30 days, the cardiomegaly is expected to remain moderate. The pleural effusion is expected to resolve.",
+     0, 1, 1),  # the wrong level
+    (GRAMMAR_REFERENCE + " It will be fine.", 0, 0, 0),  # one sentence outside the grammar: nothing is read
+    ("No change is expected in 30 days.", 0, 1, 1),
+])
+def test_score_sample_reads_prognoses_in_the_offline_grammar(prediction, correct, days, parsed):
+    scores = score_sample(record("prognostic", prediction, GRAMMAR_REFERENCE, task="prognostic"))
+    assert (scores["prognosis_correct"], scores["prognosis_days_correct"], scores["prognosis_parsed"]) == (
+        correct, days, parsed)
+
+
 def test_score_sample_names_the_sample_of_an_unparseable_difference_reference():
     bad = {**record("difference", "nothing has changed.", "worse", task="difference"),
            "sample_id": "d-17"}
@@ -478,6 +499,8 @@ def test_every_scored_metric_has_a_signature():
     records = [record("difference", "nothing has changed.", "nothing has changed.", "difference"),
                record("presence", "yes", "yes"), record("level", "small", "small"),
                record("prognostic", "stable", "stable", task="prognostic"),
+               record("prognostic", "No change is expected in 3 days.", "No change is expected in 3 days.",
+                      task="prognostic"),
                record("worsen", "A", "A", task="mmxu")]
     names = {name for sample in records for name in score_sample(sample)}
     # The judge's scores come from evaluation.judge (eval.py judge=...), not from score_sample.

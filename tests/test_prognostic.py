@@ -2,14 +2,14 @@
 truth and the loader."""
 
 import json
-from datetime import date
+from datetime import date, timedelta
 
 import pytest
 
 from datamodules.prognostic import (
     MAX_DAYS, RECORD_KEYS, TEMPLATES, ask, build_prognostic, draw_question, load_prognostic, rules_answer,
 )
-from datamodules.synthetic.population import FINDING_BY_NAME, SITES, Study
+from datamodules.synthetic.population import FINDING_BY_NAME, SITES, Study, simulate_population
 from datamodules.synthetic.prognosis import prognosis
 from tests.test_llm import build_twice
 
@@ -59,20 +59,40 @@ def test_rules_refuse_an_answer_outside_the_difference_grammar():
         rules_answer("the effusion looks a bit bigger", 3, 10)
 
 
-def _study(**levels) -> Study:
+def _study(day: int = 0, **levels) -> Study:
     named = {site: 0 for site in SITES}
     for (finding, site) in SITES:
         named[finding, site] = levels.get(f"{finding.name}/{site}", 0)
-    return Study(1, 2, date(2100, 1, 1), 0.0, "PA", tuple(named[key] for key in SITES), (), "train")
+    return Study(1, 2, date(2100, 1, 1) + timedelta(days=day), 0.0, "PA", tuple(named[key] for key in SITES), (),
+                 "train")
 
 
-def test_the_synthetic_truth_follows_the_chains():
-    effusion = _study(**{"pleural effusion/left": 2})
-    assert prognosis(effusion, 1) == "In 1 day, the pleural effusion is expected to remain moderate."
-    # Every chain mixes within weeks, and a finding is absent most of the time.
-    assert prognosis(effusion, 365) == "In 365 days, the pleural effusion is expected to resolve."
-    assert prognosis(_study(), 30) == "No change is expected in 30 days."
+EFFUSION = {"pleural effusion/left": 2}
+
+
+def test_the_synthetic_truth_reads_the_course_from_the_prior_study():
+    now = _study(60, **EFFUSION)
+    new, persisting = _study(0), _study(0, **EFFUSION)
+    # Tomorrow nothing has changed either way.
+    assert prognosis(now, 1, new) == prognosis(now, 1, persisting) == (
+        "In 1 day, the pleural effusion is expected to remain moderate.")
+    # A month on, a new (acute) effusion has resolved, a persisting (chronic) one has not.
+    assert prognosis(now, 30, new) == "In 30 days, the pleural effusion is expected to resolve."
+    assert prognosis(now, 30, persisting) == "In 30 days, the pleural effusion is expected to remain moderate."
+    # A year on, even a chronic one has more likely gone.
+    assert prognosis(now, 365, persisting) == "In 365 days, the pleural effusion is expected to resolve."
+    assert prognosis(_study(60), 30, new) == "No change is expected in 30 days."
     assert FINDING_BY_NAME["pleural effusion"].levels[1] == "moderate"
+
+
+def test_the_prior_study_changes_about_a_quarter_of_the_prognoses():
+    """Without the prior (the best forecast from the current study alone), a model must be wrong on
+    the questions where the course matters: the two-image model's room to be better."""
+    studies = simulate_population(300, 0)
+    pairs = [(prior, now) for prior, now in zip(studies, studies[1:]) if prior.subject_id == now.subject_id]
+    changed = sum(prognosis(now, draw_question(0, row)[1], prior) != prognosis(now, draw_question(0, row)[1])
+                  for row, (prior, now) in enumerate(pairs))
+    assert 0.15 < changed / len(pairs) < 0.4
 
 
 def test_the_world_writes_one_truth_record_per_difference_pair_with_the_builders_draws(world):

@@ -1,8 +1,13 @@
-"""The simulated world, without I/O: findings and their sites, each site's Markov chain over levels,
-and the subjects' dated studies drawn from those chains.
+"""The simulated world, without I/O: findings and their sites, each site's Markov chain, and the
+subjects' dated studies drawn from those chains.
 
-Every finding site (a side, a lung zone, a device) follows a continuous-time Markov chain over
-levels with rates per day, so the state at the next study depends on the interval.
+Every finding site (a side, a lung zone, a device) follows a continuous-time Markov chain with
+rates per day, so the state at the next study depends on the interval. A site's state is a level
+(0 absent, then the finding's levels) and, for the findings, a hidden course: a finding appears
+*acute* and mostly resolves within days, while a few episodes turn *chronic* and last for years.
+Studies record the levels only, so the course is seen through the history: a finding present at
+two studies is likely chronic, a new one likely acute. The levels alone are therefore not Markov,
+and what a finding will do next depends on the prior study as well as on the current one.
 """
 
 from __future__ import annotations
@@ -19,21 +24,34 @@ from scipy.linalg import expm
 class Finding:
     """A finding, where it can sit, and how each of its sites evolves (rates per day).
 
-    A site's level is 0 (absent) up to ``len(levels)`` (or 1 for a finding without levels).
+    A site's level is 0 (absent) up to ``len(levels)`` (or 1 for a finding without levels). With
+    ``chronify`` > 0 each level exists in two courses, acute and chronic (see ``states``).
     """
 
     name: str  # the Medical-Diff-VQA official name
     sites: tuple[str, ...]
     levels: tuple[str, ...] = ()
     kind: str | None = None  # the answer to "what type is the xxx?"
-    appear: float = 0.0  # absent -> lowest level
-    resolve: float = 0.0  # any level -> absent
-    progress: float = 0.0  # one level up
-    regress: float = 0.0  # one level down, never to absent (that is `resolve`)
+    appear: float = 0.0  # absent -> lowest level (acute)
+    resolve: float = 0.0  # acute, any level -> absent
+    progress: float = 0.0  # one level up, same course
+    regress: float = 0.0  # one level down, same course, never to absent (that is `resolve`)
+    chronify: float = 0.0  # acute -> chronic, same level
+    resolve_chronic: float = 0.0  # chronic, any level -> absent
 
     @property
     def top_level(self) -> int:
         return max(len(self.levels), 1)
+
+    @property
+    def courses(self) -> int:
+        return 2 if self.chronify else 1
+
+    @cached_property
+    def state_levels(self) -> np.ndarray:
+        """The level of each chain state: state 0 is absent, state ``c * top_level + l`` is level
+        ``l`` in course ``c`` (0 acute, 1 chronic)."""
+        return np.array([0] + [level for _ in range(self.courses) for level in range(1, self.top_level + 1)])
 
     def level_name(self, level: int) -> str:
         return self.levels[level - 1]
@@ -42,18 +60,22 @@ class Finding:
 ZONES = ("left upper", "left lower", "right upper", "right lower")
 OTHER_SIDE = {"left": "right", "right": "left"}
 # Medical-Diff-VQA's official order (disease_lib.csv): finding lists in answers follow it.
-# Rates: every chain mixes within weeks, so a finding seen now is about as often new as persisting
-# over the intervals drawn below, and short intervals still change now and then.
+# Rates: an acute episode lasts about ten days and one in a hundred turns chronic, lasting about
+# two years. A finding seen now is then new a little less often than persisting (about 0.4 over a
+# random earlier study), and over most asked horizons (a week to a year) a new finding is expected
+# to resolve and a persisting one to stay: about a quarter of the prognoses differ from the best
+# guess from the current study alone.
+_COURSES = dict(resolve=0.1, chronify=0.001, resolve_chronic=0.0015)
 FINDINGS = (
     Finding("pleural effusion", ("left", "right"), ("small", "moderate", "large"), "layering",
-            appear=0.006, resolve=0.03, progress=0.12, regress=0.12),
-    Finding("atelectasis", ("left", "right"), (), "plate-like", appear=0.007, resolve=0.035),
+            appear=0.012, progress=0.02, regress=0.02, **_COURSES),
+    Finding("atelectasis", ("left", "right"), (), "plate-like", appear=0.014, **_COURSES),
     Finding("cardiomegaly", ("",), ("mild", "moderate", "severe"), None,
-            appear=0.012, resolve=0.03, progress=0.12, regress=0.12),
+            appear=0.024, progress=0.02, regress=0.02, **_COURSES),
     Finding("pneumothorax", ("left", "right"), ("small", "moderate", "large"), None,
-            appear=0.003, resolve=0.04, progress=0.12, regress=0.12),
-    Finding("lung opacity", ZONES, (), "patchy", appear=0.004, resolve=0.04),
-    Finding("consolidation", ZONES, (), "dense", appear=0.003, resolve=0.04),
+            appear=0.006, progress=0.02, regress=0.02, **_COURSES),
+    Finding("lung opacity", ZONES, (), "patchy", appear=0.008, **_COURSES),
+    Finding("consolidation", ZONES, (), "dense", appear=0.006, **_COURSES),
 )
 # A CheXpert label and report content, not a Medical-Diff-VQA finding.
 DEVICES = Finding("support devices", ("central line", "endotracheal tube"), (), None, appear=0.006, resolve=0.05)
@@ -112,15 +134,19 @@ class Study:
 
 
 def _rate_matrix(finding: Finding) -> np.ndarray:
-    states = finding.top_level + 1
+    top, states = finding.top_level, len(finding.state_levels)
     rates = np.zeros((states, states))
     rates[0, 1] = finding.appear
-    for level in range(1, states):
-        rates[level, 0] = finding.resolve
-        if level + 1 < states:
-            rates[level, level + 1] = finding.progress
-        if level > 1:
-            rates[level, level - 1] = finding.regress
+    for course in range(finding.courses):
+        for level in range(1, top + 1):
+            state = course * top + level
+            rates[state, 0] = finding.resolve_chronic if course else finding.resolve
+            if level < top:
+                rates[state, state + 1] = finding.progress
+            if level > 1:
+                rates[state, state - 1] = finding.regress
+            if finding.courses == 2 and not course:
+                rates[state, top + level] = finding.chronify
     np.fill_diagonal(rates, -rates.sum(axis=1))
     return rates
 
@@ -132,10 +158,16 @@ def _one_day(finding: Finding) -> np.ndarray:
 
 @lru_cache(maxsize=None)
 def transition(finding: Finding, days: int) -> np.ndarray:
-    """P[a, b]: probability that a site at level a is at level b ``days`` later."""
+    """P[a, b]: probability that a site in state a is in state b ``days`` later (``Finding.state_levels``)."""
     # A power of the one-day matrix: exact for whole days, and far cheaper than expm per interval.
     probabilities = np.clip(np.linalg.matrix_power(_one_day(finding), days), 0, None)  # rounding can dip below 0
     return probabilities / probabilities.sum(axis=1, keepdims=True)
+
+
+@lru_cache(maxsize=None)
+def stationary(finding: Finding) -> np.ndarray:
+    """The long-run probability of each state: where a subject's first study starts."""
+    return transition(finding, 20_000)[0]
 
 
 def _unique_ids(rng: np.random.Generator, count: int, low: int, high: int) -> list[int]:
@@ -184,13 +216,14 @@ def simulate_population(subjects: int, seed: int) -> list[Study]:
         gaps = np.round(np.exp(subject_rng.uniform(0, np.log(365), size=count - 1))).astype(int)
         days = np.concatenate([[0], np.cumsum(gaps)])
         first = date(2100, 1, 1) + timedelta(days=int(subject_rng.integers(0, 90 * 365)))
-        levels = np.zeros((count, len(SITES)), dtype=int)
+        states = np.zeros((count, len(SITES)), dtype=int)
         for column, (finding, _) in enumerate(SITES):
-            stationary = transition(finding, 10_000)[0]
-            levels[0, column] = subject_rng.choice(len(stationary), p=stationary)
+            start = stationary(finding)
+            states[0, column] = subject_rng.choice(len(start), p=start)
             for visit in range(1, count):
-                row = transition(finding, int(gaps[visit - 1]))[levels[visit - 1, column]]
-                levels[visit, column] = subject_rng.choice(len(row), p=row)
+                row = transition(finding, int(gaps[visit - 1]))[states[visit - 1, column]]
+                states[visit, column] = subject_rng.choice(len(row), p=row)
+        levels = np.stack([finding.state_levels[states[:, column]] for column, (finding, _) in enumerate(SITES)], axis=1)
         for visit in range(count):
             intubated = levels[visit, SITE_INDEX[DEVICES, "endotracheal tube"]] > 0
             # Ventilated patients are imaged at the bedside (portable AP, no lateral).

@@ -1,9 +1,13 @@
 """Ground-truth prognostic questions of the simulated world: for each Medical-Diff-VQA difference
-row, the most likely state of every finding ``days`` after the current study, computed from the
-sites' Markov chains, in the prognostic answer grammar (``datamodules.prognostic``).
+row, the most likely state of every finding ``days`` after the current study, in the prognostic
+answer grammar (``datamodules.prognostic``).
 
-The chains are Markov, so the prognosis depends on the current study's levels and the asked days
-only: the prior study helps a model read the current state, it does not change the truth.
+The truth is the best forecast from what a two-image model is shown: each site's chain state is
+inferred from its level at the prior study (drawn from the long-run distribution) and at the
+current one, then carried ``days`` forward. Because a finding's course (acute or chronic) is hidden
+and shows in its history, the prior study changes the answer: a new finding is expected to resolve
+where the same finding persisting since the prior study is expected to stay. ``prognosis`` without
+a prior gives the best forecast from the current study alone, the ceiling of a one-image model.
 """
 
 from __future__ import annotations
@@ -12,31 +16,47 @@ import numpy as np
 import pandas as pd
 
 from datamodules.prognostic import Expectation, ask, describe, draw_question
-from datamodules.synthetic.population import FINDINGS, Finding, Study, transition
+from datamodules.synthetic.population import FINDINGS, Finding, Study, stationary, transition
 
 BACKEND = "synthetic-truth"
-TRUTH_VERSION = "chains-v1"
+TRUTH_VERSION = "courses-v2"  # v1: Markov chains over levels; v2: hidden acute/chronic courses
 
 
-def expected_levels(study: Study, days: int) -> dict[str, int]:
-    """Finding -> its most likely highest level over sites ``days`` after ``study`` (0: absent)."""
-    expected = {}
-    for finding in FINDINGS:
-        chain = transition(finding, days)
-        expected[finding.name] = max(int(np.argmax(chain[study.level(finding, site)])) for site in finding.sites)
-    return expected
+def forecast(finding: Finding, current: int, days: int, prior: int | None = None, interval: int = 0) -> np.ndarray:
+    """Probability of each level of one site ``days`` after a study that saw it at level ``current``,
+    given its level ``prior`` at a study ``interval`` days before (None: the current study alone)."""
+    levels = finding.state_levels
+    now = stationary(finding) * (levels == current) if prior is None else (
+        (stationary(finding) * (levels == prior)) @ transition(finding, interval) * (levels == current))
+    if not now.sum() > 0:
+        raise ValueError(f"{finding.name}: level {prior} then {current} after {interval} days is impossible")
+    ahead = (now / now.sum()) @ transition(finding, days)
+    return np.bincount(levels, weights=ahead, minlength=finding.top_level + 1)
+
+
+def expected_levels(current: Study, days: int, prior: Study | None = None) -> dict[str, int]:
+    """Finding -> its most likely highest level over sites ``days`` after ``current`` (0: absent)."""
+    interval = (current.date - prior.date).days if prior else 0
+    return {
+        finding.name: max(
+            int(np.argmax(forecast(finding, current.level(finding, site), days,
+                                   prior.level(finding, site) if prior else None, interval)))
+            for site in finding.sites)
+        for finding in FINDINGS
+    }
 
 
 def _level_name(finding: Finding, level: int) -> str | None:
     return finding.level_name(level) if finding.levels else None
 
 
-def prognosis(study: Study, days: int) -> str:
+def prognosis(current: Study, days: int, prior: Study | None = None) -> str:
     """The expected course of every finding present now, and of any finding expected to appear."""
     expectations = []
-    now = {finding.name: level for finding, (level, _) in study.findings.items()}
+    now = {finding.name: level for finding, (level, _) in current.findings.items()}
+    expected = expected_levels(current, days, prior)
     for finding in FINDINGS:
-        before, after = now.get(finding.name, 0), expected_levels(study, days)[finding.name]
+        before, after = now.get(finding.name, 0), expected[finding.name]
         if before and not after:
             expectations.append(Expectation(finding.name, "resolve"))
         elif after and not before:
@@ -67,6 +87,6 @@ def prognostic_records(studies: list[Study], questions: pd.DataFrame, seed: int)
             "ref_id": prior.study_id, "interval_days": float((current.date - prior.date).days),
             "difference_question": question.question, "difference_answer": question.answer,
             "template_id": template_id, "days": days, "question": ask(template_id, days),
-            "answer": prognosis(current, days), "backend": BACKEND, "model": None, "prompt_version": TRUTH_VERSION,
+            "answer": prognosis(current, days, prior), "backend": BACKEND, "model": None, "prompt_version": TRUTH_VERSION,
         })
     return records

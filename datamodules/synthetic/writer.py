@@ -21,7 +21,7 @@ from datamodules.synthetic.questions import _key_info, _pair_questions
 from datamodules.synthetic.reports import _chexpert_labels, _procedure, report_text
 
 GENERATOR = "lumen.datamodules.synthetic"
-GENERATOR_VERSION = "1.1"  # 1.1: prognostic ground truth, MMXU files and the expert CSV
+GENERATOR_VERSION = "1.2"  # 1.1: prognostic truth, MMXU files, expert CSV; 1.2: acute and chronic courses
 METADATA_COLUMNS = [
     "dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition", "Rows",
     "Columns", "StudyDate", "StudyTime", "ProcedureCodeSequence_CodeMeaning", "ViewCodeSequence_CodeMeaning",
