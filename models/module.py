@@ -128,8 +128,9 @@ class LumenModule(L.LightningModule):
         correct under FSDP2's sharded gradients, and logs the norm before clipping as ``train/grad_norm``.
         Called once per optimizer step, after the last accumulated micro-batch."""
         if gradient_clip_algorithm not in (None, "norm"):
+            name = getattr(gradient_clip_algorithm, "value", gradient_clip_algorithm)  # Lightning passes an enum
             raise ValueError(
-                f"trainer.gradient_clip_algorithm={gradient_clip_algorithm}: lumen clips by global norm; "
+                f"trainer.gradient_clip_algorithm={name}: lumen clips by global norm; "
                 "remove the key (or set it to norm)"
             )
         parameters = [parameter for group in optimizer.param_groups for parameter in group["params"]]

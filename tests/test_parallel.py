@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.utilities import GradClipAlgorithmType
 from safetensors.torch import load_file, save_file
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, CheckpointWrapper
 
@@ -136,6 +137,14 @@ def test_clipping_by_norm_returns_the_norm_before_clipping_and_scales_to_the_lim
     assert clip_grad_norm(parameters, None) == pytest.approx(float(expected), rel=1e-5)  # measuring changes nothing
     assert clip_grad_norm(parameters, MAX_NORM) == pytest.approx(float(expected), rel=1e-5)
     assert float(torch.cat([p.grad.flatten() for p in parameters]).norm()) == pytest.approx(MAX_NORM, rel=1e-5)
+
+
+def test_clipping_by_value_is_refused_naming_the_key(tiny_base):
+    module = LumenModule(net={"base": str(tiny_base), "vision": TOWER}, optimizer={}, scheduler={})
+    module.configure_model()
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="trainer.gradient_clip_algorithm=value: lumen clips by global norm"):
+        module.configure_gradient_clipping(optimizer, 1.0, GradClipAlgorithmType.VALUE)
 
 
 # --- FSDP2 in two processes against one --------------------------------------------------------------
