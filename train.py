@@ -13,6 +13,7 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
 from models.checkpoints import ModelConfig, input_spec
+from models.parallel import accumulation
 
 log = logging.getLogger("train")
 
@@ -67,17 +68,37 @@ def instantiate_data(cfg: DictConfig, spec: dict):
         raise
 
 
+def accumulate_grad_batches(cfg: DictConfig, world_size: int) -> int:
+    """Micro-batches per optimizer step, derived from ``data.global_batch_size`` (see
+    ``models.parallel.accumulation``). An explicit ``trainer.accumulate_grad_batches`` is used only
+    without a global batch, and refused when it disagrees with one."""
+    global_batch_size, micro_batch_size = cfg.data.get("global_batch_size"), cfg.data.batch_size
+    derived = accumulation(global_batch_size, micro_batch_size, world_size)
+    explicit = cfg.trainer.get("accumulate_grad_batches")
+    if explicit is None:
+        return derived
+    if global_batch_size is not None and explicit != derived:
+        raise ValueError(
+            f"trainer.accumulate_grad_batches={explicit} conflicts with data.global_batch_size={global_batch_size}, "
+            f"which with data.batch_size={micro_batch_size} on {world_size} processes means {derived}: remove "
+            "trainer.accumulate_grad_batches (it is derived), or set data.global_batch_size=null"
+        )
+    return explicit
+
+
 def train(cfg: DictConfig) -> L.Trainer:
     prepare(cfg)
     # Seeded after preparation, which draws random numbers only when it has to build something.
     L.seed_everything(cfg.seed, workers=True)
     require_inputs(cfg)
-    spec = input_spec(ModelConfig(**cfg.model.net))
-    datamodule = instantiate_data(cfg, spec)
-    module = hydra.utils.instantiate(cfg.model)
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    # Before the data is read: a global batch that does not divide fails at once.
+    trainer.accumulate_grad_batches = accumulate_grad_batches(cfg, trainer.num_devices * trainer.num_nodes)
+    spec = input_spec(ModelConfig(**cfg.model.net))
+    datamodule = instantiate_data(cfg, spec)
+    module = hydra.utils.instantiate(cfg.model)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     log_dir = trainer.log_dir  # a collective call under distributed strategies: every rank asks
     if trainer.is_global_zero:

@@ -59,7 +59,9 @@ class LumenDataModule(L.LightningDataModule):
     ``experts``: an expert-prediction CSV (``python -m datamodules.build experts``) whose text about the
     current image goes into every prompt, with age, race and view when ``expert_demographics``.
     ``limit`` caps each source's samples of a split (keeps CPU runs short; ``null`` for all). A source
-    set to ``null`` is left out (``data.sources.prognostic=null``).
+    set to ``null`` is left out (``data.sources.prognostic=null``). ``batch_size`` is the per-process
+    micro-batch; ``global_batch_size`` (samples per optimizer step over all processes, from which
+    train.py derives gradient accumulation) is recorded in checkpoints with the other settings.
     """
 
     def __init__(
@@ -73,6 +75,7 @@ class LumenDataModule(L.LightningDataModule):
         expert_demographics: bool = True,
         image_resize: str = "pad",
         batch_size: int = 8,
+        global_batch_size: int | None = None,
         eval_batch_size: int = 16,
         num_workers: int = 0,
         group_batches: int = 32,
@@ -87,6 +90,7 @@ class LumenDataModule(L.LightningDataModule):
         # Saved in checkpoints, so evaluation can prompt exactly as training did.
         self.save_hyperparameters(
             {"tasks": tasks, "use_prior": use_prior, "interval_in_prompt": interval_in_prompt, "batch_size": batch_size,
+             "global_batch_size": global_batch_size,
              "sources": {name: type(source).__name__ for name, source in sources.items()},
              "experts_in_prompt": experts is not None, "expert_demographics": expert_demographics}
         )

@@ -12,7 +12,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from models.checkpoints import DTYPES, ModelConfig, build_model
 from models.lumen import LumenModel
-from models.parallel import shard
+from models.parallel import apply_activation_checkpointing, build_sharded, clip_grad_norm
 
 BATCH_INPUTS = ("input_ids", "attention_mask", "current_images", "prior_images", "has_prior", "interval_days")
 
@@ -68,14 +68,22 @@ class LumenModule(L.LightningModule):
         self.model: LumenModel | None = None
 
     def configure_model(self) -> None:
+        """One process: the model as ``build_model`` loads it. Under a device mesh (``FSDP2Strategy``):
+        built on the meta device, sharded, and filled with the base's weights read by rank 0 only
+        (``models.parallel.build_sharded``). ``model.net.gradient_checkpointing`` wraps the vision blocks
+        and decoder layers the same way on both paths."""
         if self.model is not None:
             return
         _check_precision(self.config.dtype, self.trainer.precision if self._trainer is not None else None)
+        if self.device_mesh is None:
+            model = build_model(self.config)
+            if self.config.gradient_checkpointing:
+                apply_activation_checkpointing(model)
+        else:
+            model = build_sharded(self.config, self.device_mesh["data_parallel"], _param_dtype(self.hparams.fsdp),
+                                  self.trainer.strategy.root_device)
         # from_pretrained returns modules in eval mode; training starts in train mode.
-        self.model = build_model(self.config).train()
-        if self.device_mesh is not None:
-            param_dtype = self.hparams.fsdp.get("param_dtype")
-            shard(self.model, self.device_mesh["data_parallel"], DTYPES[param_dtype] if param_dtype else None)
+        self.model = model.train()
 
     def forward(self, batch: dict) -> Any:
         return self.model(**{key: batch[key] for key in BATCH_INPUTS}, labels=batch.get("labels"))
@@ -115,6 +123,20 @@ class LumenModule(L.LightningModule):
         scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps, max(total_steps, 1))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clips by the global norm of all gradients (``trainer.gradient_clip_val``; null: no clipping),
+        correct under FSDP2's sharded gradients, and logs the norm before clipping as ``train/grad_norm``.
+        Called once per optimizer step, after the last accumulated micro-batch."""
+        if gradient_clip_algorithm not in (None, "norm"):
+            name = getattr(gradient_clip_algorithm, "value", gradient_clip_algorithm)  # Lightning passes an enum
+            raise ValueError(
+                f"trainer.gradient_clip_algorithm={name}: lumen clips by global norm; "
+                "remove the key (or set it to norm)"
+            )
+        parameters = [parameter for group in optimizer.param_groups for parameter in group["params"]]
+        norm = clip_grad_norm(parameters, gradient_clip_val or None)
+        self.log("train/grad_norm", norm)
+
 
 def _check_precision(dtype: str, precision: str | None) -> None:
     """bf16-mixed keeps fp32 master weights (the autocast/FSDP policy computes in bf16); bf16-true
@@ -127,6 +149,13 @@ def _check_precision(dtype: str, precision: str | None) -> None:
             f"model.net.dtype={dtype} does not fit trainer.precision={precision}: use model.net.dtype={expected} "
             "(fp32 master weights for mixed precision, bf16 weights for bf16-true)"
         )
+
+
+def _param_dtype(fsdp: dict) -> torch.dtype | None:
+    name = fsdp.get("param_dtype")
+    if name is not None and name not in DTYPES:
+        raise ValueError(f"model.fsdp.param_dtype={name!r}: expected one of {sorted(DTYPES)} or null (the weights' own)")
+    return DTYPES[name] if name is not None else None
 
 
 def _plain(config: DictConfig | dict) -> dict:
