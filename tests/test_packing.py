@@ -201,3 +201,10 @@ def test_the_demo_trains_and_scores_validation_on_packed_batches(demo_overrides)
     assert "cu_seq_lens" in next(iter(trainer.datamodule.val_dataloader()))
     [metrics] = trainer.validate(trainer.lightning_module, datamodule=trainer.datamodule)
     assert 0 < metrics["val/loss"] < 20
+
+
+def test_the_papers_recipe_packs_ungrouped_micro_batches_and_the_demo_pads():
+    lumen, demo = compose_config("train", ["experiment=lumen"]), compose_config("train", [])
+    assert lumen.data.packing is True and lumen.data.group_batches == 1
+    assert lumen.model.net.attn_implementation == "flash_attention_2"
+    assert demo.data.packing is False and demo.data.group_batches > 1
