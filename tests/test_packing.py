@@ -185,6 +185,28 @@ def test_flash_attention_gets_the_sample_boundaries_and_no_mask(tiny_base, sampl
         torch.testing.assert_close(packed_gradients[name], gradient, rtol=1e-4, atol=1e-7, msg=name)
 
 
+def flash_attn_on_a_gpu() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not flash_attn_on_a_gpu(), reason="needs a CUDA GPU with flash-attn (pip install -e '.[gpu]')")
+def test_with_flash_attn_on_a_gpu_a_packed_batch_has_the_padded_batchs_loss(tiny_base, samples):
+    padded, packed = collated(tiny_base, samples)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(base=str(tiny_base), vision={"type": "hf", "layer": -1},
+                                    attn_implementation="flash_attention_2", dtype="bfloat16")).cuda()
+    with torch.no_grad():
+        padded_loss, packed_loss = (model(**{key: value.cuda() for key, value in model_inputs(batch).items()}).loss.float()
+                                    for batch in (padded, packed))
+    torch.testing.assert_close(packed_loss, padded_loss, rtol=1e-3, atol=1e-3)
+
+
 def test_a_packed_row_without_positions_is_refused():
     with pytest.raises(ValueError, match=r"position_ids \(1, total\) must come with cu_seq_lens"):
         packed_attention(torch.tensor([0, 3, 5], dtype=torch.int32), None, "sdpa", torch.float32)
