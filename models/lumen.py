@@ -92,8 +92,8 @@ class LumenModel(nn.Module):
         """``images``: the four image arguments of ``embed``. A padded batch is (B, L) rows with their
         ``attention_mask``; a packed one (``LumenCollator(packing=True)``) is one (1, total) row of the
         samples end to end, with ``position_ids`` restarting at 0 per sample and ``cu_seq_lens``, the
-        samples' boundaries (B + 1,), which make attention block-causal. Returns the LLM output (with
-        ``loss`` when ``labels`` are given)."""
+        samples' boundaries (B + 1,), which make attention block-causal (its ``attention_mask`` is all
+        ones and not needed). Returns the LLM output (with ``loss`` when ``labels`` are given)."""
         inputs_embeds = self.embed(input_ids, **images)
         if cu_seq_lens is None:
             attention = {"attention_mask": attention_mask}
