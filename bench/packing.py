@@ -9,7 +9,7 @@ so that load on the machine falls on both alike. After --warmup steps, --steps s
 Lightning's Throughput turns the step times into samples/s and tokens/s (real tokens only). The first
 step's two losses are printed as a check that both layouts compute the same thing.
 
-    python bench/packing.py                                   # CPU, about 3 minutes on 2 cores
+    python bench/packing.py                                   # CPU, 3-4 minutes on 2 busy cores
     python bench/packing.py --group-batches 1                 # micro-batches not grouped by length
     python bench/packing.py --device cuda                     # on a GPU (sdpa: a dense block-causal mask)
 """
