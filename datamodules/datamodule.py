@@ -58,6 +58,8 @@ class LumenDataModule(L.LightningDataModule):
     directory (``models.checkpoints.input_spec``) so the collator and the model always agree.
     ``experts``: an expert-prediction CSV (``python -m datamodules.build experts``) whose text about the
     current image goes into every prompt, with age, race and view when ``expert_demographics``.
+    ``packing``: training and validation-loss batches are one row of the samples end to end, with
+    block-causal attention, instead of padded rows (``LumenCollator``); generation stays left-padded.
     ``limit`` caps each source's samples of a split (keeps CPU runs short; ``null`` for all). A source
     set to ``null`` is left out (``data.sources.prognostic=null``). ``batch_size`` is the per-process
     micro-batch; ``global_batch_size`` (samples per optimizer step over all processes, from which
@@ -79,6 +81,7 @@ class LumenDataModule(L.LightningDataModule):
         eval_batch_size: int = 16,
         num_workers: int = 0,
         group_batches: int = 32,
+        packing: bool = False,
         seed: int = 0,
         limit: dict[str, int | None] | None = None,
     ):
@@ -106,7 +109,7 @@ class LumenDataModule(L.LightningDataModule):
         self.tokenizer = load_tokenizer(tokenizer_dir, input_spec["image_token"])
         collator_args = dict(tokenizer=self.tokenizer, interval_in_prompt=interval_in_prompt, resize=image_resize,
                              **input_spec)
-        self.train_collator = LumenCollator(**collator_args)
+        self.train_collator = LumenCollator(**collator_args, packing=packing)
         self.generation_collator = LumenCollator(**collator_args, for_generation=True)
         self.image_slots = len(self.train_collator.slots)
         self.datasets: dict[str, list[SampleDataset]] = {}

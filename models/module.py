@@ -15,6 +15,8 @@ from models.lumen import LumenModel
 from models.parallel import apply_activation_checkpointing, build_sharded, clip_grad_norm
 
 BATCH_INPUTS = ("input_ids", "attention_mask", "current_images", "prior_images", "has_prior", "interval_days")
+# What a packed batch (data.packing) adds: each sample's positions and the samples' boundaries.
+PACKED_INPUTS = ("position_ids", "cu_seq_lens")
 
 
 def parameter_groups(
@@ -86,7 +88,8 @@ class LumenModule(L.LightningModule):
         self.model = model.train()
 
     def forward(self, batch: dict) -> Any:
-        return self.model(**{key: batch[key] for key in BATCH_INPUTS}, labels=batch.get("labels"))
+        packed = {key: batch[key] for key in PACKED_INPUTS if key in batch}
+        return self.model(**{key: batch[key] for key in BATCH_INPUTS}, **packed, labels=batch.get("labels"))
 
     def training_step(self, batch: dict, batch_index: int) -> torch.Tensor:
         loss = self(batch).loss
