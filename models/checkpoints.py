@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from common.files import atomic_directory
 from datamodules.collate import load_tokenizer as load_directory_tokenizer
@@ -161,8 +162,8 @@ def load_tokenizer(config: ModelConfig):
     return load_directory_tokenizer(config.llm_dir, IMAGE_TOKEN)
 
 
-def _load_llm(config: ModelConfig, vocab_size: int):
-    if config.attn_implementation == "flash_attention_2":
+def _load_llm(config: ModelConfig, vocab_size: int, weights: bool = True):
+    if weights and config.attn_implementation == "flash_attention_2":
         try:
             import flash_attn  # noqa: F401
         except ImportError as error:
@@ -170,9 +171,15 @@ def _load_llm(config: ModelConfig, vocab_size: int):
                 "model.net.attn_implementation=flash_attention_2 needs the flash-attn package "
                 "(pip install -e '.[gpu]' on a CUDA machine); use sdpa on CPU"
             ) from error
-    llm = AutoModelForCausalLM.from_pretrained(
-        config.llm_dir, dtype=DTYPES[config.dtype], attn_implementation=config.attn_implementation
-    )
+    if weights:
+        llm = AutoModelForCausalLM.from_pretrained(
+            config.llm_dir, dtype=DTYPES[config.dtype], attn_implementation=config.attn_implementation
+        )
+    else:
+        llm = AutoModelForCausalLM.from_config(
+            AutoConfig.from_pretrained(config.llm_dir), dtype=DTYPES[config.dtype],
+            attn_implementation=config.attn_implementation,
+        )
     if llm.get_input_embeddings().num_embeddings < vocab_size:
         llm.resize_token_embeddings(vocab_size)
     if config.gradient_checkpointing:
@@ -180,17 +187,18 @@ def _load_llm(config: ModelConfig, vocab_size: int):
     return llm
 
 
-def _projector(config: ModelConfig, vision, llm_size: int) -> MLPDownsampleProjector:
-    """A fresh projector, or the base's ``mm_projector`` with its weights (NVILA's key names)."""
+def _projector(config: ModelConfig, vision, llm_size: int, weights: bool = True) -> MLPDownsampleProjector:
+    """A fresh projector, or the base's ``mm_projector`` with its weights (NVILA's key names); with
+    ``weights=False``, its shape only (read from the safetensors header)."""
     projector_type = config.projector_type()
     weights_path = config.projector_dir / WEIGHTS
     if not (config.projector_dir / "config.json").is_file():
         return MLPDownsampleProjector(vision.grid, vision.hidden_size, llm_size, projector_type)
     if not weights_path.is_file():
         raise FileNotFoundError(f"{config.projector_dir} has config.json but no {WEIGHTS}")
-    weights = load_file(weights_path)
+    with safe_open(weights_path, "pt") as stored:
+        merged_channels = stored.get_slice("layers.1.weight").get_shape()[0]
     # NVILA-8B's projector reads three image scales concatenated on channels (mm_hidden_size 3x the tower's).
-    merged_channels = weights["layers.1.weight"].shape[0]
     k2 = MERGE_SIZE[projector_type] ** 2
     scales, remainder = divmod(merged_channels, k2 * vision.hidden_size)
     if remainder or scales < 1:
@@ -199,20 +207,24 @@ def _projector(config: ModelConfig, vision, llm_size: int) -> MLPDownsampleProje
             f"{k2} x the vision tower's {vision.hidden_size}"
         )
     projector = MLPDownsampleProjector(vision.grid, vision.hidden_size, llm_size, projector_type, scales=scales)
-    projector.load_state_dict(weights)
+    if weights:
+        projector.load_state_dict(load_file(weights_path))
     return projector
 
 
-def build_model(config: ModelConfig) -> LumenModel:
-    """Loads the LLM, the vision tower and (if the base has them) projector and fusion weights."""
+def build_model(config: ModelConfig, weights: bool = True) -> LumenModel:
+    """Loads the LLM, the vision tower and (if the base has them) projector and fusion weights.
+
+    ``weights=False`` builds the same architecture without reading any weights, e.g. under
+    ``torch.device("meta")`` to count FLOPs (models/flops.py) without allocating memory."""
     dtype = DTYPES[config.dtype]
     tokenizer = load_tokenizer(config)
-    llm = _load_llm(config, len(tokenizer))
-    vision = build_vision_tower(config.vision.type, config.vision_dir, config.vision.layer)
+    llm = _load_llm(config, len(tokenizer), weights)
+    vision = build_vision_tower(config.vision.type, config.vision_dir, config.vision.layer, weights=weights)
     if config.gradient_checkpointing:
         vision.enable_activation_checkpointing()
     llm_size = llm.config.hidden_size
-    projector = _projector(config, vision, llm_size)
+    projector = _projector(config, vision, llm_size, weights)
     fusion = TemporalFusion(llm_size, projector.tokens_per_image, mode=config.fusion.mode,
                             heads=config.fusion.heads, use_interval=config.fusion.interval_embedding)
     if (config.fusion_dir / WEIGHTS).is_file():
@@ -223,7 +235,8 @@ def build_model(config: ModelConfig) -> LumenModel:
                     f"model.net.fusion.{key}={getattr(config.fusion, key)} but {config.fusion_dir} holds weights "
                     f"trained with {key}={stored.get(key)}: set model.net.fusion.{key}={stored.get(key)}"
                 )
-        fusion.load_state_dict(load_file(config.fusion_dir / WEIGHTS))
+        if weights:
+            fusion.load_state_dict(load_file(config.fusion_dir / WEIGHTS))
     model = LumenModel(vision, projector, fusion, llm, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)).to(dtype)
     for part, tune in ((model.vision, config.tune_vision), (model.projector, config.tune_projector),
                        (model.fusion, config.tune_projector), (model.llm, config.tune_llm)):
