@@ -145,7 +145,9 @@ def main() -> None:
     with torch.no_grad():
         losses = ours_loss(ours, batches[0]).item(), llava_loss(llava, batches[0]).item()
     flops = counted_flops(ours, ours_loss, batches[0]), counted_flops(llava, llava_loss, batches[0])
-    predicted = measure_step_flops(config).of_batch(dict(batches[0], attention_mask=torch.ones_like(batches[0]["attention_mask"])))
+    # The counter sees the padding computed, so the prediction counts every position as a token here.
+    every_position = dict(batches[0], attention_mask=torch.ones_like(batches[0]["attention_mask"]))
+    predicted = measure_step_flops(config).of_batch(every_position)
 
     arms = {"ours": (ours, ours_loss, ours_optimizer), "HF Llava": (llava, llava_loss, llava_optimizer)}
     for model, loss_fn, optimizer in arms.values():
@@ -158,9 +160,8 @@ def main() -> None:
 
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"\ntraining step, {args.batch_size} one-image samples per batch ({tokens_per_step:.0f} real tokens), "
-          f"{ours.tokens_per_image} visual tokens "
-          f"per image, {args.dtype}, {device_name}, fusion {args.fusion}; median of {args.repeats} rounds of "
-          f"{args.steps} steps after {args.warmup} warm-up steps\n")
+          f"{ours.tokens_per_image} visual tokens per image, {args.dtype}, {device_name}, fusion {args.fusion}; "
+          f"median of {args.repeats} rounds of {args.steps} steps after {args.warmup} warm-up steps\n")
     print(f"loss on the first batch before training: ours {losses[0]:.6f}, HF Llava {losses[1]:.6f}")
     print(f"FLOPs of a step on it (FlopCounterMode): ours {flops[0]:.4g} (models/flops.py predicts {predicted:.4g}), "
           f"HF Llava {flops[1]:.4g}: ours does {flops[0] / flops[1]:.3f}x the work\n")
