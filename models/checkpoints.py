@@ -164,7 +164,7 @@ def load_tokenizer(config: ModelConfig):
 
 def _load_llm(config: ModelConfig, vocab_size: int, weights: bool = True):
     """The causal LM of ``llm/``: its weights, or (``weights=False``) only its architecture from config.json."""
-    if config.attn_implementation == "flash_attention_2":
+    if weights and config.attn_implementation == "flash_attention_2":
         try:
             import flash_attn  # noqa: F401
         except ImportError as error:

@@ -23,23 +23,31 @@ def parameter_groups(
     model: LumenModel, lr: float, weight_decay: float, vision_lr: float | None = None,
     projector_lr: float | None = None, llm_lr: float | None = None,
 ) -> list[dict]:
-    """One group per (component, decay) of the trainable parameters: NVILA's separate vision-tower and
+    """The trainable parameters grouped by (learning rate, weight decay): NVILA's separate vision-tower and
     projector learning rates and one for the LLM (``None`` = the base ``lr``; the fusion counts as
-    projector), and no weight decay on norms, biases, embeddings and learned tokens."""
+    projector), and no weight decay on norms, biases, embeddings and learned tokens.
+
+    Components with the same settings share a group, named after them (``vision``,
+    ``projector+fusion/no_decay``, ``vision+projector+fusion+llm`` when all rates are equal and there is
+    no weight decay): the optimizer launches its kernels once per group, which is much of a small
+    model's step on a GPU."""
     rates = {"vision": vision_lr or lr, "projector": projector_lr or lr, "fusion": projector_lr or lr,
              "llm": llm_lr or lr}
-    groups: dict[tuple[str, bool], list] = {}
+    groups: dict[tuple[float, float], dict] = {}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
         component = name.split(".", 1)[0]
         is_embedding = "embed" in name or name.endswith(("_tokens", "_type", "position", "no_interval"))
         decays = parameter.ndim >= 2 and not is_embedding
-        groups.setdefault((component, decays), []).append(parameter)
+        settings = (rates[component], weight_decay if decays else 0.0)
+        group = groups.setdefault(settings, {"params": [], "components": {}})
+        group["params"].append(parameter)
+        group["components"][component] = None  # an ordered set
     return [
-        {"params": params, "lr": rates[component], "weight_decay": weight_decay if decays else 0.0,
-         "name": f"{component}{'' if decays else '/no_decay'}"}
-        for (component, decays), params in groups.items()
+        {"params": group["params"], "lr": rate, "weight_decay": decay,
+         "name": "+".join(group["components"]) + ("/no_decay" if weight_decay and not decay else "")}
+        for (rate, decay), group in groups.items()
     ]
 
 
