@@ -85,6 +85,8 @@ def train(cfg: DictConfig) -> L.Trainer:
         print(f"checkpoint: {checkpoint}")
         print(f"logs: {Path(log_dir or cfg.paths.output_dir)}")
         print(f"evaluate with: python eval.py ckpt={checkpoint}")
+        print("resume or extend with: python train.py <the same overrides> ckpt_path=last "
+              f"hydra.run.dir={cfg.paths.output_dir}")
     return trainer
 
 

@@ -3,6 +3,7 @@ loader that remembers how far into the epoch training got (so that a resumed run
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -54,19 +55,20 @@ class MixtureBatchSampler(Sampler[list[int]]):
         self.epoch = epoch
 
     def state_dict(self) -> dict[str, Any]:
-        """The position, and what must be unchanged for it to mean the same batches."""
-        return {"epoch": self.epoch, "position": self.position, "world_size": self.world_size, "seed": self.seed,
-                "batch_size": self.batch_size, "global_batches": self.global_batches()}
+        """The position, and what must be unchanged for it to name the same batches: the epoch's
+        sequence itself (``sequence``, a digest) and, to say what changed, its main settings."""
+        return {"epoch": self.epoch, "position": self.position, "world_size": self.world_size,
+                "sequence": self.sequence_digest(self.epoch), **self._settings()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        saved = {key: state[key] for key in ("seed", "batch_size", "global_batches")}
-        here = {"seed": self.seed, "batch_size": self.batch_size, "global_batches": self.global_batches()}
-        if saved != here:
+        if state["sequence"] != self.sequence_digest(state["epoch"]):
+            saved = {key: state[key] for key in self._settings()}
             raise ValueError(
-                f"the checkpoint's data position ({state['position']} batches into epoch {state['epoch']}) counts "
-                f"batches of an epoch with {saved}, but this run's has {here}: resume with the same data.seed, "
-                "data.batch_size, sources, weights and data.limit.train, or start a new run from the checkpoint's "
-                "weights (python -m models.checkpoints export CKPT DIR, then model.net.base=DIR)"
+                f"the checkpoint's data position ({state['position']} batches into epoch {state['epoch']}) is in "
+                f"another sequence of batches than this run's epoch {state['epoch']} (saved {saved}, here "
+                f"{self._settings()}): resume with the same data.seed, data.batch_size, data.group_batches, sources, "
+                "weights and data.limit.train, or start a new run from the checkpoint's weights "
+                "(python -m models.checkpoints export CKPT DIR, then model.net.base=DIR)"
             )
         if state["world_size"] != self.world_size:
             raise ValueError(
@@ -75,6 +77,17 @@ class MixtureBatchSampler(Sampler[list[int]]):
                 "models.resume.ResumableCheckpoint (callbacks.model_checkpoint) does when the run resumes"
             )
         self.epoch, self.position = state["epoch"], state["position"]
+
+    def _settings(self) -> dict[str, Any]:
+        return {"seed": self.seed, "batch_size": self.batch_size, "global_batches": self.global_batches()}
+
+    def sequence_digest(self, epoch: int) -> str:
+        """A digest of the epoch's global batch sequence, which a position indexes: anything that
+        changes the sequence (samples, weights, lengths, seed, batch size, grouping) changes it."""
+        digest = hashlib.sha256()
+        for batch in self.batches(epoch):
+            digest.update(batch.astype(np.int64).tobytes() + b"|")
+        return digest.hexdigest()[:16]
 
     def epoch_indices(self, rng: np.random.Generator) -> np.ndarray:
         """This epoch's draws from every source, shuffled together."""
@@ -86,9 +99,9 @@ class MixtureBatchSampler(Sampler[list[int]]):
             offset += size
         return rng.permutation(np.concatenate(drawn))
 
-    def batches(self) -> list[np.ndarray]:
-        """All ranks' batches of this epoch, in order."""
-        rng = np.random.default_rng([self.seed, self.epoch])
+    def batches(self, epoch: int | None = None) -> list[np.ndarray]:
+        """All ranks' batches of this epoch (or of ``epoch``), in order."""
+        rng = np.random.default_rng([self.seed, self.epoch if epoch is None else epoch])
         indices = self.epoch_indices(rng)
         group = self.batch_size * self.group_batches
         batches = []

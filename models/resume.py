@@ -36,6 +36,10 @@ class ResumableCheckpoint(ModelCheckpoint):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
+        # A resumed run starts from a saved step. Lightning's callback does not know that, and with
+        # gradient accumulation it would save again after the first micro-batch (the step count is
+        # still a multiple of N then), in the middle of an accumulation window.
+        self._last_global_step_saved = trainer.global_step
         # Lightning hands a loader its saved state only when the loader is created after the
         # checkpoint is restored; estimated_stepping_batches creates it before, and the state stays
         # pending (Lightning-AI/pytorch-lightning#20550). Loading it here is still before the first

@@ -29,7 +29,8 @@ class TrainingRecord(L.Callback):
 
     - ``start``: the optimizer steps done and Adam's step count and moments when training starts;
     - ``batch``: each micro-batch's sample ids, the optimizer steps done before it and its learning rate;
-    - ``step``: Adam's moments after each optimizer step.
+    - ``step``: Adam's moments after each optimizer step;
+    - ``save``: the step and data position of each checkpoint saved.
 
     Before the first micro-batch after ``hold_at_step`` optimizer steps (so after that step's
     checkpoint is saved) it waits for ten minutes, long enough to be killed mid-training; after
@@ -65,3 +66,8 @@ class TrainingRecord(L.Callback):
             self.steps_recorded = trainer.global_step
             self._write(trainer, {"event": "step", "step": trainer.global_step,
                                   "moments": optimizer_moments(trainer.optimizers[0])})
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        loader = checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
+        self._write(trainer, {"event": "save", "step": checkpoint["global_step"], "epoch": loader["epoch"],
+                              "position": loader["position"]})

@@ -85,11 +85,12 @@ def test_the_loader_position_counts_batches_handed_out_not_those_workers_read_ah
     assert [batch["sample_ids"] for batch in resumed] == uninterrupted[3:]
 
 
-def test_a_position_from_another_batch_size_is_refused(data_config):
+@pytest.mark.parametrize("changed", [{"batch_size": 4}, {"group_batches": 2}, {"seed": 1}])
+def test_a_position_in_another_sequence_of_batches_is_refused(data_config, changed):
     state = train_loader(data_config).state_dict()
-    with pytest.raises(ValueError, match=r"counts batches of an epoch with .*'batch_size': 2.* but this run's has "
-                                         r".*'batch_size': 4.*: resume with the same data.seed, data.batch_size"):
-        train_loader(data_config, batch_size=4).load_state_dict(state)
+    with pytest.raises(ValueError, match=r"is in another sequence of batches than this run's epoch 0 \(saved "
+                                         r"\{'seed': 0, 'batch_size': 2, 'global_batches': 8\}.*resume with the same"):
+        train_loader(data_config, **changed).load_state_dict(state)
 
 
 def test_a_position_from_another_world_size_needs_the_trainer_counters_converted():
@@ -106,7 +107,7 @@ def fit_loop_state(position, world_size, global_batches=8, completed_offset=1) -
         "epoch_loop.batch_progress": {"current": dict(counters), "total": {k: v + 20 for k, v in counters.items()},
                                       "is_last_batch": False},
         "state_dict": {"combined_loader": [{"epoch": 3, "position": position, "world_size": world_size, "seed": 0,
-                                            "batch_size": 2, "global_batches": global_batches}]},
+                                            "batch_size": 2, "global_batches": global_batches, "sequence": "00"}]},
     }
 
 
@@ -252,6 +253,8 @@ def test_a_killed_two_process_run_resumes_its_step_optimizer_schedule_and_data_p
     resumed = records(tmp_path / "record")
     lrs = scheduled_lrs(4)
     for rank in (0, 1):
+        assert [(s["step"], s["position"]) for s in events(killed[rank], "save")] == [(EVERY, 2 * EVERY)]
+        assert [(s["step"], s["position"]) for s in events(resumed[rank], "save")] == [(4, 8)]
         start = events(resumed[rank], "start")[0]
         saved_moments = events(killed[rank], "step")[-1]
         assert saved_moments["step"] == EVERY
@@ -275,6 +278,9 @@ def test_a_two_process_checkpoint_resumes_on_one_process_with_the_same_global_ba
     resumed = records(tmp_path / "record")
     start = events(resumed[0], "start")[0]
     assert start["step"] == EVERY and start["adam_steps"] == EVERY and start["world_size"] == 1
+    # Saved once, at the end, after the epoch's 8 global micro-batches: not after the first micro-batch
+    # of step 4, although the step count (3) is still a multiple of every_n_train_steps then.
+    assert [(s["step"], s["position"]) for s in events(resumed[0], "save")] == [(4, 8)]
     assert start["moments"] == pytest.approx(events(killed[0], "step")[-1]["moments"], rel=1e-6)
     assert [(b["step"], b["lr"]) for b in events(resumed[0], "batch")] == [(EVERY, scheduled_lrs(4)[EVERY])] * 2
     assert [step["step"] for step in events(resumed[0], "step")] == [4]
@@ -292,8 +298,11 @@ def test_a_crashed_single_process_run_resumes_from_its_checkpoint_file(demo_over
     resumed = train(compose_config("train", overrides + [f"+callbacks.record.directory={tmp_path / 'resumed'}",
                                                          "ckpt_path=last"]))
     assert resumed.global_step == 8
-    crashed = {0: [r for r in records(tmp_path / "crashed")[0] if r["event"] != "batch" or r["step"] < 3]}
-    assert in_global_order(crashed) + in_global_order(records(tmp_path / "resumed")) == epoch
+    crashed, after = records(tmp_path / "crashed")[0], records(tmp_path / "resumed")[0]
+    assert [(s["step"], s["position"]) for s in events(crashed, "save")] == [(3, 3)]
+    assert [(s["step"], s["position"]) for s in events(after, "save")] == [(6, 6), (8, 8)]
+    saved = {0: [record for record in crashed if record["event"] != "batch" or record["step"] < 3]}
+    assert in_global_order(saved) + in_global_order({0: after}) == epoch
     assert torch.load(checkpoint, weights_only=True)["global_step"] == 8
 
 
