@@ -13,6 +13,7 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
 from models.checkpoints import ModelConfig, input_spec
+from models.resume import require_resumable
 
 log = logging.getLogger("train")
 
@@ -78,6 +79,7 @@ def train(cfg: DictConfig) -> L.Trainer:
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    require_resumable(trainer, cfg.get("ckpt_path"))
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     log_dir = trainer.log_dir  # a collective call under distributed strategies: every rank asks
     if trainer.is_global_zero:

@@ -20,6 +20,7 @@ from weakref import proxy
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import ModelParallelStrategy
 
 
 class ResumableCheckpoint(ModelCheckpoint):
@@ -130,3 +131,34 @@ def continue_on(fit_loop: dict[str, Any], world_size: int) -> None:
         for key in counters:
             counters[key] += shift
     progress["is_last_batch"] = remaining == 0
+
+
+def require_resumable(trainer: L.Trainer, ckpt_path: str | None) -> None:
+    """Fails, saying what to do, when the checkpoint to resume from (``ckpt_path``; ``last`` found as
+    Lightning finds it) is one the trainer's strategy cannot resume: a sharded directory under a
+    strategy that reads files, or a one-process file under FSDP2 (Lightning 2.6 maps its optimizer
+    state, which is in the order of the parameter groups, to parameters in the model's order)."""
+    if ckpt_path is None:
+        return
+    path = Path(ckpt_path)
+    if ckpt_path == "last":
+        found = [last for callback in trainer.checkpoint_callbacks if isinstance(callback, ModelCheckpoint)
+                 and callback.dirpath for last in Path(callback.dirpath).glob("last*.ckpt")]
+        if not found:
+            return
+        path = max(found, key=lambda last: last.stat().st_mtime)
+    sharded = isinstance(trainer.strategy, ModelParallelStrategy)
+    if path.is_dir() and not sharded:
+        raise ValueError(
+            f"ckpt_path={ckpt_path} is a sharded checkpoint ({path}), which only the FSDP2 strategy reads: resume "
+            "with trainer=fsdp (on any number of devices; trainer.devices=1 for one), or consolidate it "
+            "(python -m models.checkpoints consolidate) to use its weights elsewhere"
+        )
+    if path.is_file() and sharded:
+        raise ValueError(
+            f"ckpt_path={ckpt_path} is a one-process checkpoint file ({path}), which FSDP2 cannot resume (its "
+            "optimizer state would be matched to the wrong parameters): resume it with a one-process trainer "
+            "(trainer=cpu or trainer=gpu), or start FSDP2 from its weights (python -m models.checkpoints export "
+            "CKPT DIR, then model.net.base=DIR). Runs that may change their number of processes train with "
+            "trainer=fsdp from the start (trainer.devices=1 on one), whose sharded checkpoints resume on any number"
+        )

@@ -175,6 +175,10 @@ def events(rank_records: list[dict], event: str) -> list[dict]:
     return [record for record in rank_records if record["event"] == event]
 
 
+def moments_after(rank_records: list[dict], step: int) -> float:
+    return next(record["moments"] for record in events(rank_records, "step") if record["step"] == step)
+
+
 def in_global_order(per_rank: dict[int, list[dict]]) -> list[list[str]]:
     """The sample ids of the runs' micro-batches in the order of the epoch's global sequence (step j of
     rank r of W processes trains global batch j*W + r)."""
@@ -216,14 +220,13 @@ def fsdp_run(run: Path, world, tiny_base, devices: int, *overrides: str) -> list
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(scope="module")
-def killed_run(world, tiny_base, tmp_path_factory) -> Path:
-    """A 2-process FSDP2 run killed (SIGKILL to its process group) while it trains, after its
+def kill_after_checkpoint(run: Path, world, tiny_base, devices: int, *overrides: str) -> Path:
+    """Starts an FSDP2 run and kills it (SIGKILL to its process group) while it trains, after its
     checkpoint of step 3; it holds before its next batch, so it has trained exactly 3 steps."""
-    run = tmp_path_factory.mktemp("killed")
+    run.mkdir(exist_ok=True)
     log = open(run / "train.log", "w")
-    process = subprocess.Popen(fsdp_run(run, world, tiny_base, 2, f"+callbacks.record.hold_at_step={EVERY}"),
-                               cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    command = fsdp_run(run, world, tiny_base, devices, f"+callbacks.record.hold_at_step={EVERY}", *overrides)
+    process = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     checkpoint, deadline = run / "checkpoints" / "last.ckpt", time.monotonic() + 600
     while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -235,10 +238,15 @@ def killed_run(world, tiny_base, tmp_path_factory) -> Path:
     return run
 
 
-def resume(killed_run: Path, run: Path, world, tiny_base, devices: int, *overrides: str) -> Path:
-    """Resumes the killed run with ckpt_path=last, in a run directory holding a copy of its checkpoints;
-    returns the checkpoint the resumed run names when it ends."""
-    shutil.copytree(killed_run / "checkpoints", run / "checkpoints", symlinks=True)
+@pytest.fixture(scope="module")
+def killed_run(world, tiny_base, tmp_path_factory) -> Path:
+    return kill_after_checkpoint(tmp_path_factory.mktemp("killed"), world, tiny_base, 2)
+
+
+def resume(earlier_run: Path, run: Path, world, tiny_base, devices: int, *overrides: str) -> Path:
+    """Resumes an earlier run with ckpt_path=last and FSDP2, in a run directory holding a copy of its
+    checkpoints; returns the checkpoint the resumed run names when it ends."""
+    shutil.copytree(earlier_run / "checkpoints", run / "checkpoints", symlinks=True)
     command = fsdp_run(run, world, tiny_base, devices, "ckpt_path=last", *overrides)
     result = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -256,10 +264,8 @@ def test_a_killed_two_process_run_resumes_its_step_optimizer_schedule_and_data_p
         assert [(s["step"], s["position"]) for s in events(killed[rank], "save")] == [(EVERY, 2 * EVERY)]
         assert [(s["step"], s["position"]) for s in events(resumed[rank], "save")] == [(4, 8)]
         start = events(resumed[rank], "start")[0]
-        saved_moments = events(killed[rank], "step")[-1]
-        assert saved_moments["step"] == EVERY
         assert start["step"] == EVERY and start["adam_steps"] == EVERY
-        assert start["moments"] == pytest.approx(saved_moments["moments"], rel=1e-6)
+        assert start["moments"] == pytest.approx(moments_after(killed[rank], EVERY), rel=1e-6)
         assert [(b["step"], b["lr"]) for b in events(killed[rank], "batch")] == list(enumerate(lrs[:EVERY]))
         assert [(b["step"], b["lr"]) for b in events(resumed[rank], "batch")] == [(EVERY, lrs[EVERY])]
     # Every batch of the epoch, in order, each once: nothing seen twice, nothing skipped.
@@ -268,7 +274,6 @@ def test_a_killed_two_process_run_resumes_its_step_optimizer_schedule_and_data_p
     assert torch.load(final / "meta.pt", weights_only=True)["global_step"] == 4
 
 
-@pytest.mark.slow
 def test_a_two_process_checkpoint_resumes_on_one_process_with_the_same_global_batch(
     killed_run, epoch, world, tiny_base, tmp_path
 ):
@@ -281,29 +286,81 @@ def test_a_two_process_checkpoint_resumes_on_one_process_with_the_same_global_ba
     # Saved once, at the end, after the epoch's 8 global micro-batches: not after the first micro-batch
     # of step 4, although the step count (3) is still a multiple of every_n_train_steps then.
     assert [(s["step"], s["position"]) for s in events(resumed[0], "save")] == [(4, 8)]
-    assert start["moments"] == pytest.approx(events(killed[0], "step")[-1]["moments"], rel=1e-6)
+    assert start["moments"] == pytest.approx(moments_after(killed[0], EVERY), rel=1e-6)
     assert [(b["step"], b["lr"]) for b in events(resumed[0], "batch")] == [(EVERY, scheduled_lrs(4)[EVERY])] * 2
     assert [step["step"] for step in events(resumed[0], "step")] == [4]
     assert in_global_order(killed) + in_global_order(resumed) == epoch
 
 
-def test_a_crashed_single_process_run_resumes_from_its_checkpoint_file(demo_overrides, epoch, tmp_path):
-    overrides = [*demo_overrides, *DATA, "callbacks.model_checkpoint.every_n_train_steps=3",
-                 "+callbacks.record._target_=tests.recording.TrainingRecord"]
-    with pytest.raises(RuntimeError, match="the test stops training after step 5"):
-        train(compose_config("train", overrides + [f"+callbacks.record.directory={tmp_path / 'crashed'}",
-                                                   "+callbacks.record.raise_at_step=5"]))
-    checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    assert checkpoint.is_file() and torch.load(checkpoint, weights_only=True)["global_step"] == 3
-    resumed = train(compose_config("train", overrides + [f"+callbacks.record.directory={tmp_path / 'resumed'}",
-                                                         "ckpt_path=last"]))
-    assert resumed.global_step == 8
-    crashed, after = records(tmp_path / "crashed")[0], records(tmp_path / "resumed")[0]
-    assert [(s["step"], s["position"]) for s in events(crashed, "save")] == [(3, 3)]
-    assert [(s["step"], s["position"]) for s in events(after, "save")] == [(6, 6), (8, 8)]
-    saved = {0: [record for record in crashed if record["event"] != "batch" or record["step"] < 3]}
-    assert in_global_order(saved) + in_global_order({0: after}) == epoch
-    assert torch.load(checkpoint, weights_only=True)["global_step"] == 8
+def single_process(run: Path, world, tiny_base, *overrides: str):
+    """A one-process run with two micro-batches per optimizer step (the 2-process runs' global batch;
+    4 steps an epoch) and a checkpoint every 2 steps."""
+    return compose_config("train", [
+        f"paths.output_dir={run}", f"paths.cache_dir={run / 'cache'}", f"paths.world_dir={world}",
+        f"paths.tiny_base={tiny_base}", f"prepare.world.subjects={WORLD_SUBJECTS}", "prepare.tiny_base=null",
+        "logger=csv", *DATA, "+trainer.accumulate_grad_batches=2", "callbacks.model_checkpoint.every_n_train_steps=2",
+        "+callbacks.record._target_=tests.recording.TrainingRecord", f"+callbacks.record.directory={run / 'record'}",
+        *overrides,
+    ])
+
+
+@pytest.fixture(scope="module")
+def crashed_run(world, tiny_base, tmp_path_factory) -> Path:
+    """A one-process run that crashes in step 3, after its checkpoint (a file) of step 2."""
+    run = tmp_path_factory.mktemp("crashed")
+    with pytest.raises(RuntimeError, match="the test stops training after step 3"):
+        train(single_process(run, world, tiny_base, "+callbacks.record.raise_at_step=3"))
+    return run
+
+
+def test_a_crashed_single_process_run_resumes_from_its_checkpoint_file(crashed_run, epoch, world, tiny_base,
+                                                                       tmp_path):
+    shutil.copytree(crashed_run / "checkpoints", tmp_path / "checkpoints")
+    trainer = train(single_process(tmp_path, world, tiny_base, "ckpt_path=last"))
+    assert trainer.global_step == 4 and Path(trainer.checkpoint_callback.last_model_path).is_file()
+    crashed, resumed = records(crashed_run / "record")[0], records(tmp_path / "record")[0]
+    assert [(s["step"], s["position"]) for s in events(crashed, "save")] == [(2, 4)]
+    assert [(s["step"], s["position"]) for s in events(resumed, "save")] == [(4, 8)]
+    start = events(resumed, "start")[0]
+    assert start["step"] == 2 and start["adam_steps"] == 2
+    assert start["moments"] == pytest.approx(moments_after(crashed, 2), rel=1e-6)
+    lrs = scheduled_lrs(4)
+    assert [(b["step"], b["lr"]) for b in events(resumed, "batch")] == [(2, lrs[2])] * 2 + [(3, lrs[3])] * 2
+    saved = [record for record in crashed if record["event"] != "batch" or record["step"] < 2]
+    assert in_global_order({0: saved}) + in_global_order({0: resumed}) == epoch
+
+
+@pytest.mark.slow
+def test_a_one_process_sharded_checkpoint_resumes_on_two_processes(epoch, world, tiny_base, tmp_path):
+    # One FSDP2 process accumulating two micro-batches per step, then two with one each.
+    killed_run = kill_after_checkpoint(tmp_path / "killed", world, tiny_base, 1, "+trainer.accumulate_grad_batches=2")
+    killed = records(killed_run / "record")
+    resume(killed_run, tmp_path / "resumed", world, tiny_base, 2)
+    resumed = records(tmp_path / "resumed" / "record")
+    for rank in (0, 1):
+        start = events(resumed[rank], "start")[0]
+        assert start["step"] == EVERY and start["adam_steps"] == EVERY and start["world_size"] == 2
+        assert start["moments"] == pytest.approx(moments_after(killed[0], EVERY), rel=1e-6)
+        assert [(b["step"], b["lr"]) for b in events(resumed[rank], "batch")] == [(EVERY, scheduled_lrs(4)[EVERY])]
+    assert in_global_order(killed) + in_global_order(resumed) == epoch
+
+
+def test_a_single_process_checkpoint_file_is_refused_by_fsdp_with_the_fix(crashed_run, world, tiny_base):
+    checkpoint = crashed_run / "checkpoints" / "last.ckpt"
+    cfg = single_process(crashed_run, world, tiny_base, "trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2",
+                         f"ckpt_path={checkpoint}")
+    with pytest.raises(ValueError, match=r"is a one-process checkpoint file \(.*\), which FSDP2 cannot resume .*: "
+                                         r"resume it with a one-process trainer \(trainer=cpu or trainer=gpu\)"):
+        train(cfg)
+
+
+def test_a_sharded_checkpoint_is_refused_by_a_single_device_trainer_with_the_fix(killed_run, world, tiny_base):
+    overrides = [f"paths.output_dir={killed_run}", f"paths.cache_dir={killed_run / 'cache'}",
+                 f"paths.world_dir={world}", f"paths.tiny_base={tiny_base}", f"prepare.world.subjects={WORLD_SUBJECTS}",
+                 "prepare.tiny_base=null", *DATA, "ckpt_path=last"]
+    with pytest.raises(ValueError, match=r"ckpt_path=last is a sharded checkpoint \(.*last.ckpt\), which only the "
+                                         r"FSDP2 strategy reads: resume with trainer=fsdp"):
+        train(compose_config("train", overrides))
 
 
 @pytest.fixture(scope="module")
