@@ -143,7 +143,7 @@ def require_resumable(trainer: L.Trainer, ckpt_path: str | None) -> None:
     path = Path(ckpt_path)
     if ckpt_path == "last":
         found = [last for callback in trainer.checkpoint_callbacks if isinstance(callback, ModelCheckpoint)
-                 and callback.dirpath for last in Path(callback.dirpath).glob("last*.ckpt")]
+                 and callback.dirpath for last in Path(callback.dirpath).glob("last*.ckpt") if last.exists()]
         if not found:
             return
         path = max(found, key=lambda last: last.stat().st_mtime)
