@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from models.checkpoints import ModelConfig, input_spec
 from models.parallel import accumulation
+from models.resume import require_resumable
 
 log = logging.getLogger("train")
 
@@ -96,6 +97,7 @@ def train(cfg: DictConfig) -> L.Trainer:
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     # Before the data is read: a global batch that does not divide fails at once.
     trainer.accumulate_grad_batches = accumulate_grad_batches(cfg, trainer.num_devices * trainer.num_nodes)
+    require_resumable(trainer, cfg.get("ckpt_path"))
     spec = input_spec(ModelConfig(**cfg.model.net))
     datamodule = instantiate_data(cfg, spec)
     module = hydra.utils.instantiate(cfg.model)
@@ -106,6 +108,8 @@ def train(cfg: DictConfig) -> L.Trainer:
         print(f"checkpoint: {checkpoint}")
         print(f"logs: {Path(log_dir or cfg.paths.output_dir)}")
         print(f"evaluate with: python eval.py ckpt={checkpoint}")
+        print("resume or extend with: python train.py <the same overrides> ckpt_path=last "
+              f"hydra.run.dir={cfg.paths.output_dir}")
     return trainer
 
 

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from datamodules.collate import LoadedSample, LumenCollator, load_tokenizer
 from datamodules.experts import expert_text, load_experts
 from datamodules.records import Sample
-from datamodules.sampling import MixtureBatchSampler
+from datamodules.sampling import MixtureBatchSampler, ResumableLoader
 
 log = logging.getLogger(__name__)
 
@@ -172,8 +172,8 @@ class LumenDataModule(L.LightningDataModule):
             [self.length(sample) for sample in dataset.samples], self.batch_size, self.seed, rank, world_size,
             self.group_batches,
         )
-        return DataLoader(dataset, batch_sampler=sampler, collate_fn=self.train_collator,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        return ResumableLoader(dataset, batch_sampler=sampler, collate_fn=self.train_collator,
+                               num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
         dataset = self.dataset("val")
