@@ -23,7 +23,7 @@ from eval import evaluate
 from models.checkpoints import CONSOLIDATED_KEYS, ModelConfig, build_model, consolidate, export, input_spec, load_checkpoint
 from models.resume import continue_on, publish
 from tests.helpers import WORLD_SUBJECTS
-from tests.test_checkpoints import inputs
+from tests.helpers import model_inputs as inputs
 from train import compose_config, instantiate_data, train
 
 ROOT = Path(__file__).resolve().parents[1]
