@@ -169,7 +169,9 @@ def test_a_sample_in_a_packed_row_sees_nothing_of_the_others(tiny_base, samples)
     rest = slice(first.stop, None)
 
     def logits(batch: dict, packed: bool = True) -> torch.Tensor:
-        inputs = model_inputs(batch) if packed else {k: v for k, v in model_inputs(batch).items() if k not in PACKED_INPUTS}
+        # Without labels: the logits of every position.
+        dropped = ("labels",) if packed else ("labels", *PACKED_INPUTS)
+        inputs = {key: value for key, value in model_inputs(batch).items() if key not in dropped}
         with torch.no_grad():
             return model(**inputs).logits[0]
 
