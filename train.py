@@ -10,6 +10,7 @@ import lightning as L
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import InstantiationException
+from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from models.checkpoints import ModelConfig, input_spec
@@ -77,8 +78,16 @@ def train(cfg: DictConfig) -> L.Trainer:
     module = hydra.utils.instantiate(cfg.model)
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    config = OmegaConf.to_container(cfg, resolve=True)
+    for logger in loggers:
+        # The whole run as plain values, once (loggers write from rank 0 only); the module and the
+        # datamodule leave theirs to this.
+        logger.log_hyperparams(config)
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    finally:
+        finish_wandb(loggers, exit_code=0 if trainer.state.finished else 1)
     log_dir = trainer.log_dir  # a collective call under distributed strategies: every rank asks
     if trainer.is_global_zero:
         checkpoint = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else None
@@ -86,6 +95,14 @@ def train(cfg: DictConfig) -> L.Trainer:
         print(f"logs: {Path(log_dir or cfg.paths.output_dir)}")
         print(f"evaluate with: python eval.py ckpt={checkpoint}")
     return trainer
+
+
+def finish_wandb(loggers: list[Logger], exit_code: int) -> None:
+    """Closes the W&B run (a no-op on ranks other than 0), marked failed when training raised: a
+    later run in the same process (a multirun, a test) would otherwise log into it."""
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            logger.experiment.finish(exit_code=exit_code)
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
