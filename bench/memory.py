@@ -22,8 +22,8 @@ fusion), so parameter counts are exact and per FSDP unit. Per GPU, with FSDP2 fu
 
 The peak is the larger of the start of backward (all activations, the logits' gradients; the sharded
 gradients too when micro-batches are accumulated) and the optimizer step (states, gradients, temporary).
-It counts tensors; the CUDA caching allocator's fragmentation, the CUDA context and NCCL buffers
-(typically 2-5 GB together) come on top.
+It counts tensors: the CUDA context, NCCL's buffers and the caching allocator's fragmentation come on
+top, so leave 10 GB or more of an 80 GB GPU free.
 
 The check (``measure``): tiny models built the same way are trained for a few steps on CPU under FSDP2
 (gloo, 1 or 2 processes, bf16 compute) inside torch's profiler with ``profile_memory``, which records
@@ -78,12 +78,13 @@ class Shapes:
     fusion_mode: str = "difference"
 
 
-# NVILA-8B (docs: /work/shared/docs/model-reference.md): Qwen2 from Qwen2.5-7B-Instruct, SigLIP so400m at
-# 448 px read at its second-to-last layer, mm_projector mlp_downsample over three scales (mm_hidden_size
-# 3456 = 3 x 1152). The vocabulary is the stored 151,648 plus our <image> token.
+# NVILA-8B's llm/ and vision_tower/ configs: Qwen2 (from Qwen2.5-7B-Instruct) with its stored 151,648-row
+# vocabulary, untied; SigLIP so400m at 448 px, read at its second-to-last layer; mm_projector
+# mlp_downsample over three scales (mm_hidden_size 3456 = 3 x 1152: one 448 tile per image, its
+# features repeated per scale, as models/projector.py does for multi-image prompts).
 NVILA_8B = Shapes(
     llm=dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
-             intermediate_size=18944, vocab_size=151649, tie_word_embeddings=False),
+             intermediate_size=18944, vocab_size=151648, tie_word_embeddings=False),
     vision=dict(image_size=448, patch_size=14, hidden_size=1152, num_hidden_layers=27, num_attention_heads=16,
                 intermediate_size=4304),
     scales=3,
@@ -209,9 +210,9 @@ def plan(shapes: Shapes, work: Workload, setup: Setup) -> dict[str, float]:
     units = fsdp_units(model)
     block = max(units[kind] for kind in ("vision block", "decoder layer", "projector", "fusion"))
     n, p = setup.gpus, setup.compute_bytes
-    images = work.micro_batch * work.images * 3 * model.vision.model.config.image_size ** 2
+    pixels = work.micro_batch * work.images * 3 * model.vision.model.config.image_size ** 2
     parts = {
-        "batch": 4 * images + 3 * 8 * tokens_per_micro_batch(model, work),  # fp32 pixels; ids, mask, labels
+        "batch": 4 * pixels + 3 * 8 * tokens_per_micro_batch(model, work),  # fp32 pixels; ids, mask, labels
         "parameters": 4 * total / n,
         "gradients": 4 * trainable / n,
         "optimizer state": 8 * trainable / n,

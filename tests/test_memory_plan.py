@@ -14,8 +14,8 @@ def test_the_plan_builds_nvila_8b_with_qwen2_7b_and_siglip_so400m_shapes():
     with torch.device("meta"):
         model = build_model(NVILA_8B, checkpointing=False)
     # Qwen2.5-7B-Instruct has 7,615,616,512 parameters with its padded 152,064-row vocabulary; NVILA-8B
-    # stores 151,648 rows, plus our <image> token: 415 rows fewer in the embeddings and the LM head.
-    assert sum(p.numel() for p in model.llm.parameters()) == 7_615_616_512 - 2 * 415 * 3584
+    # stores 151,648 rows: 416 fewer in the embeddings and in the LM head.
+    assert sum(p.numel() for p in model.llm.parameters()) == 7_615_616_512 - 2 * 416 * 3584
     assert len(model.vision.blocks) == 26  # so400m's 27 layers, read at the second-to-last
     assert model.tokens_per_image == 256 and model.projector.mm_hidden_size == 3 * 1152
 
