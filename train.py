@@ -10,6 +10,7 @@ import lightning as L
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import InstantiationException
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
@@ -77,12 +78,8 @@ def train(cfg: DictConfig) -> L.Trainer:
     datamodule = instantiate_data(cfg, spec)
     module = hydra.utils.instantiate(cfg.model)
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    callbacks.append(LogConfig(OmegaConf.to_container(cfg, resolve=True)))
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
-    config = OmegaConf.to_container(cfg, resolve=True)
-    for logger in loggers:
-        # The whole run as plain values, once (loggers write from rank 0 only); the module and the
-        # datamodule leave theirs to this.
-        logger.log_hyperparams(config)
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
@@ -95,6 +92,18 @@ def train(cfg: DictConfig) -> L.Trainer:
         print(f"logs: {Path(log_dir or cfg.paths.output_dir)}")
         print(f"evaluate with: python eval.py ckpt={checkpoint}")
     return trainer
+
+
+class LogConfig(Callback):
+    """Logs the whole resolved config as plain values to every logger, once the strategy knows each
+    process's rank (loggers write from rank 0 only). The module and the datamodule leave theirs to it."""
+
+    def __init__(self, config: dict):
+        self.config = config
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        for logger in trainer.loggers:
+            logger.log_hyperparams(self.config)
 
 
 def finish_wandb(loggers: list[Logger], exit_code: int) -> None:

@@ -12,6 +12,15 @@ from wandb.proto import wandb_internal_pb2
 from train import compose_config, train
 
 
+def finished_run_records(run_dir: Path) -> list:
+    """The records of the one offline W&B run under ``run_dir``, once the run is finished (``wandb.run``
+    is None: ``finish()`` was called). ``finish()`` hands the rest of the run to W&B's service process,
+    which writes the file on its own time; ``wandb.teardown()`` waits for it to stop."""
+    assert wandb.run is None, "the run was not finished"
+    wandb.teardown()
+    return run_records(run_dir)
+
+
 def run_records(run_dir: Path) -> list:
     """The records of the one offline W&B run under ``run_dir``, read from its ``.wandb`` file: W&B's
     LevelDB-style log (a 7-byte file header, then 32 KiB blocks of records, each a 7-byte header --
@@ -37,10 +46,14 @@ def run_records(run_dir: Path) -> list:
 
 
 def logged_config(records: list) -> dict:
+    """The run's config: the run record's (updates made while the run starts can land there) and every
+    later config record's, in order."""
     config = {}
     for record in records:
-        if record.WhichOneof("record_type") == "config":
-            config |= {item.key: json.loads(item.value_json) for item in record.config.update}
+        kind = record.WhichOneof("record_type")
+        if kind in ("run", "config"):
+            updates = record.run.config.update if kind == "run" else record.config.update
+            config |= {item.key: json.loads(item.value_json) for item in updates}
     return config
 
 
@@ -62,7 +75,7 @@ def wandb_run(demo_overrides, *extra):
 def test_the_run_gets_the_resolved_config_as_plain_values_and_nothing_else_and_is_finished(demo_overrides, tiny_base,
                                                                                           tmp_path, offline):
     train(wandb_run(demo_overrides))
-    records = run_records(tmp_path / "run")
+    records = finished_run_records(tmp_path / "run")
     config = logged_config(records)
     assert config["model"]["net"]["base"] == str(tiny_base)  # ${paths.tiny_base}, resolved
     assert config["paths"]["output_dir"] == str(tmp_path / "run")
@@ -72,7 +85,7 @@ def test_the_run_gets_the_resolved_config_as_plain_values_and_nothing_else_and_i
     # Only the config: the module's and datamodule's own hyper-parameters are not logged beside it.
     assert not {"net", "optimizer", "tasks", "batch_size"} & set(config)
     assert any(record.WhichOneof("record_type") == "history" for record in records)  # metrics were logged
-    assert exit_codes(records) == [0] and wandb.run is None
+    assert exit_codes(records) == [0]
     # Nothing uploaded but the config and metrics: no checkpoint artifact, no image.
     kinds = {record.WhichOneof("record_type") for record in records}
     assert "artifact" not in kinds and "use_artifact" not in kinds
@@ -85,5 +98,5 @@ def test_the_run_gets_the_resolved_config_as_plain_values_and_nothing_else_and_i
 def test_a_run_that_raises_is_finished_as_failed(demo_overrides, tmp_path, offline):
     with pytest.raises(FileNotFoundError):
         train(wandb_run(demo_overrides, f"ckpt_path={tmp_path / 'missing.ckpt'}"))
-    assert exit_codes(run_records(tmp_path / "run")) == [1] and wandb.run is None
+    assert exit_codes(finished_run_records(tmp_path / "run")) == [1]
 
