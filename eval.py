@@ -7,7 +7,8 @@ a file written by ``python -m models.checkpoints consolidate`` or a directory wr
 Generates answers greedily for the split (resumable: rerun with ``hydra.run.dir=<the run
 directory>``, see ``evaluation.generation``), scores them, and writes to the run directory
 ``predictions.jsonl`` (one record per sample, with its scores), ``results.json``, ``results.md`` and
-PNG plots; with ``logger=wandb`` the table and plots go to a W&B run as well.
+PNG plots; with ``logger=wandb`` the table goes to a W&B run as well (and the plots with
+``upload_plots=true``).
 """
 
 from __future__ import annotations
@@ -99,15 +100,18 @@ def judge_open_answers(records: list[dict], judge: DictConfig, out: Path) -> dic
 
 
 def log_to_loggers(cfg: DictConfig, table: str, plots: list[Path]) -> None:
-    """The results table and the plots (never images of patients) to the configured W&B run."""
+    """The results table, and with ``upload_plots`` the score plots, to the configured W&B run (never
+    images of patients). The run is finished on the way out, marked failed if logging raised."""
     for config in (cfg.get("logger") or {}).values():
         logger = hydra.utils.instantiate(config)
         if isinstance(logger, WandbLogger):
-            lines = [line for line in table.splitlines() if line and not line.startswith("| ---")]
-            rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
-            logger.log_table("eval/results", columns=rows[0], data=rows[1:])
-            logger.log_image("eval/plots", images=[str(plot) for plot in plots], caption=[plot.stem for plot in plots])
-            logger.experiment.finish()
+            with logger.experiment:
+                lines = [line for line in table.splitlines() if line and not line.startswith("| ---")]
+                rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+                logger.log_table("eval/results", columns=rows[0], data=rows[1:])
+                if cfg.upload_plots:
+                    logger.log_image("eval/plots", images=[str(plot) for plot in plots],
+                                     caption=[plot.stem for plot in plots])
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="eval")

@@ -10,6 +10,8 @@ import lightning as L
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import InstantiationException
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from models.checkpoints import ModelConfig, input_spec
@@ -93,6 +95,7 @@ def train(cfg: DictConfig) -> L.Trainer:
     L.seed_everything(cfg.seed, workers=True)
     require_inputs(cfg)
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    callbacks.append(LogConfig(OmegaConf.to_container(cfg, resolve=True)))
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     # Before the data is read: a global batch that does not divide fails at once.
@@ -101,7 +104,10 @@ def train(cfg: DictConfig) -> L.Trainer:
     spec = input_spec(ModelConfig(**cfg.model.net))
     datamodule = instantiate_data(cfg, spec)
     module = hydra.utils.instantiate(cfg.model)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    finally:
+        finish_wandb(loggers, exit_code=0 if trainer.state.finished else 1)
     log_dir = trainer.log_dir  # a collective call under distributed strategies: every rank asks
     if trainer.is_global_zero:
         checkpoint = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else None
@@ -111,6 +117,26 @@ def train(cfg: DictConfig) -> L.Trainer:
         print("resume or extend with: python train.py <the same overrides> ckpt_path=last "
               f"hydra.run.dir={cfg.paths.output_dir}")
     return trainer
+
+
+class LogConfig(Callback):
+    """Logs the whole resolved config as plain values to every logger, once the strategy knows each
+    process's rank (loggers write from rank 0 only). The module and the datamodule leave theirs to it."""
+
+    def __init__(self, config: dict):
+        self.config = config
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        for logger in trainer.loggers:
+            logger.log_hyperparams(self.config)
+
+
+def finish_wandb(loggers: list[Logger], exit_code: int) -> None:
+    """Closes the W&B run (a no-op on ranks other than 0), marked failed when training raised: a
+    later run in the same process (a multirun, a test) would otherwise log into it."""
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            logger.experiment.finish(exit_code=exit_code)
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")

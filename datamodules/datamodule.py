@@ -90,12 +90,14 @@ class LumenDataModule(L.LightningDataModule):
         if not sources:
             raise ValueError("data.sources is empty: name at least one source")
         tasks = sorted({task for source in sources.values() for task in source.tasks})
-        # Saved in checkpoints, so evaluation can prompt exactly as training did.
+        # Saved in checkpoints, so evaluation can prompt exactly as training did (loggers get the whole
+        # resolved config from train.py instead).
         self.save_hyperparameters(
             {"tasks": tasks, "use_prior": use_prior, "interval_in_prompt": interval_in_prompt, "batch_size": batch_size,
              "global_batch_size": global_batch_size,
              "sources": {name: type(source).__name__ for name, source in sources.items()},
-             "experts_in_prompt": experts is not None, "expert_demographics": expert_demographics}
+             "experts_in_prompt": experts is not None, "expert_demographics": expert_demographics},
+            logger=False,
         )
         self.sources, self.use_prior = dict(sources), use_prior
         self.experts, self.expert_demographics = experts, expert_demographics

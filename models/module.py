@@ -64,7 +64,8 @@ class LumenModule(L.LightningModule):
         max_new_tokens: int = 64,
     ):
         super().__init__()
-        # Plain containers only, so checkpoints load with torch.load(weights_only=True).
+        # Plain containers only, so checkpoints load with torch.load(weights_only=True). Loggers get the
+        # whole resolved config from train.py instead.
         self.save_hyperparameters(
             {
                 "net": _plain(net),
@@ -72,7 +73,8 @@ class LumenModule(L.LightningModule):
                 "scheduler": _plain(scheduler),
                 "fsdp": _plain(fsdp or {}),
                 "max_new_tokens": max_new_tokens,
-            }
+            },
+            logger=False,
         )
         self.config = ModelConfig(**self.hparams.net)
         self.model: LumenModel | None = None

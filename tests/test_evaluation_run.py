@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import wandb
 from PIL import Image
 
 from eval import evaluate
@@ -71,15 +72,17 @@ def test_answers_from_other_settings_are_not_mixed_in(finished, trained_checkpoi
         evaluate(eval_config(trained_checkpoint, world, finished, "data.use_prior=false"))
 
 
-def test_with_the_wandb_logger_the_table_and_plots_go_to_an_offline_run(trained_checkpoint, world, tmp_path,
-                                                                         monkeypatch):
+def test_with_the_wandb_logger_the_table_goes_to_an_offline_run_and_the_plots_only_when_asked(
+        trained_checkpoint, world, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    evaluate(eval_config(trained_checkpoint, world, tmp_path / "run", "logger=wandb"))
-    media = list((tmp_path / "run" / "wandb").rglob("*.png"))
-    tables = list((tmp_path / "run" / "wandb").rglob("*.table.json"))
-    assert len(media) >= 2 and len(tables) == 1
+    for run, extra in (("table", []), ("plots", ["upload_plots=true"])):
+        evaluate(eval_config(trained_checkpoint, world, tmp_path / run, "logger=wandb", *extra))
+        assert wandb.run is None  # finished
+    tables = list((tmp_path / "table" / "wandb").rglob("*.table.json"))
+    assert len(tables) == 1 and not list((tmp_path / "table" / "wandb").rglob("*.png"))
     assert json.loads(tables[0].read_text())["columns"][:2] == ["Task", "Question type"]
+    assert len(list((tmp_path / "plots" / "wandb").rglob("*.png"))) >= 2
 
 
 def test_the_judge_scores_open_answers_and_its_summary_goes_into_the_results(finished, trained_checkpoint, world,
