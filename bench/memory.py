@@ -143,7 +143,8 @@ def fsdp_units(model: LumenModel) -> dict[str, tuple[int, int]]:
     embeddings and unused head)."""
     blocks = {"vision block": list(model.vision.blocks), "decoder layer": list(model.llm.model.layers),
               "projector": [model.projector], "fusion": [model.fusion]}
-    units = {kind: max((_count(m.parameters()) for m in modules), key=lambda c: c[0]) for kind, modules in blocks.items()}
+    units = {kind: max((_count(m.parameters()) for m in modules), key=lambda count: count[0])
+             for kind, modules in blocks.items()}
     inside = {id(p) for modules in blocks.values() for m in modules for p in m.parameters()}
     units["root"] = _count(p for p in model.parameters() if id(p) not in inside)
     return units
@@ -251,14 +252,15 @@ SMALL = Shapes(
 )
 # (name, shapes, workload, setup): checkpointing off and on, two sizes, one and two processes,
 # accumulation, SDPA on CPU (no flash attention).
+CPU = dict(gpus=1, flash_attention=False, accumulation=1)
 CHECKS = [
-    ("tiny", TINY, Workload(4, 48), Setup(gpus=1, checkpointing=False, flash_attention=False, accumulation=1)),
-    ("tiny, checkpointing", TINY, Workload(4, 48), Setup(gpus=1, checkpointing=True, flash_attention=False, accumulation=1)),
-    ("small", SMALL, Workload(4, 96), Setup(gpus=1, checkpointing=False, flash_attention=False, accumulation=1)),
-    ("small, checkpointing", SMALL, Workload(4, 96), Setup(gpus=1, checkpointing=True, flash_attention=False, accumulation=1)),
-    ("small, 2 processes", SMALL, Workload(4, 96), Setup(gpus=2, checkpointing=False, flash_attention=False, accumulation=1)),
+    ("tiny", TINY, Workload(4, 48), Setup(**CPU, checkpointing=False)),
+    ("tiny, checkpointing", TINY, Workload(4, 48), Setup(**CPU, checkpointing=True)),
+    ("small", SMALL, Workload(4, 96), Setup(**CPU, checkpointing=False)),
+    ("small, checkpointing", SMALL, Workload(4, 96), Setup(**CPU, checkpointing=True)),
+    ("small, 2 processes", SMALL, Workload(4, 96), Setup(**CPU | {"gpus": 2}, checkpointing=False)),
     ("small, 2 processes, accumulation 2", SMALL, Workload(4, 96),
-     Setup(gpus=2, checkpointing=True, flash_attention=False, accumulation=2)),
+     Setup(**CPU | {"gpus": 2, "accumulation": 2}, checkpointing=True)),
 ]
 
 

@@ -67,8 +67,8 @@ def test_the_slurm_script_names_a_missing_path_before_starting_anything(tmp_path
     env = {key: value for key, value in os.environ.items()
            if key not in ("MIMIC_CXR_JPG", "DIFFVQA", "PROGNOSTIC", "EXPERTS", "NVILA_8B")}
     env |= {"SLURM_JOB_ID": "1", "SLURM_NNODES": "1", "SLURM_NTASKS_PER_NODE": "4", "SLURM_SUBMIT_DIR": str(ROOT)}
-    result = subprocess.run(["bash", str(ROOT / "scripts" / "slurm" / "lumen.sbatch")], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=60)
+    result = subprocess.run(["bash", str(ROOT / "scripts" / "slurm" / "lumen.sbatch")], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=60)
     assert result.returncode != 0 and "export MIMIC_CXR_JPG=" in result.stderr
 
 
@@ -77,7 +77,8 @@ def test_torchrun_on_one_node_runs_fsdp2_in_one_run_directory(world, tiny_base, 
     run = tmp_path / "run"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "train.py",
                "experiment=lumen", "trainer.devices=2", f"paths.mimic_cxr_jpg={world / 'mimic-cxr-jpg'}",
-               f"paths.diffvqa={world / 'medical-diff-vqa'}", f"paths.prognostic={world / 'prognostic' / 'prognostic.jsonl'}",
+               f"paths.diffvqa={world / 'medical-diff-vqa'}",
+               f"paths.prognostic={world / 'prognostic' / 'prognostic.jsonl'}",
                f"paths.experts={world / 'experts' / 'experts.csv'}", f"model.net.base={tiny_base}",
                *CPU_RUN, f"hydra.run.dir={run}"]
     result = subprocess.run(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,

@@ -50,7 +50,8 @@ def sweep_commands(sweep: dict, monkeypatch) -> tuple[list[str], list[list[str]]
 def check_valid(cfg: DictConfig) -> None:
     """What train.py would refuse later: the model config, the learning rates, the warmup."""
     ModelConfig(**cfg.model.net)
-    rates = [rate for key in ("lr", "vision_lr", "projector_lr", "llm_lr") if (rate := cfg.model.optimizer[key]) is not None]
+    rates = [rate for key in ("lr", "vision_lr", "projector_lr", "llm_lr")
+             if (rate := cfg.model.optimizer[key]) is not None]
     assert all(isinstance(rate, float) for rate in rates), rates
     torch.optim.AdamW([{"params": [torch.zeros(1, requires_grad=True)], "lr": rate} for rate in rates])
     assert 0 <= cfg.model.scheduler.warmup_ratio < 1
