@@ -1,6 +1,7 @@
 """Evaluate a checkpoint: ``python eval.py ckpt=PATH [split=test] [key=value ...]`` (Hydra).
 
-``PATH`` is a training checkpoint (``.ckpt``) or a directory written by
+``PATH`` is a training checkpoint (a ``.ckpt`` file, or the directory of shards an FSDP2 run saves),
+a file written by ``python -m models.checkpoints consolidate`` or a directory written by
 ``python -m models.checkpoints export``.
 
 Generates answers greedily for the split (resumable: rerun with ``hydra.run.dir=<the run

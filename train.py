@@ -15,6 +15,8 @@ from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from models.checkpoints import ModelConfig, input_spec
+from models.parallel import accumulation
+from models.resume import require_resumable
 
 log = logging.getLogger("train")
 
@@ -69,18 +71,39 @@ def instantiate_data(cfg: DictConfig, spec: dict):
         raise
 
 
+def accumulate_grad_batches(cfg: DictConfig, world_size: int) -> int:
+    """Micro-batches per optimizer step, derived from ``data.global_batch_size`` (see
+    ``models.parallel.accumulation``). An explicit ``trainer.accumulate_grad_batches`` is used only
+    without a global batch, and refused when it disagrees with one."""
+    global_batch_size, micro_batch_size = cfg.data.get("global_batch_size"), cfg.data.batch_size
+    derived = accumulation(global_batch_size, micro_batch_size, world_size)
+    explicit = cfg.trainer.get("accumulate_grad_batches")
+    if explicit is None:
+        return derived
+    if global_batch_size is not None and explicit != derived:
+        raise ValueError(
+            f"trainer.accumulate_grad_batches={explicit} conflicts with data.global_batch_size={global_batch_size}, "
+            f"which with data.batch_size={micro_batch_size} on {world_size} processes means {derived}: remove "
+            "trainer.accumulate_grad_batches (it is derived), or set data.global_batch_size=null"
+        )
+    return explicit
+
+
 def train(cfg: DictConfig) -> L.Trainer:
     prepare(cfg)
     # Seeded after preparation, which draws random numbers only when it has to build something.
     L.seed_everything(cfg.seed, workers=True)
     require_inputs(cfg)
-    spec = input_spec(ModelConfig(**cfg.model.net))
-    datamodule = instantiate_data(cfg, spec)
-    module = hydra.utils.instantiate(cfg.model)
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     callbacks.append(LogConfig(OmegaConf.to_container(cfg, resolve=True)))
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    # Before the data is read: a global batch that does not divide fails at once.
+    trainer.accumulate_grad_batches = accumulate_grad_batches(cfg, trainer.num_devices * trainer.num_nodes)
+    require_resumable(trainer, cfg.get("ckpt_path"))
+    spec = input_spec(ModelConfig(**cfg.model.net))
+    datamodule = instantiate_data(cfg, spec)
+    module = hydra.utils.instantiate(cfg.model)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     finally:
@@ -91,6 +114,8 @@ def train(cfg: DictConfig) -> L.Trainer:
         print(f"checkpoint: {checkpoint}")
         print(f"logs: {Path(log_dir or cfg.paths.output_dir)}")
         print(f"evaluate with: python eval.py ckpt={checkpoint}")
+        print("resume or extend with: python train.py <the same overrides> ckpt_path=last "
+              f"hydra.run.dir={cfg.paths.output_dir}")
     return trainer
 
 

@@ -22,6 +22,7 @@ ceiling of any one-image model).
     python bench/tasks.py --variants temporal temporal-one-image --steps 3000
     python bench/tasks.py --variants mmxu mmxu-one-image --steps 600
     python bench/tasks.py --reuse                # train only the arms not yet run with these settings
+    python bench/tasks.py --train-overrides trainer=gpu --eval-overrides accelerator=gpu   # on a GPU
 """
 
 from __future__ import annotations
@@ -124,6 +125,10 @@ def main() -> None:
     parser.add_argument("--eval-subjects", type=int, default=600, help="held-out world (seed 1)")
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench-tasks")
     parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
+    parser.add_argument("--train-overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="extra train.py overrides for every arm, e.g. trainer=gpu")
+    parser.add_argument("--eval-overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="extra eval.py overrides for every evaluation, e.g. accelerator=gpu")
     parser.add_argument("--reuse", action="store_true",
                         help="reuse an arm's earlier run in --out when its train and eval commands are the same")
     args = parser.parse_args()
@@ -137,10 +142,11 @@ def main() -> None:
         train_overrides, evaluations = VARIANTS[name]
         train_dir = args.out / name
         commands = {"train": ["train.py", *train_overrides, *world, f"trainer.max_steps={args.steps}",
-                              "trainer.max_epochs=-1", "logger=csv", f"hydra.run.dir={train_dir}"]}
+                              "trainer.max_epochs=-1", "logger=csv", *args.train_overrides,
+                              f"hydra.run.dir={train_dir}"]}
         for task, overrides in evaluations.items():
             commands[task] = ["eval.py", f"ckpt={train_dir / 'checkpoints' / 'last.ckpt'}", *overrides, *held_out,
-                              f"hydra.run.dir={args.out / f'{name}-{task}'}"]
+                              *args.eval_overrides, f"hydra.run.dir={args.out / f'{name}-{task}'}"]
         arm_record = args.out / f"{name}.json"
         previous = json.loads(arm_record.read_text()) if arm_record.is_file() else {}
         done = all((args.out / f"{name}-{task}" / "predictions.jsonl").is_file() for task in evaluations)

@@ -27,6 +27,23 @@ def atomic_directory(out: str | Path) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+@contextmanager
+def atomic_file(out: str | Path) -> Iterator[Path]:
+    """Yields a hidden path beside ``out`` to write; when the block succeeds it is renamed onto ``out``
+    in one step, when it fails it is deleted and ``out`` is left as it was."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, name = tempfile.mkstemp(prefix=f".{out.name}-", dir=out.parent)
+    os.close(descriptor)
+    staging = Path(name)
+    staging.chmod(0o644)  # mkstemp makes it private; what is written here is ordinary data
+    try:
+        yield staging
+        os.replace(staging, out)
+    finally:
+        staging.unlink(missing_ok=True)
+
+
 def whole_lines(path: Path) -> bytes:
     """The complete lines of an append-only file, cutting a torn last line (a write interrupted by a
     crash) off the file itself, so that appends start on a line boundary. Empty when absent."""

@@ -90,9 +90,11 @@ class LumenCollator:
     """Samples -> a batch for ``LumenModel``.
 
     Each ``<image>`` becomes ``tokens_per_image`` copies of the image token, so sequence lengths are
-    final here and the model only has to ``masked_scatter``. Training batches are right-padded with
-    labels on the assistant answer and its ``<|im_end|>`` only; generation batches are left-padded
-    prompts ending in the assistant header.
+    final here and the model only has to ``masked_scatter``. Training batches have labels on the
+    assistant answer and its ``<|im_end|>`` only, and are either right-padded, (B, L), or with
+    ``packing`` one row of the samples laid end to end, (1, total), with ``position_ids`` restarting at 0
+    per sample and ``cu_seq_lens`` (the samples' boundaries, (B + 1,) int32) from which the model builds
+    block-causal attention. Generation batches are left-padded prompts ending in the assistant header.
     """
 
     def __init__(
@@ -107,7 +109,10 @@ class LumenCollator:
         interval_in_prompt: bool = True,
         resize: str = "pad",
         for_generation: bool = False,
+        packing: bool = False,
     ):
+        if packing and for_generation:
+            raise ValueError("packing is for training and validation-loss batches; generation batches are left-padded")
         if fusion_mode not in IMAGE_SLOTS:
             raise ValueError(f"fusion_mode={fusion_mode!r}: expected one of {sorted(IMAGE_SLOTS)}")
         if resize not in RESIZE_POLICIES:
@@ -120,6 +125,7 @@ class LumenCollator:
         self.interval_in_prompt = interval_in_prompt
         self.fusion_mode = fusion_mode
         self.for_generation = for_generation
+        self.packing = packing
         self.end_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token")
@@ -142,13 +148,12 @@ class LumenCollator:
         answer_ids = self.tokenizer(sample.answer, add_special_tokens=False).input_ids + [self.end_token_id]
         return prompt_ids + answer_ids, [IGNORE_INDEX] * len(prompt_ids) + answer_ids
 
-    def __call__(self, batch: list[LoadedSample]) -> dict:
-        tokenized = [self.tokenize(item.sample) for item in batch]
+    def pad(self, tokenized: list[tuple[list[int], list[int]]]) -> dict:
+        """(B, L) rows, right-padded for training, left-padded for generation."""
         longest = max(len(ids) for ids, _ in tokenized)
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.full((len(batch), longest), pad, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), longest), dtype=torch.long)
-        labels = torch.full((len(batch), longest), IGNORE_INDEX, dtype=torch.long)
+        input_ids = torch.full((len(tokenized), longest), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(tokenized), longest), dtype=torch.long)
+        labels = torch.full((len(tokenized), longest), IGNORE_INDEX, dtype=torch.long)
         for row, (ids, target) in enumerate(tokenized):
             # Generation continues from the last prompt token, so prompts are left-padded.
             span = slice(longest - len(ids), longest) if self.for_generation else slice(0, len(ids))
@@ -156,20 +161,41 @@ class LumenCollator:
             attention_mask[row, span] = 1
             if target:
                 labels[row, span] = torch.tensor(target)
+        text = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if not self.for_generation:
+            text["labels"] = labels
+        return text
+
+    def pack(self, tokenized: list[tuple[list[int], list[int]]]) -> dict:
+        """One (1, total) row: the samples end to end, no padding."""
+        lengths = torch.tensor([len(ids) for ids, _ in tokenized])
+        starts = lengths.cumsum(0) - lengths
+        labels = torch.cat([torch.tensor(target) for _, target in tokenized])
+        # The loss shifts labels by one, so a sample's last token would learn the next sample's first
+        # token: ignore it, as padding is ignored in a padded row (it is a prompt token, ignored anyway).
+        labels[starts] = IGNORE_INDEX
+        return {
+            "input_ids": torch.cat([torch.tensor(ids) for ids, _ in tokenized])[None],
+            # Every token is real; which tokens see which is cu_seq_lens's business.
+            "attention_mask": torch.ones(1, int(lengths.sum()), dtype=torch.long),
+            "labels": labels[None],
+            "position_ids": torch.cat([torch.arange(length) for length in lengths.tolist()])[None],
+            "cu_seq_lens": torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32),
+        }
+
+    def __call__(self, batch: list[LoadedSample]) -> dict:
+        tokenized = [self.tokenize(item.sample) for item in batch]
+        text = self.pack(tokenized) if self.packing else self.pad(tokenized)
 
         def pixels(image: Image.Image) -> torch.Tensor:
             return image_transform(image, self.image_size, self.mean, self.std, self.resize)
 
         priors = [pixels(item.prior_image) for item in batch if item.prior_image is not None]
-        out = {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
+        return {
+            **text,
             "current_images": torch.stack([pixels(item.image) for item in batch]),
             "prior_images": torch.stack(priors) if priors else torch.zeros(0, 3, self.image_size, self.image_size),
             "has_prior": torch.tensor([item.sample.has_prior for item in batch]),
             "interval_days": torch.tensor([item.sample.interval_days or 0.0 for item in batch]),
             "sample_ids": [item.sample.sample_id for item in batch],
         }
-        if not self.for_generation:
-            out["labels"] = labels
-        return out

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from datamodules.collate import LoadedSample, LumenCollator, load_tokenizer
 from datamodules.experts import expert_text, load_experts
 from datamodules.records import Sample
-from datamodules.sampling import MixtureBatchSampler
+from datamodules.sampling import MixtureBatchSampler, ResumableLoader
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +58,12 @@ class LumenDataModule(L.LightningDataModule):
     directory (``models.checkpoints.input_spec``) so the collator and the model always agree.
     ``experts``: an expert-prediction CSV (``python -m datamodules.build experts``) whose text about the
     current image goes into every prompt, with age, race and view when ``expert_demographics``.
+    ``packing``: training and validation-loss batches are one row of the samples end to end, with
+    block-causal attention, instead of padded rows (``LumenCollator``); generation stays left-padded.
     ``limit`` caps each source's samples of a split (keeps CPU runs short; ``null`` for all). A source
-    set to ``null`` is left out (``data.sources.prognostic=null``).
+    set to ``null`` is left out (``data.sources.prognostic=null``). ``batch_size`` is the per-process
+    micro-batch; ``global_batch_size`` (samples per optimizer step over all processes, from which
+    train.py derives gradient accumulation) is recorded in checkpoints with the other settings.
     """
 
     def __init__(
@@ -73,9 +77,11 @@ class LumenDataModule(L.LightningDataModule):
         expert_demographics: bool = True,
         image_resize: str = "pad",
         batch_size: int = 8,
+        global_batch_size: int | None = None,
         eval_batch_size: int = 16,
         num_workers: int = 0,
         group_batches: int = 32,
+        packing: bool = False,
         seed: int = 0,
         limit: dict[str, int | None] | None = None,
     ):
@@ -88,6 +94,7 @@ class LumenDataModule(L.LightningDataModule):
         # resolved config from train.py instead).
         self.save_hyperparameters(
             {"tasks": tasks, "use_prior": use_prior, "interval_in_prompt": interval_in_prompt, "batch_size": batch_size,
+             "global_batch_size": global_batch_size,
              "sources": {name: type(source).__name__ for name, source in sources.items()},
              "experts_in_prompt": experts is not None, "expert_demographics": expert_demographics},
             logger=False,
@@ -104,7 +111,7 @@ class LumenDataModule(L.LightningDataModule):
         self.tokenizer = load_tokenizer(tokenizer_dir, input_spec["image_token"])
         collator_args = dict(tokenizer=self.tokenizer, interval_in_prompt=interval_in_prompt, resize=image_resize,
                              **input_spec)
-        self.train_collator = LumenCollator(**collator_args)
+        self.train_collator = LumenCollator(**collator_args, packing=packing)
         self.generation_collator = LumenCollator(**collator_args, for_generation=True)
         self.image_slots = len(self.train_collator.slots)
         self.datasets: dict[str, list[SampleDataset]] = {}
@@ -167,8 +174,8 @@ class LumenDataModule(L.LightningDataModule):
             [self.length(sample) for sample in dataset.samples], self.batch_size, self.seed, rank, world_size,
             self.group_batches,
         )
-        return DataLoader(dataset, batch_sampler=sampler, collate_fn=self.train_collator,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        return ResumableLoader(dataset, batch_sampler=sampler, collate_fn=self.train_collator,
+                               num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
         dataset = self.dataset("val")

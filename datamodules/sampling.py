@@ -1,11 +1,14 @@
-"""Training batches over a weighted mixture of sources, grouped by length, sharded over ranks."""
+"""Training batches over a weighted mixture of sources, grouped by length, sharded over ranks, and the
+loader that remembers how far into the epoch training got (so that a resumed run continues there)."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
 
 
 class MixtureBatchSampler(Sampler[list[int]]):
@@ -21,6 +24,12 @@ class MixtureBatchSampler(Sampler[list[int]]):
       are dropped so that every rank runs the same number of steps.
     - Seeded by (``seed``, epoch): the same on every rank and in every worker; Lightning calls
       ``set_epoch`` before each epoch.
+    - Position: ``position`` is how many of the epoch's global batches have been trained on (the
+      loader advances it as it hands batches out; checkpoints save it with ``state_dict``). Rank ``r``
+      takes batches ``position + r``, ``position + r + world_size``, ... The global sequence
+      (``batches()``) does not depend on the world size, so a position names the same data on any
+      number of processes. ``len()`` stays the whole epoch's count per rank, which is what the trainer
+      counts against; ``remaining()`` is what is left.
     """
 
     def __init__(self, source_sizes: Sequence[int], weights: Sequence[float], lengths: Sequence[int],
@@ -37,10 +46,48 @@ class MixtureBatchSampler(Sampler[list[int]]):
         self.lengths = np.asarray(lengths)
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.group_batches = group_batches
-        self.epoch = 0
+        self.epoch, self.position = 0, 0
 
     def set_epoch(self, epoch: int) -> None:
+        """Lightning calls this before every epoch, also on the one a resumed run continues."""
+        if epoch != self.epoch:
+            self.position = 0
         self.epoch = epoch
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position, and what must be unchanged for it to name the same batches: the epoch's
+        sequence itself (``sequence``, a digest) and, to say what changed, its main settings."""
+        return {"epoch": self.epoch, "position": self.position, "world_size": self.world_size,
+                "sequence": self.sequence_digest(self.epoch), **self._settings()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["sequence"] != self.sequence_digest(state["epoch"]):
+            saved = {key: state[key] for key in self._settings()}
+            raise ValueError(
+                f"the checkpoint's data position ({state['position']} batches into epoch {state['epoch']}) is in "
+                f"another sequence of batches than this run's epoch {state['epoch']} (saved {saved}, here "
+                f"{self._settings()}): resume with the same data.seed, data.batch_size, data.group_batches, sources, "
+                "weights and data.limit.train, or start a new run from the checkpoint's weights "
+                "(python -m models.checkpoints export CKPT DIR, then model.net.base=DIR)"
+            )
+        if state["world_size"] != self.world_size:
+            raise ValueError(
+                f"the checkpoint's data position was saved by {state['world_size']} processes and this run has "
+                f"{self.world_size}: the trainer's batch counters must be converted first, which "
+                "models.resume.ResumableCheckpoint (callbacks.model_checkpoint) does when the run resumes"
+            )
+        self.epoch, self.position = state["epoch"], state["position"]
+
+    def _settings(self) -> dict[str, Any]:
+        return {"seed": self.seed, "batch_size": self.batch_size, "global_batches": self.global_batches()}
+
+    def sequence_digest(self, epoch: int) -> str:
+        """A digest of the epoch's global batch sequence, which a position indexes: anything that
+        changes the sequence (samples, weights, lengths, seed, batch size, grouping) changes it."""
+        digest = hashlib.sha256()
+        for batch in self.batches(epoch):
+            digest.update(batch.astype(np.int64).tobytes() + b"|")
+        return digest.hexdigest()[:16]
 
     def epoch_indices(self, rng: np.random.Generator) -> np.ndarray:
         """This epoch's draws from every source, shuffled together."""
@@ -52,9 +99,9 @@ class MixtureBatchSampler(Sampler[list[int]]):
             offset += size
         return rng.permutation(np.concatenate(drawn))
 
-    def batches(self) -> list[np.ndarray]:
-        """All ranks' batches of this epoch, in order."""
-        rng = np.random.default_rng([self.seed, self.epoch])
+    def batches(self, epoch: int | None = None) -> list[np.ndarray]:
+        """All ranks' batches of this epoch (or of ``epoch``), in order."""
+        rng = np.random.default_rng([self.seed, self.epoch if epoch is None else epoch])
         indices = self.epoch_indices(rng)
         group = self.batch_size * self.group_batches
         batches = []
@@ -64,14 +111,49 @@ class MixtureBatchSampler(Sampler[list[int]]):
             batches += [chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
         return [batches[i] for i in rng.permutation(len(batches))]
 
+    def remaining(self) -> int:
+        """How many batches each rank still takes this epoch: the global batches after ``position``,
+        less the few that do not make a round of ``world_size``."""
+        return (self.global_batches() - self.position) // self.world_size
+
     def __iter__(self) -> Iterator[list[int]]:
-        batches = self.batches()
-        for batch in batches[self.rank:len(self) * self.world_size:self.world_size]:
+        batches, start = self.batches(), self.position
+        for batch in batches[start + self.rank:start + self.remaining() * self.world_size:self.world_size]:
             yield batch.tolist()
 
-    def __len__(self) -> int:
+    def global_batches(self) -> int:
+        """The number of batches of an epoch, all ranks together (the same every epoch)."""
         drawn = sum(n * int(w) + round((w - int(w)) * n) for n, w in zip(self.source_sizes, self.weights))
         group = self.batch_size * self.group_batches
         full_groups, rest = divmod(drawn, group)
-        batches = full_groups * self.group_batches + -(-rest // self.batch_size)
-        return batches // self.world_size
+        return full_groups * self.group_batches + -(-rest // self.batch_size)
+
+    def __len__(self) -> int:
+        return self.global_batches() // self.world_size
+
+
+class ResumableLoader(DataLoader):
+    """The training DataLoader over a ``MixtureBatchSampler``, stateful the way Lightning expects.
+
+    Lightning saves ``state_dict()`` of the training loader in every checkpoint (under
+    ``loops.fit_loop.state_dict.combined_loader``) and, when a run resumes, calls ``load_state_dict``
+    before the first batch. The sampler's position advances here, as each batch is handed to the
+    training loop, not where the sampler is read: worker processes read it ahead (``prefetch_factor``
+    batches each), and those batches have not been trained on. Lightning takes no batch ahead of the
+    one it trains on when the loader has a length, so at a checkpoint the position is exactly the
+    batches trained on.
+    """
+
+    def __iter__(self) -> Iterator[Any]:
+        # A generator, so nothing is read before the first batch is asked for: by then Lightning has
+        # called set_epoch, even on the iterator it creates before an epoch begins (also with workers).
+        sampler = self.batch_sampler
+        for batch in super().__iter__():
+            sampler.position += sampler.world_size  # every rank hands out one batch of the round
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.batch_sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.batch_sampler.load_state_dict(state)

@@ -12,8 +12,13 @@ remote code:
 
     python -m models.checkpoints export CKPT OUT_DIR
 
-writes a trained Lightning checkpoint as such a directory (plus a model card); ``load_checkpoint``
-reads either back (``eval.py ckpt=`` takes both).
+writes a trained Lightning checkpoint as such a directory (plus a model card);
+
+    python -m models.checkpoints consolidate SHARDED_DIR OUT.ckpt
+
+writes a sharded checkpoint (a directory of torch.distributed.checkpoint shards, as FSDP2 runs save
+it) as one file laid out like a single-process run's. ``load_checkpoint`` reads all three
+(``eval.py ckpt=`` takes them all, and so does ``export``).
 """
 
 from __future__ import annotations
@@ -26,10 +31,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from transformers import AutoConfig, AutoModelForCausalLM
 
-from common.files import atomic_directory
+from common.files import atomic_directory, atomic_file
 from datamodules.collate import load_tokenizer as load_directory_tokenizer
 from models.lumen import LumenModel
 from models.projector import (
@@ -161,8 +170,9 @@ def load_tokenizer(config: ModelConfig):
     return load_directory_tokenizer(config.llm_dir, IMAGE_TOKEN)
 
 
-def _load_llm(config: ModelConfig, vocab_size: int):
-    if config.attn_implementation == "flash_attention_2":
+def _load_llm(config: ModelConfig, vocab_size: int, weights: bool = True):
+    """The causal LM of ``llm/``: its weights, or (``weights=False``) only its architecture from config.json."""
+    if weights and config.attn_implementation == "flash_attention_2":
         try:
             import flash_attn  # noqa: F401
         except ImportError as error:
@@ -170,27 +180,28 @@ def _load_llm(config: ModelConfig, vocab_size: int):
                 "model.net.attn_implementation=flash_attention_2 needs the flash-attn package "
                 "(pip install -e '.[gpu]' on a CUDA machine); use sdpa on CPU"
             ) from error
-    llm = AutoModelForCausalLM.from_pretrained(
-        config.llm_dir, dtype=DTYPES[config.dtype], attn_implementation=config.attn_implementation
-    )
+    options = {"dtype": DTYPES[config.dtype], "attn_implementation": config.attn_implementation}
+    if weights:
+        llm = AutoModelForCausalLM.from_pretrained(config.llm_dir, **options)
+    else:
+        llm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config.llm_dir), **options)
     if llm.get_input_embeddings().num_embeddings < vocab_size:
         llm.resize_token_embeddings(vocab_size)
-    if config.gradient_checkpointing:
-        llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return llm
 
 
-def _projector(config: ModelConfig, vision, llm_size: int) -> MLPDownsampleProjector:
-    """A fresh projector, or the base's ``mm_projector`` with its weights (NVILA's key names)."""
+def _projector(config: ModelConfig, vision, llm_size: int, weights: bool = True) -> MLPDownsampleProjector:
+    """A fresh projector, or the base's ``mm_projector`` (NVILA's key names) with its weights unless ``weights=False``."""
     projector_type = config.projector_type()
     weights_path = config.projector_dir / WEIGHTS
     if not (config.projector_dir / "config.json").is_file():
         return MLPDownsampleProjector(vision.grid, vision.hidden_size, llm_size, projector_type)
     if not weights_path.is_file():
         raise FileNotFoundError(f"{config.projector_dir} has config.json but no {WEIGHTS}")
-    weights = load_file(weights_path)
+    # The shape comes from the file's header, so the architecture is known without reading weights.
+    with safe_open(weights_path, "pt") as stored:
+        merged_channels = stored.get_slice("layers.1.weight").get_shape()[0]
     # NVILA-8B's projector reads three image scales concatenated on channels (mm_hidden_size 3x the tower's).
-    merged_channels = weights["layers.1.weight"].shape[0]
     k2 = MERGE_SIZE[projector_type] ** 2
     scales, remainder = divmod(merged_channels, k2 * vision.hidden_size)
     if remainder or scales < 1:
@@ -199,20 +210,25 @@ def _projector(config: ModelConfig, vision, llm_size: int) -> MLPDownsampleProje
             f"{k2} x the vision tower's {vision.hidden_size}"
         )
     projector = MLPDownsampleProjector(vision.grid, vision.hidden_size, llm_size, projector_type, scales=scales)
-    projector.load_state_dict(weights)
+    if weights:
+        projector.load_state_dict(load_file(weights_path))
     return projector
 
 
-def build_model(config: ModelConfig) -> LumenModel:
-    """Loads the LLM, the vision tower and (if the base has them) projector and fusion weights."""
+def build_model(config: ModelConfig, weights: bool = True) -> LumenModel:
+    """Loads the LLM, the vision tower and (if the base has them) projector and fusion weights.
+
+    ``weights=False`` builds the same architecture from the configuration files alone and reads no
+    weights: under ``torch.device("meta")`` it allocates nothing (FSDP2 shards it before it is
+    materialised; ``models.parallel.build_sharded``). Parts the base does not hold (a new projector or
+    fusion) are initialised fresh either way.
+    """
     dtype = DTYPES[config.dtype]
     tokenizer = load_tokenizer(config)
-    llm = _load_llm(config, len(tokenizer))
-    vision = build_vision_tower(config.vision.type, config.vision_dir, config.vision.layer)
-    if config.gradient_checkpointing:
-        vision.enable_activation_checkpointing()
+    llm = _load_llm(config, len(tokenizer), weights)
+    vision = build_vision_tower(config.vision.type, config.vision_dir, config.vision.layer, weights=weights)
     llm_size = llm.config.hidden_size
-    projector = _projector(config, vision, llm_size)
+    projector = _projector(config, vision, llm_size, weights)
     fusion = TemporalFusion(llm_size, projector.tokens_per_image, mode=config.fusion.mode,
                             heads=config.fusion.heads, use_interval=config.fusion.interval_embedding)
     if (config.fusion_dir / WEIGHTS).is_file():
@@ -223,7 +239,8 @@ def build_model(config: ModelConfig) -> LumenModel:
                     f"model.net.fusion.{key}={getattr(config.fusion, key)} but {config.fusion_dir} holds weights "
                     f"trained with {key}={stored.get(key)}: set model.net.fusion.{key}={stored.get(key)}"
                 )
-        fusion.load_state_dict(load_file(config.fusion_dir / WEIGHTS))
+        if weights:
+            fusion.load_state_dict(load_file(config.fusion_dir / WEIGHTS))
     model = LumenModel(vision, projector, fusion, llm, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)).to(dtype)
     for part, tune in ((model.vision, config.tune_vision), (model.projector, config.tune_projector),
                        (model.fusion, config.tune_projector), (model.llm, config.tune_llm)):
@@ -246,16 +263,66 @@ class Loaded:
     max_new_tokens: int | None = None
 
 
+# What Lightning's ModelParallelStrategy writes beside the shards: everything but weights and optimizer.
+SHARDED_METADATA = "meta.pt"
+# What a consolidated checkpoint keeps: the weights and what evaluation and export need to use them.
+# (Optimizer, scheduler and loop state stay in the sharded directory, which is what a run resumes from.)
+CONSOLIDATED_KEYS = ("epoch", "global_step", "pytorch-lightning_version", "state_dict", "hparams_name",
+                     "hyper_parameters", "datamodule_hparams_name", "datamodule_hyper_parameters")
+
+
+def is_sharded(path: Path) -> bool:
+    """A directory written by torch.distributed.checkpoint (``.metadata``) through Lightning (``meta.pt``)."""
+    return path.is_dir() and (path / ".metadata").is_file() and (path / SHARDED_METADATA).is_file()
+
+
+def read_training_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A LumenModule checkpoint as one dict of plain containers, from a file (read with
+    ``weights_only=True``) or a sharded directory, whose weights are read whole in this one process
+    (the shards' optimizer state is not read)."""
+    path = Path(path)
+    if not is_sharded(path):
+        return torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = torch.load(path / SHARDED_METADATA, map_location="cpu", weights_only=True)
+    reader = FileSystemReader(path)
+    prefix = "state_dict."  # the model's entries; ModelParallelStrategy stores the optimizer's as optimizer_<i>.
+    weights = {}
+    for key, stored in reader.read_metadata().state_dict_metadata.items():
+        if key.startswith(prefix):
+            if not isinstance(stored, TensorStorageMetadata):
+                raise ValueError(f"{path}: {key} is not a tensor; a LumenModule's state dict holds only tensors")
+            weights[key[len(prefix):]] = torch.empty(stored.size, dtype=stored.properties.dtype)
+    if not weights:
+        raise ValueError(f"{path}: the shards hold no model weights (no state_dict.* entries)")
+    dcp.load({"state_dict": weights}, storage_reader=reader, no_dist=True)  # in this process, shards read whole
+    return {**checkpoint, "state_dict": weights}
+
+
+def consolidate(sharded: str | Path, out: str | Path) -> Path:
+    """Writes a sharded checkpoint as one file with a single-process checkpoint's layout (``state_dict``
+    with ``model.`` keys, ``hyper_parameters``, ``datamodule_hyper_parameters``; plain containers that
+    load with ``torch.load(weights_only=True)``), atomically."""
+    sharded = Path(sharded)
+    if not is_sharded(sharded):
+        raise ValueError(f"{sharded} is not a sharded checkpoint: expected a directory with .metadata and "
+                         f"{SHARDED_METADATA}, as a trainer=fsdp run writes (checkpoints/last.ckpt)")
+    checkpoint = read_training_checkpoint(sharded)
+    with atomic_file(out) as staging:
+        torch.save({key: checkpoint[key] for key in CONSOLIDATED_KEYS if key in checkpoint}, staging)
+    return Path(out)
+
+
 def load_checkpoint(path: str | Path) -> Loaded:
-    """A LumenModule checkpoint file (read with ``weights_only=True``) or a directory written by ``export``."""
+    """A LumenModule checkpoint (a file, or a sharded directory) or a directory written by ``export``."""
     path = Path(path)
     if path.is_dir() and (path / "config.json").is_file():
         config = exported_config(path)
         summary = json.loads((path / "config.json").read_text())
         return Loaded(build_model(config).eval(), config, summary.get("prompt", {}), summary.get("max_new_tokens"))
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found (expected a .ckpt file or an exported directory)")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if not (path.is_file() or is_sharded(path)):
+        raise FileNotFoundError(f"checkpoint {path} not found (expected a .ckpt file, a sharded checkpoint "
+                                "directory or an exported directory)")
+    checkpoint = read_training_checkpoint(path)
     config = ModelConfig(**checkpoint["hyper_parameters"]["net"])
     model = build_model(config)
     prefix = "model."
@@ -342,8 +409,14 @@ def main() -> None:
     export_parser = commands.add_parser("export", help="write a Lightning checkpoint as a self-contained directory")
     export_parser.add_argument("checkpoint", type=Path)
     export_parser.add_argument("out", type=Path)
+    consolidate_parser = commands.add_parser("consolidate", help="write a sharded checkpoint as one .ckpt file")
+    consolidate_parser.add_argument("sharded", type=Path)
+    consolidate_parser.add_argument("out", type=Path)
     args = parser.parse_args()
-    print(f"exported to {export(args.checkpoint, args.out)}")
+    if args.command == "export":
+        print(f"exported to {export(args.checkpoint, args.out)}")
+    else:
+        print(f"consolidated into {consolidate(args.sharded, args.out)}")
 
 
 if __name__ == "__main__":

@@ -85,12 +85,23 @@ class LumenModel(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cu_seq_lens: torch.Tensor | None = None,
         **images: torch.Tensor,
     ):
-        """``images``: the four image arguments of ``embed``. Returns the LLM output (with ``loss``
-        when ``labels`` are given)."""
+        """``images``: the four image arguments of ``embed``. A padded batch is (B, L) rows with their
+        ``attention_mask``; a packed one (``LumenCollator(packing=True)``) is one (1, total) row of the
+        samples end to end, with ``position_ids`` restarting at 0 per sample and ``cu_seq_lens``, the
+        samples' boundaries (B + 1,), which make attention block-causal (its ``attention_mask`` is all
+        ones and not needed). Returns the LLM output (with ``loss`` when ``labels`` are given)."""
         inputs_embeds = self.embed(input_ids, **images)
-        return self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, use_cache=False)
+        if cu_seq_lens is None:
+            attention = {"attention_mask": attention_mask}
+        else:
+            attention = packed_attention(
+                cu_seq_lens, position_ids, self.llm.config._attn_implementation, inputs_embeds.dtype
+            )
+        return self.llm(inputs_embeds=inputs_embeds, labels=labels, use_cache=False, **attention)
 
     @torch.no_grad()
     def generate(
@@ -114,3 +125,33 @@ class LumenModel(nn.Module):
             eos_token_id=eos_token_id,
             pad_token_id=pad_token_id,
         )
+
+
+def packed_attention(cu_seq_lens: torch.Tensor, position_ids: torch.Tensor | None, implementation: str,
+                     dtype: torch.dtype) -> dict:
+    """The LLM arguments that keep the samples of a packed row apart: a token attends only to the
+    earlier tokens of its own sample (block-causal attention), and positions restart per sample."""
+    if position_ids is None or position_ids.shape[0] != 1:
+        raise ValueError("a packed batch is one row: position_ids (1, total) must come with cu_seq_lens")
+    total = position_ids.shape[1]
+    if int(cu_seq_lens[-1]) != total:
+        raise ValueError(f"cu_seq_lens ends at {int(cu_seq_lens[-1])} but the packed row holds {total} tokens")
+    lengths = cu_seq_lens.diff()
+    if implementation == "flash_attention_2":
+        # transformers hands these to flash_attn_varlen_func as they are (no mask is built, nothing is
+        # unpadded). attention_mask must be None: with one, it would unpad by the mask and let every
+        # token of the row see every earlier one.
+        longest = int(lengths.max())
+        return {"attention_mask": None, "position_ids": position_ids, "cu_seq_lens_q": cu_seq_lens,
+                "cu_seq_lens_k": cu_seq_lens, "max_length_q": longest, "max_length_k": longest}
+    if implementation not in ("sdpa", "eager"):
+        raise ValueError(f"packed batches need attn_implementation sdpa, eager or flash_attention_2, not {implementation!r}")
+    # A 4D mask reaches the attention as it is (transformers builds none of its own).
+    sample = torch.repeat_interleave(torch.arange(len(lengths), device=cu_seq_lens.device), lengths.long(),
+                                     output_size=total)  # (T,) which sample each token belongs to
+    position = torch.arange(total, device=cu_seq_lens.device)
+    visible = (sample[:, None] == sample[None, :]) & (position[:, None] >= position[None, :])  # (T, T) query x key
+    if implementation == "sdpa":
+        return {"attention_mask": visible[None, None], "position_ids": position_ids}
+    additive = torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(~visible, torch.finfo(dtype).min)
+    return {"attention_mask": additive[None, None], "position_ids": position_ids}

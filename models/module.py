@@ -12,32 +12,42 @@ from transformers import get_cosine_schedule_with_warmup
 
 from models.checkpoints import DTYPES, ModelConfig, build_model
 from models.lumen import LumenModel
-from models.parallel import shard
+from models.parallel import apply_activation_checkpointing, build_sharded, clip_grad_norm
 
 BATCH_INPUTS = ("input_ids", "attention_mask", "current_images", "prior_images", "has_prior", "interval_days")
+# What a packed batch (data.packing) adds: each sample's positions and the samples' boundaries.
+PACKED_INPUTS = ("position_ids", "cu_seq_lens")
 
 
 def parameter_groups(
     model: LumenModel, lr: float, weight_decay: float, vision_lr: float | None = None,
     projector_lr: float | None = None, llm_lr: float | None = None,
 ) -> list[dict]:
-    """One group per (component, decay) of the trainable parameters: NVILA's separate vision-tower and
+    """The trainable parameters grouped by (learning rate, weight decay): NVILA's separate vision-tower and
     projector learning rates and one for the LLM (``None`` = the base ``lr``; the fusion counts as
-    projector), and no weight decay on norms, biases, embeddings and learned tokens."""
+    projector), and no weight decay on norms, biases, embeddings and learned tokens.
+
+    Components with the same settings share a group, named after them (``vision``,
+    ``projector+fusion/no_decay``, ``vision+projector+fusion+llm`` when all rates are equal and there is
+    no weight decay): the optimizer launches its kernels once per group, which is much of a small
+    model's step on a GPU."""
     rates = {"vision": vision_lr or lr, "projector": projector_lr or lr, "fusion": projector_lr or lr,
              "llm": llm_lr or lr}
-    groups: dict[tuple[str, bool], list] = {}
+    groups: dict[tuple[float, float], dict] = {}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
         component = name.split(".", 1)[0]
         is_embedding = "embed" in name or name.endswith(("_tokens", "_type", "position", "no_interval"))
         decays = parameter.ndim >= 2 and not is_embedding
-        groups.setdefault((component, decays), []).append(parameter)
+        settings = (rates[component], weight_decay if decays else 0.0)
+        group = groups.setdefault(settings, {"params": [], "components": {}})
+        group["params"].append(parameter)
+        group["components"][component] = None  # an ordered set
     return [
-        {"params": params, "lr": rates[component], "weight_decay": weight_decay if decays else 0.0,
-         "name": f"{component}{'' if decays else '/no_decay'}"}
-        for (component, decays), params in groups.items()
+        {"params": group["params"], "lr": rate, "weight_decay": decay,
+         "name": "+".join(group["components"]) + ("/no_decay" if weight_decay and not decay else "")}
+        for (rate, decay), group in groups.items()
     ]
 
 
@@ -70,17 +80,26 @@ class LumenModule(L.LightningModule):
         self.model: LumenModel | None = None
 
     def configure_model(self) -> None:
+        """One process: the model as ``build_model`` loads it. Under a device mesh (``FSDP2Strategy``):
+        built on the meta device, sharded, and filled with the base's weights read by rank 0 only
+        (``models.parallel.build_sharded``). ``model.net.gradient_checkpointing`` wraps the vision blocks
+        and decoder layers the same way on both paths."""
         if self.model is not None:
             return
         _check_precision(self.config.dtype, self.trainer.precision if self._trainer is not None else None)
+        if self.device_mesh is None:
+            model = build_model(self.config)
+            if self.config.gradient_checkpointing:
+                apply_activation_checkpointing(model)
+        else:
+            model = build_sharded(self.config, self.device_mesh["data_parallel"], _param_dtype(self.hparams.fsdp),
+                                  self.trainer.strategy.root_device)
         # from_pretrained returns modules in eval mode; training starts in train mode.
-        self.model = build_model(self.config).train()
-        if self.device_mesh is not None:
-            param_dtype = self.hparams.fsdp.get("param_dtype")
-            shard(self.model, self.device_mesh["data_parallel"], DTYPES[param_dtype] if param_dtype else None)
+        self.model = model.train()
 
     def forward(self, batch: dict) -> Any:
-        return self.model(**{key: batch[key] for key in BATCH_INPUTS}, labels=batch.get("labels"))
+        packed = {key: batch[key] for key in PACKED_INPUTS if key in batch}
+        return self.model(**{key: batch[key] for key in BATCH_INPUTS}, **packed, labels=batch.get("labels"))
 
     def training_step(self, batch: dict, batch_index: int) -> torch.Tensor:
         loss = self(batch).loss
@@ -117,6 +136,20 @@ class LumenModule(L.LightningModule):
         scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps, max(total_steps, 1))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clips by the global norm of all gradients (``trainer.gradient_clip_val``; null: no clipping),
+        correct under FSDP2's sharded gradients, and logs the norm before clipping as ``train/grad_norm``.
+        Called once per optimizer step, after the last accumulated micro-batch."""
+        if gradient_clip_algorithm not in (None, "norm"):
+            name = getattr(gradient_clip_algorithm, "value", gradient_clip_algorithm)  # Lightning passes an enum
+            raise ValueError(
+                f"trainer.gradient_clip_algorithm={name}: lumen clips by global norm; "
+                "remove the key (or set it to norm)"
+            )
+        parameters = [parameter for group in optimizer.param_groups for parameter in group["params"]]
+        norm = clip_grad_norm(parameters, gradient_clip_val or None)
+        self.log("train/grad_norm", norm)
+
 
 def _check_precision(dtype: str, precision: str | None) -> None:
     """bf16-mixed keeps fp32 master weights (the autocast/FSDP policy computes in bf16); bf16-true
@@ -129,6 +162,13 @@ def _check_precision(dtype: str, precision: str | None) -> None:
             f"model.net.dtype={dtype} does not fit trainer.precision={precision}: use model.net.dtype={expected} "
             "(fp32 master weights for mixed precision, bf16 weights for bf16-true)"
         )
+
+
+def _param_dtype(fsdp: dict) -> torch.dtype | None:
+    name = fsdp.get("param_dtype")
+    if name is not None and name not in DTYPES:
+        raise ValueError(f"model.fsdp.param_dtype={name!r}: expected one of {sorted(DTYPES)} or null (the weights' own)")
+    return DTYPES[name] if name is not None else None
 
 
 def _plain(config: DictConfig | dict) -> dict:

@@ -130,9 +130,14 @@ def pretrain_vision_tower(
 
 def base_manifest(world: str | Path, vision: dict | None = None, llm: dict | None = None, vocab_size: int = 1024,
                   vision_pretrain_steps: int = 600, seed: int = 0) -> dict:
-    """Everything a tiny base is built from: equal manifests, equal bases."""
+    """Everything a tiny base is built from: equal manifests, equal bases. The world counts by what it
+    is (its generator version, size and seed), not only by where it is: a world regenerated in place
+    by a newer generator makes the base stale."""
+    world = Path(world)
+    built = json.loads((world / "world.json").read_text()) if (world / "world.json").is_file() else {}
     return {
-        "world": str(Path(world).resolve()),
+        "world": str(world.resolve()),
+        "world_generator": {key: built.get(key) for key in ("generator_version", "subjects", "seed")},
         "vision": {**DEFAULT_VISION, **(vision or {})},
         "llm": {**DEFAULT_LLM, **(llm or {})},
         "vocab_size": vocab_size,

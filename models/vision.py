@@ -140,9 +140,6 @@ class HFVisionTower(nn.Module):
         parent_path, name = self.LAYOUTS[self.model.config.model_type][0].rsplit(".", 1)
         return getattr(self.model.get_submodule(parent_path), name)
 
-    def enable_activation_checkpointing(self) -> None:
-        self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         hidden = self.model.encoder(self.model.embeddings(images)).last_hidden_state  # (B, prefix + N, C)
         return hidden[:, hidden.shape[1] - self.grid[0] * self.grid[1]:]
@@ -185,9 +182,6 @@ class TimmVisionTower(nn.Module):
     def blocks(self) -> nn.Module:
         """The transformer blocks, or a convnet's stages (FSDP wraps each as one unit)."""
         return self.model.blocks if hasattr(self.model, "blocks") else self.model.stages
-
-    def enable_activation_checkpointing(self) -> None:
-        self.model.set_grad_checkpointing(True)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         (features,) = self.model.forward_intermediates(images, indices=[self.index], intermediates_only=True)
@@ -240,9 +234,6 @@ class OpenClipVisionTower(nn.Module):
         """The transformer blocks (FSDP wraps each as one unit)."""
         trunk = getattr(self.visual, "trunk", None)
         return trunk.blocks if trunk is not None else self.visual.transformer.resblocks
-
-    def enable_activation_checkpointing(self) -> None:
-        self.visual.set_grad_checkpointing(True)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         output = self.visual.forward_intermediates(images, indices=[self.index], intermediates_only=True,

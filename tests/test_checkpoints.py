@@ -12,27 +12,10 @@ import torch
 from eval import evaluate
 from models.checkpoints import ModelConfig, build_model, input_spec, load_checkpoint
 from models.module import LumenModule
-from tests.helpers import WORLD_SUBJECTS
+from tests.helpers import WORLD_SUBJECTS, model_inputs
 from train import compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def inputs(model, has_prior=(True, False)) -> dict:
-    """A right-padded two-sample batch whose image tokens match the model's layout."""
-    generator = torch.Generator().manual_seed(0)
-    rows = [[100] * 5 + [model.image_token_id] * ((model.fusion.slots if prior else 1) * model.tokens_per_image) + [101, 102]
-            for prior in has_prior]
-    longest = max(map(len, rows))
-    size = model.vision.grid[0] * 8
-    return {
-        "input_ids": torch.tensor([row + [0] * (longest - len(row)) for row in rows]),
-        "attention_mask": torch.tensor([[1] * len(row) + [0] * (longest - len(row)) for row in rows]),
-        "current_images": torch.randn(len(rows), 3, size, size, generator=generator),
-        "prior_images": torch.randn(sum(has_prior), 3, size, size, generator=generator),
-        "has_prior": torch.tensor(has_prior),
-        "interval_days": torch.tensor([45.0 if prior else 0.0 for prior in has_prior]),
-    }
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +41,7 @@ def test_export_writes_a_self_contained_directory(exported):
 
 def test_exported_model_reloads_with_identical_outputs(trained_checkpoint, exported):
     original, reloaded = load_checkpoint(trained_checkpoint), load_checkpoint(exported)
-    batch = inputs(original.model)
+    batch = model_inputs(original.model)
     with torch.no_grad():
         torch.testing.assert_close(reloaded.model(**batch).logits, original.model(**batch).logits, rtol=0, atol=0)
     assert reloaded.prompt["interval_in_prompt"] == original.prompt["interval_in_prompt"]
@@ -126,15 +109,6 @@ def test_model_dtype_must_fit_the_trainer_precision(tiny_base, dtype, precision,
     else:
         with pytest.raises(ValueError, match=f"model.net.dtype={dtype} does not fit trainer.precision={precision}"):
             _check_precision(dtype, precision)
-
-
-def test_gradient_checkpointing_is_non_reentrant(tiny_base):
-    model = build_model(ModelConfig(base=str(tiny_base), gradient_checkpointing=True)).train()
-    assert model.llm.is_activation_checkpointing and model.vision.model.is_activation_checkpointing
-    batch = inputs(model)
-    labels = batch["input_ids"].masked_fill(batch["input_ids"] == model.image_token_id, -100)
-    model(**batch, labels=labels).loss.backward()
-    assert model.llm.get_input_embeddings().weight.grad is not None
 
 
 def test_module_builds_the_model_from_its_plain_config(tiny_base):

@@ -122,8 +122,9 @@ def test_generate_returns_greedy_continuation_of_left_padded_prompts():
 def test_parameter_groups_give_vision_and_projector_their_rates_and_spare_norms_from_decay():
     model = tiny_model()
     groups = {g["name"]: g for g in parameter_groups(model, lr=1e-4, weight_decay=0.1, vision_lr=1e-5, projector_lr=1e-3)}
-    assert groups["vision"]["lr"] == 1e-5 and groups["projector"]["lr"] == 1e-3
-    assert groups["fusion"]["lr"] == 1e-3 and groups["llm"]["lr"] == 1e-4
+    assert set(groups) == {"vision", "vision/no_decay", "projector+fusion", "projector+fusion/no_decay", "llm",
+                           "llm/no_decay"}
+    assert groups["vision"]["lr"] == 1e-5 and groups["projector+fusion"]["lr"] == 1e-3 and groups["llm"]["lr"] == 1e-4
     assert groups["llm"]["weight_decay"] == 0.1 and groups["llm/no_decay"]["weight_decay"] == 0.0
     no_decay = {id(p) for g in groups.values() if g["weight_decay"] == 0.0 for p in g["params"]}
     assert id(model.llm.get_input_embeddings().weight) in no_decay
@@ -137,4 +138,11 @@ def test_parameter_groups_give_vision_and_projector_their_rates_and_spare_norms_
 
 def test_llm_gets_its_own_rate():
     groups = parameter_groups(tiny_model(), lr=1e-4, weight_decay=0.0, llm_lr=2e-5)
-    assert {g["name"]: g["lr"] for g in groups}["llm"] == 2e-5
+    assert {g["name"]: g["lr"] for g in groups} == {"vision+projector+fusion": 1e-4, "llm": 2e-5}
+
+
+def test_components_with_the_same_settings_share_one_optimizer_group():
+    model = tiny_model()
+    (group,) = parameter_groups(model, lr=1e-4, weight_decay=0.0)
+    assert group["name"] == "vision+projector+fusion+llm"
+    assert len(group["params"]) == len([p for p in model.parameters() if p.requires_grad])

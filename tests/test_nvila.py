@@ -94,6 +94,15 @@ def test_imported_model_reads_nvila_projector_type_and_scales(imported):
     assert input_spec(config)["tokens_per_image"] == 4
 
 
+def test_the_meta_device_build_takes_the_projector_scales_from_the_weights_header(imported):
+    config, model = imported
+    with torch.device("meta"):
+        skeleton = build_model(config, weights=False)
+    assert skeleton.projector.mm_hidden_size == model.projector.mm_hidden_size == SCALES * VISION_WIDTH
+    assert [(n, p.shape) for n, p in skeleton.named_parameters()] == [(n, p.shape) for n, p in model.named_parameters()]
+    assert all(p.is_meta for p in skeleton.parameters())
+
+
 def test_imported_visual_tokens_equal_nvila_for_current_and_prior_images(nvila_dir, imported):
     _, model = imported
     generator = torch.Generator().manual_seed(3)

@@ -4,7 +4,9 @@ import json
 
 import pytest
 import torch
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX, CheckpointWrapper
 
+from models.parallel import checkpoint_blocks
 from models.vision import build_vision_tower, read_spec
 from tests import towers
 
@@ -124,9 +126,11 @@ def test_activation_checkpointing_gives_the_same_gradients(tmp_path, kind, tower
     for checkpointed in (False, True):
         tower = build_vision_tower(tower_type, tmp_path / kind, -1).train()
         if checkpointed:
-            tower.enable_activation_checkpointing()
+            checkpoint_blocks(tower.blocks)
+            assert sum(isinstance(m, CheckpointWrapper) for m in tower.modules()) == len(tower.blocks) > 0
         tower(IMAGES).square().sum().backward()
-        gradients.append({n: p.grad for n, p in tower.named_parameters() if p.requires_grad})
+        # (the wrapper's prefix is in parameter names, not in state-dict keys)
+        gradients.append({n.replace(_CHECKPOINT_PREFIX, ""): p.grad for n, p in tower.named_parameters() if p.requires_grad})
     assert gradients[0].keys() == gradients[1].keys()
     for name, gradient in gradients[0].items():
         torch.testing.assert_close(gradients[1][name], gradient, msg=name)

@@ -1,0 +1,191 @@
+"""Our training step vs Hugging Face's ``LlavaForConditionalGeneration`` built from the same tiny components.
+
+Both models hold the same weights: the demo's tiny base SigLIP tower (read at the same layer) and Qwen2
+LLM, and the NVILA projector (2x2 token merge + MLP). Llava's own projector does not merge tokens, so
+ours is put in its place (``multi_modal_projector``): the only way to give both the same visual tokens
+per image and the same prompts; everything else on the Llava side -- tower call, feature selection,
+splicing, LLM, loss -- is Hugging Face's. Ours also runs its temporal fusion, which computes the
+difference branch for every sample (the parameters stay in every step's graph); that is work Llava
+does not do, so the FLOPs of a step of each are printed too.
+
+Same batches (one image per sample, as Llava has no prior image: the demo data with use_prior=false),
+same dtype, same threads, AdamW with the same settings. A step is forward, loss, backward, optimizer
+step and zero_grad. After --warmup steps of each, --repeats rounds alternate ours and HF (each round
+--steps steps on the batches in turn); the median round gives steps/s and real tokens/s.
+
+    python bench/throughput.py                                    # CPU, float32, all threads
+    python bench/throughput.py --threads 1 --batch-size 16
+    python bench/throughput.py --device cuda --dtype bfloat16
+    python bench/throughput.py --fusion concat                     # the cheapest fusion
+    python bench/throughput.py --profile                           # + torch.profiler's top operators of each
+    python bench/throughput.py prepare.world.subjects=40           # Hydra overrides of the demo config
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from models.checkpoints import ModelConfig, build_model, input_spec  # noqa: E402
+from models.flops import measure_step_flops, real_tokens  # noqa: E402
+from models.lumen import LumenModel  # noqa: E402
+from models.module import BATCH_INPUTS, parameter_groups  # noqa: E402
+from train import compose_config, prepare  # noqa: E402
+
+
+def llava_like(ours: LumenModel, vision_layer: int) -> LlavaForConditionalGeneration:
+    """Llava with our tower's, projector's and LLM's weights (and our projector module, see above)."""
+    vision_config = ours.vision.model.config
+    config = LlavaConfig(
+        vision_config=vision_config.to_dict(),
+        text_config=ours.llm.config.to_dict(),
+        image_token_index=ours.image_token_id,
+        projector_hidden_act="gelu",
+        # SigLIP has no CLS token: every patch token is a visual token.
+        vision_feature_select_strategy="full",
+        vision_feature_layer=vision_layer,
+    )
+    llava = LlavaForConditionalGeneration(config)
+    llava.model.vision_tower.load_state_dict(ours.vision.model.state_dict())
+    llava.model.multi_modal_projector = copy.deepcopy(ours.projector)
+    llava.model.language_model.load_state_dict(ours.llm.model.state_dict())
+    llava.lm_head.load_state_dict(ours.llm.lm_head.state_dict())
+    return llava.to(ours.llm.dtype).train()
+
+
+def ours_loss(model: LumenModel, batch: dict) -> torch.Tensor:
+    return model(**{key: batch[key] for key in BATCH_INPUTS}, labels=batch["labels"]).loss
+
+
+def llava_loss(model: LlavaForConditionalGeneration, batch: dict) -> torch.Tensor:
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                 pixel_values=batch["current_images"], labels=batch["labels"]).loss
+
+
+def train_steps(model, loss_fn, optimizer, batches: list[dict], steps: int, device: torch.device) -> float:
+    """Seconds for ``steps`` training steps over ``batches`` in turn."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for step in range(steps):
+        loss_fn(model, batches[step % len(batches)]).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def counted_flops(model, loss_fn, batch: dict) -> int:
+    counter = FlopCounterMode(display=False)
+    with counter, sdpa_kernel(SDPBackend.MATH):
+        loss_fn(model, batch).backward()
+    model.zero_grad()
+    return counter.get_total_flops()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batches", type=int, default=8, help="distinct batches, used in turn")
+    parser.add_argument("--fusion", default="difference", choices=["difference", "concat", "fused"])
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=10, help="steps per timed round")
+    parser.add_argument("--repeats", type=int, default=7, help="timed rounds of each model")
+    parser.add_argument("--profile", action="store_true", help="print the operators that take the most time")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides of the demo config (train.yaml)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+
+    cache = os.environ.get("LUMEN_CACHE", str(ROOT / ".cache" / "lumen"))
+    cfg = compose_config("train", [f"paths.cache_dir={cache}", "paths.output_dir=unused", "data.use_prior=false",
+                                   f"data.batch_size={args.batch_size}", f"model.net.dtype={args.dtype}",
+                                   f"model.net.fusion.mode={args.fusion}", *args.overrides])
+    prepare(cfg)
+    config = ModelConfig(**cfg.model.net)
+    datamodule = hydra.utils.instantiate(cfg.data, input_spec=input_spec(config))
+    datamodule.setup("fit")
+    batches = []
+    for batch in datamodule.train_dataloader():
+        batches.append({key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()})
+        if len(batches) == args.batches:
+            break
+    images_dtype = torch.float32 if args.dtype == "float32" else torch.bfloat16
+    for batch in batches:
+        batch["current_images"] = batch["current_images"].to(images_dtype)  # Llava does not cast its pixels
+
+    ours = build_model(config).train().to(device)
+    llava = llava_like(ours, config.vision.layer).to(device)
+    optimizer_config = cfg.model.optimizer
+    ours_optimizer = torch.optim.AdamW(parameter_groups(ours, optimizer_config.lr, optimizer_config.weight_decay),
+                                       betas=tuple(optimizer_config.betas))
+    llava_optimizer = torch.optim.AdamW(llava.parameters(), optimizer_config.lr, betas=tuple(optimizer_config.betas),
+                                        weight_decay=optimizer_config.weight_decay)
+
+    with torch.no_grad():
+        losses = ours_loss(ours, batches[0]).item(), llava_loss(llava, batches[0]).item()
+    flops = counted_flops(ours, ours_loss, batches[0]), counted_flops(llava, llava_loss, batches[0])
+    # The counter sees the padding computed, so the prediction counts every position as a token here.
+    every_position = dict(batches[0], attention_mask=torch.ones_like(batches[0]["attention_mask"]))
+    predicted = measure_step_flops(config).of_batch(every_position)
+
+    arms = {"ours": (ours, ours_loss, ours_optimizer), "HF Llava": (llava, llava_loss, llava_optimizer)}
+    for model, loss_fn, optimizer in arms.values():
+        train_steps(model, loss_fn, optimizer, batches, args.warmup, device)
+    rounds = {name: [] for name in arms}
+    for _ in range(args.repeats):
+        for name, (model, loss_fn, optimizer) in arms.items():
+            rounds[name].append(train_steps(model, loss_fn, optimizer, batches, args.steps, device))
+    tokens_per_step = sum(real_tokens(batches[step % len(batches)]) for step in range(args.steps)) / args.steps
+
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"\ntraining step, {args.batch_size} one-image samples per batch ({tokens_per_step:.0f} real tokens), "
+          f"{ours.tokens_per_image} visual tokens per image, {args.dtype}, {device_name}, fusion {args.fusion}; "
+          f"median of {args.repeats} rounds of {args.steps} steps after {args.warmup} warm-up steps\n")
+    print(f"loss on the first batch before training: ours {losses[0]:.6f}, HF Llava {losses[1]:.6f}")
+    print(f"FLOPs of a step on it (FlopCounterMode): ours {flops[0]:.4g} (models/flops.py predicts {predicted:.4g}), "
+          f"HF Llava {flops[1]:.4g}: ours does {flops[0] / flops[1]:.3f}x the work\n")
+    print("| model | steps/s | tokens/s | round seconds (min / median / max) |")
+    print("| --- | --- | --- | --- |")
+    medians = {}
+    for name, seconds in rounds.items():
+        medians[name] = statistics.median(seconds)
+        print(f"| {name} | {args.steps / medians[name]:.2f} | {args.steps * tokens_per_step / medians[name]:.0f} | "
+              f"{min(seconds):.3f} / {medians[name]:.3f} / {max(seconds):.3f} |")
+    print(f"\nthroughput ours / HF Llava: {medians['HF Llava'] / medians['ours']:.3f}")
+    if args.profile:
+        for name, (model, loss_fn, optimizer) in arms.items():
+            print(f"\n{name}: operators by self time over {args.steps} steps")
+            print(profiled(lambda: train_steps(model, loss_fn, optimizer, batches, args.steps, device), device))
+
+
+def profiled(run, device: torch.device) -> str:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        run()
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return profiler.key_averages().table(sort_by=key, row_limit=20)
+
+
+if __name__ == "__main__":
+    main()
