@@ -18,7 +18,8 @@ fusion), so parameter counts are exact and per FSDP unit. Per GPU, with FSDP2 fu
   and SigLIP layers, our projector and fusion); with activation checkpointing only each block's input is
   kept and one block at a time is recomputed;
 - logits and loss: the fp32 log-softmax (kept) and, at the start of backward, its gradient and the
-  gradient of its input: 12 bytes per token per vocabulary entry.
+  gradient of its input: 12 bytes per vocabulary entry per target token (LumenModel runs the LM head at
+  target positions only; the plan takes every text token as a target).
 
 The peak is the larger of the start of backward (all activations, the logits' gradients; the sharded
 gradients too when micro-batches are accumulated) and the optimizer step (states, gradients, temporary).
@@ -201,7 +202,8 @@ def activation_plan(model: LumenModel, work: Workload, setup: Setup) -> dict[str
         "fusion": 0 if model.fusion.mode == "concat" else 14 * a * work.micro_batch * model.tokens_per_image * dim,
         "LLM": layers * (a * dim * tokens if setup.checkpointing else layer) + (4 * dim + 2 * a * dim) * tokens,
         "recomputed block": max(layer, block) if setup.checkpointing else 0,
-        "logits and loss": 12 * llm.vocab_size * tokens,
+        # LumenModel computes the LM head and the loss at target positions only (every text token here).
+        "logits and loss": 12 * llm.vocab_size * work.micro_batch * work.text_tokens,
     }
     return plan
 

@@ -15,23 +15,29 @@ flash kernels:
 
 - the vision tower + projector on one image -> ``per_image``;
 - the temporal fusion of one sample -> ``per_sample`` (computed for every sample, prior or not);
-- the LLM on one sequence of n1 and of n2 tokens; its FLOPs are ``per_token * n + per_token_pair * n^2``
-  exactly (weights once per token, attention once per pair of tokens), so two lengths give both.
+- the LLM's decoder (embeddings, layers, final norm) on one sequence of n1 and of n2 tokens; its FLOPs are
+  ``per_token * n + per_token_pair * n^2`` exactly (weights once per token, attention once per pair of
+  tokens), so two lengths give both;
+- the LM head on one position -> ``per_target``: a training step runs it only at the positions that
+  have a target (``LumenModel.forward`` with labels), not at prompt, image or padding tokens.
 
 A batch then costs (``StepFlops.of_batch``, no re-measuring)::
 
     images * per_image + samples * per_sample + sum over sequences (per_token * n + per_token_pair * n^2)
+        + targets * per_target
 
-with images = current + prior images, samples = the batch's samples, and n the real tokens of each
+with images = current + prior images, samples = the batch's samples, n the real tokens of each
 sequence: a padded row's ``attention_mask`` sum, or in a packed row each sample's span (its
-``position_ids`` restart at 0). Padding is computed but is not model FLOPs; packing removes it.
+``position_ids`` restart at 0), and targets the positions with a next-token label. Padding is computed
+but is not model FLOPs; packing removes it.
 
 **Formula** (``formula_flops``; every part trained, as in the paper's recipe), per the torchtitan /
 PaLM count of 6 N per token plus attention::
 
-    LLM, a sequence of n tokens:   6 N_llm n + 12 L d n^2     N_llm: parameters without the input
-                                                                embedding; L layers; d = query heads
-                                                                x head dim (12 L d n per token)
+    LLM, a sequence of n tokens:   6 N_llm n + 12 L d n^2     N_llm: decoder parameters without the
+                                                                input embedding; L layers; d = query
+                                                                heads x head dim (12 L d n per token)
+    LM head, one target:           6 N_head                    N_head = vocabulary x hidden size
     vision tower, one image:       6 N_vis P + 12 L_v d_v P^2  N_vis: parameters of its blocks; P patches
     projector, one image:          6 N_proj T                  T visual tokens per image
     fusion, one sample:            6 N_fus T + 12 D T^2        (the attention term in difference/fused
@@ -52,6 +58,7 @@ import torch
 from lightning.fabric.utilities.throughput import measure_flops
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from datamodules.collate import IGNORE_INDEX
 from models.checkpoints import ModelConfig, build_model, input_spec
 from models.lumen import LumenModel
 
@@ -71,16 +78,18 @@ class StepFlops:
     per_sample: int  # temporal fusion, one sample
     per_token: int  # LLM, weights: once per token
     per_token_pair: int  # LLM, attention: once per (query, key) pair of a sequence (causal or not)
+    per_target: int  # LM head, once per position with a target
 
-    def __call__(self, images: int, samples: int, sequence_lengths: Sequence[int] | torch.Tensor) -> int:
+    def __call__(self, images: int, samples: int, sequence_lengths: Sequence[int] | torch.Tensor,
+                 targets: int) -> int:
         lengths = torch.as_tensor(sequence_lengths, dtype=torch.long)
         return (images * self.per_image + samples * self.per_sample + self.per_token * int(lengths.sum())
-                + self.per_token_pair * int((lengths * lengths).sum()))
+                + self.per_token_pair * int((lengths * lengths).sum()) + targets * self.per_target)
 
     def of_batch(self, batch: dict) -> int:
-        """The FLOPs of training on a collated batch (padded or packed), from its shapes and masks."""
+        """The FLOPs of training on a collated batch (padded or packed), from its shapes, masks and labels."""
         samples = batch["current_images"].shape[0]
-        return self(samples + batch["prior_images"].shape[0], samples, sequence_lengths(batch))
+        return self(samples + batch["prior_images"].shape[0], samples, sequence_lengths(batch), target_tokens(batch))
 
 
 def sequence_lengths(batch: dict) -> torch.Tensor:
@@ -92,6 +101,12 @@ def sequence_lengths(batch: dict) -> torch.Tensor:
     positions = batch["position_ids"][real]  # the real tokens, row after row
     starts = (positions == 0).nonzero()[:, 0]
     return torch.diff(starts, append=starts.new_tensor([positions.numel()]))
+
+
+def target_tokens(batch: dict) -> int:
+    """Positions of a batch that predict a target token, where the LM head runs: the labels, shifted by
+    one as the causal loss does, that are not ``IGNORE_INDEX``."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
 def real_tokens(batch: dict) -> int:
@@ -138,21 +153,26 @@ def measure_step_flops(config: ModelConfig) -> StepFlops:
 
         # The LLM's input embeddings need a gradient when the embedding table or any visual part trains.
         embeddings_train = vision_trains or _trains(model.fusion, model.llm.get_input_embeddings())
+        decoder, head = model.llm.get_decoder(), model.llm.get_output_embeddings()
+        hidden_trains = embeddings_train or _trains(decoder)
         llm_flops = []
         for length in MEASURE_LENGTHS:
             embeddings = torch.empty(1, length, width, dtype=dtype, requires_grad=embeddings_train)
             mask = torch.ones(1, length, dtype=torch.long)
             llm_flops.append(_count(
-                model.llm, lambda: model.llm(inputs_embeds=embeddings, attention_mask=mask, use_cache=False).logits,
-                embeddings_train or _trains(model.llm)))
+                decoder, lambda: decoder(inputs_embeds=embeddings, attention_mask=mask, use_cache=False).last_hidden_state,
+                hidden_trains))
+        hidden = torch.empty(1, width, dtype=dtype, requires_grad=hidden_trains)
+        per_target = _count(head, lambda: head(hidden), hidden_trains or _trains(head))
     (n1, n2), (f1, f2) = MEASURE_LENGTHS, llm_flops
     # f = a n + b n^2 at two lengths -> b = (f2 n1 - f1 n2) / (n1 n2 (n2 - n1)), a = f1 / n1 - b n1 (exact integers).
     per_token_pair = (f2 * n1 - f1 * n2) // (n1 * n2 * (n2 - n1))
     per_token = (f1 - per_token_pair * n1 * n1) // n1
-    return StepFlops(per_image, per_sample, per_token, per_token_pair)
+    return StepFlops(per_image, per_sample, per_token, per_token_pair, per_target)
 
 
-def formula_flops(model: LumenModel, images: int, samples: int, sequence_lengths: Sequence[int]) -> int:
+def formula_flops(model: LumenModel, images: int, samples: int, sequence_lengths: Sequence[int],
+                  targets: int) -> int:
     """The closed-form estimate of the module docstring for a fully trained ``model`` (any device)."""
 
     def count(module: torch.nn.Module) -> int:
@@ -160,7 +180,7 @@ def formula_flops(model: LumenModel, images: int, samples: int, sequence_lengths
 
     llm = model.llm.config
     head_dim = getattr(llm, "head_dim", None) or llm.hidden_size // llm.num_attention_heads
-    llm_weights = count(model.llm) - count(model.llm.get_input_embeddings())
+    llm_weights = count(model.llm.get_decoder()) - count(model.llm.get_input_embeddings())
     patches = model.vision.grid[0] * model.vision.grid[1]
     tokens, width = model.tokens_per_image, llm.hidden_size
     per_image = (6 * count(model.vision.blocks) * patches
@@ -168,4 +188,5 @@ def formula_flops(model: LumenModel, images: int, samples: int, sequence_lengths
                  + 6 * count(model.projector) * tokens)
     per_sample = 6 * count(model.fusion) * tokens + (12 * width * tokens ** 2 if hasattr(model.fusion, "align") else 0)
     per_sequence = [6 * llm_weights * n + 12 * llm.num_hidden_layers * llm.num_attention_heads * head_dim * n * n for n in sequence_lengths]
-    return images * per_image + samples * per_sample + sum(per_sequence)
+    per_target = 6 * count(model.llm.get_output_embeddings())
+    return images * per_image + samples * per_sample + sum(per_sequence) + targets * per_target

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from datamodules.collate import IGNORE_INDEX
 from models.projector import MLPDownsampleProjector, TemporalFusion
 from models.vision import VisionTower
 
@@ -93,7 +96,15 @@ class LumenModel(nn.Module):
         ``attention_mask``; a packed one (``LumenCollator(packing=True)``) is one (1, total) row of the
         samples end to end, with ``position_ids`` restarting at 0 per sample and ``cu_seq_lens``, the
         samples' boundaries (B + 1,), which make attention block-causal (its ``attention_mask`` is all
-        ones and not needed). Returns the LLM output (with ``loss`` when ``labels`` are given)."""
+        ones and not needed).
+
+        Without ``labels``: the LLM output, logits at every position. With ``labels`` (``IGNORE_INDEX``, -100,
+        where there is nothing to learn): a ``CausalLMOutputWithPast`` whose ``loss`` is Hugging Face's
+        causal LM loss (``ForCausalLMLoss``: position t predicts ``labels[:, t + 1]``, mean cross-entropy
+        in float32 over the targets) and whose ``logits`` are None: the LM head runs only at the
+        positions that have a target (``logits_to_keep`` as a boolean mask). In a training batch most
+        positions are prompt and image tokens, so this skips most of the head's matmul and, at
+        NVILA-8B's 152k vocabulary, never holds the (tokens x vocabulary) logits and their gradient."""
         inputs_embeds = self.embed(input_ids, **images)
         if cu_seq_lens is None:
             attention = {"attention_mask": attention_mask}
@@ -101,7 +112,13 @@ class LumenModel(nn.Module):
             attention = packed_attention(
                 cu_seq_lens, position_ids, self.llm.config._attn_implementation, inputs_embeds.dtype
             )
-        return self.llm(inputs_embeds=inputs_embeds, labels=labels, use_cache=False, **attention)
+        if labels is None:
+            return self.llm(inputs_embeds=inputs_embeds, use_cache=False, **attention)
+        targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, L): what position t predicts
+        has_target = targets != IGNORE_INDEX
+        target_logits = self.llm(inputs_embeds=inputs_embeds, use_cache=False, logits_to_keep=has_target,
+                                 **attention).logits  # (targets, vocabulary)
+        return CausalLMOutputWithPast(loss=F.cross_entropy(target_logits.float(), targets[has_target]))
 
     @torch.no_grad()
     def generate(

@@ -8,7 +8,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from models.checkpoints import ModelConfig, build_model, input_spec
-from models.flops import FORMULA_TOLERANCE, StepFlops, formula_flops, measure_step_flops, meta_model, sequence_lengths
+from models.flops import (FORMULA_TOLERANCE, StepFlops, formula_flops, measure_step_flops, meta_model, sequence_lengths,
+                          target_tokens)
 from models.module import BATCH_INPUTS
 from tests.helpers import WORLD_SUBJECTS
 from train import compose_config, instantiate_data
@@ -74,37 +75,53 @@ def test_padding_is_not_counted_and_a_packed_row_counts_each_sample(demo):
     config, _ = demo()
     flops = measure_step_flops(config)
     images = {"current_images": torch.zeros(3, 3, 32, 32), "prior_images": torch.zeros(1, 3, 32, 32)}
-    padded = {**images, "attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]])}
+    padded = {**images, "attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]]),
+              "labels": torch.tensor([[-100, 4, 5, -100], [-100, -100, -100, -100], [-100, -100, 6, 7]])}
     packed = {**images, "attention_mask": torch.ones(1, 9, dtype=torch.long),
-              "position_ids": torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]])}
+              "position_ids": torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]]),
+              "labels": torch.tensor([[-100, 4, 5, -100, -100, -100, -100, 6, 7]])}
     assert sequence_lengths(padded).tolist() == sequence_lengths(packed).tolist() == [3, 2, 4]
+    assert target_tokens(padded) == target_tokens(packed) == 4
     expected = (4 * flops.per_image + 3 * flops.per_sample + 9 * flops.per_token
-                + (9 + 4 + 16) * flops.per_token_pair)
+                + (9 + 4 + 16) * flops.per_token_pair + 4 * flops.per_target)
     assert flops.of_batch(padded) == flops.of_batch(packed) == expected
+
+
+def test_the_lm_head_is_counted_at_target_positions_only(demo):
+    """A training step runs the LM head where a label follows, not at prompt, image or padding tokens."""
+    config, batch = demo()
+    flops = measure_step_flops(config)
+    targets = target_tokens(batch)
+    assert 0 < targets < batch["attention_mask"].sum() / 4
+    fewer = dict(batch, labels=batch["labels"].masked_fill(batch["labels"] == batch["labels"].max(), -100))
+    assert target_tokens(fewer) < targets
+    assert flops.of_batch(batch) - flops.of_batch(fewer) == (targets - target_tokens(fewer)) * flops.per_target
 
 
 def test_the_llm_terms_are_the_torchtitan_count(demo):
     """12 L d FLOPs per token per token of context; 6 per weight per token (bar norms and biases,
-    which no matmul multiplies: FlopCounterMode counts matmuls)."""
+    which no matmul multiplies: FlopCounterMode counts matmuls), the LM head's per target."""
     config, _ = demo()
     flops, model = measure_step_flops(config), meta_model(config)
     llm = model.llm.config
     assert flops.per_token_pair == 12 * llm.num_hidden_layers * llm.hidden_size
-    matrices = sum(p.numel() for name, p in model.llm.named_parameters() if p.ndim == 2 and "embed_tokens" not in name)
+    matrices = sum(p.numel() for name, p in model.llm.get_decoder().named_parameters()
+                   if p.ndim == 2 and "embed_tokens" not in name)
     assert flops.per_token == 6 * matrices
+    assert flops.per_target == 6 * llm.vocab_size * llm.hidden_size
 
 
 @pytest.mark.parametrize("mode", ["difference", "concat", "fused"])
 def test_the_formula_agrees_with_the_measurement(demo, mode):
     config, batch = demo(mode)
     images = len(batch["has_prior"]) + int(batch["has_prior"].sum())
-    samples, lengths = len(batch["has_prior"]), sequence_lengths(batch).tolist()
-    measured = measure_step_flops(config)(images, samples, lengths)
-    estimated = formula_flops(meta_model(config), images, samples, lengths)
+    samples, lengths, targets = len(batch["has_prior"]), sequence_lengths(batch).tolist(), target_tokens(batch)
+    measured = measure_step_flops(config)(images, samples, lengths, targets)
+    estimated = formula_flops(meta_model(config), images, samples, lengths, targets)
     assert abs(estimated / measured - 1) < FORMULA_TOLERANCE
 
 
 def test_step_flops_add_up_over_batches():
-    flops = StepFlops(per_image=100, per_sample=10, per_token=3, per_token_pair=1)
-    assert flops(images=3, samples=2, sequence_lengths=[4, 5]) == 300 + 20 + 27 + 41
-    assert flops(3, 2, [4, 5]) == flops(2, 1, [4]) + flops(1, 1, [5])
+    flops = StepFlops(per_image=100, per_sample=10, per_token=3, per_token_pair=1, per_target=7)
+    assert flops(images=3, samples=2, sequence_lengths=[4, 5], targets=2) == 300 + 20 + 27 + 41 + 14
+    assert flops(3, 2, [4, 5], 2) == flops(2, 1, [4], 1) + flops(1, 1, [5], 1)

@@ -103,6 +103,60 @@ def test_a_packed_micro_batch_has_the_padded_batchs_loss_and_gradients(tiny_base
         torch.testing.assert_close(packed_gradients[name], gradient, rtol=1e-4, atol=1e-7, msg=name)
 
 
+def without_targets(batch: dict, sample: int) -> dict:
+    """The batch with one sample's labels all IGNORE_INDEX (its row, or its span of the packed row)."""
+    labels = batch["labels"].clone()
+    if "cu_seq_lens" in batch:
+        labels[0, int(batch["cu_seq_lens"][sample]):int(batch["cu_seq_lens"][sample + 1])] = IGNORE_INDEX
+    else:
+        labels[sample] = IGNORE_INDEX
+    return dict(batch, labels=labels)
+
+
+def full_logits_loss(model, batch: dict) -> torch.Tensor:
+    """Hugging Face's causal LM loss over the logits of every position: what LumenModel computed before
+    it ran the LM head at target positions only."""
+    images = {key: batch[key] for key in ("current_images", "prior_images", "has_prior", "interval_days")}
+    embeddings = model.embed(batch["input_ids"], **images)
+    if "cu_seq_lens" in batch:
+        attention = packed_attention(batch["cu_seq_lens"], batch["position_ids"], "sdpa", embeddings.dtype)
+    else:
+        attention = {"attention_mask": batch["attention_mask"]}
+    return model.llm(inputs_embeds=embeddings, labels=batch["labels"], use_cache=False, **attention).loss
+
+
+@pytest.mark.parametrize("no_targets", [(), (1, 3)], ids=["every-sample-has-targets", "two-samples-without"])
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_the_loss_at_target_positions_is_hugging_faces_full_logits_loss(tiny_base, samples, layout, no_targets):
+    padded, packed = collated(tiny_base, samples)
+    batch = padded if layout == "padded" else packed
+    for sample in no_targets:
+        batch = without_targets(batch, sample)
+    torch.manual_seed(0)
+    model = build_model(config(tiny_base)).train()
+    output = model(**model_inputs(batch))
+    assert output.logits is None
+    loss, gradients = loss_and_gradients(model, batch)
+    model.zero_grad()
+    reference = full_logits_loss(model, batch)
+    reference.backward()
+    torch.testing.assert_close(loss, reference.detach(), rtol=1e-6, atol=0)
+    reference_gradients = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    assert gradients.keys() == reference_gradients.keys() and len(gradients) > 40
+    for name, gradient in reference_gradients.items():
+        torch.testing.assert_close(gradients[name], gradient, rtol=1e-5, atol=1e-8, msg=name)
+
+
+def test_the_lm_head_runs_only_where_a_target_follows(tiny_base, samples):
+    padded, _ = collated(tiny_base, samples)
+    model = build_model(config(tiny_base)).train()
+    rows = []
+    model.llm.get_output_embeddings().register_forward_hook(lambda module, args, output: rows.append(args[0].shape[0]))
+    model(**model_inputs(padded))
+    targets = int((padded["labels"][:, 1:] != IGNORE_INDEX).sum())
+    assert rows == [targets] and 0 < targets < padded["attention_mask"].sum() / 4
+
+
 def test_a_sample_in_a_packed_row_sees_nothing_of_the_others(tiny_base, samples):
     _, packed = collated(tiny_base, samples)
     torch.manual_seed(0)
@@ -115,7 +169,9 @@ def test_a_sample_in_a_packed_row_sees_nothing_of_the_others(tiny_base, samples)
     rest = slice(first.stop, None)
 
     def logits(batch: dict, packed: bool = True) -> torch.Tensor:
-        inputs = model_inputs(batch) if packed else {k: v for k, v in model_inputs(batch).items() if k not in PACKED_INPUTS}
+        # Without labels: the logits of every position.
+        dropped = ("labels",) if packed else ("labels", *PACKED_INPUTS)
+        inputs = {key: value for key, value in model_inputs(batch).items() if key not in dropped}
         with torch.no_grad():
             return model(**inputs).logits[0]
 
