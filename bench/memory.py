@@ -50,7 +50,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch._C._profiler import _EventType
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import init_device_mesh
 from torch.profiler import ProfilerActivity, profile, record_function
 from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
@@ -60,7 +59,7 @@ sys.path.insert(0, str(ROOT))
 
 from models.lumen import LumenModel  # noqa: E402
 from models.module import parameter_groups  # noqa: E402
-from models.parallel import shard  # noqa: E402
+from models.parallel import apply_activation_checkpointing, shard  # noqa: E402
 from models.projector import MLPDownsampleProjector, TemporalFusion  # noqa: E402
 from models.vision import HFVisionTower  # noqa: E402
 
@@ -117,7 +116,7 @@ class Setup:
 
 def build_model(shapes: Shapes, checkpointing: bool) -> LumenModel:
     """The LUMEN model of these shapes with fresh weights (on the current default device: ``meta`` for
-    the plan); activation checkpointing as torch's non-reentrant ``checkpoint_wrapper`` per block."""
+    the plan), checkpointed as training checkpoints it (``models.parallel.apply_activation_checkpointing``)."""
     llm = Qwen2ForCausalLM(Qwen2Config(**shapes.llm, attn_implementation="sdpa"))
     tower = SiglipVisionModel(SiglipVisionConfig(**shapes.vision, attn_implementation="sdpa"))
     vision = HFVisionTower(tower, shapes.vision_layer, Path("bench/memory.py"))
@@ -126,9 +125,7 @@ def build_model(shapes: Shapes, checkpointing: bool) -> LumenModel:
     fusion = TemporalFusion(dim, projector.tokens_per_image, mode=shapes.fusion_mode)
     model = LumenModel(vision, projector, fusion, llm, image_token_id=shapes.llm["vocab_size"] - 1)
     if checkpointing:
-        for blocks in (model.vision.blocks, model.llm.model.layers):
-            for index, block in enumerate(blocks):
-                blocks[index] = checkpoint_wrapper(block)
+        apply_activation_checkpointing(model)
     return model
 
 
@@ -139,14 +136,20 @@ def _count(parameters) -> tuple[int, int]:
 
 def fsdp_units(model: LumenModel) -> dict[str, tuple[int, int]]:
     """(parameters, trainable) of the largest unit of each kind ``models.parallel.shard`` makes, and of
-    the root (everything not in another unit: the LLM's embeddings, LM head and final norm, the tower's
-    embeddings and unused head)."""
-    blocks = {"vision block": list(model.vision.blocks), "decoder layer": list(model.llm.model.layers),
-              "projector": [model.projector], "fusion": [model.fusion]}
-    units = {kind: max((_count(m.parameters()) for m in modules), key=lambda count: count[0])
-             for kind, modules in blocks.items()}
-    inside = {id(p) for modules in blocks.values() for m in modules for p in m.parameters()}
-    units["root"] = _count(p for p in model.parameters() if id(p) not in inside)
+    the root (what no other unit holds: the LLM's embeddings, LM head and final norm)."""
+    blocks = list(model.vision.blocks)
+    in_blocks = {id(p) for block in blocks for p in block.parameters()}
+    units = {
+        "vision block": max((_count(block.parameters()) for block in blocks), key=lambda count: count[0]),
+        # The tower's embeddings and its unused (frozen) final norm and pooling head.
+        "vision rest": _count(p for p in model.vision.parameters() if id(p) not in in_blocks),
+        "decoder layer": max((_count(layer.parameters()) for layer in model.llm.model.layers), key=lambda c: c[0]),
+        "projector": _count(model.projector.parameters()),
+        "fusion": _count(model.fusion.parameters()),
+    }
+    outside = {id(p) for part in (model.vision, model.llm.model.layers, model.projector, model.fusion)
+               for p in part.parameters()}
+    units["root"] = _count(p for p in model.parameters() if id(p) not in outside)
     return units
 
 
@@ -211,7 +214,7 @@ def plan(shapes: Shapes, work: Workload, setup: Setup) -> dict[str, float]:
         model = build_model(shapes, setup.checkpointing)
     total, trainable = _count(model.parameters())
     units = fsdp_units(model)
-    block = max(units[kind] for kind in ("vision block", "decoder layer", "projector", "fusion"))
+    block = max(count for kind, count in units.items() if kind != "root")
     n, p = setup.gpus, setup.compute_bytes
     pixels = work.micro_batch * work.images * 3 * model.vision.model.config.image_size ** 2
     parts = {
