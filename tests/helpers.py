@@ -1,4 +1,8 @@
-"""Sizes and inputs shared by the tests."""
+"""Sizes, inputs and commands shared by the tests."""
+
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
@@ -31,3 +35,11 @@ def model_inputs(model, has_prior=(True, False)) -> dict:
 def model_labels(model, batch: dict) -> torch.Tensor:
     """Next-token labels for ``model_inputs``: every text token, no image token."""
     return batch["input_ids"].masked_fill(batch["input_ids"] == model.image_token_id, -100)
+
+
+def checkpoints_cli(*args: object) -> None:
+    """Runs ``python -m models.checkpoints ARGS`` from the repository root, as a user would."""
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-m", "models.checkpoints", *map(str, args)], cwd=root,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]

@@ -2,8 +2,6 @@
 
 import importlib.util
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,18 +10,15 @@ import torch
 from eval import evaluate
 from models.checkpoints import ModelConfig, build_model, input_spec, load_checkpoint
 from models.module import LumenModule
-from tests.helpers import WORLD_SUBJECTS, model_inputs
+from tests.helpers import WORLD_SUBJECTS, checkpoints_cli, model_inputs
 from train import compose_config
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def exported(trained_checkpoint, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("export") / "lumen-demo"
-    result = subprocess.run([sys.executable, "-m", "models.checkpoints", "export", str(trained_checkpoint), str(out)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoints_cli("export", trained_checkpoint, out)
     return out
 
 

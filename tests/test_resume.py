@@ -22,7 +22,7 @@ from datamodules.sampling import MixtureBatchSampler
 from eval import evaluate
 from models.checkpoints import CONSOLIDATED_KEYS, ModelConfig, build_model, consolidate, export, input_spec, load_checkpoint
 from models.resume import continue_on, publish
-from tests.helpers import WORLD_SUBJECTS
+from tests.helpers import WORLD_SUBJECTS, checkpoints_cli
 from tests.helpers import model_inputs as inputs
 from train import compose_config, instantiate_data, train
 
@@ -371,9 +371,7 @@ def sharded(killed_run) -> Path:
 @pytest.fixture(scope="module")
 def consolidated(sharded, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("consolidated") / "model.ckpt"
-    result = subprocess.run([sys.executable, "-m", "models.checkpoints", "consolidate", str(sharded), str(out)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoints_cli("consolidate", sharded, out)
     return out
 
 
