@@ -4,27 +4,19 @@ and written atomically."""
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
 
+from common.files import atomic_file
 from evaluation.metrics import ZERO_ONE_METRICS, METRIC_SIGNATURES
 
 
 def _save(figure: Figure, path: Path) -> Path:
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(descriptor)
-    try:
-        figure.savefig(temporary, dpi=120, bbox_inches="tight")
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+    with atomic_file(path) as staging:
+        figure.savefig(staging, format="png", dpi=120, bbox_inches="tight")
     return path
 
 

@@ -76,8 +76,9 @@ def train_loader(cfg, **data_options):
 def test_the_loader_position_counts_batches_handed_out_not_those_workers_read_ahead(data_config):
     uninterrupted = [batch["sample_ids"] for batch in train_loader(data_config)]
     interrupted = train_loader(data_config, num_workers=2)
-    for _, batch in zip(range(3), interrupted):
-        pass  # the two workers have read batches 3 to 6 of the sampler by now
+    batches = iter(interrupted)
+    # Three batches handed out; by now the two workers have read ahead to batches 3 to 6 of the sampler.
+    assert [next(batches)["sample_ids"] for _ in range(3)] == uninterrupted[:3]
     state = interrupted.state_dict()
     assert state["position"] == 3
     resumed = train_loader(data_config, num_workers=2)
