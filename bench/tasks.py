@@ -45,7 +45,7 @@ CACHE = Path(os.environ.get("LUMEN_CACHE", ROOT / ".cache" / "lumen"))  # config
 # After the repository root is on sys.path:
 from datamodules.synthetic.population import simulate_population  # noqa: E402
 from datamodules.synthetic.prognosis import prognosis  # noqa: E402
-from evaluation.prognosis import parse_prognosis  # noqa: E402
+from evaluation.prognosis import parse_prognosis, same_prognosis  # noqa: E402
 
 EXPERTS = "data.experts=${paths.experts}"
 PROGNOSTIC_ONLY = ["data.sources.diagnostic=null", "data.sources.difference=null"]
@@ -94,11 +94,6 @@ def score(name: str, records: list[dict]) -> dict[str, int | float]:
     return {r["sample_id"]: r[SCORED[name]] for r in records}
 
 
-def same_prognosis(prediction: str, reference: str) -> bool:
-    predicted = parse_prognosis(prediction)
-    return predicted.parsed and predicted.expectations == parse_prognosis(reference).expectations
-
-
 def days_prior(train_world: Path, held_out: list[dict]) -> float:
     """prognosis_correct of answering each held-out question with the training world's most frequent
     answer for the same asked days (a model that reads the question and ignores the images)."""
@@ -108,13 +103,15 @@ def days_prior(train_world: Path, held_out: list[dict]) -> float:
             by_days[record["days"]][record["answer"]] += 1
     overall = Counter(answer for counts in by_days.values() for answer in counts.elements())
     guesses = [(by_days.get(r["days"]) or overall).most_common(1)[0][0] for r in held_out]
-    return sum(same_prognosis(g, r["answer"]) for g, r in zip(guesses, held_out)) / len(held_out)
+    return sum(same_prognosis(parse_prognosis(guess), parse_prognosis(record["answer"]))
+               for guess, record in zip(guesses, held_out)) / len(held_out)
 
 
 def one_image_ceiling(subjects: int, seed: int, held_out: list[dict]) -> float:
     """prognosis_correct of the world's own best forecast from the current study alone."""
     studies = {study.study_id: study for study in simulate_population(subjects, seed)}
-    return sum(same_prognosis(prognosis(studies[r["study_id"]], r["days"]), r["answer"])
+    return sum(same_prognosis(parse_prognosis(prognosis(studies[r["study_id"]], r["days"])),
+                              parse_prognosis(r["answer"]))
                for r in held_out) / len(held_out)
 
 

@@ -20,7 +20,7 @@ from evaluation.difference import (  # noqa: F401  (re-exported: callers import 
     same_change,
 )
 from evaluation.findings import label_change_f1, label_changes, reference_label_changes
-from evaluation.prognosis import parse_prognosis
+from evaluation.prognosis import parse_prognosis, same_prognosis
 from evaluation.text_metrics import (
     CORPUS_BLEU_SIGNATURE,
     ROUGE_L_SIGNATURE,
@@ -359,7 +359,7 @@ def _prognosis_scores(record: dict) -> dict[str, float]:
     if not expected.parsed:  # a free-text reference (the llm backend): only overlap metrics apply
         return {}
     predicted = parse_prognosis(record["prediction"])
-    return {"prognosis_correct": int(predicted.parsed and predicted.expectations == expected.expectations),
+    return {"prognosis_correct": int(same_prognosis(predicted, expected)),
             "prognosis_days_correct": int(predicted.days == expected.days),
             "prognosis_parsed": int(predicted.parsed)}
 

@@ -110,3 +110,9 @@ def parse_prognosis(text: str) -> Prognosis:
     if None in expectations:
         return _UNPARSED
     return Prognosis(int(first["days"]), frozenset(expectations), parsed=True)
+
+
+def same_prognosis(predicted: Prognosis, expected: Prognosis) -> bool:
+    """``prognosis_correct``: the prediction parses and expects the same of every finding (the stated
+    horizon aside)."""
+    return predicted.parsed and predicted.expectations == expected.expectations
