@@ -330,8 +330,10 @@ def digests(world: Path) -> dict[str, str]:
     }
 
 
-def test_same_seed_writes_identical_bytes(world, tmp_path):
-    generate_world(tmp_path, SUBJECTS, SEED)
+@pytest.mark.parametrize("workers", [1, 2])
+def test_same_seed_writes_identical_bytes(world, tmp_path, workers):
+    # The fixture's world was drawn with the default workers: one process or several, same bytes.
+    generate_world(tmp_path, SUBJECTS, SEED, workers=workers)
     again, first = digests(tmp_path), digests(world)
     assert again == first
     assert any(name.endswith(".jpg") for name in first) and any(name.endswith(".csv.gz") for name in first)
@@ -378,7 +380,7 @@ def test_an_interrupted_generation_leaves_nothing_that_looks_complete(tmp_path, 
 
     monkeypatch.setattr(synthetic.writer, "render_image", fail)
     with pytest.raises(KeyboardInterrupt):
-        ensure_world(tmp_path / "world", 3, SEED)
+        ensure_world(tmp_path / "world", 3, SEED, workers=1)  # drawn here, where the patch applies
     assert list(tmp_path.iterdir()) == []
 
 

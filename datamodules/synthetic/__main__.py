@@ -19,9 +19,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="world directory (created, or reused when complete)")
     parser.add_argument("--subjects", type=int, default=125, help="number of simulated patients")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=None,
+                        help="processes drawing the images (default: one per usable CPU, at most 16)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    out = ensure_world(args.out, args.subjects, args.seed)
+    out = ensure_world(args.out, args.subjects, args.seed, args.workers)
     counts = json.loads((out / "world.json").read_text())["counts"]
     print(
         f"synthetic world in {out}: {counts['subjects']} subjects, {counts['studies']} studies, "

@@ -4,8 +4,12 @@ with a ``world.json`` manifest, and reusing it when the same world is already th
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 import shutil
+import sys
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +19,7 @@ from PIL import Image
 from datamodules.synthetic.drawing import render_image
 from datamodules.synthetic.experts import write_experts
 from datamodules.synthetic.mmxu import write_mmxu
-from datamodules.synthetic.population import FINDINGS, SITE_COLUMNS, SITES, Study, simulate_population
+from datamodules.synthetic.population import FINDINGS, SITE_COLUMNS, SITES, ImageRecord, Study, simulate_population
 from datamodules.synthetic.prognosis import prognostic_records
 from datamodules.synthetic.questions import _key_info, _pair_questions
 from datamodules.synthetic.reports import _chexpert_labels, _procedure, report_text
@@ -37,8 +41,24 @@ def _study_path(study: Study) -> Path:
     return Path("files", f"p{subject[:2]}", f"p{subject}", f"s{study.study_id}")
 
 
-def generate_world(out: Path, subjects: int, seed: int) -> dict:
-    """Write the whole world into ``out`` (new or empty; world.json last) and return the manifest."""
+def _write_image(job: tuple[Study, ImageRecord, int, int, Path]) -> None:
+    """Draws one image and writes it as JPEG. Each image has its own random stream
+    (``[seed, 3, image index]``), so the bytes do not depend on which process draws it or when."""
+    study, image, seed, image_index, path = job
+    pixels = render_image(study, image, np.random.default_rng([seed, 3, image_index]))
+    Image.fromarray(pixels).save(path, quality=90)
+
+
+def _default_workers() -> int:
+    """The CPUs this process may use (the scheduler's affinity, not the machine's count), at most 16."""
+    return max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 16))
+
+
+def generate_world(out: Path, subjects: int, seed: int, workers: int | None = None) -> dict:
+    """Write the whole world into ``out`` (new or empty; world.json last) and return the manifest.
+
+    Drawing the images is most of the work; ``workers`` processes draw them (None: one per usable
+    CPU, at most 16; 1: in this process). The world is the same, byte for byte, whatever ``workers`` is."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty: generate_world writes into a new or empty directory")
@@ -49,17 +69,14 @@ def generate_world(out: Path, subjects: int, seed: int) -> dict:
     for directory in (mimic, reports, diffvqa, truth):
         directory.mkdir(parents=True, exist_ok=True)
 
-    metadata, splits, chexpert, studies_rows, truth_rows = [], [], [], [], []
-    image_index = 0
+    metadata, splits, chexpert, studies_rows, truth_rows, images = [], [], [], [], [], []
     previous: Study | None = None
     for study in studies:
         prior = previous if previous is not None and previous.subject_id == study.subject_id else None
         previous = study
+        (mimic / _study_path(study)).mkdir(parents=True, exist_ok=True)
         for image in study.images:
-            pixels = render_image(study, image, np.random.default_rng([seed, 3, image_index]))
-            image_index += 1
-            (mimic / _study_path(study)).mkdir(parents=True, exist_ok=True)
-            Image.fromarray(pixels).save(mimic / _study_path(study) / f"{image.dicom_id}.jpg", quality=90)
+            images.append((study, image, seed, len(images), mimic / _study_path(study) / f"{image.dicom_id}.jpg"))
             procedure = _procedure(study)
             metadata.append((
                 image.dicom_id, study.subject_id, study.study_id, procedure, image.view, image.rows, image.columns,
@@ -81,6 +98,18 @@ def generate_world(out: Path, subjects: int, seed: int) -> dict:
             "subject_id": study.subject_id, "study_id": study.study_id, "study_date": study.study_date,
             "view": study.view, **dict(zip(SITE_COLUMNS, study.levels)),
         })
+
+    workers = _default_workers() if workers is None else workers
+    if workers > 1 and len(images) > workers:
+        # Forked on Linux (as DataLoader workers are): nothing to re-import, and no `if __name__ ==
+        # "__main__"` guard asked of the caller; the children only draw with numpy, scipy and Pillow.
+        context = multiprocessing.get_context("fork" if sys.platform == "linux" else None)
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            for _ in pool.map(_write_image, images, chunksize=max(1, len(images) // (8 * workers))):
+                pass
+    else:
+        for job in images:
+            _write_image(job)
 
     tables = {
         "metadata": pd.DataFrame(metadata, columns=METADATA_COLUMNS),
@@ -110,7 +139,7 @@ def generate_world(out: Path, subjects: int, seed: int) -> dict:
         "counts": {
             "subjects": subjects,
             "studies": len(studies),
-            "images": image_index,
+            "images": len(images),
             "questions": len(questions),
             "difference_questions": int((questions["question_type"] == "difference").sum()),
             "prognostic_questions": len(prognostic),
@@ -132,7 +161,7 @@ def _our_manifest(directory: Path) -> dict | None:
     return manifest if isinstance(manifest, dict) and manifest.get("generator") == GENERATOR else None
 
 
-def ensure_world(out: str | Path, subjects: int, seed: int) -> Path:
+def ensure_world(out: str | Path, subjects: int, seed: int, workers: int | None = None) -> Path:
     """``out`` holding the world for (subjects, seed), generating it only when it is not there yet.
 
     The world is written to a hidden sibling directory and renamed into place when complete, so an
@@ -157,7 +186,7 @@ def ensure_world(out: str | Path, subjects: int, seed: int) -> Path:
     partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     partial.chmod(0o755)  # mkdtemp makes it private; the world is ordinary data
     try:
-        generate_world(partial, subjects, seed)
+        generate_world(partial, subjects, seed, workers)
         # Another process (a second rank) may have put the same world in place meanwhile.
         if is_wanted(_our_manifest(out)):
             return out
