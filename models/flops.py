@@ -14,7 +14,8 @@ PyTorch's math form, which counts QK^T and AV and their gradients without the re
 flash kernels:
 
 - the vision tower + projector on one image -> ``per_image``;
-- the temporal fusion of one sample -> ``per_sample`` (computed for every sample, prior or not);
+- the temporal fusion of one sample with a prior -> ``per_prior`` (a sample without one only gets
+  the current-type embedding added: no matmul);
 - the LLM's decoder (embeddings, layers, final norm) on one sequence of n1 and of n2 tokens; its FLOPs are
   ``per_token * n + per_token_pair * n^2`` exactly (weights once per token, attention once per pair of
   tokens), so two lengths give both;
@@ -23,10 +24,10 @@ flash kernels:
 
 A batch then costs (``StepFlops.of_batch``, no re-measuring)::
 
-    images * per_image + samples * per_sample + sum over sequences (per_token * n + per_token_pair * n^2)
+    images * per_image + priors * per_prior + sum over sequences (per_token * n + per_token_pair * n^2)
         + targets * per_target
 
-with images = current + prior images, samples = the batch's samples, n the real tokens of each
+with images = current + prior images, priors = the prior images, n the real tokens of each
 sequence: a padded row's ``attention_mask`` sum, or in a packed row each sample's span (its
 ``position_ids`` restart at 0), and targets the positions with a next-token label. Padding is computed
 but is not model FLOPs; packing removes it.
@@ -40,8 +41,8 @@ PaLM count of 6 N per token plus attention::
     LM head, one target:           6 N_head                    N_head = vocabulary x hidden size
     vision tower, one image:       6 N_vis P + 12 L_v d_v P^2  N_vis: parameters of its blocks; P patches
     projector, one image:          6 N_proj T                  T visual tokens per image
-    fusion, one sample:            6 N_fus T + 12 D T^2        (the attention term in difference/fused
-                                                                modes, whose tokens attend over the prior's)
+    fusion, one sample with a      6 N_fus T + 12 D T^2        (the attention term in difference/fused
+      prior:                                                    modes, whose tokens attend over the prior's)
 
 It leaves out what the measurement keeps (the patch embedding, pixels needing no gradient, the
 per-sample layers of the fusion counted as per-token) and counts norms and biases as weights;
@@ -75,21 +76,21 @@ class StepFlops:
     """Training FLOPs (forward + backward) of a LumenModel, per unit of work."""
 
     per_image: int  # vision tower + projector, one image
-    per_sample: int  # temporal fusion, one sample
+    per_prior: int  # temporal fusion, one sample with a prior
     per_token: int  # LLM, weights: once per token
     per_token_pair: int  # LLM, attention: once per (query, key) pair of a sequence (causal or not)
     per_target: int  # LM head, once per position with a target
 
-    def __call__(self, images: int, samples: int, sequence_lengths: Sequence[int] | torch.Tensor,
+    def __call__(self, images: int, priors: int, sequence_lengths: Sequence[int] | torch.Tensor,
                  targets: int) -> int:
         lengths = torch.as_tensor(sequence_lengths, dtype=torch.long)
-        return (images * self.per_image + samples * self.per_sample + self.per_token * int(lengths.sum())
+        return (images * self.per_image + priors * self.per_prior + self.per_token * int(lengths.sum())
                 + self.per_token_pair * int((lengths * lengths).sum()) + targets * self.per_target)
 
     def of_batch(self, batch: dict) -> int:
         """The FLOPs of training on a collated batch (padded or packed), from its shapes, masks and labels."""
-        samples = batch["current_images"].shape[0]
-        return self(samples + batch["prior_images"].shape[0], samples, sequence_lengths(batch), target_tokens(batch))
+        priors = batch["prior_images"].shape[0]
+        return self(batch["current_images"].shape[0] + priors, priors, sequence_lengths(batch), target_tokens(batch))
 
 
 def sequence_lengths(batch: dict) -> torch.Tensor:
@@ -146,10 +147,10 @@ def measure_step_flops(config: ModelConfig) -> StepFlops:
         per_image = _count(model, lambda: model.projector(model.vision(image)), vision_trains)
 
         current, prior = (torch.empty(1, tokens, width, dtype=dtype, requires_grad=vision_trains) for _ in range(2))
-        has_prior, interval = torch.ones(1, dtype=torch.bool), torch.ones(1)
+        prior_index, interval = torch.zeros(1, dtype=torch.long), torch.ones(1)
         # Both token sets (the context set is None in fused mode), so every branch gets its backward.
-        per_sample = _count(model.fusion, lambda: sum(tokens.sum() for tokens in model.fusion(
-            current, prior, has_prior, interval) if tokens is not None), vision_trains or _trains(model.fusion))
+        per_prior = _count(model.fusion, lambda: sum(tokens.sum() for tokens in model.fusion(
+            current, prior, prior_index, interval) if tokens is not None), vision_trains or _trains(model.fusion))
 
         # The LLM's input embeddings need a gradient when the embedding table or any visual part trains.
         embeddings_train = vision_trains or _trains(model.fusion, model.llm.get_input_embeddings())
@@ -168,10 +169,10 @@ def measure_step_flops(config: ModelConfig) -> StepFlops:
     # f = a n + b n^2 at two lengths -> b = (f2 n1 - f1 n2) / (n1 n2 (n2 - n1)), a = f1 / n1 - b n1 (exact integers).
     per_token_pair = (f2 * n1 - f1 * n2) // (n1 * n2 * (n2 - n1))
     per_token = (f1 - per_token_pair * n1 * n1) // n1
-    return StepFlops(per_image, per_sample, per_token, per_token_pair, per_target)
+    return StepFlops(per_image, per_prior, per_token, per_token_pair, per_target)
 
 
-def formula_flops(model: LumenModel, images: int, samples: int, sequence_lengths: Sequence[int],
+def formula_flops(model: LumenModel, images: int, priors: int, sequence_lengths: Sequence[int],
                   targets: int) -> int:
     """The closed-form estimate of the module docstring for a fully trained ``model`` (any device)."""
 
@@ -186,7 +187,7 @@ def formula_flops(model: LumenModel, images: int, samples: int, sequence_lengths
     per_image = (6 * count(model.vision.blocks) * patches
                  + 12 * len(model.vision.blocks) * model.vision.hidden_size * patches ** 2
                  + 6 * count(model.projector) * tokens)
-    per_sample = 6 * count(model.fusion) * tokens + (12 * width * tokens ** 2 if hasattr(model.fusion, "align") else 0)
+    per_prior = 6 * count(model.fusion) * tokens + (12 * width * tokens ** 2 if hasattr(model.fusion, "align") else 0)
     per_sequence = [6 * llm_weights * n + 12 * llm.num_hidden_layers * llm.num_attention_heads * head_dim * n * n for n in sequence_lengths]
     per_target = 6 * count(model.llm.get_output_embeddings())
-    return images * per_image + samples * per_sample + sum(per_sequence) + targets * per_target
+    return images * per_image + priors * per_prior + sum(per_sequence) + targets * per_target

@@ -53,12 +53,12 @@ class LumenModel(nn.Module):
         # One tower call for both visits: same weights, one kernel launch sequence.
         images = torch.cat([current_images, prior_images]).to(self.projector.layers[2].weight.dtype)
         projected = self.projector(self.vision(images))  # (B + P, N, D)
-        current = projected[:batch]
-        prior = torch.zeros_like(current).index_put((has_prior.nonzero()[:, 0],), projected[batch:])
-        context, current = self.fusion(current, prior, has_prior, interval_days)
+        prior_index = has_prior.nonzero()[:, 0]  # (P,)
+        context, current = self.fusion(projected[:batch], projected[batch:], prior_index, interval_days[prior_index])
         if context is None:
             return current.flatten(0, 1)  # (B * N, D)
         # Per sample: [context tokens, current tokens] if it has a prior, else [current tokens].
+        context = torch.zeros_like(current).index_copy(0, prior_index, context)  # (B, N, D), zeros unused
         both = torch.stack([context, current], dim=1)  # (B, 2, N, D)
         keep = torch.stack([has_prior, torch.ones_like(has_prior)], dim=1)  # (B, 2)
         return both[keep].flatten(0, 1)  # (T, D)

@@ -38,7 +38,7 @@ def parameter_groups(
         if not parameter.requires_grad:
             continue
         component = name.split(".", 1)[0]
-        is_embedding = "embed" in name or name.endswith(("_tokens", "_type", "position", "no_interval"))
+        is_embedding = "embed" in name or name.endswith(("_type", "position"))
         decays = parameter.ndim >= 2 and not is_embedding
         settings = (rates[component], weight_decay if decays else 0.0)
         group = groups.setdefault(settings, {"params": [], "components": {}})

@@ -84,8 +84,8 @@ class MLPDownsampleProjector(nn.Module):
 class IntervalEmbedding(nn.Module):
     """Days between two studies -> a D-dim vector: ``log1p(days)`` -> sinusoids -> MLP.
 
-    The log compresses 1 day .. 10 years into a range a few frequencies can resolve; studies without
-    a prior get their own learned vector instead of a fake interval.
+    The log compresses 1 day .. 10 years into a range a few frequencies can resolve. Only samples
+    with a prior have an interval; the fusion never asks for one otherwise.
     """
 
     def __init__(self, dim: int, frequencies: int = 16, max_log_days: float = math.log1p(3650.0)):
@@ -94,20 +94,19 @@ class IntervalEmbedding(nn.Module):
         periods = torch.logspace(math.log10(2 * max_log_days), math.log10(max_log_days / 64), frequencies)
         self.register_buffer("angular_frequency", 2 * math.pi / periods, persistent=False)
         self.mlp = nn.Sequential(nn.Linear(2 * frequencies, dim), nn.SiLU(), nn.Linear(dim, dim))
-        self.no_interval = nn.Parameter(torch.zeros(dim))
 
-    def forward(self, interval_days: torch.Tensor, has_prior: torch.Tensor) -> torch.Tensor:
-        """(B,) days, (B,) bool -> (B, D)."""
+    def forward(self, interval_days: torch.Tensor) -> torch.Tensor:
+        """(P,) days -> (P, D)."""
         phase = torch.log1p(interval_days.clamp(min=0).float())[:, None] * self.angular_frequency
-        features = torch.cat([phase.sin(), phase.cos()], dim=-1).to(self.no_interval.dtype)
-        return torch.where(has_prior[:, None], self.mlp(features), self.no_interval)
+        features = torch.cat([phase.sin(), phase.cos()], dim=-1).to(self.mlp[0].weight.dtype)
+        return self.mlp(features)
 
 
 FUSION_MODES = ("concat", "difference", "fused")
 
 
 class TemporalFusion(nn.Module):
-    """Turns the projected current and prior tokens of a sample into what the LLM sees.
+    """Turns the projected current and prior tokens of a batch into what the LLM sees.
 
     ``mode`` sets the token budget of a two-image sample (N = tokens per image):
 
@@ -119,14 +118,15 @@ class TemporalFusion(nn.Module):
     The difference branch: each current token attends over the prior tokens to find its counterpart
     (a few pixels of mis-registration between visits do not read as change); the normalised
     difference to it is FiLM-modulated by the interval embedding and passed through an MLP, then scaled
-    by a gate that the interval also drives and that the has-prior mask forces shut.
+    by a gate that the interval also drives.
 
-    Samples without a prior get learned no-prior tokens in place of the prior and the interval
-    embedding's own no-interval vector, never a copy of the current image; their outputs are still
-    computed, so every parameter is in every step's graph (DDP/FSDP ranks agree). The last layers of
-    the difference and interval branches and all type embeddings start at zero: a model initialised
-    from NVILA first computes exactly NVILA's tokens for the current image (and, in ``concat``, for
-    the prior image).
+    Everything that involves a prior runs on the P samples that have one, and nothing else: a sample
+    without a prior gets its current tokens plus the current-type embedding, exactly, at the cost of
+    that addition. With P = 0 the prior branches still run, on empty tensors, so every parameter is in
+    every step's graph (with a zero gradient) and DDP/FSDP ranks agree whatever their batches hold.
+    The last layers of the difference and interval branches and all type embeddings start at zero: a
+    model initialised from NVILA first computes exactly NVILA's tokens for the current image (and, in
+    ``concat``, for the prior image).
     """
 
     def __init__(self, dim: int, tokens_per_image: int, mode: str = "difference", heads: int = 1,
@@ -134,9 +134,10 @@ class TemporalFusion(nn.Module):
         super().__init__()
         if mode not in FUSION_MODES:
             raise ValueError(f"model.net.fusion.mode={mode!r}: expected one of {FUSION_MODES}")
-        self.mode, self.use_interval = mode, use_interval
-        self.interval = IntervalEmbedding(dim)
-        self.no_prior_tokens = nn.Parameter(torch.randn(tokens_per_image, dim) * 0.02)
+        self.mode = mode
+        # The ablation (use_interval=false) has no interval embedding: the layers it feeds get zeros, so
+        # what they add is their learned bias, the same for every interval.
+        self.interval = IntervalEmbedding(dim) if use_interval else None
         self.current_type = nn.Parameter(torch.zeros(dim))
         if mode == "concat":
             self.prior_type = nn.Parameter(torch.zeros(dim))
@@ -157,12 +158,16 @@ class TemporalFusion(nn.Module):
             nn.init.zeros_(layer.bias)
 
     @property
+    def use_interval(self) -> bool:
+        return self.interval is not None
+
+    @property
     def slots(self) -> int:
         """Token sets a two-image sample shows the LLM (a single-image sample always shows one)."""
         return 1 if self.mode == "fused" else 2
 
     def difference(self, current: torch.Tensor, prior: torch.Tensor, interval: torch.Tensor) -> torch.Tensor:
-        """(B, N, D) current and prior tokens, (B, D) interval embedding -> (B, N, D) difference tokens."""
+        """(P, N, D) current and prior tokens, (P, D) interval embedding -> (P, N, D) difference tokens."""
         counterpart, _ = self.align(current + self.position, prior + self.position, prior, need_weights=False)
         difference = self.difference_norm(current - counterpart)
         scale, shift = self.film(interval)[:, None, :].chunk(2, dim=-1)
@@ -172,22 +177,21 @@ class TemporalFusion(nn.Module):
         self,
         current: torch.Tensor,
         prior: torch.Tensor,
-        has_prior: torch.Tensor,
+        prior_index: torch.Tensor,
         interval_days: torch.Tensor,
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """current, prior: (B, N, D) (prior rows of samples without one are ignored); has_prior (B,)
-        bool; interval_days (B,). Returns (context tokens, current tokens): context is the prior
-        (``concat``) or difference (``difference``) token set, (B, N, D), or None (``fused``)."""
-        prior = torch.where(has_prior[:, None, None], prior, self.no_prior_tokens.to(prior.dtype))
-        interval = self.interval(interval_days, has_prior)
-        if not self.use_interval:
-            # The ablation keeps the embedding's parameters in the graph but removes the information.
-            interval = interval * 0 + self.interval.no_interval
+        """current: (B, N, D), every sample's tokens; prior: (P, N, D), the tokens of the P samples that
+        have a prior, which are ``current[prior_index]``'s samples ((P,) long, increasing); interval_days:
+        (P,), theirs. Returns (context, current): context is the (P, N, D) prior (``concat``) or
+        difference (``difference``) token set of those samples, or None (``fused``); current is (B, N, D)."""
+        if self.interval is None:
+            interval = prior.new_zeros(prior.shape[0], prior.shape[-1])
+        else:
+            interval = self.interval(interval_days).to(prior.dtype)
         if self.mode == "concat":
-            prior = prior + self.prior_type + self.interval_to_prior(interval)[:, None, :]
-            return prior, current + self.current_type
-        gate = torch.sigmoid(self.gate(interval))[:, None, :] * has_prior[:, None, None]  # (B, 1, 1)
-        difference = gate * self.difference(current, prior, interval)
+            return prior + self.prior_type + self.interval_to_prior(interval)[:, None, :], current + self.current_type
+        gate = torch.sigmoid(self.gate(interval))[:, None, :]  # (P, 1, 1)
+        difference = gate * self.difference(current.index_select(0, prior_index), prior, interval)
         if self.mode == "difference":
             return difference + self.difference_type, current + self.current_type
-        return None, current + self.current_type + difference
+        return None, (current + self.current_type).index_add(0, prior_index, difference)

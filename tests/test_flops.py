@@ -82,7 +82,7 @@ def test_padding_is_not_counted_and_a_packed_row_counts_each_sample(demo):
               "labels": torch.tensor([[-100, 4, 5, -100, -100, -100, -100, 6, 7]])}
     assert sequence_lengths(padded).tolist() == sequence_lengths(packed).tolist() == [3, 2, 4]
     assert target_tokens(padded) == target_tokens(packed) == 4
-    expected = (4 * flops.per_image + 3 * flops.per_sample + 9 * flops.per_token
+    expected = (4 * flops.per_image + 1 * flops.per_prior + 9 * flops.per_token
                 + (9 + 4 + 16) * flops.per_token_pair + 4 * flops.per_target)
     assert flops.of_batch(padded) == flops.of_batch(packed) == expected
 
@@ -115,13 +115,13 @@ def test_the_llm_terms_are_the_torchtitan_count(demo):
 def test_the_formula_agrees_with_the_measurement(demo, mode):
     config, batch = demo(mode)
     images = len(batch["has_prior"]) + int(batch["has_prior"].sum())
-    samples, lengths, targets = len(batch["has_prior"]), sequence_lengths(batch).tolist(), target_tokens(batch)
-    measured = measure_step_flops(config)(images, samples, lengths, targets)
-    estimated = formula_flops(meta_model(config), images, samples, lengths, targets)
+    priors, lengths, targets = int(batch["has_prior"].sum()), sequence_lengths(batch).tolist(), target_tokens(batch)
+    measured = measure_step_flops(config)(images, priors, lengths, targets)
+    estimated = formula_flops(meta_model(config), images, priors, lengths, targets)
     assert abs(estimated / measured - 1) < FORMULA_TOLERANCE
 
 
 def test_step_flops_add_up_over_batches():
-    flops = StepFlops(per_image=100, per_sample=10, per_token=3, per_token_pair=1, per_target=7)
-    assert flops(images=3, samples=2, sequence_lengths=[4, 5], targets=2) == 300 + 20 + 27 + 41 + 14
-    assert flops(3, 2, [4, 5], 2) == flops(2, 1, [4], 1) + flops(1, 1, [5], 1)
+    flops = StepFlops(per_image=100, per_prior=10, per_token=3, per_token_pair=1, per_target=7)
+    assert flops(images=3, priors=1, sequence_lengths=[4, 5], targets=2) == 300 + 10 + 27 + 41 + 14
+    assert flops(3, 1, [4, 5], 2) == flops(2, 1, [4], 1) + flops(1, 0, [5], 1)

@@ -9,11 +9,14 @@ MODES = ["concat", "difference", "fused"]
 DIM, TOKENS = 8, 4
 
 
-def inputs(has_prior=(True, False, True), days=(10.0, 0.0, 400.0), seed=0):
+def inputs(has_prior=(True, False, True), days=(10.0, 400.0), seed=0):
+    """(current (B, N, D), prior (P, N, D), prior_index (P,), interval_days (P,)): the fusion's arguments
+    for a batch whose samples have a prior where ``has_prior`` says, with ``days`` their intervals."""
     generator = torch.Generator().manual_seed(seed)
-    batch = len(has_prior)
-    return (torch.randn(batch, TOKENS, DIM, generator=generator), torch.randn(batch, TOKENS, DIM, generator=generator),
-            torch.tensor(has_prior), torch.tensor(days))
+    prior_index = torch.tensor(has_prior).nonzero()[:, 0]
+    return (torch.randn(len(has_prior), TOKENS, DIM, generator=generator),
+            torch.randn(len(prior_index), TOKENS, DIM, generator=generator), prior_index,
+            torch.tensor(days, dtype=torch.float32))
 
 
 def trained(fusion: TemporalFusion) -> TemporalFusion:
@@ -27,21 +30,20 @@ def trained(fusion: TemporalFusion) -> TemporalFusion:
 
 @pytest.mark.parametrize("mode", MODES)
 def test_at_initialisation_current_tokens_pass_through_unchanged(mode):
-    current, prior, has_prior, days = inputs()
-    _, fused = TemporalFusion(DIM, TOKENS, mode)(current, prior, has_prior, days)
+    current, *rest = inputs()
+    _, fused = TemporalFusion(DIM, TOKENS, mode)(current, *rest)
     torch.testing.assert_close(fused, current)
 
 
 def test_at_initialisation_concat_shows_the_prior_tokens_unchanged():
-    current, prior, has_prior, days = inputs()
-    context, _ = TemporalFusion(DIM, TOKENS, "concat")(current, prior, has_prior, days)
-    torch.testing.assert_close(context[has_prior], prior[has_prior])
+    current, prior, prior_index, days = inputs()
+    context, _ = TemporalFusion(DIM, TOKENS, "concat")(current, prior, prior_index, days)
+    torch.testing.assert_close(context, prior)
 
 
 def test_at_initialisation_difference_tokens_are_zero():
-    current, prior, has_prior, days = inputs()
-    context, _ = TemporalFusion(DIM, TOKENS, "difference")(current, prior, has_prior, days)
-    assert context.abs().max() == 0
+    context, _ = TemporalFusion(DIM, TOKENS, "difference")(*inputs())
+    assert context.shape == (2, TOKENS, DIM) and context.abs().max() == 0
 
 
 @pytest.mark.parametrize(("mode", "slots"), [("concat", 2), ("difference", 2), ("fused", 1)])
@@ -51,61 +53,71 @@ def test_token_budget_per_mode(mode, slots):
     assert fusion.slots == slots
     assert current.shape == (3, TOKENS, DIM)
     assert (context is None) == (slots == 1)
+    if context is not None:
+        assert context.shape == (2, TOKENS, DIM)  # one set per sample with a prior
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_a_missing_prior_gives_finite_tokens_that_ignore_the_prior_rows(mode):
+def test_a_sample_without_a_prior_gets_its_current_tokens_and_the_type_embedding(mode):
     fusion = trained(TemporalFusion(DIM, TOKENS, mode))
-    current, prior, has_prior, days = inputs(has_prior=(False, False), days=(0.0, 0.0))
-    nan_prior = torch.full_like(prior, float("nan"))
-    a = fusion(current, prior, has_prior, days)
-    b = fusion(current, nan_prior, has_prior, days)
-    for first, second in zip(a, b):
-        if first is not None:
-            assert torch.isfinite(first).all()
-            torch.testing.assert_close(first, second)
-
-
-@pytest.mark.parametrize("mode", ["difference", "fused"])
-def test_the_gate_is_shut_without_a_prior(mode):
-    fusion = trained(TemporalFusion(DIM, TOKENS, mode))
-    current, prior, _, days = inputs(has_prior=(False,), days=(0.0,))
-    context, fused = fusion(current, prior, torch.tensor([False]), days)
-    if mode == "fused":
-        torch.testing.assert_close(fused, current + fusion.current_type)
-    else:
-        torch.testing.assert_close(context, fusion.difference_type.expand_as(context))
+    current, prior, prior_index, days = inputs(has_prior=(True, False, True))
+    _, fused = fusion(current, prior, prior_index, days)
+    torch.testing.assert_close(fused[1], current[1] + fusion.current_type)
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_outputs_depend_on_the_prior_only_when_present(mode):
+def test_a_batch_without_priors_runs_every_branch_on_empty_tensors(mode):
+    """DDP and FSDP need every parameter in every rank's graph, even when its batch has no prior."""
     fusion = trained(TemporalFusion(DIM, TOKENS, mode))
-    current, prior, has_prior, days = inputs(has_prior=(True, False), days=(30.0, 0.0))
-    other_prior = prior + 1.0
-    a = [t for t in fusion(current, prior, has_prior, days) if t is not None]
-    b = [t for t in fusion(current, other_prior, has_prior, days) if t is not None]
+    current, prior, prior_index, days = inputs(has_prior=(False, False), days=())
+    current.requires_grad_(True)
+    context, fused = fusion(current, prior, prior_index, days)
+    assert prior.shape[0] == 0 and (context is None or context.shape[0] == 0)
+    torch.testing.assert_close(fused, current + fusion.current_type)
+    (fused.sum() + (context.sum() if context is not None else 0)).backward()
+    assert [name for name, parameter in fusion.named_parameters() if parameter.grad is None] == []
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_sample_is_fused_with_its_own_prior_and_interval(mode):
+    """Running a batch gives each sample with a prior what running it alone gives."""
+    fusion = trained(TemporalFusion(DIM, TOKENS, mode))
+    current, prior, prior_index, days = inputs(has_prior=(True, False, True))
+    context, fused = fusion(current, prior, prior_index, days)
+    for row, sample in enumerate(prior_index.tolist()):
+        alone_context, alone = fusion(current[sample:sample + 1], prior[row:row + 1], torch.tensor([0]), days[row:row + 1])
+        torch.testing.assert_close(fused[sample], alone[0])
+        if context is not None:
+            torch.testing.assert_close(context[row], alone_context[0])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_outputs_depend_on_the_prior(mode):
+    fusion = trained(TemporalFusion(DIM, TOKENS, mode))
+    current, prior, prior_index, days = inputs(has_prior=(True, False), days=(30.0,))
+    a = [t for t in fusion(current, prior, prior_index, days) if t is not None]
+    b = [t for t in fusion(current, prior + 1.0, prior_index, days) if t is not None]
     assert any(not torch.allclose(x[0], y[0]) for x, y in zip(a, b))
-    for x, y in zip(a, b):
-        torch.testing.assert_close(x[1], y[1])
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_the_interval_changes_the_tokens_unless_switched_off(mode):
-    current, prior, has_prior, _ = inputs(has_prior=(True,), days=(1.0,))
+    current, prior, prior_index, _ = inputs(has_prior=(True,), days=(1.0,))
     for use_interval, should_change in ((True, True), (False, False)):
         fusion = trained(TemporalFusion(DIM, TOKENS, mode, use_interval=use_interval))
-        short = fusion(current, prior, has_prior, torch.tensor([7.0]))
-        long = fusion(current, prior, has_prior, torch.tensor([700.0]))
+        assert fusion.use_interval == use_interval
+        short = fusion(current, prior, prior_index, torch.tensor([7.0]))
+        long = fusion(current, prior, prior_index, torch.tensor([700.0]))
         changed = any(not torch.allclose(s, l) for s, l in zip(short, long) if s is not None)
         assert changed == should_change
 
 
-def test_interval_embedding_separates_intervals_and_missing_prior():
+def test_interval_embedding_separates_intervals():
     embedding = IntervalEmbedding(dim=8)
-    vectors = embedding(torch.tensor([1.0, 30.0, 365.0, 0.0]), torch.tensor([True, True, True, False]))
+    vectors = embedding(torch.tensor([1.0, 30.0, 365.0]))
+    assert vectors.shape == (3, 8)
     assert not torch.allclose(vectors[0], vectors[1])
     assert not torch.allclose(vectors[1], vectors[2])
-    torch.testing.assert_close(vectors[3], embedding.no_interval)
 
 
 def test_unknown_mode_is_a_clear_error():
