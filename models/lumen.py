@@ -58,7 +58,7 @@ class LumenModel(nn.Module):
         if context is None:
             return current.flatten(0, 1)  # (B * N, D)
         # Per sample: [context tokens, current tokens] if it has a prior, else [current tokens].
-        context = torch.zeros_like(current).index_copy(0, prior_index, context)  # (B, N, D), zeros unused
+        context = torch.zeros_like(current).index_copy(0, prior_index, context.to(current.dtype))  # (B, N, D), zeros unused
         both = torch.stack([context, current], dim=1)  # (B, 2, N, D)
         keep = torch.stack([has_prior, torch.ones_like(has_prior)], dim=1)  # (B, 2)
         return both[keep].flatten(0, 1)  # (T, D)
@@ -102,7 +102,7 @@ class LumenModel(nn.Module):
         where there is nothing to learn): a ``CausalLMOutputWithPast`` whose ``loss`` is Hugging Face's
         causal LM loss (``ForCausalLMLoss``: position t predicts ``labels[:, t + 1]``, mean cross-entropy
         in float32 over the targets) and whose ``logits`` are None: the LM head runs only at the
-        positions that have a target (``logits_to_keep`` as a boolean mask). In a training batch most
+        positions that have a target (the decoder's hidden states there). In a training batch most
         positions are prompt and image tokens, so this skips most of the head's matmul and, at
         NVILA-8B's 152k vocabulary, never holds the (tokens x vocabulary) logits and their gradient."""
         inputs_embeds = self.embed(input_ids, **images)
@@ -116,8 +116,8 @@ class LumenModel(nn.Module):
             return self.llm(inputs_embeds=inputs_embeds, use_cache=False, **attention)
         targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, L): what position t predicts
         has_target = targets != IGNORE_INDEX
-        target_logits = self.llm(inputs_embeds=inputs_embeds, use_cache=False, logits_to_keep=has_target,
-                                 **attention).logits  # (targets, vocabulary)
+        hidden = self.llm.get_decoder()(inputs_embeds=inputs_embeds, use_cache=False, **attention).last_hidden_state
+        target_logits = self.llm.get_output_embeddings()(hidden[has_target])  # (targets, vocabulary)
         return CausalLMOutputWithPast(loss=F.cross_entropy(target_logits.float(), targets[has_target]))
 
     @torch.no_grad()

@@ -168,7 +168,13 @@ class TemporalFusion(nn.Module):
 
     def difference(self, current: torch.Tensor, prior: torch.Tensor, interval: torch.Tensor) -> torch.Tensor:
         """(P, N, D) current and prior tokens, (P, D) interval embedding -> (P, N, D) difference tokens."""
-        counterpart, _ = self.align(current + self.position, prior + self.position, prior, need_weights=False)
+        if prior.shape[0] == 0:
+            # CUDA's attention kernels return no tensor for an empty batch (torch 2.11). The alignment's
+            # value path, empty as well, keeps its parameters in the graph with zero gradients.
+            values = F.linear(prior + self.position, self.align.in_proj_weight, self.align.in_proj_bias)
+            counterpart = self.align.out_proj(values.chunk(3, dim=-1)[2])
+        else:
+            counterpart, _ = self.align(current + self.position, prior + self.position, prior, need_weights=False)
         difference = self.difference_norm(current - counterpart)
         scale, shift = self.film(interval)[:, None, :].chunk(2, dim=-1)
         return self.difference_mlp(difference * (1 + scale) + shift)
@@ -194,4 +200,5 @@ class TemporalFusion(nn.Module):
         difference = gate * self.difference(current.index_select(0, prior_index), prior, interval)
         if self.mode == "difference":
             return difference + self.difference_type, current + self.current_type
-        return None, (current + self.current_type).index_add(0, prior_index, difference)
+        current = current + self.current_type
+        return None, current.index_add(0, prior_index, difference.to(current.dtype))  # (autocast: bf16 difference)

@@ -146,3 +146,17 @@ def test_components_with_the_same_settings_share_one_optimizer_group():
     (group,) = parameter_groups(model, lr=1e-4, weight_decay=0.0)
     assert group["name"] == "vision+projector+fusion+llm"
     assert len(group["params"]) == len([p for p in model.parameters() if p.requires_grad])
+
+
+@pytest.mark.parametrize("mode", ["concat", "difference", "fused"])
+@pytest.mark.parametrize("has_prior", [[True, True], [True, False], [False, False]])
+def test_a_step_under_bf16_autocast_trains_every_parameter(mode, has_prior):
+    """bf16-mixed training: the fusion's bf16 matmul outputs meet float32 type embeddings."""
+    model = tiny_model(mode).train()
+    inputs = batch(has_prior, slots=model.fusion.slots)
+    labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == IMAGE_TOKEN_ID, -100)
+    with torch.autocast("cpu", torch.bfloat16):
+        loss = model(**inputs, labels=labels).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
