@@ -4,10 +4,10 @@ Both models hold the same weights: the demo's tiny base SigLIP tower (read at th
 LLM, and the NVILA projector (2x2 token merge + MLP). Llava's own projector does not merge tokens, so
 ours is put in its place (``multi_modal_projector``): the only way to give both the same visual tokens
 per image and the same prompts; everything else on the Llava side -- tower call, feature selection,
-splicing, LLM, loss -- is Hugging Face's. Ours also runs its temporal fusion: on these batches its
-prior branches run on empty tensors (no sample has a prior; the parameters stay in every step's
-graph) and each sample's tokens get the current-type embedding, which Llava does not have. The FLOPs
-of a step of each are printed too.
+splicing, LLM, loss -- is Hugging Face's. Ours also runs its temporal fusion, set as one training
+process sets it: on these batches (no sample has a prior) it skips its prior branches and adds the
+current-type embedding to each sample's tokens, which Llava does not have. The FLOPs of a step of
+each are printed too.
 
 Same batches (one image per sample, as Llava has no prior image: the demo data with use_prior=false),
 same dtype, same threads, AdamW with the same settings. A step is forward, loss, backward, optimizer
@@ -136,6 +136,7 @@ def main() -> None:
         batch["current_images"] = batch["current_images"].to(images_dtype)  # Llava does not cast its pixels
 
     ours = build_model(config).train().to(device)
+    ours.fusion.every_parameter_every_step = False  # as LumenModule sets it for one process
     llava = llava_like(ours, config.vision.layer).to(device)
     optimizer_config = cfg.model.optimizer
     ours_optimizer = torch.optim.AdamW(parameter_groups(ours, optimizer_config.lr, optimizer_config.weight_decay),

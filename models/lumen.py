@@ -56,7 +56,7 @@ class LumenModel(nn.Module):
         prior_index = has_prior.nonzero()[:, 0]  # (P,)
         context, current = self.fusion(projected[:batch], projected[batch:], prior_index, interval_days[prior_index])
         if context is None:
-            return current.flatten(0, 1)  # (B * N, D)
+            return current.flatten(0, 1)  # (B * N, D): one token set per sample
         # Per sample: [context tokens, current tokens] if it has a prior, else [current tokens].
         context = torch.zeros_like(current).index_copy(0, prior_index, context.to(current.dtype))  # (B, N, D), zeros unused
         both = torch.stack([context, current], dim=1)  # (B, 2, N, D)

@@ -94,6 +94,8 @@ class LumenModule(L.LightningModule):
         else:
             model = build_sharded(self.config, self.device_mesh["data_parallel"], _param_dtype(self.hparams.fsdp),
                                   self.trainer.strategy.root_device)
+        # Several processes must agree on the graph of every step (TemporalFusion); one need not.
+        model.fusion.every_parameter_every_step = self._trainer is None or self.trainer.world_size > 1
         # from_pretrained returns modules in eval mode; training starts in train mode.
         self.model = model.train()
 

@@ -122,8 +122,11 @@ class TemporalFusion(nn.Module):
 
     Everything that involves a prior runs on the P samples that have one, and nothing else: a sample
     without a prior gets its current tokens plus the current-type embedding, exactly, at the cost of
-    that addition. With P = 0 the prior branches still run, on empty tensors, so every parameter is in
-    every step's graph (with a zero gradient) and DDP/FSDP ranks agree whatever their batches hold.
+    that addition. With P = 0, ``every_parameter_every_step`` (the default) still runs the prior
+    branches, on empty tensors, so every parameter is in every step's graph with a zero gradient:
+    DDP/FSDP ranks must agree on the graph whatever their batches hold. One process need not; there
+    (``LumenModule.configure_model`` sets it from the world size) a batch without priors skips them
+    and their parameters get no gradient that step, as if the batch had not touched them.
     The last layers of the difference and interval branches and all type embeddings start at zero: a
     model initialised from NVILA first computes exactly NVILA's tokens for the current image (and, in
     ``concat``, for the prior image).
@@ -135,6 +138,7 @@ class TemporalFusion(nn.Module):
         if mode not in FUSION_MODES:
             raise ValueError(f"model.net.fusion.mode={mode!r}: expected one of {FUSION_MODES}")
         self.mode = mode
+        self.every_parameter_every_step = True
         # The ablation (use_interval=false) has no interval embedding: the layers it feeds get zeros, so
         # what they add is their learned bias, the same for every interval.
         self.interval = IntervalEmbedding(dim) if use_interval else None
@@ -189,7 +193,10 @@ class TemporalFusion(nn.Module):
         """current: (B, N, D), every sample's tokens; prior: (P, N, D), the tokens of the P samples that
         have a prior, which are ``current[prior_index]``'s samples ((P,) long, increasing); interval_days:
         (P,), theirs. Returns (context, current): context is the (P, N, D) prior (``concat``) or
-        difference (``difference``) token set of those samples, or None (``fused``); current is (B, N, D)."""
+        difference (``difference``) token set of those samples, or None (``fused``, or no prior in the
+        batch and its branches skipped); current is (B, N, D)."""
+        if prior.shape[0] == 0 and not self.every_parameter_every_step:
+            return None, current + self.current_type
         if self.interval is None:
             interval = prior.new_zeros(prior.shape[0], prior.shape[-1])
         else:

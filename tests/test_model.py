@@ -160,3 +160,29 @@ def test_a_step_under_bf16_autocast_trains_every_parameter(mode, has_prior):
     loss.backward()
     assert torch.isfinite(loss)
     assert [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
+
+
+@pytest.mark.parametrize("mode", ["concat", "difference", "fused"])
+@pytest.mark.parametrize("has_prior", [[False, False], [True, False]])
+def test_one_process_skips_the_prior_branches_only_when_no_sample_has_a_prior(mode, has_prior):
+    """``every_parameter_every_step=False`` (one process) changes no loss or gradient; a batch without
+    priors leaves the prior branches' parameters without a gradient instead of a zero one."""
+    results = {}
+    for every in (True, False):
+        model = tiny_model(mode).train()
+        model.fusion.every_parameter_every_step = every
+        inputs = batch(has_prior, slots=model.fusion.slots)
+        labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == IMAGE_TOKEN_ID, -100)
+        loss = model(**inputs, labels=labels).loss
+        loss.backward()
+        results[every] = loss, {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    torch.testing.assert_close(results[False][0], results[True][0], rtol=0, atol=0)
+    skipped = results[True][1].keys() - results[False][1].keys()
+    if any(has_prior):
+        assert skipped == set()
+    else:
+        fusion = {f"fusion.{name}" for name, _ in model.fusion.named_parameters()}
+        assert skipped == fusion - {"fusion.current_type"} and len(skipped) >= 7
+        assert all(results[True][1][name].abs().max() == 0 for name in skipped)
+    for name, gradient in results[False][1].items():
+        torch.testing.assert_close(gradient, results[True][1][name], msg=name)  # summed in another order

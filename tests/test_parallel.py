@@ -11,6 +11,7 @@ import sys
 from itertools import chain
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from lightning.pytorch.utilities import GradClipAlgorithmType
@@ -137,6 +138,17 @@ def test_clipping_by_norm_returns_the_norm_before_clipping_and_scales_to_the_lim
     assert clip_grad_norm(parameters, None) == pytest.approx(float(expected), rel=1e-5)  # measuring changes nothing
     assert clip_grad_norm(parameters, MAX_NORM) == pytest.approx(float(expected), rel=1e-5)
     assert float(torch.cat([p.grad.flatten() for p in parameters]).norm()) == pytest.approx(MAX_NORM, rel=1e-5)
+
+
+def test_one_process_lets_the_fusion_skip_absent_priors_and_several_do_not(tiny_base):
+    """Processes that reduce gradients together must agree on every step's graph (TemporalFusion)."""
+    module = LumenModule(net={"base": str(tiny_base), "vision": TOWER}, optimizer={}, scheduler={})
+    module.trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    module.configure_model()
+    assert module.model.fusion.every_parameter_every_step is False
+    alone = LumenModule(net={"base": str(tiny_base), "vision": TOWER}, optimizer={}, scheduler={})
+    alone.configure_model()  # no trainer: nothing says it is alone
+    assert alone.model.fusion.every_parameter_every_step is True
 
 
 def test_clipping_by_value_is_refused_naming_the_key(tiny_base):
