@@ -13,6 +13,10 @@ from models.projector import MLPDownsampleProjector, TemporalFusion
 from models.vision import VisionTower
 
 
+# Causal LM settings under which the model's forward does more to the head's output than return it.
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")  # Gemma 2/3, Cohere, Granite
+
+
 class LumenModel(nn.Module):
     """A longitudinal VLM. Knows nothing about files, tokenizers or parallelism.
 
@@ -116,8 +120,13 @@ class LumenModel(nn.Module):
             return self.llm(inputs_embeds=inputs_embeds, use_cache=False, **attention)
         targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, L): what position t predicts
         has_target = targets != IGNORE_INDEX
-        hidden = self.llm.get_decoder()(inputs_embeds=inputs_embeds, use_cache=False, **attention).last_hidden_state
-        target_logits = self.llm.get_output_embeddings()(hidden[has_target])  # (targets, vocabulary)
+        if any(getattr(self.llm.config, key, None) for key in LOGIT_TRANSFORMS):
+            # The LLM's forward changes its head's output (softcapping, scaling): use it whole.
+            logits = self.llm(inputs_embeds=inputs_embeds, use_cache=False, **attention).logits
+            target_logits = logits[has_target]
+        else:
+            hidden = self.llm.get_decoder()(inputs_embeds=inputs_embeds, use_cache=False, **attention).last_hidden_state
+            target_logits = self.llm.get_output_embeddings()(hidden[has_target])  # (targets, vocabulary)
         return CausalLMOutputWithPast(loss=F.cross_entropy(target_logits.float(), targets[has_target]))
 
     @torch.no_grad()

@@ -186,3 +186,14 @@ def test_one_process_skips_the_prior_branches_only_when_no_sample_has_a_prior(mo
         assert all(results[True][1][name].abs().max() == 0 for name in skipped)
     for name, gradient in results[False][1].items():
         torch.testing.assert_close(gradient, results[True][1][name], msg=name)  # summed in another order
+
+
+def test_an_llm_that_transforms_its_logits_is_trained_through_its_own_forward():
+    """The LM head is applied at the target positions only, unless the LLM's forward does more to it."""
+    model = tiny_model().train()
+    inputs = batch([True, False])
+    labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == IMAGE_TOKEN_ID, -100)
+    plain = model(**inputs, labels=labels).loss
+    model.llm.config.final_logit_softcapping = 30.0  # not Qwen2's own setting: its forward ignores it
+    through_forward = model(**inputs, labels=labels).loss
+    torch.testing.assert_close(through_forward, plain)
