@@ -36,6 +36,7 @@ import hydra
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
@@ -90,6 +91,28 @@ def train_steps(model, loss_fn, optimizer, batches: list[dict], steps: int, devi
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start
+
+
+class OperatorCount(TorchDispatchMode):
+    """Counts the ATen operators run under it (forward, autograd's backward, optimizer): on a GPU each
+    is at least one kernel launch, and a model this small is bound by launches, not FLOPs."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def counted_operators(model, loss_fn, optimizer, batch: dict) -> int:
+    """ATen operators of one training step (forward, backward, optimizer step, zero_grad)."""
+    with OperatorCount() as counter:
+        loss_fn(model, batch).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return counter.count
 
 
 def counted_flops(model, loss_fn, batch: dict) -> int:
@@ -154,6 +177,7 @@ def main() -> None:
     arms = {"ours": (ours, ours_loss, ours_optimizer), "HF Llava": (llava, llava_loss, llava_optimizer)}
     for model, loss_fn, optimizer in arms.values():
         train_steps(model, loss_fn, optimizer, batches, args.warmup, device)
+    operators = {name: counted_operators(*arm, batches[0]) for name, arm in arms.items()}
     rounds = {name: [] for name in arms}
     for _ in range(args.repeats):
         for name, (model, loss_fn, optimizer) in arms.items():
@@ -166,7 +190,9 @@ def main() -> None:
           f"median of {args.repeats} rounds of {args.steps} steps after {args.warmup} warm-up steps\n")
     print(f"loss on the first batch before training: ours {losses[0]:.6f}, HF Llava {losses[1]:.6f}")
     print(f"FLOPs of a step on it (FlopCounterMode): ours {flops[0]:.4g} (models/flops.py predicts {predicted:.4g}), "
-          f"HF Llava {flops[1]:.4g}: ours does {flops[0] / flops[1]:.3f}x the work\n")
+          f"HF Llava {flops[1]:.4g}: ours does {flops[0] / flops[1]:.3f}x the work")
+    print(f"ATen operators of a step on it (forward, backward, optimizer): ours {operators['ours']}, "
+          f"HF Llava {operators['HF Llava']}\n")
     print("| model | steps/s | tokens/s | round seconds (min / median / max) |")
     print("| --- | --- | --- | --- |")
     medians = {}
