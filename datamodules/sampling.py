@@ -22,8 +22,10 @@ class MixtureBatchSampler(Sampler[list[int]]):
       a batch wastes little padding while batch order stays random.
     - Ranks: rank ``r`` of ``world_size`` takes every ``world_size``-th batch; the last few batches
       are dropped so that every rank runs the same number of steps.
-    - Seeded by (``seed``, epoch): the same on every rank and in every worker; Lightning calls
-      ``set_epoch`` before each epoch.
+    - Seeded by (``seed``, epoch): the same on every rank and in every worker. ``ResumableLoader``
+      turns the epoch when a pass over the loader starts after the last one finished the epoch
+      (Lightning's ``set_epoch`` reaches a loader's ``sampler`` and ``batch_sampler.sampler``, never
+      its batch sampler itself).
     - Position: ``position`` is how many of the epoch's global batches have been trained on (the
       loader advances it as it hands batches out; checkpoints save it with ``state_dict``). Rank ``r``
       takes batches ``position + r``, ``position + r + world_size``, ... The global sequence
@@ -49,7 +51,7 @@ class MixtureBatchSampler(Sampler[list[int]]):
         self.epoch, self.position = 0, 0
 
     def set_epoch(self, epoch: int) -> None:
-        """Lightning calls this before every epoch, also on the one a resumed run continues."""
+        """Moves to ``epoch`` (from its beginning when it is another epoch than the current one)."""
         if epoch != self.epoch:
             self.position = 0
         self.epoch = epoch
@@ -145,9 +147,13 @@ class ResumableLoader(DataLoader):
     """
 
     def __iter__(self) -> Iterator[Any]:
-        # A generator, so nothing is read before the first batch is asked for: by then Lightning has
-        # called set_epoch, even on the iterator it creates before an epoch begins (also with workers).
+        # A generator, so nothing is read before the first batch is asked for: an iterator Lightning
+        # creates and drops before an epoch begins (also with workers) moves nothing.
         sampler = self.batch_sampler
+        if sampler.remaining() == 0:
+            # The last pass finished the epoch (or a checkpoint was saved at its end): this pass is the
+            # next epoch. A pass that stopped early (limit_train_batches, max_steps) is continued instead.
+            sampler.set_epoch(sampler.epoch + 1)
         for batch in super().__iter__():
             sampler.position += sampler.world_size  # every rank hands out one batch of the round
             yield batch

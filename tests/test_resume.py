@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -84,6 +85,38 @@ def test_the_loader_position_counts_batches_handed_out_not_those_workers_read_ah
     resumed = train_loader(data_config, num_workers=2)
     resumed.load_state_dict(state)
     assert [batch["sample_ids"] for batch in resumed] == uninterrupted[3:]
+
+
+def test_each_pass_over_the_loader_is_the_next_epoch_and_holds_every_sample_once(data_config):
+    """Lightning never calls set_epoch on a batch sampler: the loader turns the epoch itself."""
+    loader = train_loader(data_config)
+    passes = [[batch["sample_ids"] for batch in loader] for _ in range(3)]
+    assert [len(batches) for batches in passes] == [8, 8, 8]
+    samples = [sorted(sample for batch in batches for sample in batch) for batches in passes]
+    assert samples[0] == samples[1] == samples[2] and len(set(samples[0])) == 16
+    assert passes[0] != passes[1] and passes[1] != passes[2]  # each epoch its own order
+    assert loader.state_dict()["epoch"] == 2
+
+
+class EpochRecorder(L.Callback):
+    """The samples of every training batch, per epoch."""
+
+    def __init__(self):
+        self.epochs: dict[int, list[str]] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.epochs.setdefault(trainer.current_epoch, []).extend(batch["sample_ids"])
+
+
+def test_a_run_of_three_epochs_trains_on_every_sample_in_each(demo_overrides):
+    cfg = compose_config("train", demo_overrides + [
+        "data.limit.train=8", "data.limit.val=4", "trainer.max_epochs=3",
+        "+callbacks.recorder._target_=tests.test_resume.EpochRecorder"])
+    trainer = train(cfg)
+    epochs = next(c for c in trainer.callbacks if isinstance(c, EpochRecorder)).epochs
+    assert sorted(epochs) == [0, 1, 2]
+    assert sorted(epochs[0]) == sorted(epochs[1]) == sorted(epochs[2]) and len(set(epochs[0])) == len(epochs[0]) > 4
+    assert trainer.global_step == 3 * len(epochs[0]) // 4  # micro-batches of 4, no accumulation
 
 
 @pytest.mark.parametrize("changed", [{"batch_size": 4}, {"group_batches": 2}, {"seed": 1}])
