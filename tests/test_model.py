@@ -49,6 +49,12 @@ def batch(has_prior: list[bool], text_tokens: int = 6, slots: int = 2) -> dict:
     }
 
 
+def labelled_batch(model: LumenModel, has_prior: list[bool]) -> tuple[dict, torch.Tensor]:
+    """A batch for ``model``'s fusion mode and its labels: every text token, no image token."""
+    inputs = batch(has_prior, slots=model.fusion.slots)
+    return inputs, inputs["input_ids"].masked_fill(inputs["input_ids"] == IMAGE_TOKEN_ID, -100)
+
+
 def test_visual_tokens_are_prior_then_current_per_sample():
     model = tiny_model("concat")
     inputs = batch([True, False])
@@ -87,8 +93,7 @@ def test_token_count_mismatch_is_a_clear_error():
 def test_every_parameter_gets_a_gradient_in_every_step(mode, has_prior):
     """DDP and FSDP need the same parameters in every rank's graph, whatever its batch holds."""
     model = tiny_model(mode).train()
-    inputs = batch(has_prior, slots=model.fusion.slots)
-    labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == IMAGE_TOKEN_ID, -100)
+    inputs, labels = labelled_batch(model, has_prior)
     model(**inputs, labels=labels).loss.backward()
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     assert [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
@@ -153,8 +158,7 @@ def test_components_with_the_same_settings_share_one_optimizer_group():
 def test_a_step_under_bf16_autocast_trains_every_parameter(mode, has_prior):
     """bf16-mixed training: the fusion's bf16 matmul outputs meet float32 type embeddings."""
     model = tiny_model(mode).train()
-    inputs = batch(has_prior, slots=model.fusion.slots)
-    labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == IMAGE_TOKEN_ID, -100)
+    inputs, labels = labelled_batch(model, has_prior)
     with torch.autocast("cpu", torch.bfloat16):
         loss = model(**inputs, labels=labels).loss
     loss.backward()
@@ -171,8 +175,7 @@ def test_one_process_skips_the_prior_branches_only_when_no_sample_has_a_prior(mo
     for every in (True, False):
         model = tiny_model(mode).train()
         model.fusion.every_parameter_every_step = every
-        inputs = batch(has_prior, slots=model.fusion.slots)
-        labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == IMAGE_TOKEN_ID, -100)
+        inputs, labels = labelled_batch(model, has_prior)
         loss = model(**inputs, labels=labels).loss
         loss.backward()
         results[every] = loss, {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
@@ -191,8 +194,7 @@ def test_one_process_skips_the_prior_branches_only_when_no_sample_has_a_prior(mo
 def test_an_llm_that_transforms_its_logits_is_trained_through_its_own_forward():
     """The LM head is applied at the target positions only, unless the LLM's forward does more to it."""
     model = tiny_model().train()
-    inputs = batch([True, False])
-    labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == IMAGE_TOKEN_ID, -100)
+    inputs, labels = labelled_batch(model, [True, False])
     plain = model(**inputs, labels=labels).loss
     model.llm.config.final_logit_softcapping = 30.0  # not Qwen2's own setting: its forward ignores it
     through_forward = model(**inputs, labels=labels).loss

@@ -105,8 +105,8 @@ def generate_world(out: Path, subjects: int, seed: int, workers: int | None = No
         # "__main__"` guard asked of the caller; the children only draw with numpy, scipy and Pillow.
         context = multiprocessing.get_context("fork" if sys.platform == "linux" else None)
         with ProcessPoolExecutor(workers, mp_context=context) as pool:
-            for _ in pool.map(_write_image, images, chunksize=max(1, len(images) // (8 * workers))):
-                pass
+            # list(): waits for every image and raises a worker's error here.
+            list(pool.map(_write_image, images, chunksize=max(1, len(images) // (8 * workers))))
     else:
         for job in images:
             _write_image(job)
