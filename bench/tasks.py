@@ -15,7 +15,8 @@ finding's expected course right, ``prognosis_correct``, and LLaVA-Med token reca
 world's ground truth) and its difference questions. Two baselines are printed beside the prognostic
 scores: text only (for each asked number of days, the training world's most frequent answer) and
 the best forecast from the current study alone (the world's own model without the prior study: the
-ceiling of any one-image model).
+ceiling of any one-image model). The prognostic scores are then split by whether that forecast is
+wrong: the questions where the prior study changes the answer, which only a two-image model can get.
 
     python bench/tasks.py                        # the four default arms, about 10 minutes each (2 cores)
     python bench/tasks.py --variants mmxu-global lumen-no-experts   # the other two
@@ -94,6 +95,11 @@ def score(name: str, records: list[dict]) -> dict[str, int | float]:
     return {r["sample_id"]: r[SCORED[name]] for r in records}
 
 
+def mean_of(records: list[dict], metric: str) -> str:
+    values = [record[metric] for record in records if metric in record]
+    return f"{sum(values) / len(values):.3f}" if values else "–"
+
+
 def days_prior(train_world: Path, held_out: list[dict]) -> float:
     """prognosis_correct of answering each held-out question with the training world's most frequent
     answer for the same asked days (a model that reads the question and ignores the images)."""
@@ -107,12 +113,13 @@ def days_prior(train_world: Path, held_out: list[dict]) -> float:
                for guess, record in zip(guesses, held_out)) / len(held_out)
 
 
-def one_image_ceiling(subjects: int, seed: int, held_out: list[dict]) -> float:
-    """prognosis_correct of the world's own best forecast from the current study alone."""
+def prior_dependent(subjects: int, seed: int, held_out: list[dict]) -> dict[str, bool]:
+    """Sample id -> whether the world's own best forecast from the current study alone gets a
+    course wrong: the questions only a model that reads the prior study can answer."""
     studies = {study.study_id: study for study in simulate_population(subjects, seed)}
-    return sum(same_prognosis(parse_prognosis(prognosis(studies[r["study_id"]], r["days"])),
-                              parse_prognosis(r["answer"]))
-               for r in held_out) / len(held_out)
+    return {r["id"]: not same_prognosis(parse_prognosis(prognosis(studies[r["study_id"]], r["days"])),
+                                        parse_prognosis(r["answer"]))
+            for r in held_out}
 
 
 def main() -> None:
@@ -162,26 +169,34 @@ def main() -> None:
 
     print(f"\nA held-out world (seed 1, {args.eval_subjects} subjects) after {args.steps} training steps per model "
           f"on the seed-0 world ({args.train_subjects} subjects).\n")
-    print("| model | train time (min) | questions | n | accuracy | token recall |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| model | train time (min) | questions | n | accuracy | token recall | courses F1 |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for (name, task), row in scores.items():
         correct = list(row["correct"].values())
-        recall = [r["token_recall"] for r in row["records"] if "token_recall" in r]
-        recall_text = f"{sum(recall) / len(recall):.3f}" if recall else "–"
         label = {"mmxu": "MMXU (letter)", "difference": "difference (added/missing sets)",
                  "prognostic": "prognostic (every course right)"}[task]
         print(f"| {name} | {seconds[name] / 60:.1f} | {label} | {len(correct)} | {sum(correct) / len(correct):.3f} "
-              f"| {recall_text} |")
-    prognostic = next((row for (_, task), row in scores.items() if task == "prognostic"), None)
-    if prognostic is not None:
+              f"| {mean_of(row['records'], 'token_recall')} | {mean_of(row['records'], 'prognosis_f1')} |")
+    prognostic = {name: row for (name, task), row in scores.items() if task == "prognostic"}
+    if prognostic:
         held_out_world = CACHE / f"world-{args.eval_subjects}subjects-seed1"
         truth = {r["id"]: r for r in read_jsonl(held_out_world / "prognostic" / "prognostic.jsonl")}
-        asked = [truth[r["sample_id"]] for r in prognostic["records"]]
+        asked = [truth[r["sample_id"]] for r in next(iter(prognostic.values()))["records"]]
         train_world = CACHE / f"world-{args.train_subjects}subjects-seed0"
+        dependent = prior_dependent(args.eval_subjects, 1, asked)
         print(f"\nprognostic, text only (the most frequent training answer for the asked days): "
               f"{days_prior(train_world, asked):.3f}")
         print(f"prognostic, the best forecast from the current study alone (the ceiling of one image): "
-              f"{one_image_ceiling(args.eval_subjects, 1, asked):.3f}")
+              f"{1 - sum(dependent.values()) / len(dependent):.3f}")
+        print("\nprognostic, every course right, by whether the prior study changes the answer:\n")
+        print("| model | prior changes the answer | the current study alone suffices |")
+        print("| --- | --- | --- |")
+        for name, row in prognostic.items():
+            cells = []
+            for wanted in (True, False):
+                ids = [i for i, is_dependent in dependent.items() if is_dependent == wanted]
+                cells.append(f"{sum(row['correct'][i] for i in ids)} of {len(ids)}")
+            print(f"| {name} | {' | '.join(cells)} |")
     for first, second in PAIRS:
         for task in {task for (name, task) in scores if name == first}:
             if (second, task) not in scores:

@@ -20,7 +20,7 @@ from evaluation.difference import (  # noqa: F401  (re-exported: callers import 
     same_change,
 )
 from evaluation.findings import label_change_f1, label_changes, reference_label_changes
-from evaluation.prognosis import parse_prognosis, same_prognosis
+from evaluation.prognosis import parse_prognosis, prognosis_f1, same_prognosis
 from evaluation.text_metrics import (
     CORPUS_BLEU_SIGNATURE,
     ROUGE_L_SIGNATURE,
@@ -301,6 +301,9 @@ METRIC_SIGNATURES = {
                          "(rules and synthetic-truth backends); evaluation.prognosis parse, the "
                          "(finding, course, level) expectations equal as sets, the stated horizon "
                          "ignored; unparsed prediction is wrong",
+    "prognosis_f1": "as prognosis_correct; per-sample F1 of the predicted (finding, course, level, "
+                    "level before) expectations against the reference's (both empty: 1; unparsed "
+                    "prediction: 0)",
     "prognosis_days_correct": "as prognosis_correct; the prediction states the reference's horizon "
                               "in days",
     "prognosis_parsed": "as prognosis_correct; the prediction parses completely as the grammar",
@@ -360,6 +363,7 @@ def _prognosis_scores(record: dict) -> dict[str, float]:
         return {}
     predicted = parse_prognosis(record["prediction"])
     return {"prognosis_correct": int(same_prognosis(predicted, expected)),
+            "prognosis_f1": prognosis_f1(predicted, expected),
             "prognosis_days_correct": int(predicted.days == expected.days),
             "prognosis_parsed": int(predicted.parsed)}
 
@@ -383,7 +387,7 @@ def score_sample(record: dict) -> dict[str, float]:
     - difference questions -> difference_correct, difference_correct_with_levels,
       difference_parsed, chexpert_added_accuracy, chexpert_missing_accuracy, bleu4, rougeL;
     - prognostic -> bleu4, rougeL, token_recall, token_recall_clipped, and prognosis_correct,
-      prognosis_days_correct, prognosis_parsed where the reference is in the offline grammar;
+      prognosis_f1, prognosis_days_correct, prognosis_parsed where the reference is in the offline grammar;
     - other (diagnostic) questions -> closed_accuracy and exact_match for yes/no references,
       token_recall and token_recall_clipped otherwise; bleu4 and rougeL for both.
 

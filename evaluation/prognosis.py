@@ -116,3 +116,16 @@ def same_prognosis(predicted: Prognosis, expected: Prognosis) -> bool:
     """``prognosis_correct``: the prediction parses and expects the same of every finding (the stated
     horizon aside)."""
     return predicted.parsed and predicted.expectations == expected.expectations
+
+
+def prognosis_f1(predicted: Prognosis, expected: Prognosis) -> float:
+    """``prognosis_f1``: the F1 of the predicted expectations against the expected ones, each
+    (finding, course, level, level before) counting as one item; partial credit where
+    ``same_prognosis`` is all or nothing. Two empty sets ("no change is expected") agree fully; an
+    unparsed prediction scores 0."""
+    if not predicted.parsed:
+        return 0.0
+    if not predicted.expectations and not expected.expectations:
+        return 1.0
+    shared = len(predicted.expectations & expected.expectations)
+    return 2 * shared / (len(predicted.expectations) + len(expected.expectations))

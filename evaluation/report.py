@@ -111,7 +111,7 @@ def _two_image_table(results: dict) -> list[str]:
     """LUMEN Table 1: difference and prediction questions by BLEU-4, ROUGE-L and the judge."""
     lines = ["## Difference and prognostic questions (two images)", "",
              _row(["Questions", "n", "BLEU-4", "corpus BLEU-4", "ROUGE-L", "Judge (1-10)", "Findings correct",
-                   "CheXpert added F1", "CheXpert missing F1"]), _row(["---"] * 9)]
+                   "Courses F1", "CheXpert added F1", "CheXpert missing F1"]), _row(["---"] * 10)]
     correct = {"difference": "difference_correct", "prognostic": "prognosis_correct"}
     for task, label in (("difference", "difference"), ("prognostic", "prediction (prognostic)")):
         if task not in results["by_task"]:
@@ -122,12 +122,14 @@ def _two_image_table(results: dict) -> list[str]:
         cells = [_value(_pooled(groups, "bleu4")), f"{pooled_corpus['corpus_bleu4']:.3f}"
                  if "corpus_bleu4" in pooled_corpus else "–", _value(_pooled(groups, "rougeL")),
                  _value(_pooled(groups, "judge_score")), _value(_pooled(groups, correct[task])),
+                 _value(_pooled(groups, "prognosis_f1")),
                  *(f"{pooled_corpus[key]:.3f}" if key in pooled_corpus else "–"
                    for key in ("chexpert_added_f1", "chexpert_missing_f1"))]
         lines.append(_row([label, str(sum(_n([g]) for g in groups)), *cells]))
     lines += ["", "Findings correct: for difference questions, the added and missing findings equal the "
               "reference's; for prognostic questions, every finding's expected course (and level) does, "
-              "where the reference is in the offline answer grammar."]
+              "where the reference is in the offline answer grammar. Courses F1: per prognostic question, "
+              "the F1 of the predicted findings' courses (with levels) against the reference's, averaged."]
     return lines
 
 

@@ -464,21 +464,36 @@ GRAMMAR_REFERENCE = ("In 30 days, the pleural effusion is expected to resolve. "
                      "The cardiomegaly is expected to remain mild.")
 
 
-@pytest.mark.parametrize("prediction, correct, days, parsed", [
-    (GRAMMAR_REFERENCE, 1, 1, 1),
+@pytest.mark.parametrize("prediction, correct, f1, days, parsed", [
+    (GRAMMAR_REFERENCE, 1, 1.0, 1, 1),
     # Order, case and spacing are free; the horizon is scored on its own.
-    ("in 1 day,  the cardiomegaly is expected to remain mild. The pleural effusion is expected to resolve.", 1, 0, 1),
-    ("In 30 days, the pleural effusion is expected to resolve.", 0, 1, 1),  # a finding left out
-    ("In 30 days, the pleural effusion is expected to persist. The cardiomegaly is expected to remain mild.", 0, 1, 1),
+    ("in 1 day,  the cardiomegaly is expected to remain mild. The pleural effusion is expected to resolve.",
+     1, 1.0, 0, 1),
+    ("In 30 days, the pleural effusion is expected to resolve.", 0, 2 / 3, 1, 1),  # a finding left out
+    ("In 30 days, the pleural effusion is expected to persist. The cardiomegaly is expected to remain mild.",
+     0, 0.5, 1, 1),  # the wrong course
     ("In 30 days, the cardiomegaly is expected to remain moderate. The pleural effusion is expected to resolve.",
-     0, 1, 1),  # the wrong level
-    (GRAMMAR_REFERENCE + " It will be fine.", 0, 0, 0),  # one sentence outside the grammar: nothing is read
-    ("No change is expected in 30 days.", 0, 1, 1),
+     0, 0.5, 1, 1),  # the wrong level
+    # A finding too many: 2 shared of 3 predicted and 2 expected.
+    (GRAMMAR_REFERENCE + " A new atelectasis is expected to develop.", 0, 0.8, 1, 1),
+    (GRAMMAR_REFERENCE + " It will be fine.", 0, 0.0, 0, 0),  # one sentence outside the grammar: nothing is read
+    ("No change is expected in 30 days.", 0, 0.0, 1, 1),
 ])
-def test_score_sample_reads_prognoses_in_the_offline_grammar(prediction, correct, days, parsed):
+def test_score_sample_reads_prognoses_in_the_offline_grammar(prediction, correct, f1, days, parsed):
     scores = score_sample(record("prognostic", prediction, GRAMMAR_REFERENCE, task="prognostic"))
     assert (scores["prognosis_correct"], scores["prognosis_days_correct"], scores["prognosis_parsed"]) == (
         correct, days, parsed)
+    assert scores["prognosis_f1"] == pytest.approx(f1)
+
+
+@pytest.mark.parametrize("prediction, f1", [
+    ("No change is expected in 7 days.", 1.0),  # both sets empty: full agreement, whatever the horizon
+    ("In 7 days, a new atelectasis is expected to develop.", 0.0),
+    ("Nothing much.", 0.0),
+])
+def test_prognosis_f1_of_a_no_change_reference(prediction, f1):
+    scores = score_sample(record("prognostic", prediction, "No change is expected in 30 days.", task="prognostic"))
+    assert scores["prognosis_f1"] == f1
 
 
 def test_score_sample_names_the_sample_of_an_unparseable_difference_reference():

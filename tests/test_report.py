@@ -146,13 +146,14 @@ def test_interrupted_write_keeps_the_previous_file_and_removes_its_temporary_fil
 
 
 def test_the_report_lays_out_the_papers_tables_for_the_tasks_present():
-    records = SCORED + [scored("prognostic", "prognostic", bleu4=0.2, rougeL=0.4, judge_score=6.0),
+    records = SCORED + [scored("prognostic", "prognostic", bleu4=0.2, rougeL=0.4, judge_score=6.0,
+                               prognosis_correct=0, prognosis_f1=0.8),
                         scored("mmxu", "worsen", choice_accuracy=1, choice_parsed=1),
                         scored("mmxu", "improved", choice_accuracy=0, choice_parsed=0)]
     report = markdown_report(aggregate(records))
     assert report.index("## Diagnostic questions") < report.index("## Difference and prognostic") \
         < report.index("## MMXU") < report.index("## Every metric")
     assert "| presence | 3 | – | 0.667 | 0.333 | – | – |" in report
-    assert "| prediction (prognostic) | 1 | 0.200 |" in report and "| 0.400 | 6.000 |" in report
+    assert "| prediction (prognostic) | 1 | 0.200 |" in report and "| 0.400 | 6.000 | 0.000 | 0.800 |" in report
     assert "| **all** | 2 | 0.500 | 0.500 |" in report
     assert "## MMXU" not in markdown_report(aggregate(SCORED))
