@@ -9,6 +9,8 @@ Trains, for the same number of steps on the same synthetic world (seed 0):
   lumen-no-experts     the same as lumen without the expert predictions
   temporal             data=lumen with the two-image sources only: difference + prognostic
   temporal-one-image   the same without the prior image
+  temporal-experts     temporal with the expert predictions on the current image in the prompt
+  temporal-experts-one-image   the same without the prior image
 then scores a held-out world generated with another seed: MMXU arms on all its MMXU questions
 (``MMXU-dev.jsonl``, every subject; chance is 0.25), LUMEN arms on its prognostic questions (every
 finding's expected course right, ``prognosis_correct``, and LLaVA-Med token recall against the
@@ -70,10 +72,17 @@ VARIANTS = {
     "temporal-one-image": (["data=lumen", "data.sources.diagnostic=null", "data.use_prior=false"],
                            {"prognostic": ["data=lumen", *PROGNOSTIC_ONLY],
                             "difference": ["data=lumen", *DIFFERENCE_ONLY]}),
+    "temporal-experts": (["data=lumen", EXPERTS, "data.sources.diagnostic=null"],
+                         {"prognostic": ["data=lumen", EXPERTS, *PROGNOSTIC_ONLY],
+                          "difference": ["data=lumen", EXPERTS, *DIFFERENCE_ONLY]}),
+    "temporal-experts-one-image": (["data=lumen", EXPERTS, "data.sources.diagnostic=null", "data.use_prior=false"],
+                                   {"prognostic": ["data=lumen", EXPERTS, *PROGNOSTIC_ONLY],
+                                    "difference": ["data=lumen", EXPERTS, *DIFFERENCE_ONLY]}),
 }
 DEFAULT_VARIANTS = ["mmxu", "mmxu-one-image", "lumen", "lumen-one-image"]
 PAIRS = [("mmxu", "mmxu-one-image"), ("mmxu-global", "mmxu"), ("lumen", "lumen-one-image"),
-         ("lumen", "lumen-no-experts"), ("temporal", "temporal-one-image")]
+         ("lumen", "lumen-no-experts"), ("temporal", "temporal-one-image"),
+         ("temporal-experts", "temporal-experts-one-image"), ("temporal-experts", "temporal")]
 
 
 def run(command: list[str]) -> float:
