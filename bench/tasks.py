@@ -200,11 +200,9 @@ def main() -> None:
         print("\nprognostic, every course right, by whether the prior study changes the answer:\n")
         print("| model | prior changes the answer | the current study alone suffices |")
         print("| --- | --- | --- |")
+        groups = [[i for i, is_dependent in dependent.items() if is_dependent == wanted] for wanted in (True, False)]
         for name, row in prognostic.items():
-            cells = []
-            for wanted in (True, False):
-                ids = [i for i, is_dependent in dependent.items() if is_dependent == wanted]
-                cells.append(f"{sum(row['correct'][i] for i in ids)} of {len(ids)}")
+            cells = [f"{sum(row['correct'][i] for i in ids)} of {len(ids)}" for ids in groups]
             print(f"| {name} | {' | '.join(cells)} |")
     for first, second in PAIRS:
         for task in {task for (name, task) in scores if name == first}:
