@@ -48,7 +48,7 @@ CACHE = Path(os.environ.get("LUMEN_CACHE", ROOT / ".cache" / "lumen"))  # config
 # After the repository root is on sys.path:
 from datamodules.synthetic.population import simulate_population  # noqa: E402
 from datamodules.synthetic.prognosis import prognosis  # noqa: E402
-from evaluation.prognosis import parse_prognosis, same_prognosis  # noqa: E402
+from evaluation.prognosis import Expectation, parse_prognosis, same_prognosis  # noqa: E402
 
 EXPERTS = "data.experts=${paths.experts}"
 PROGNOSTIC_ONLY = ["data.sources.diagnostic=null", "data.sources.difference=null"]
@@ -122,13 +122,23 @@ def days_prior(train_world: Path, held_out: list[dict]) -> float:
                for guess, record in zip(guesses, held_out)) / len(held_out)
 
 
-def prior_dependent(subjects: int, seed: int, held_out: list[dict]) -> dict[str, bool]:
-    """Sample id -> whether the world's own best forecast from the current study alone gets a
-    course wrong: the questions only a model that reads the prior study can answer."""
+def by_finding(answer: str) -> dict[str, Expectation]:
+    """Finding -> what a prognostic answer expects of it (empty when the answer does not parse)."""
+    return {expectation.finding: expectation for expectation in parse_prognosis(answer).expectations}
+
+
+def prior_dependent(subjects: int, seed: int, held_out: list[dict]) -> dict[str, set[str]]:
+    """Sample id -> the findings whose expected course the prior study changes: where the world's own
+    best forecast from the current study alone differs from the truth. Only a model that reads the
+    prior study can get them right; a question with any of them is one the prior changes."""
     studies = {study.study_id: study for study in simulate_population(subjects, seed)}
-    return {r["id"]: not same_prognosis(parse_prognosis(prognosis(studies[r["study_id"]], r["days"])),
-                                        parse_prognosis(r["answer"]))
-            for r in held_out}
+    dependent = {}
+    for record in held_out:
+        truth = by_finding(record["answer"])
+        alone = by_finding(prognosis(studies[record["study_id"]], record["days"]))
+        dependent[record["id"]] = {finding for finding in truth.keys() | alone.keys()
+                                   if truth.get(finding) != alone.get(finding)}
+    return dependent
 
 
 def main() -> None:
@@ -196,13 +206,19 @@ def main() -> None:
         print(f"\nprognostic, text only (the most frequent training answer for the asked days): "
               f"{days_prior(train_world, asked):.3f}")
         print(f"prognostic, the best forecast from the current study alone (the ceiling of one image): "
-              f"{1 - sum(dependent.values()) / len(dependent):.3f}")
-        print("\nprognostic, every course right, by whether the prior study changes the answer:\n")
-        print("| model | prior changes the answer | the current study alone suffices |")
-        print("| --- | --- | --- |")
-        groups = [[i for i, is_dependent in dependent.items() if is_dependent == wanted] for wanted in (True, False)]
+              f"{sum(not findings for findings in dependent.values()) / len(dependent):.3f}")
+        print("\nprognostic, every course right, by whether the prior study changes the answer; and per finding, "
+              "the course right where the prior changes it:\n")
+        print("| model | prior changes the answer | the current study alone suffices | findings the prior changes |")
+        print("| --- | --- | --- | --- |")
+        groups = [[i for i, findings in dependent.items() if bool(findings) == wanted] for wanted in (True, False)]
+        answers = {r["id"]: by_finding(r["answer"]) for r in asked}
         for name, row in prognostic.items():
             cells = [f"{sum(row['correct'][i] for i in ids)} of {len(ids)}" for ids in groups]
+            predicted = {r["sample_id"]: by_finding(r["prediction"]) for r in row["records"]}
+            right = sum(predicted[i].get(finding) == answers[i].get(finding)
+                        for i, findings in dependent.items() for finding in findings)
+            cells.append(f"{right} of {sum(map(len, dependent.values()))}")
             print(f"| {name} | {' | '.join(cells)} |")
     for first, second in PAIRS:
         for task in {task for (name, task) in scores if name == first}:
