@@ -1,5 +1,6 @@
 """Sizes, inputs and commands shared by the tests."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,10 @@ TINY_VISION = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "num_hidden
 TINY_LLM = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
             "intermediate_size": 64}
 TINY_PRETRAIN_STEPS = 5
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def model_inputs(model, has_prior=(True, False)) -> dict:

@@ -10,7 +10,7 @@ from PIL import Image
 
 from eval import evaluate
 from evaluation.generation import FINGERPRINT, PARTIAL
-from tests.helpers import WORLD_SUBJECTS
+from tests.helpers import WORLD_SUBJECTS, read_jsonl
 from train import compose_config
 
 
@@ -19,10 +19,6 @@ def eval_config(checkpoint, world, out: Path, *extra):
                                    f"paths.world_dir={world}",
                                    f"prepare.world.subjects={WORLD_SUBJECTS}", "data.limit.test=20",
                                    "accelerator=cpu", *extra])
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")

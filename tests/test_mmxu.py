@@ -14,6 +14,7 @@ from datamodules.synthetic.mmxu import CHANGES, write_mmxu
 from datamodules.synthetic.population import simulate_population
 from datamodules.validate import main as validate_main
 from evaluation.metrics import extract_choice, score_sample
+from tests.helpers import read_jsonl
 
 OPTIONS = {"A": "It has increased", "B": "It is unchanged", "C": "It has resolved", "D": "It is new since the previous image"}
 PRIOR_REPORT = (
@@ -165,10 +166,6 @@ def test_report_sentences_are_chosen_by_region_side_and_anatomy():
 
 # ---------------------------------------------------------------------------------------------
 # The synthetic files
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")

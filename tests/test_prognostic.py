@@ -11,11 +11,8 @@ from datamodules.prognostic import (
 )
 from datamodules.synthetic.population import FINDING_BY_NAME, SITES, Study, simulate_population
 from datamodules.synthetic.prognosis import prognosis
+from tests.helpers import read_jsonl
 from tests.test_llm import build_twice
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def test_there_are_100_distinct_templates_each_asking_about_a_number_of_days():
