@@ -36,6 +36,14 @@ from train import prepare
 PROMPT_SETTINGS = ("use_prior", "interval_in_prompt", "expert_demographics")
 
 
+def checkpoint_version(path: Path) -> dict[str, int]:
+    """Size and last modification of a checkpoint file, or of a sharded checkpoint's files: a model
+    trained again into the same path must not be credited with the old model's answers."""
+    files = [path] if path.is_file() else [file for file in path.rglob("*") if file.is_file()]
+    stats = [file.stat() for file in files]
+    return {"bytes": sum(stat.st_size for stat in stats), "modified_ns": max(stat.st_mtime_ns for stat in stats)}
+
+
 def evaluate(cfg: DictConfig) -> dict:
     prepare(cfg)
     # Seeded after preparation, which draws random numbers only when it has to build something.
@@ -53,7 +61,8 @@ def evaluate(cfg: DictConfig) -> dict:
     )
     out = Path(cfg.paths.output_dir)
     fingerprint = {
-        "checkpoint": str(Path(cfg.ckpt).resolve()), "split": cfg.split, "max_new_tokens": module.hparams.max_new_tokens,
+        "checkpoint": str(Path(cfg.ckpt).resolve()), "checkpoint_version": checkpoint_version(Path(cfg.ckpt)),
+        "split": cfg.split, "max_new_tokens": module.hparams.max_new_tokens,
         "prompt": {key: datamodule.hparams[key] for key in ("use_prior", "interval_in_prompt", "experts_in_prompt",
                                                             "expert_demographics")},
         "sources": OmegaConf.to_container(cfg.data.sources, resolve=True),

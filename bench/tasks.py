@@ -24,7 +24,8 @@ wrong: the questions where the prior study changes the answer, which only a two-
     python bench/tasks.py --variants mmxu-global lumen-no-experts   # the other two
     python bench/tasks.py --variants temporal temporal-one-image --steps 3000
     python bench/tasks.py --variants mmxu mmxu-one-image --steps 600
-    python bench/tasks.py --reuse                # train only the arms not yet run with these settings
+    python bench/tasks.py --reuse                # train and evaluate only what was not yet run with these settings
+    python bench/tasks.py --reuse --eval-subjects 2000   # the same models on a larger held-out world
     python bench/tasks.py --train-overrides trainer=gpu --eval-overrides accelerator=gpu   # on a GPU
 """
 
@@ -153,7 +154,7 @@ def main() -> None:
     parser.add_argument("--eval-overrides", nargs="*", default=[], metavar="KEY=VALUE",
                         help="extra eval.py overrides for every evaluation, e.g. accelerator=gpu")
     parser.add_argument("--reuse", action="store_true",
-                        help="reuse an arm's earlier run in --out when its train and eval commands are the same")
+                        help="reuse an arm's earlier training and evaluations in --out whose commands are the same")
     args = parser.parse_args()
 
     world = [f"prepare.world.subjects={args.train_subjects}", "prepare.world.seed=0"]
@@ -164,26 +165,35 @@ def main() -> None:
     for name in args.variants:
         train_overrides, evaluations = VARIANTS[name]
         train_dir = args.out / name
+        checkpoint = train_dir / "checkpoints" / "last.ckpt"
+        eval_dirs = {task: args.out / f"{name}-{task}-heldout{args.eval_subjects}" for task in evaluations}
+        # One command per stage, keyed by the directory it writes: "train", then each evaluation's.
         commands = {"train": ["train.py", *train_overrides, *world, f"trainer.max_steps={args.steps}",
                               "trainer.max_epochs=-1", "logger=csv", *args.train_overrides,
                               f"hydra.run.dir={train_dir}"]}
         for task, overrides in evaluations.items():
-            commands[task] = ["eval.py", f"ckpt={train_dir / 'checkpoints' / 'last.ckpt'}", *overrides, *held_out,
-                              *args.eval_overrides, f"hydra.run.dir={args.out / f'{name}-{task}'}"]
+            commands[eval_dirs[task].name] = ["eval.py", f"ckpt={checkpoint}", *overrides, *held_out,
+                                              *args.eval_overrides, f"hydra.run.dir={eval_dirs[task]}"]
+        # Training and each evaluation are reused separately: a new held-out world reuses the models.
         arm_record = args.out / f"{name}.json"
-        previous = json.loads(arm_record.read_text()) if arm_record.is_file() else {}
-        done = all((args.out / f"{name}-{task}" / "predictions.jsonl").is_file() for task in evaluations)
-        if args.reuse and previous.get("commands") == commands and done:
+        previous = json.loads(arm_record.read_text()) if args.reuse and arm_record.is_file() else {"commands": {}}
+        done = {"train": checkpoint.is_file()} | {path.name: (path / "predictions.jsonl").is_file()
+                                                    for path in eval_dirs.values()}
+        reused = [stage for stage in commands if done[stage] and previous["commands"].get(stage) == commands[stage]]
+        if reused:
+            print(f"{name}: reusing {', '.join(reused)} in {args.out} (same commands)")
+        if "train" in reused:
             seconds[name] = previous["seconds"]
-            print(f"{name}: reusing the run in {train_dir} (same commands)")
+            commands = previous["commands"] | commands  # the evaluations of the same model on other worlds
         else:
             seconds[name] = run(commands["train"])
-            for task in evaluations:
-                run(commands[task])
-            arm_record.parent.mkdir(parents=True, exist_ok=True)
-            arm_record.write_text(json.dumps({"commands": commands, "seconds": seconds[name]}, indent=2))
+        for path in eval_dirs.values():
+            if path.name not in reused:
+                run(commands[path.name])
+        arm_record.parent.mkdir(parents=True, exist_ok=True)
+        arm_record.write_text(json.dumps({"commands": commands, "seconds": seconds[name]}, indent=2))
         for task in evaluations:
-            records = read_jsonl(args.out / f"{name}-{task}" / "predictions.jsonl")
+            records = read_jsonl(eval_dirs[task] / "predictions.jsonl")
             scores[name, task] = {"correct": score(task, records), "records": records}
 
     print(f"\nA held-out world (seed 1, {args.eval_subjects} subjects) after {args.steps} training steps per model "

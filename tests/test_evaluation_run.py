@@ -2,6 +2,8 @@
 and the table and plots sent to W&B (offline)."""
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -67,6 +69,15 @@ def test_answers_from_other_settings_are_not_mixed_in(finished, trained_checkpoi
     with pytest.raises(ValueError, match="generated with other settings"):
         evaluate(eval_config(trained_checkpoint, world, finished, "data.use_prior=false"))
 
+
+def test_answers_of_an_earlier_model_at_the_same_path_are_not_mixed_in(trained_checkpoint, world, tmp_path):
+    checkpoint = tmp_path / "last.ckpt"
+    shutil.copyfile(trained_checkpoint, checkpoint)
+    evaluate(eval_config(checkpoint, world, tmp_path / "run", "data.limit.test=4"))
+    stat = checkpoint.stat()
+    os.utime(checkpoint, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # trained again into the same path
+    with pytest.raises(ValueError, match="generated with other settings"):
+        evaluate(eval_config(checkpoint, world, tmp_path / "run", "data.limit.test=4"))
 
 def test_with_the_wandb_logger_the_table_goes_to_an_offline_run_and_the_plots_only_when_asked(
         trained_checkpoint, world, tmp_path, monkeypatch):
