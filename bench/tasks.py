@@ -22,7 +22,8 @@ wrong: the questions where the prior study changes the answer, which only a two-
 
     python bench/tasks.py                        # the four default arms, about 10 minutes each (2 cores)
     python bench/tasks.py --variants mmxu-global lumen-no-experts   # the other two
-    python bench/tasks.py --variants temporal temporal-one-image --steps 3000
+    python bench/tasks.py --variants temporal temporal-one-image --steps 12000 --train-subjects 6000 \
+        --eval-subjects 2000                    # the README's prognostic result, about 2 hours (2 cores)
     python bench/tasks.py --variants mmxu mmxu-one-image --steps 600
     python bench/tasks.py --reuse                # train and evaluate only what was not yet run with these settings
     python bench/tasks.py --reuse --eval-subjects 2000   # the same models on a larger held-out world
