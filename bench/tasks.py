@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -190,7 +191,9 @@ def main() -> None:
             seconds[name] = run(commands["train"])
         for path in eval_dirs.values():
             if path.name not in reused:
-                run(commands[path.name])
+                if "train" not in reused:  # answers of an earlier model, which eval.py would refuse to mix in
+                    shutil.rmtree(path, ignore_errors=True)
+                run(commands[path.name])  # otherwise eval.py resumes an interrupted evaluation
         arm_record.parent.mkdir(parents=True, exist_ok=True)
         arm_record.write_text(json.dumps({"commands": commands, "seconds": seconds[name]}, indent=2))
         for task in evaluations:
