@@ -18,8 +18,11 @@ def test_the_findings_the_prior_changes_are_where_the_current_study_alone_foreca
         alone = prognosis(studies[record["study_id"]], record["days"])
         # A question the prior changes is exactly one the one-image forecast gets wrong ...
         assert bool(dependent[record["id"]]) != same_prognosis(parse_prognosis(alone), parse_prognosis(record["answer"]))
-        # ... and the findings named are those whose expected course differs.
-        truth, guess = by_finding(record["answer"]), by_finding(alone)
-        for finding in truth.keys() | guess.keys():
-            assert (finding in dependent[record["id"]]) == (truth.get(finding) != guess.get(finding))
+        # ... and the findings named are exactly what must be corrected in that forecast to get the truth.
+        truth, guess, named = by_finding(record["answer"]), by_finding(alone), dependent[record["id"]]
+        corrected = {f: e for f, e in guess.items() if f not in named} | {f: truth[f] for f in named if f in truth}
+        assert corrected == truth
+        for finding in named:  # none of them could be left out
+            assert {f: e for f, e in corrected.items() if f != finding} | (
+                {finding: guess[finding]} if finding in guess else {}) != truth
     assert 0 < sum(map(bool, dependent.values())) < len(records)

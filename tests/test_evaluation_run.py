@@ -79,6 +79,7 @@ def test_answers_of_an_earlier_model_at_the_same_path_are_not_mixed_in(trained_c
     with pytest.raises(ValueError, match="generated with other settings"):
         evaluate(eval_config(checkpoint, world, tmp_path / "run", "data.limit.test=4"))
 
+
 def test_with_the_wandb_logger_the_table_goes_to_an_offline_run_and_the_plots_only_when_asked(
         trained_checkpoint, world, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
