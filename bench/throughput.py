@@ -6,8 +6,8 @@ ours is put in its place (``multi_modal_projector``): the only way to give both 
 per image and the same prompts; everything else on the Llava side -- tower call, feature selection,
 splicing, LLM, loss -- is Hugging Face's. Ours also runs its temporal fusion, set as one training
 process sets it: on these batches (no sample has a prior) it skips its prior branches and adds the
-current-type embedding to each sample's tokens, which Llava does not have. The FLOPs of a step of
-each are printed too.
+current-type embedding to each sample's tokens, which Llava does not have. The FLOPs, ATen operators
+and waits for the device (``HostSyncs``) of a step of each are printed too.
 
 Same batches (one image per sample, as Llava has no prior image: the demo data with use_prior=false),
 same dtype, same threads, AdamW with the same settings. A step is forward, loss, backward, optimizer
@@ -50,8 +50,11 @@ from models.module import BATCH_INPUTS, parameter_groups  # noqa: E402
 from train import compose_config, prepare  # noqa: E402
 
 
-def llava_like(ours: LumenModel, vision_layer: int) -> LlavaForConditionalGeneration:
-    """Llava with our tower's, projector's and LLM's weights (and our projector module, see above)."""
+def llava_like(ours: LumenModel) -> LlavaForConditionalGeneration:
+    """Llava with our tower's, projector's and LLM's weights (and our projector module, see above).
+
+    Our tower has already dropped the layers after the one it is read at (``model.net.vision.layer``),
+    so Llava reads the last layer of that tower, before the unused final norm."""
     vision_config = ours.vision.model.config
     config = LlavaConfig(
         vision_config=vision_config.to_dict(),
@@ -60,7 +63,7 @@ def llava_like(ours: LumenModel, vision_layer: int) -> LlavaForConditionalGenera
         projector_hidden_act="gelu",
         # SigLIP has no CLS token: every patch token is a visual token.
         vision_feature_select_strategy="full",
-        vision_feature_layer=vision_layer,
+        vision_feature_layer=-1,
     )
     llava = LlavaForConditionalGeneration(config)
     llava.model.vision_tower.load_state_dict(ours.vision.model.state_dict())
@@ -104,6 +107,45 @@ class OperatorCount(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.count += 1
         return func(*args, **(kwargs or {}))
+
+
+# Operators whose output size or value the host must read from the device: on a GPU each makes the CPU
+# wait until the queued kernels have run (a device->host copy, e.g. ``.cpu()``, does too; on CPU there is
+# none to see). ``index``/``index_put`` with a boolean mask count as well: they find its nonzero entries.
+HOST_READS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::equal",
+              "aten::unique_consecutive", "aten::unique_dim", "aten::_unique", "aten::_unique2"}
+MASK_INDEXED = {"aten::index", "aten::index_put", "aten::index_put_", "aten::_index_put_impl_"}
+
+
+class HostSyncs(TorchDispatchMode):
+    """Counts the operators run under it that wait for the device (``HOST_READS``, boolean-mask
+    indexing, ``repeat_interleave`` without ``output_size``). A wait stops the host from queuing work
+    ahead of the GPU: the GPU idles while the next kernels are launched, and under FSDP2 the next
+    layer's all-gather is issued no earlier than the wait ends. Counted on CPU, where nothing waits,
+    with the operators a CUDA run dispatches too."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func._schema.name
+        if name in HOST_READS or (func is torch.ops.aten.repeat_interleave.Tensor
+                                  and kwargs.get("output_size") is None):
+            self.count += 1
+        elif name in MASK_INDEXED and any(index is not None and index.dtype in (torch.bool, torch.uint8)
+                                          for index in args[1]):
+            self.count += 1
+        return func(*args, **kwargs)
+
+
+def counted_syncs(loss_fn, model, batch: dict) -> int:
+    """Waits for the device in one forward and backward of ``model`` on ``batch``."""
+    with HostSyncs() as counter:
+        loss_fn(model, batch).backward()
+    model.zero_grad()
+    return counter.count
 
 
 def counted_operators(model, loss_fn, optimizer, batch: dict) -> int:
@@ -160,7 +202,7 @@ def main() -> None:
 
     ours = build_model(config).train().to(device)
     ours.fusion.every_parameter_every_step = False  # as LumenModule sets it for one process
-    llava = llava_like(ours, config.vision.layer).to(device)
+    llava = llava_like(ours).to(device)
     optimizer_config = cfg.model.optimizer
     ours_optimizer = torch.optim.AdamW(parameter_groups(ours, optimizer_config.lr, optimizer_config.weight_decay),
                                        betas=tuple(optimizer_config.betas))
@@ -178,6 +220,7 @@ def main() -> None:
     for model, loss_fn, optimizer in arms.values():
         train_steps(model, loss_fn, optimizer, batches, args.warmup, device)
     operators = {name: counted_operators(*arm, batches[0]) for name, arm in arms.items()}
+    syncs = {name: counted_syncs(loss_fn, model, batches[0]) for name, (model, loss_fn, _) in arms.items()}
     rounds = {name: [] for name in arms}
     for _ in range(args.repeats):
         for name, (model, loss_fn, optimizer) in arms.items():
@@ -192,7 +235,9 @@ def main() -> None:
     print(f"FLOPs of a step on it (FlopCounterMode): ours {flops[0]:.4g} (models/flops.py predicts {predicted:.4g}), "
           f"HF Llava {flops[1]:.4g}: ours does {flops[0] / flops[1]:.3f}x the work")
     print(f"ATen operators of a step on it (forward, backward, optimizer): ours {operators['ours']}, "
-          f"HF Llava {operators['HF Llava']}\n")
+          f"HF Llava {operators['HF Llava']}")
+    print(f"waits for the device in its forward and backward (HostSyncs): ours {syncs['ours']}, "
+          f"HF Llava {syncs['HF Llava']}\n")
     print("| model | steps/s | tokens/s | round seconds (min / median / max) |")
     print("| --- | --- | --- | --- |")
     medians = {}

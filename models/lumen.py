@@ -52,20 +52,25 @@ class LumenModel(nn.Module):
         interval_days: torch.Tensor,
     ) -> torch.Tensor:
         """current_images (B, 3, H, W); prior_images (P, 3, H, W) for the P samples with
-        ``has_prior``, in batch order. Returns all visual tokens in prompt order, (T, D)."""
-        batch = current_images.shape[0]
+        ``has_prior``, in batch order (``embed`` checks that P is ``has_prior``'s count). Returns all
+        visual tokens in prompt order, (T, D).
+
+        No step waits for the device: every index is found with ``nonzero_static`` at a size the
+        shapes give, not with ``nonzero`` or a boolean mask, whose data-dependent sizes make the host
+        wait for the GPU to catch up."""
+        batch, priors = current_images.shape[0], prior_images.shape[0]
         # One tower call for both visits: same weights, one kernel launch sequence.
         images = torch.cat([current_images, prior_images]).to(self.projector.layers[2].weight.dtype)
         projected = self.projector(self.vision(images))  # (B + P, N, D)
-        prior_index = has_prior.nonzero()[:, 0]  # (P,)
+        prior_index = torch.nonzero_static(has_prior, size=priors)[:, 0]  # (P,)
         context, current = self.fusion(projected[:batch], projected[batch:], prior_index, interval_days[prior_index])
         if context is None:
             return current.flatten(0, 1)  # (B * N, D): one token set per sample
         # Per sample: [context tokens, current tokens] if it has a prior, else [current tokens].
         context = torch.zeros_like(current).index_copy(0, prior_index, context.to(current.dtype))  # (B, N, D), zeros unused
-        both = torch.stack([context, current], dim=1)  # (B, 2, N, D)
-        keep = torch.stack([has_prior, torch.ones_like(has_prior)], dim=1)  # (B, 2)
-        return both[keep].flatten(0, 1)  # (T, D)
+        both = torch.stack([context, current], dim=1).flatten(0, 1)  # (2B, N, D)
+        keep = torch.stack([has_prior, torch.ones_like(has_prior)], dim=1).flatten()  # (2B,)
+        return both.index_select(0, torch.nonzero_static(keep, size=batch + priors)[:, 0]).flatten(0, 1)  # (T, D)
 
     def embed(
         self,
@@ -77,14 +82,14 @@ class LumenModel(nn.Module):
     ) -> torch.Tensor:
         """Text embeddings with the visual tokens written over the image-token positions."""
         embeddings = self.llm.get_input_embeddings()(input_ids)
-        features = self.visual_tokens(current_images, prior_images, has_prior, interval_days).to(embeddings.dtype)
         image_positions = input_ids == self.image_token_id
-        if int(image_positions.sum()) != features.shape[0]:
-            raise ValueError(
-                f"the prompts hold {int(image_positions.sum())} image tokens but the images give "
-                f"{features.shape[0]} visual tokens ({self.tokens_per_image} per image): the collator "
-                "and the model disagree on tokens per image"
-            )
+        batch, priors = current_images.shape[0], prior_images.shape[0]
+        visual = self.tokens_per_image * (batch + priors * (self.fusion.slots - 1))
+        # Both counts in one host-device round trip; the message's details only when one is wrong.
+        if not bool((image_positions.sum() == visual) & (has_prior.sum() == priors)):
+            raise ValueError(count_mismatch(int(image_positions.sum()), visual, int(has_prior.sum()), priors,
+                                            self.tokens_per_image))
+        features = self.visual_tokens(current_images, prior_images, has_prior, interval_days).to(embeddings.dtype)
         return embeddings.masked_scatter(image_positions[..., None], features)
 
     def forward(
@@ -119,15 +124,17 @@ class LumenModel(nn.Module):
         if labels is None:
             return self.llm(inputs_embeds=inputs_embeds, use_cache=False, **attention)
         targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, L): what position t predicts
-        has_target = targets != IGNORE_INDEX
+        # The positions with a target, found once (the one wait for the device this adds): selecting
+        # with them, rather than with the boolean mask, has a backward that does not wait again.
+        target_index = (targets != IGNORE_INDEX).flatten().nonzero()[:, 0]
         if any(getattr(self.llm.config, key, None) for key in LOGIT_TRANSFORMS):
             # The LLM's forward changes its head's output (softcapping, scaling): use it whole.
             logits = self.llm(inputs_embeds=inputs_embeds, use_cache=False, **attention).logits
-            target_logits = logits[has_target]
+            target_logits = logits.flatten(0, 1).index_select(0, target_index)
         else:
             hidden = self.llm.get_decoder()(inputs_embeds=inputs_embeds, use_cache=False, **attention).last_hidden_state
-            target_logits = self.llm.get_output_embeddings()(hidden[has_target])  # (targets, vocabulary)
-        return CausalLMOutputWithPast(loss=F.cross_entropy(target_logits.float(), targets[has_target]))
+            target_logits = self.llm.get_output_embeddings()(hidden.flatten(0, 1).index_select(0, target_index))
+        return CausalLMOutputWithPast(loss=F.cross_entropy(target_logits.float(), targets.flatten()[target_index]))
 
     @torch.no_grad()
     def generate(
@@ -151,6 +158,16 @@ class LumenModel(nn.Module):
             eos_token_id=eos_token_id,
             pad_token_id=pad_token_id,
         )
+
+
+def count_mismatch(image_tokens: int, visual_tokens: int, marked_priors: int, prior_images: int,
+                   per_image: int) -> str:
+    """Why a batch's prompts, images and ``has_prior`` do not fit together."""
+    if marked_priors != prior_images:
+        return (f"has_prior marks {marked_priors} samples but the batch holds {prior_images} prior images: "
+                "prior_images must be the images of exactly the samples that have a prior")
+    return (f"the prompts hold {image_tokens} image tokens but the images give {visual_tokens} visual tokens "
+            f"({per_image} per image): the collator and the model disagree on tokens per image")
 
 
 def packed_attention(cu_seq_lens: torch.Tensor, position_ids: torch.Tensor | None, implementation: str,
