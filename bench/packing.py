@@ -40,7 +40,8 @@ LAYOUTS = ("padded", "packed")
 
 def training_step(model, optimizer, batch: dict, device: str) -> tuple[float, float]:
     """One optimizer step; returns (seconds, loss)."""
-    inputs = {key: batch[key].to(device) for key in (*BATCH_INPUTS, *PACKED_INPUTS, "labels") if key in batch}
+    inputs = {key: batch[key].to(device) if torch.is_tensor(batch[key]) else batch[key]
+              for key in (*BATCH_INPUTS, *PACKED_INPUTS, "labels") if key in batch}
     if device == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()

@@ -93,8 +93,8 @@ class LumenCollator:
     final here and the model only has to ``masked_scatter``. Training batches have labels on the
     assistant answer and its ``<|im_end|>`` only, and are either right-padded, (B, L), or with
     ``packing`` one row of the samples laid end to end, (1, total), with ``position_ids`` restarting at 0
-    per sample and ``cu_seq_lens`` (the samples' boundaries, (B + 1,) int32) from which the model builds
-    block-causal attention. Generation batches are left-padded prompts ending in the assistant header.
+    per sample, ``cu_seq_lens`` (the samples' boundaries, (B + 1,) int32) from which the model builds
+    block-causal attention, and ``max_length`` (the longest sample, an int). Generation batches are left-padded prompts ending in the assistant header.
     """
 
     def __init__(
@@ -181,6 +181,9 @@ class LumenCollator:
             "labels": labels[None],
             "position_ids": torch.cat([torch.arange(length) for length in lengths.tolist()])[None],
             "cu_seq_lens": torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32),
+            # The longest sample, a Python int: flash-attention's varlen kernel takes it from the host, and
+            # the model reading it from cu_seq_lens on the GPU would wait for the device.
+            "max_length": int(lengths.max()),
         }
 
     def __call__(self, batch: list[LoadedSample]) -> dict:

@@ -99,13 +99,15 @@ class LumenModel(nn.Module):
         labels: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         cu_seq_lens: torch.Tensor | None = None,
+        max_length: int | None = None,
         **images: torch.Tensor,
     ):
         """``images``: the four image arguments of ``embed``. A padded batch is (B, L) rows with their
         ``attention_mask``; a packed one (``LumenCollator(packing=True)``) is one (1, total) row of the
         samples end to end, with ``position_ids`` restarting at 0 per sample and ``cu_seq_lens``, the
         samples' boundaries (B + 1,), which make attention block-causal (its ``attention_mask`` is all
-        ones and not needed).
+        ones and not needed), and ``max_length``, the longest sample (read from ``cu_seq_lens`` when
+        not given, which makes the host wait for the device once more under flash-attention).
 
         Without ``labels``: the LLM output, logits at every position. With ``labels`` (``IGNORE_INDEX``, -100,
         where there is nothing to learn): a ``CausalLMOutputWithPast`` whose ``loss`` is Hugging Face's
@@ -119,7 +121,7 @@ class LumenModel(nn.Module):
             attention = {"attention_mask": attention_mask}
         else:
             attention = packed_attention(
-                cu_seq_lens, position_ids, self.llm.config._attn_implementation, inputs_embeds.dtype
+                cu_seq_lens, position_ids, self.llm.config._attn_implementation, inputs_embeds.dtype, max_length
             )
         if labels is None:
             return self.llm(inputs_embeds=inputs_embeds, use_cache=False, **attention)
@@ -171,7 +173,7 @@ def count_mismatch(image_tokens: int, visual_tokens: int, marked_priors: int, pr
 
 
 def packed_attention(cu_seq_lens: torch.Tensor, position_ids: torch.Tensor | None, implementation: str,
-                     dtype: torch.dtype) -> dict:
+                     dtype: torch.dtype, max_length: int | None = None) -> dict:
     """The LLM arguments that keep the samples of a packed row apart: a token attends only to the
     earlier tokens of its own sample (block-causal attention), and positions restart per sample."""
     if position_ids is None or position_ids.shape[0] != 1:
@@ -184,7 +186,7 @@ def packed_attention(cu_seq_lens: torch.Tensor, position_ids: torch.Tensor | Non
         # transformers hands these to flash_attn_varlen_func as they are (no mask is built, nothing is
         # unpadded). attention_mask must be None: with one, it would unpad by the mask and let every
         # token of the row see every earlier one.
-        longest = int(lengths.max())
+        longest = int(lengths.max()) if max_length is None else max_length
         return {"attention_mask": None, "position_ids": position_ids, "cu_seq_lens_q": cu_seq_lens,
                 "cu_seq_lens_k": cu_seq_lens, "max_length_q": longest, "max_length_k": longest}
     if implementation not in ("sdpa", "eager"):

@@ -16,7 +16,7 @@ from models.parallel import apply_activation_checkpointing, build_sharded, clip_
 
 BATCH_INPUTS = ("input_ids", "attention_mask", "current_images", "prior_images", "has_prior", "interval_days")
 # What a packed batch (data.packing) adds: each sample's positions and the samples' boundaries.
-PACKED_INPUTS = ("position_ids", "cu_seq_lens")
+PACKED_INPUTS = ("position_ids", "cu_seq_lens", "max_length")
 
 
 def parameter_groups(

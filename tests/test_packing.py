@@ -7,6 +7,7 @@ import torch.nn.functional as F
 import transformers.modeling_flash_attention_utils as flash_utils
 from transformers.masking_utils import create_causal_mask
 
+from bench.throughput import HostSyncs
 from datamodules.collate import IGNORE_INDEX, LumenCollator, load_tokenizer
 from datamodules.datamodule import SampleDataset
 from datamodules.sources import DiffVQASource
@@ -234,11 +235,22 @@ def test_flash_attention_gets_the_sample_boundaries_and_no_mask(tiny_base, sampl
     assert len(calls) == model.llm.config.num_hidden_layers
     for call in calls:
         assert torch.equal(call["cu_seqlens_q"], packed["cu_seq_lens"]) and torch.equal(call["cu_seqlens_k"], packed["cu_seq_lens"])
-        assert call["max_seqlen_q"] == call["max_seqlen_k"] == int(lengths.max())
+        assert call["max_seqlen_q"] == call["max_seqlen_k"] == int(lengths.max()) == packed["max_length"]
         assert call["causal"] is True
     torch.testing.assert_close(packed_loss, padded_loss, rtol=1e-6, atol=1e-6)
     for name, gradient in padded_gradients.items():
         torch.testing.assert_close(packed_gradients[name], gradient, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_the_flash_path_takes_the_longest_sample_from_the_collator_without_waiting_for_the_device(tiny_base, samples):
+    _, packed = collated(tiny_base, samples)
+    assert packed["max_length"] == int(packed["cu_seq_lens"].diff().max())
+    arguments = packed["cu_seq_lens"], packed["position_ids"], "flash_attention_2", torch.float32
+    with HostSyncs() as given:
+        assert packed_attention(*arguments, max_length=packed["max_length"])["max_length_q"] == packed["max_length"]
+    with HostSyncs() as read:
+        assert packed_attention(*arguments)["max_length_q"] == packed["max_length"]
+    assert (given.count, read.count) == (1, 2)  # both check where cu_seq_lens ends
 
 
 def flash_attn_on_a_gpu() -> bool:
@@ -258,7 +270,8 @@ def test_with_flash_attn_on_a_gpu_a_packed_batch_has_the_padded_batchs_loss(tiny
     model = build_model(ModelConfig(base=str(tiny_base), vision={"type": "hf", "layer": -1},
                                     attn_implementation="flash_attention_2", dtype="bfloat16")).cuda()
     with torch.no_grad():
-        padded_loss, packed_loss = (model(**{key: value.cuda() for key, value in model_inputs(batch).items()}).loss.float()
+        padded_loss, packed_loss = (model(**{key: value.cuda() if torch.is_tensor(value) else value
+                                             for key, value in model_inputs(batch).items()}).loss.float()
                                     for batch in (padded, packed))
     torch.testing.assert_close(packed_loss, padded_loss, rtol=1e-3, atol=1e-3)
 
