@@ -94,7 +94,8 @@ class LumenCollator:
     assistant answer and its ``<|im_end|>`` only, and are either right-padded, (B, L), or with
     ``packing`` one row of the samples laid end to end, (1, total), with ``position_ids`` restarting at 0
     per sample, ``cu_seq_lens`` (the samples' boundaries, (B + 1,) int32) from which the model builds
-    block-causal attention, and ``max_length`` (the longest sample, an int). Generation batches are left-padded prompts ending in the assistant header.
+    block-causal attention, and ``max_length`` (the longest sample, an int). Generation batches are
+    left-padded prompts ending in the assistant header.
     """
 
     def __init__(
