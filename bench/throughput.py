@@ -104,9 +104,13 @@ class OperatorCount(TorchDispatchMode):
         super().__init__()
         self.count = 0
 
+    def counts(self, func, args: tuple, kwargs: dict) -> bool:
+        return True
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        self.count += self.counts(func, args, kwargs)
+        return func(*args, **kwargs)
 
 
 # Operators whose output size or value the host must read from the device: on a GPU each makes the CPU
@@ -117,27 +121,21 @@ HOST_READS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select
 MASK_INDEXED = {"aten::index", "aten::index_put", "aten::index_put_", "aten::_index_put_impl_"}
 
 
-class HostSyncs(TorchDispatchMode):
+class HostSyncs(OperatorCount):
     """Counts the operators run under it that wait for the device (``HOST_READS``, boolean-mask
     indexing, ``repeat_interleave`` without ``output_size``). A wait stops the host from queuing work
     ahead of the GPU: the GPU idles while the next kernels are launched, and under FSDP2 the next
     layer's all-gather is issued no earlier than the wait ends. Counted on CPU, where nothing waits,
     with the operators a CUDA run dispatches too."""
 
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
+    def counts(self, func, args: tuple, kwargs: dict) -> bool:
         name = func._schema.name
-        if name in HOST_READS or (func is torch.ops.aten.repeat_interleave.Tensor
-                                  and kwargs.get("output_size") is None):
-            self.count += 1
-        elif name in MASK_INDEXED and any(index is not None and index.dtype in (torch.bool, torch.uint8)
-                                          for index in args[1]):
-            self.count += 1
-        return func(*args, **kwargs)
+        if name in HOST_READS:
+            return True
+        if func is torch.ops.aten.repeat_interleave.Tensor:
+            return kwargs.get("output_size") is None
+        return name in MASK_INDEXED and any(index is not None and index.dtype in (torch.bool, torch.uint8)
+                                            for index in args[1])
 
 
 def counted_syncs(loss_fn, model, batch: dict) -> int:
