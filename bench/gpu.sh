@@ -27,7 +27,8 @@ step() {
     echo
 }
 
-step tests python -m pytest -q -p no:cacheprovider -rs tests/test_parallel_gpu.py tests/test_packing.py -k "gpu or flash"
+step tests python -m pytest -q -p no:cacheprovider -rs tests/test_parallel_gpu.py tests/test_packing.py \
+    tests/test_bench_throughput.py -k "gpu or flash"
 step throughput-bf16 python bench/throughput.py --device cuda --dtype bfloat16
 step throughput-fp32 python bench/throughput.py --device cuda --dtype float32
 step packing python bench/packing.py --device cuda

@@ -1,11 +1,14 @@
-"""bench/throughput.py: the Llava it times computes our model's loss, and how often each step waits for the device."""
+"""bench/throughput.py: the Llava it times computes our model's loss, and how often each step waits for the device
+(counted on CPU; on a GPU, checked against CUDA's own report)."""
 
 from __future__ import annotations
+
+import warnings
 
 import pytest
 import torch
 
-from bench.throughput import HostSyncs, counted_syncs, llava_like, llava_loss, ours_loss
+from bench.throughput import HostSyncs, OperatorCount, counted_operators, counted_syncs, llava_like, llava_loss, ours_loss
 from models.checkpoints import ModelConfig, build_model
 from tests.helpers import model_inputs, model_labels
 
@@ -22,6 +25,25 @@ def test_only_the_operators_that_read_the_device_count_as_waits():
         torch.repeat_interleave(torch.tensor([1, 2]))
         float(x.detach().sum())
     assert counter.count == 4
+
+
+def test_the_optimizer_step_is_counted_with_the_foreach_kernels_of_a_cuda_adamw():
+    model = torch.nn.Sequential(*(torch.nn.Linear(3, 3) for _ in range(4)))  # 8 parameters
+    batch = {"x": torch.randn(2, 3)}
+    optimizer = torch.optim.AdamW(model.parameters())  # foreach=None: parameter by parameter on CPU
+
+    def loss(model, batch):
+        return model(batch["x"]).sum()
+
+    for _ in range(2):  # the first step also creates the optimizer's state
+        passes, step = counted_operators(model, loss, optimizer, batch)
+    assert optimizer.param_groups[0]["foreach"] is None  # as it was
+    loss(model, batch).backward()
+    with OperatorCount() as looped:
+        optimizer.step()
+        optimizer.zero_grad()
+    assert passes > 0
+    assert 0 < step < looped.count / 2  # lists of the eight parameters at a time, not one by one
 
 
 def labelled(model, has_prior) -> dict:
@@ -46,14 +68,19 @@ def test_a_training_step_waits_for_the_device_twice_beyond_its_llm(tiny_base, mo
     the others are the LLM's own (transformers reading the attention mask)."""
     model = build_model(ModelConfig(base=str(tiny_base), fusion={"mode": mode})).train()
     batch = labelled(model, has_prior)
+    assert counted_syncs(ours_loss, model, batch) == counted_syncs(llm_alone(model, batch), model.llm, batch) + 2
+
+
+def llm_alone(model, batch: dict):
+    """A loss function running only ``model``'s decoder, on the embeddings ``model`` gives ``batch``."""
     images = {key: batch[key] for key in ("current_images", "prior_images", "has_prior", "interval_days")}
     embeddings = model.embed(batch["input_ids"], **images).detach()
 
-    def llm_alone(llm, batch):
+    def loss(llm, batch):
         decoder = llm.get_decoder()
         return decoder(inputs_embeds=embeddings, attention_mask=batch["attention_mask"]).last_hidden_state.sum()
 
-    assert counted_syncs(ours_loss, model, batch) == counted_syncs(llm_alone, model.llm, batch) + 2
+    return loss
 
 
 def test_prior_images_that_has_prior_does_not_mark_are_a_clear_error(tiny_base):
@@ -62,3 +89,46 @@ def test_prior_images_that_has_prior_does_not_mark_are_a_clear_error(tiny_base):
     batch["has_prior"] = torch.tensor([True, True])
     with pytest.raises(ValueError, match="has_prior marks 2 samples but the batch holds 1 prior images"):
         model(**batch)
+
+
+def cuda_syncs(loss_fn, model, batch: dict) -> int:
+    """The synchronisations CUDA itself reports (``torch.cuda.set_sync_debug_mode``) in one forward and
+    backward of ``model`` on ``batch``, after one unreported to warm up. Autograd replays the warnings of
+    its device threads on the calling thread."""
+    loss_fn(model, batch).backward()
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            loss_fn(model, batch).backward()
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    model.zero_grad()
+    return sum("synchronizing CUDA operation" in str(warning.message) for warning in caught)
+
+
+def on_gpu(batch: dict) -> dict:
+    return {key: value.cuda() for key, value in batch.items()}
+
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@needs_gpu
+@pytest.mark.parametrize("has_prior", [(True, False), (False, False)])
+def test_on_a_gpu_a_step_waits_twice_beyond_its_llm(tiny_base, has_prior):
+    """The CPU count above, checked against CUDA's own report, which also sees device-to-host copies."""
+    model = build_model(ModelConfig(base=str(tiny_base))).train().cuda()
+    model.fusion.every_parameter_every_step = False
+    batch = on_gpu(labelled(model, has_prior))
+    assert cuda_syncs(ours_loss, model, batch) == cuda_syncs(llm_alone(model, batch), model.llm, batch) + 2
+
+
+@needs_gpu
+def test_on_a_gpu_a_step_waits_no_more_often_than_llavas(tiny_base):
+    ours = build_model(ModelConfig(base=str(tiny_base))).train()
+    ours.fusion.every_parameter_every_step = False
+    llava = llava_like(ours).cuda()
+    batch = on_gpu(labelled(ours, has_prior=(False, False)))
+    assert cuda_syncs(ours_loss, ours.cuda(), batch) <= cuda_syncs(llava_loss, llava, batch)
