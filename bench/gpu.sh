@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything that needs a CUDA GPU, in one go: the GPU-only tests and the benchmarks whose GPU numbers
-# docs/training.md quotes. About 5 minutes on one H100 once the demo world and tiny base are cached
-# (building them first, as `python train.py` does, adds a few minutes).
+# docs/training.md quotes, and the README's one-GPU job with its evaluation. About 8 minutes on one H100
+# once the demo world and tiny base are cached (building them first, as `python train.py` does, adds a
+# few minutes).
 #
 #   pip install -e '.[gpu]'          # flash-attn, for the packed flash-attention test
 #   bash bench/gpu.sh                # logs in outputs/gpu-checks/
@@ -29,6 +30,9 @@ step() {
 
 step tests python -m pytest -q -p no:cacheprovider -rs tests/test_parallel_gpu.py tests/test_packing.py \
     tests/test_bench_throughput.py -k "gpu or flash"
+# The README's one-GPU job and its evaluation (bf16-mixed, generation on the GPU).
+step train-gpu python train.py trainer=gpu hydra.run.dir="$out/train-gpu"
+step eval-gpu python eval.py ckpt="$out/train-gpu/checkpoints/last.ckpt" hydra.run.dir="$out/eval-gpu"
 step throughput-bf16 python bench/throughput.py --device cuda --dtype bfloat16
 step throughput-fp32 python bench/throughput.py --device cuda --dtype float32
 step packing python bench/packing.py --device cuda
