@@ -7,7 +7,8 @@ per image and the same prompts; everything else on the Llava side -- tower call,
 splicing, LLM, loss -- is Hugging Face's. Ours also runs its temporal fusion, set as one training
 process sets it: on these batches (no sample has a prior) it skips its prior branches and adds the
 current-type embedding to each sample's tokens, which Llava does not have. The FLOPs, ATen operators
-and waits for the device (``HostSyncs``) of a step of each are printed too.
+(all, and those a GPU would launch: ``DeviceWork``, ``ForeachOperators``) and waits for the device
+(``HostSyncs``) of a step of each are printed too.
 
 Same batches (one image per sample, as Llava has no prior image: the demo data with use_prior=false),
 same dtype, same threads, AdamW with the same settings. A step is forward, loss, backward, optimizer
@@ -97,8 +98,8 @@ def train_steps(model, loss_fn, optimizer, batches: list[dict], steps: int, devi
 
 
 class OperatorCount(TorchDispatchMode):
-    """Counts the ATen operators run under it (forward, autograd's backward, optimizer): on a GPU each
-    is at least one kernel launch, and a model this small is bound by launches, not FLOPs."""
+    """Counts the ATen operators run under it (forward, autograd's backward, optimizer) for which
+    ``counts`` holds: all of them here."""
 
     def __init__(self):
         super().__init__()
@@ -111,6 +112,29 @@ class OperatorCount(TorchDispatchMode):
         kwargs = kwargs or {}
         self.count += self.counts(func, args, kwargs)
         return func(*args, **kwargs)
+
+
+# Operators that run nothing on the device and are not marked as views by their schema: allocations that
+# write nothing, and ``_unsafe_view``.
+NO_DEVICE_WORK = {"aten::empty", "aten::empty_like", "aten::empty_strided", "aten::new_empty",
+                  "aten::new_empty_strided", "aten::_unsafe_view"}
+
+
+class DeviceWork(OperatorCount):
+    """Counts the operators that run work on the device: not views (``view``, ``slice``, ``detach``, ...)
+    nor bare allocations. On a GPU each is at least one kernel launch (views and allocations cost host
+    time only), and a model this small is bound by launches, not FLOPs."""
+
+    def counts(self, func, args: tuple, kwargs: dict) -> bool:
+        return not func.is_view and func._schema.name not in NO_DEVICE_WORK
+
+
+class ForeachOperators(OperatorCount):
+    """Counts the multi-tensor (``_foreach_*``) operators: AdamW's step on CUDA launches these (each on a
+    list of tensors at a time), one of them on the step counts, which stay on the host."""
+
+    def counts(self, func, args: tuple, kwargs: dict) -> bool:
+        return func._schema.name.startswith("aten::_foreach_")
 
 
 # Operators whose output size or value the host must read from the device: on a GPU each makes the CPU
@@ -146,24 +170,24 @@ def counted_syncs(loss_fn, model, batch: dict) -> int:
     return counter.count
 
 
-def counted_operators(model, loss_fn, optimizer, batch: dict) -> tuple[int, int]:
-    """ATen operators of one training step: its forward and backward, and its optimizer step and zero_grad
-    run with the multi-tensor (foreach) kernels, as AdamW runs on CUDA by default; on CPU it steps
-    parameter by parameter, several operators each, which no GPU launches."""
-    with OperatorCount() as counter:
+def counted_operators(model, loss_fn, optimizer, batch: dict) -> tuple[int, int, int]:
+    """ATen operators of one training step on ``batch``: all of them in the forward and backward, those of
+    them that run work on the device (``DeviceWork``), and the foreach operators of the optimizer step
+    run as AdamW runs it on CUDA (on CPU it steps parameter by parameter, reading each parameter's step
+    count, which on CUDA is a host tensor)."""
+    with OperatorCount() as every, DeviceWork() as launching:
         loss_fn(model, batch).backward()
-    passes = counter.count
     settings = [group["foreach"] for group in optimizer.param_groups]
     for group in optimizer.param_groups:
         group["foreach"] = True
     try:
-        with OperatorCount() as counter:
+        with ForeachOperators() as stepping:
             optimizer.step()
             optimizer.zero_grad()
     finally:
         for group, foreach in zip(optimizer.param_groups, settings):
             group["foreach"] = foreach
-    return passes, counter.count
+    return every.count, launching.count, stepping.count
 
 
 def counted_flops(model, loss_fn, batch: dict) -> int:
@@ -243,8 +267,10 @@ def main() -> None:
     print(f"loss on the first batch before training: ours {losses[0]:.6f}, HF Llava {losses[1]:.6f}")
     print(f"FLOPs of a step on it (FlopCounterMode): ours {flops[0]:.4g} (models/flops.py predicts {predicted:.4g}), "
           f"HF Llava {flops[1]:.4g}: ours does {flops[0] / flops[1]:.3f}x the work")
-    print("ATen operators of a step on it (forward and backward + optimizer step with foreach kernels, as on CUDA): "
-          + ", ".join(f"{name} {passes} + {step} = {passes + step}" for name, (passes, step) in operators.items()))
+    print("ATen operators of a step's forward and backward on it, and of those the ones that run work on the device: "
+          + ", ".join(f"{name} {every} ({launching})" for name, (every, launching, _) in operators.items())
+          + "; foreach operators in its AdamW step, as on CUDA: "
+          + ", ".join(f"{name} {stepping}" for name, (_, _, stepping) in operators.items()))
     print(f"waits for the device in its forward and backward (HostSyncs): ours {syncs['ours']}, "
           f"HF Llava {syncs['HF Llava']}\n")
     print("| model | steps/s | tokens/s | round seconds (min / median / max) |")

@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from bench.throughput import HostSyncs, OperatorCount, counted_operators, counted_syncs, llava_like, llava_loss, ours_loss
+from bench.throughput import DeviceWork, HostSyncs, counted_operators, counted_syncs, llava_like, llava_loss, ours_loss
 from models.checkpoints import ModelConfig, build_model
 from tests.helpers import model_inputs, model_labels
 
@@ -27,7 +27,19 @@ def test_only_the_operators_that_read_the_device_count_as_waits():
     assert counter.count == 4
 
 
-def test_the_optimizer_step_is_counted_with_the_foreach_kernels_of_a_cuda_adamw():
+def test_views_and_allocations_run_no_work_on_the_device():
+    x = torch.randn(4, 6)
+    with DeviceWork() as counter:
+        x.view(6, 4).t()[1:, 0].detach()
+        torch.empty(3)
+    assert counter.count == 0
+    with DeviceWork() as counter:
+        (x + 1).sum()
+        torch.zeros(3)
+    assert counter.count == 3
+
+
+def test_the_optimizer_step_is_counted_as_cudas_foreach_adamw_launches_it():
     model = torch.nn.Sequential(*(torch.nn.Linear(3, 3) for _ in range(4)))  # 8 parameters
     batch = {"x": torch.randn(2, 3)}
     optimizer = torch.optim.AdamW(model.parameters())  # foreach=None: parameter by parameter on CPU
@@ -36,14 +48,15 @@ def test_the_optimizer_step_is_counted_with_the_foreach_kernels_of_a_cuda_adamw(
         return model(batch["x"]).sum()
 
     for _ in range(2):  # the first step also creates the optimizer's state
-        passes, step = counted_operators(model, loss, optimizer, batch)
+        every, launching, stepping = counted_operators(model, loss, optimizer, batch)
     assert optimizer.param_groups[0]["foreach"] is None  # as it was
+    assert every > launching > 0
     loss(model, batch).backward()
-    with OperatorCount() as looped:
+    with DeviceWork() as looped:
         optimizer.step()
         optimizer.zero_grad()
-    assert passes > 0
-    assert 0 < step < looped.count / 2  # lists of the eight parameters at a time, not one by one
+    # The same few list operators whatever the number of parameters, against several per parameter.
+    assert 0 < stepping <= 10 < 8 * 3 < looped.count
 
 
 def labelled(model, has_prior) -> dict:
