@@ -140,8 +140,10 @@ class ForeachOperators(OperatorCount):
 # Operators whose output size or value the host must read from the device: on a GPU each makes the CPU
 # wait until the queued kernels have run (a device->host copy, e.g. ``.cpu()``, does too; on CPU there is
 # none to see). ``index``/``index_put`` with a boolean mask count as well: they find its nonzero entries.
+# So does ``masked_scatter``'s backward, which runs ``masked_select`` inside, out of a dispatch mode's sight.
 HOST_READS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::equal",
-              "aten::unique_consecutive", "aten::unique_dim", "aten::_unique", "aten::_unique2"}
+              "aten::unique_consecutive", "aten::unique_dim", "aten::_unique", "aten::_unique2",
+              "aten::masked_scatter_backward"}
 MASK_INDEXED = {"aten::index", "aten::index_put", "aten::index_put_", "aten::_index_put_impl_"}
 
 

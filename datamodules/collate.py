@@ -90,7 +90,7 @@ class LumenCollator:
     """Samples -> a batch for ``LumenModel``.
 
     Each ``<image>`` becomes ``tokens_per_image`` copies of the image token, so sequence lengths are
-    final here and the model only has to ``masked_scatter``. Training batches have labels on the
+    final here and the model only copies its visual tokens to them. Training batches have labels on the
     assistant answer and its ``<|im_end|>`` only, and are either right-padded, (B, L), or with
     ``packing`` one row of the samples laid end to end, (1, total), with ``position_ids`` restarting at 0
     per sample, ``cu_seq_lens`` (the samples' boundaries, (B + 1,) int32) from which the model builds

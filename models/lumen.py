@@ -90,7 +90,11 @@ class LumenModel(nn.Module):
             raise ValueError(count_mismatch(int(image_positions.sum()), visual, int(has_prior.sum()), priors,
                                             self.tokens_per_image))
         features = self.visual_tokens(current_images, prior_images, has_prior, interval_days).to(embeddings.dtype)
-        return embeddings.masked_scatter(image_positions[..., None], features)
+        # The image-token positions in row order, at the count just checked. Copying by index, unlike
+        # masked_scatter, has a backward that does not wait for the device (masked_scatter's selects the
+        # gradient with the boolean mask).
+        index = torch.nonzero_static(image_positions.flatten(), size=visual)[:, 0]
+        return embeddings.flatten(0, 1).index_copy(0, index, features).view_as(embeddings)
 
     def forward(
         self,
