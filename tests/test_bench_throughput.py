@@ -81,7 +81,8 @@ def test_llava_built_from_our_components_computes_our_loss_and_gradients_and_wai
     for own, theirs in pairs:
         for (name, parameter), other in zip(own.named_parameters(), theirs.parameters(), strict=True):
             torch.testing.assert_close(parameter.grad, other.grad, msg=name)
-    ours.zero_grad(), llava.zero_grad()
+    ours.zero_grad()
+    llava.zero_grad()
     # Llava splices with masked_scatter, whose backward waits; ours copies by index.
     assert counted_syncs(ours_loss, ours, batch) == counted_syncs(llava_loss, llava, batch) - 1
 
@@ -151,9 +152,10 @@ def test_on_a_gpu_a_step_waits_twice_beyond_its_llm(tiny_base, has_prior):
 
 
 @needs_gpu
-def test_on_a_gpu_a_step_waits_no_more_often_than_llavas(tiny_base):
+def test_on_a_gpu_a_step_waits_less_often_than_llavas(tiny_base):
+    """masked_scatter's backward, in Llava, waits (masked_select); ours copies by index."""
     ours = build_model(ModelConfig(base=str(tiny_base))).train()
     ours.fusion.every_parameter_every_step = False
     llava = llava_like(ours).cuda()
     batch = on_gpu(labelled(ours, has_prior=(False, False)))
-    assert cuda_syncs(ours_loss, ours.cuda(), batch) <= cuda_syncs(llava_loss, llava, batch)
+    assert cuda_syncs(ours_loss, ours.cuda(), batch) < cuda_syncs(llava_loss, llava, batch)
