@@ -130,8 +130,8 @@ class DeviceWork(OperatorCount):
 
 
 class ForeachOperators(OperatorCount):
-    """Counts the multi-tensor (``_foreach_*``) operators: AdamW's step on CUDA launches these (each on a
-    list of tensors at a time), one of them on the step counts, which stay on the host."""
+    """Counts the multi-tensor (``_foreach_*``) operators, each on a list of tensors at a time: what AdamW's
+    step launches on CUDA, but for the one that adds to the step counts, which stay on the host."""
 
     def counts(self, func, args: tuple, kwargs: dict) -> bool:
         return func._schema.name.startswith("aten::_foreach_")
