@@ -26,7 +26,8 @@ from evaluation.judge import judge_client, judge_records, judge_summary
 from evaluation.metrics import is_closed, score_sample
 from evaluation.plots import plot_by_question_type, plot_distributions
 from evaluation.report import (
-    aggregate, markdown_report, markdown_table, write_json_atomic, write_jsonl_atomic, write_text_atomic,
+    aggregate, markdown_report, markdown_table, scored_line, write_json_atomic, write_jsonl_atomic,
+    write_text_atomic,
 )
 from models.checkpoints import input_spec, load_checkpoint
 from models.module import LumenModule
@@ -72,6 +73,9 @@ def evaluate(cfg: DictConfig) -> dict:
     records = [record | score_sample(record) for record in generated]
     judge = judge_open_answers(records, cfg.judge, out) if cfg.get("judge") else None
     results = aggregate(records)
+    results["samples"] = {"split": cfg.split, "limit": datamodule.limit.get(cfg.split), "sources": {
+        name: {"loaded": counts["loaded"], "scored": counts["kept"]}
+        for name, counts in datamodule.sample_counts[cfg.split].items()}}
     if judge is not None:
         results["judge"] = judge
     results["checkpoint"] = str(Path(cfg.ckpt).resolve())
@@ -93,6 +97,7 @@ def evaluate(cfg: DictConfig) -> dict:
     plots = [*plot_by_question_type(results, out), plot_distributions(records, out)]
     log_to_loggers(cfg, markdown_table(results), [plot for plot in plots if plot is not None])
     print(report)
+    print(scored_line(results["samples"]))
     print(f"results: {out}")
     return results
 

@@ -115,15 +115,20 @@ class LumenDataModule(L.LightningDataModule):
         self.generation_collator = LumenCollator(**collator_args, for_generation=True)
         self.image_slots = len(self.train_collator.slots)
         self.datasets: dict[str, list[SampleDataset]] = {}
+        # Per split and source, the samples loaded and those kept after ``limit``, so that results
+        # can say how many of how many were scored.
+        self.sample_counts: dict[str, dict[str, dict[str, int]]] = {}
 
     def source_samples(self, split: str) -> list[list[Sample]]:
         """Each source's samples of a split (after ``limit``), in source order."""
-        per_source = []
+        per_source, limit = [], self.limit.get(split)
         for name, source in self.sources.items():
             samples, report = source.load(split, self.use_prior)
-            log.info("%s %s: %s", name, split, report)
-            samples = samples[:self.limit.get(split)]
-            per_source.append(self._with_experts(samples, name) if self.experts else samples)
+            kept = samples[:limit]
+            log.info("%s %s: %s; kept %d of %d (data.limit.%s=%s)", name, split, report, len(kept), len(samples),
+                     split, limit)
+            self.sample_counts.setdefault(split, {})[name] = {"loaded": len(samples), "kept": len(kept)}
+            per_source.append(self._with_experts(kept, name) if self.experts else kept)
         return per_source
 
     @cached_property

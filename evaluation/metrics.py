@@ -293,9 +293,11 @@ METRIC_SIGNATURES = {
              f"smoothed sentence BLEU-4 on a 0-1 scale, {SENTENCE_BLEU_SIGNATURE}",
     "rougeL": "as bleu4 for the questions and the reference text; per-sample ROUGE-L, "
               f"{ROUGE_L_SIGNATURE}",
-    "chexpert_added_accuracy": "difference questions; the set of CheXpert labels the prediction "
-                               "says were added equals the reference's (evaluation.findings: "
-                               "grammar parse, else keyword rules; unmapped findings ignored)",
+    "chexpert_added_accuracy": "difference questions whose reference adds at least one CheXpert "
+                               "label (an empty answer cannot score); the set of CheXpert labels "
+                               "the prediction says were added equals the reference's "
+                               "(evaluation.findings: grammar parse, else keyword rules; unmapped "
+                               "findings ignored)",
     "chexpert_missing_accuracy": "as chexpert_added_accuracy for the labels said to be missing",
     "prognosis_correct": "prognostic questions whose reference is in the offline answer grammar "
                          "(rules and synthetic-truth backends); evaluation.prognosis parse, the "
@@ -347,14 +349,18 @@ def _difference_scores(record: dict) -> dict[str, float]:
     except ValueError as error:
         raise ValueError(f"sample {record['sample_id']}: {error}") from error
     predicted = parse_difference(prediction)
-    predicted_labels, expected_labels = label_changes(prediction), reference_label_changes(reference)
-    return {
+    scores = {
         "difference_correct": int(same_change(predicted, expected, compare_levels=False)),
         "difference_correct_with_levels": int(same_change(predicted, expected, compare_levels=True)),
         "difference_parsed": int(predicted.parsed),
-        "chexpert_added_accuracy": int(predicted_labels.added == expected_labels.added),
-        "chexpert_missing_accuracy": int(predicted_labels.missing == expected_labels.missing),
     }
+    # Scored only where the reference names labels of the kind: most references add or remove no
+    # CheXpert label, and an empty answer would match all of those.
+    predicted_labels, expected_labels = label_changes(prediction), reference_label_changes(reference)
+    for kind in ("added", "missing"):
+        if getattr(expected_labels, kind):
+            scores[f"chexpert_{kind}_accuracy"] = int(getattr(predicted_labels, kind) == getattr(expected_labels, kind))
+    return scores
 
 
 def _prognosis_scores(record: dict) -> dict[str, float]:
@@ -385,7 +391,8 @@ def score_sample(record: dict) -> dict[str, float]:
 
     - mmxu -> choice_accuracy, choice_parsed (option texts from the optional ``options``);
     - difference questions -> difference_correct, difference_correct_with_levels,
-      difference_parsed, chexpert_added_accuracy, chexpert_missing_accuracy, bleu4, rougeL;
+      difference_parsed, bleu4, rougeL, and chexpert_added_accuracy / chexpert_missing_accuracy
+      where the reference adds / removes a CheXpert label;
     - prognostic -> bleu4, rougeL, token_recall, token_recall_clipped, and prognosis_correct,
       prognosis_f1, prognosis_days_correct, prognosis_parsed where the reference is in the offline grammar;
     - other (diagnostic) questions -> closed_accuracy and exact_match for yes/no references,

@@ -87,10 +87,6 @@ def _pooled(groups: list[dict], name: str) -> dict | None:
     return {"mean": math.fsum(s["mean"] * s["n"] for s in summaries) / n, "n": n} if n else None
 
 
-def _value(summary: dict | None, scale: float = 1.0) -> str:
-    return f"{summary['mean'] * scale:.3f}" if summary else "–"
-
-
 def _n(groups: list[dict]) -> int:
     return max((summary["n"] for group in groups for summary in group.values()), default=0)
 
@@ -101,10 +97,16 @@ def _diagnostic_table(question_types: dict) -> list[str]:
              _row(["Question type", "n", "Open: token recall", "Closed: accuracy", "Closed: exact match",
                    "BLEU-4", "ROUGE-L"]), _row(["---"] * 7)]
     for question_type, metrics in question_types.items():
-        lines.append(_row([question_type, str(_n([metrics])), *(_value(metrics.get(name)) for name in names)]))
+        lines.append(_row([question_type, str(_n([metrics])), *(_cell(metrics.get(name)) for name in names)]))
     groups = list(question_types.values())
-    lines.append(_row(["**all**", str(sum(_n([g]) for g in groups)), *(_value(_pooled(groups, n)) for n in names)]))
+    lines.append(_row(["**all**", str(sum(_n([g]) for g in groups)), *(_cell(_pooled(groups, n)) for n in names)]))
     return lines
+
+
+def _label_f1(corpus: dict, kind: str) -> str:
+    """Micro F1 of the CheXpert labels of a kind, with its support (the reference's labels)."""
+    f1 = corpus.get(f"chexpert_{kind}_f1")
+    return "–" if f1 is None else f"{f1:.3f} (support={corpus[f'chexpert_{kind}_support']})"
 
 
 def _two_image_table(results: dict) -> list[str]:
@@ -119,17 +121,18 @@ def _two_image_table(results: dict) -> list[str]:
         groups = list(results["by_task"][task].values())
         corpus = results["corpus"]["by_task"][task]
         pooled_corpus = corpus[next(iter(corpus))] if len(corpus) == 1 else {}
-        cells = [_value(_pooled(groups, "bleu4")), f"{pooled_corpus['corpus_bleu4']:.3f}"
-                 if "corpus_bleu4" in pooled_corpus else "–", _value(_pooled(groups, "rougeL")),
-                 _value(_pooled(groups, "judge_score")), _value(_pooled(groups, correct[task])),
-                 _value(_pooled(groups, "prognosis_f1")),
-                 *(f"{pooled_corpus[key]:.3f}" if key in pooled_corpus else "–"
-                   for key in ("chexpert_added_f1", "chexpert_missing_f1"))]
+        cells = [_cell(_pooled(groups, "bleu4")), f"{pooled_corpus['corpus_bleu4']:.3f}"
+                 if "corpus_bleu4" in pooled_corpus else "–", _cell(_pooled(groups, "rougeL")),
+                 _cell(_pooled(groups, "judge_score")), _cell(_pooled(groups, correct[task])),
+                 _cell(_pooled(groups, "prognosis_f1")),
+                 _label_f1(pooled_corpus, "added"), _label_f1(pooled_corpus, "missing")]
         lines.append(_row([label, str(sum(_n([g]) for g in groups)), *cells]))
     lines += ["", "Findings correct: for difference questions, the added and missing findings equal the "
               "reference's; for prognostic questions, every finding's expected course (and level) does, "
               "where the reference is in the offline answer grammar. Courses F1: per prognostic question, "
-              "the F1 of the predicted findings' courses (with levels) against the reference's, averaged."]
+              "the F1 of the predicted findings' courses (with levels) against the reference's, averaged. "
+              "Corpus BLEU-4 pools all the row's questions; CheXpert F1 is micro over the labels, support "
+              "the number of reference labels."]
     return lines
 
 
@@ -139,16 +142,29 @@ def _mmxu_table(content_types: dict) -> list[str]:
     for name, metrics in [*content_types.items(), ("**all**", None)]:
         chosen = [metrics] if metrics is not None else groups
         accuracy, parsed = _pooled(chosen, "choice_accuracy"), _pooled(chosen, "choice_parsed")
-        unparsed = f"{1 - parsed['mean']:.3f}" if parsed else "–"
-        lines.append(_row([name, str(sum(_n([g]) for g in chosen)), _value(accuracy), unparsed]))
+        unparsed = f"{1 - parsed['mean']:.3f} (n={parsed['n']})" if parsed else "–"
+        lines.append(_row([name, str(sum(_n([g]) for g in chosen)), _cell(accuracy), unparsed]))
     return lines
 
 
+def scored_line(samples: dict) -> str:
+    """How many of how many samples were scored, e.g. "Scored 600 of 910 test samples
+    (data.limit.test=600 per source; diffvqa: 600 of 910).", from `samples` as eval.py records it:
+    `{"split", "limit", "sources": {source: {"loaded", "scored"}}}`."""
+    sources = samples["sources"].items()
+    scored, loaded = (sum(counts[key] for _, counts in sources) for key in ("scored", "loaded"))
+    per_source = ", ".join(f"{name}: {counts['scored']} of {counts['loaded']}" for name, counts in sources)
+    limit = "null" if samples["limit"] is None else samples["limit"]
+    return (f"Scored {scored} of {loaded} {samples['split']} samples "
+            f"(data.limit.{samples['split']}={limit} per source; {per_source}).")
+
+
 def markdown_report(results: dict) -> str:
-    """The tables a paper would show, for the tasks present: diagnostic questions by type (LUMEN's
-    open recall and closed accuracy), difference and prognostic questions (LUMEN Table 1's BLEU-4,
-    ROUGE-L and judge), MMXU by content type (accuracy and the unparsed rate); then every metric."""
-    sections = []
+    """How many samples were scored (`scored_line` of `results["samples"]`), then the tables a paper
+    would show, for the tasks present: diagnostic questions by type (LUMEN's open recall and closed
+    accuracy), difference and prognostic questions (LUMEN Table 1's BLEU-4, ROUGE-L and judge), MMXU
+    by content type (accuracy and the unparsed rate); then every metric. Each mean shows its n."""
+    sections = [[scored_line(results["samples"])]]
     if "diagnostic" in results["by_task"]:
         sections.append(_diagnostic_table(results["by_task"]["diagnostic"]))
     if {"difference", "prognostic"} & results["by_task"].keys():

@@ -39,6 +39,15 @@ def test_a_finished_run_leaves_predictions_results_plots_and_no_partial_file(fin
         assert image.size[0] > 300 and image.size[1] > 200
 
 
+def test_the_results_say_how_many_of_how_many_samples_were_scored(finished):
+    samples = json.loads((finished / "results.json").read_text())["samples"]
+    loaded = samples["sources"]["diffvqa"]["loaded"]
+    assert samples == {"split": "test", "limit": 20, "sources": {"diffvqa": {"loaded": loaded, "scored": 20}}}
+    assert loaded > 20
+    assert (finished / "results.md").read_text().startswith(
+        f"Scored 20 of {loaded} test samples (data.limit.test=20 per source; diffvqa: 20 of {loaded}).")
+
+
 def test_an_interrupted_run_generates_only_what_is_missing(finished, trained_checkpoint, world, tmp_path):
     records = read_jsonl(finished / "predictions.jsonl")
     run = tmp_path / "run"

@@ -406,20 +406,39 @@ def test_score_sample_difference_question():
         "difference", "nothing has changed.",
         "the level of edema has changed from mild to moderate. ", task="difference"))
     assert scores == {"difference_correct": 1, "difference_correct_with_levels": 0,
-                      "difference_parsed": 1, "chexpert_added_accuracy": 1,
-                      "chexpert_missing_accuracy": 1,
+                      "difference_parsed": 1,
                       "bleu4": pytest.approx(sentence_bleu4("nothing has changed.", EDEMA_LEVEL)),
                       "rougeL": pytest.approx(rouge_l("nothing has changed.", EDEMA_LEVEL))}
+
+
+ADDED_EFFUSION_MISSING_ATELECTASIS = (
+    "the main image has an additional finding of pleural effusion than the reference image. "
+    "the main image is missing the finding of atelectasis than the reference image. ")
 
 
 def test_score_sample_difference_question_scores_chexpert_labels_of_free_text():
     scores = score_sample(record(
         "difference", "There is a new pleural effusion; the pneumothorax has resolved.",
-        "the main image has an additional finding of pleural effusion than the reference image. "
-        "the main image is missing the finding of atelectasis than the reference image. ",
-        task="difference"))
+        ADDED_EFFUSION_MISSING_ATELECTASIS, task="difference"))
     assert (scores["difference_parsed"], scores["chexpert_added_accuracy"],
             scores["chexpert_missing_accuracy"]) == (0, 1, 0)
+
+
+def test_chexpert_accuracies_of_an_empty_answer_are_zero():
+    scores = score_sample(record("difference", "", ADDED_EFFUSION_MISSING_ATELECTASIS, task="difference"))
+    assert (scores["chexpert_added_accuracy"], scores["chexpert_missing_accuracy"]) == (0, 0)
+
+
+def test_chexpert_accuracies_of_the_reference_answer_are_one():
+    scores = score_sample(record("difference", ADDED_EFFUSION_MISSING_ATELECTASIS,
+                                 ADDED_EFFUSION_MISSING_ATELECTASIS, task="difference"))
+    assert (scores["chexpert_added_accuracy"], scores["chexpert_missing_accuracy"]) == (1, 1)
+
+
+def test_chexpert_accuracy_does_not_apply_where_the_reference_has_no_label_of_its_kind():
+    added_only = "the main image has an additional finding of pleural effusion than the reference image. "
+    scores = score_sample(record("difference", "", added_only, task="difference"))
+    assert "chexpert_added_accuracy" in scores and "chexpert_missing_accuracy" not in scores
 
 
 def test_score_sample_closed_question():
@@ -512,6 +531,7 @@ def test_score_sample_names_missing_record_keys():
 
 def test_every_scored_metric_has_a_signature():
     records = [record("difference", "nothing has changed.", "nothing has changed.", "difference"),
+               record("difference", "", ADDED_EFFUSION_MISSING_ATELECTASIS, "difference"),
                record("presence", "yes", "yes"), record("level", "small", "small"),
                record("prognostic", "stable", "stable", task="prognostic"),
                record("prognostic", "No change is expected in 3 days.", "No change is expected in 3 days.",

@@ -122,6 +122,15 @@ def test_the_mixture_draws_every_source_by_its_weight(sources, tiny_base):
     assert data.hparams.tasks == ["diagnostic", "difference", "prognostic"]
 
 
+def test_a_limit_keeps_each_sources_first_samples_and_counts_them_before_and_after(sources, tiny_base):
+    everything = datamodule(sources, tiny_base).source_datasets("test")
+    assert all(len(part) > 3 for part in everything)  # so that the limit cuts every source
+    limited = datamodule(sources, tiny_base, limit={"test": 3})
+    assert [part.samples for part in limited.source_datasets("test")] == [part.samples[:3] for part in everything]
+    assert limited.sample_counts["test"] == {name: {"loaded": len(part), "kept": 3}
+                                             for name, part in zip(sources, everything)}
+
+
 def test_workers_give_the_same_batches_as_the_main_process(sources, tiny_base):
     def first_batches(workers):
         loader = datamodule(sources, tiny_base, batch_size=4, num_workers=workers).train_dataloader()

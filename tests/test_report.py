@@ -7,6 +7,7 @@ from evaluation.report import (
     aggregate,
     markdown_report,
     markdown_table,
+    scored_line,
     write_json_atomic,
     write_jsonl_atomic,
     write_text_atomic,
@@ -145,15 +146,54 @@ def test_interrupted_write_keeps_the_previous_file_and_removes_its_temporary_fil
     assert [entry.name for entry in tmp_path.iterdir()] == ["results.md"]
 
 
+LIMITED = {"split": "test", "limit": 600, "sources": {"diffvqa": {"loaded": 910, "scored": 600},
+                                                    "prognostic": {"loaded": 90, "scored": 90}}}
+
+
+def report_of(records: list[dict]) -> str:
+    return markdown_report(aggregate(records) | {"samples": LIMITED})
+
+
+def test_scored_line_says_how_many_of_how_many_samples_were_scored_under_which_limit():
+    assert scored_line(LIMITED) == ("Scored 690 of 1000 test samples (data.limit.test=600 per source; "
+                                    "diffvqa: 600 of 910, prognostic: 90 of 90).")
+
+
+def test_scored_line_names_an_absent_limit_null():
+    samples = {"split": "val", "limit": None, "sources": {"diffvqa": {"loaded": 5, "scored": 5}}}
+    assert scored_line(samples) == "Scored 5 of 5 val samples (data.limit.val=null per source; diffvqa: 5 of 5)."
+
+
+def test_the_report_opens_with_the_scored_line():
+    assert report_of(SCORED).splitlines()[0] == scored_line(LIMITED)
+
+
 def test_the_report_lays_out_the_papers_tables_for_the_tasks_present():
     records = SCORED + [scored("prognostic", "prognostic", bleu4=0.2, rougeL=0.4, judge_score=6.0,
                                prognosis_correct=0, prognosis_f1=0.8),
                         scored("mmxu", "worsen", choice_accuracy=1, choice_parsed=1),
                         scored("mmxu", "improved", choice_accuracy=0, choice_parsed=0)]
-    report = markdown_report(aggregate(records))
+    report = report_of(records)
     assert report.index("## Diagnostic questions") < report.index("## Difference and prognostic") \
         < report.index("## MMXU") < report.index("## Every metric")
-    assert "| presence | 3 | – | 0.667 | 0.333 | – | – |" in report
-    assert "| prediction (prognostic) | 1 | 0.200 |" in report and "| 0.400 | 6.000 | 0.000 | 0.800 |" in report
-    assert "| **all** | 2 | 0.500 | 0.500 |" in report
-    assert "## MMXU" not in markdown_report(aggregate(SCORED))
+    assert "## MMXU" not in report_of(SCORED)
+
+
+def test_the_diagnostic_table_shows_each_mean_with_its_n():
+    report = report_of(SCORED)
+    assert "| presence | 3 | – | 0.667 (n=3) | 0.333 (n=3) | – | – |" in report
+    assert "| **all** | 5 | 0.750 (n=2) | 0.667 (n=3) | 0.333 (n=3) | – | – |" in report
+
+
+def test_the_two_image_table_shows_each_mean_with_its_n_and_each_label_f1_with_its_support():
+    prognostic = scored("prognostic", "prognostic", bleu4=0.2, rougeL=0.4, judge_score=6.0, prognosis_f1=0.8)
+    report = report_of(SCORED + [prognostic, prognostic | {"judge_score": None, "prognosis_correct": 0}])
+    assert ("| prediction (prognostic) | 2 | 0.200 (n=2) | 0.000 | 0.400 (n=2) | 6.000 (n=1) | 0.000 (n=1) "
+            "| 0.800 (n=2) | – | – |") in report
+    assert "| 0.000 (support=0) | 0.000 (support=0) |" in report  # the difference row: no label in its reference
+
+
+def test_the_mmxu_table_shows_accuracy_and_unparsed_rate_with_their_n():
+    report = report_of([scored("mmxu", "worsen", choice_accuracy=1, choice_parsed=1),
+                        scored("mmxu", "improved", choice_accuracy=0, choice_parsed=0)])
+    assert "| **all** | 2 | 0.500 (n=2) | 0.500 (n=2) |" in report
