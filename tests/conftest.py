@@ -5,11 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from datamodules.synthetic import ensure_world
 from models.tiny import ensure_tiny_base
 from tests.helpers import TINY_LLM, TINY_PRETRAIN_STEPS, TINY_VISION, WORLD_SUBJECTS
 from train import compose_config, train
+
+# Numbers computed in this process must not depend on the machine's cores: the thread count decides how
+# CPU kernels split their sums (and so their rounding) and how much scratch memory they take.
+torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="session")

@@ -38,3 +38,16 @@ def test_the_predicted_peak_is_within_15_percent_of_the_measured_one(one_process
     assert predicted["batch"] + predicted["parameters"] + predicted["optimizer state"] == pytest.approx(
         measured["start"], rel=0.01)
     assert 0.95 < measured["peak"] / predicted["peak"] < 1.15
+
+
+def test_the_measured_peak_does_not_depend_on_the_threads_of_the_machine(one_process_group):
+    work, setup = Workload(micro_batch=4, text_tokens=48), Setup(gpus=1, checkpointing=True, flash_attention=False,
+                                                                   accumulation=1)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(8)
+        many = profile_steps(TINY, work, setup)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.get_num_threads() == threads
+    assert many == profile_steps(TINY, work, setup)
