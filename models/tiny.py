@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tqdm import tqdm
 from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
@@ -118,7 +119,7 @@ def pretrain_vision_tower(
     generator = torch.Generator().manual_seed(seed)
     tower.train()
     loss = torch.tensor(float("nan"))
-    for _ in range(steps):
+    for _ in tqdm(range(steps), desc="pretraining the tiny vision tower", unit="step"):
         batch = torch.randint(len(pixels), (batch_size,), generator=generator)
         features = tower(pixel_values=pixels[batch]).last_hidden_state.mean(dim=1)
         loss = F.binary_cross_entropy_with_logits(head(features), targets[batch])

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image
+from tqdm import tqdm
 
 from datamodules.synthetic.drawing import render_image
 from datamodules.synthetic.experts import write_experts
@@ -100,16 +101,20 @@ def generate_world(out: Path, subjects: int, seed: int, workers: int | None = No
         })
 
     workers = _default_workers() if workers is None else workers
+    progress = tqdm(total=len(images), desc=f"drawing {subjects} subjects' images", unit="image")
     if workers > 1 and len(images) > workers:
         # Forked on Linux (as DataLoader workers are): nothing to re-import, and no `if __name__ ==
         # "__main__"` guard asked of the caller; the children only draw with numpy, scipy and Pillow.
         context = multiprocessing.get_context("fork" if sys.platform == "linux" else None)
         with ProcessPoolExecutor(workers, mp_context=context) as pool:
-            # list(): waits for every image and raises a worker's error here.
-            list(pool.map(_write_image, images, chunksize=max(1, len(images) // (8 * workers))))
+            # Iterating waits for every image in order and raises a worker's error here.
+            for _ in pool.map(_write_image, images, chunksize=max(1, len(images) // (32 * workers))):
+                progress.update()
     else:
         for job in images:
             _write_image(job)
+            progress.update()
+    progress.close()
 
     tables = {
         "metadata": pd.DataFrame(metadata, columns=METADATA_COLUMNS),
