@@ -42,17 +42,19 @@ RESIZE_POLICIES = ("pad", "squash", "crop")
 def image_transform(image: Image.Image, size: int, mean: Sequence[float], std: Sequence[float],
                     resize: str = "pad") -> torch.Tensor:
     """Grayscale to 3 channels, a square of ``size`` px by the ``resize`` policy, normalised:
-    PIL -> (3, size, size)."""
-    rgb = image.convert("RGB")
+    PIL -> (3, size, size). A grayscale image is resized before it is copied to three channels: the
+    same pixels for a third of the work."""
+    if resize not in RESIZE_POLICIES:
+        raise ValueError(f"resize={resize!r}: expected one of {RESIZE_POLICIES}")
+    image = image if image.mode == "L" else image.convert("RGB")
     if resize == "pad":
         fill = tuple(round(255 * m) for m in mean)
-        square = ImageOps.pad(rgb, (size, size), method=Image.Resampling.BICUBIC, color=fill)
+        contained = ImageOps.contain(image, (size, size), method=Image.Resampling.BICUBIC).convert("RGB")
+        square = ImageOps.pad(contained, (size, size), method=Image.Resampling.BICUBIC, color=fill)
     elif resize == "squash":
-        square = rgb.resize((size, size), Image.Resampling.BICUBIC)
-    elif resize == "crop":
-        square = ImageOps.fit(rgb, (size, size), method=Image.Resampling.BICUBIC)
+        square = image.resize((size, size), Image.Resampling.BICUBIC).convert("RGB")
     else:
-        raise ValueError(f"resize={resize!r}: expected one of {RESIZE_POLICIES}")
+        square = ImageOps.fit(image, (size, size), method=Image.Resampling.BICUBIC).convert("RGB")
     return F.normalize(F.to_dtype(F.pil_to_tensor(square), torch.float32, scale=True), list(mean), list(std))
 
 

@@ -126,3 +126,12 @@ def test_corrupt_image_names_the_sample_and_path(tmp_path):
                     image=corrupt, prior_image=corrupt, interval_days=3.0)
     with pytest.raises(OSError, match=rf"sample diffvqa-8, field prior_image: cannot read image {corrupt}"):
         SampleDataset([sample])[0]
+
+
+@pytest.mark.parametrize("resize", ["pad", "squash", "crop"])
+def test_a_grayscale_image_becomes_exactly_what_its_rgb_copy_becomes(resize):
+    """Grayscale images are resized before they are copied to three channels: no pixel may change."""
+    rows, columns = np.mgrid[0:37, 0:53]
+    gray = Image.fromarray(((rows * 7 + columns * 3) % 256).astype(np.uint8), mode="L")
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # unequal channels: the pad colour differs per channel
+    assert torch.equal(image_transform(gray, 16, mean, std, resize), image_transform(gray.convert("RGB"), 16, mean, std, resize))
