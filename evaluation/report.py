@@ -7,11 +7,13 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 from common.files import atomic_file
-from evaluation.metrics import CORPUS_METRIC_SIGNATURES, METRIC_SIGNATURES, corpus_metrics
+from evaluation.metrics import (
+    CORPUS_METRIC_SIGNATURES, METRIC_SIGNATURES, corpus_metrics, parse_reference_difference, same_change,
+)
 
 
 def _summary(values: list[float]) -> dict:
@@ -157,6 +159,24 @@ def scored_line(samples: dict) -> str:
     limit = "null" if samples["limit"] is None else samples["limit"]
     return (f"Scored {scored} of {loaded} {samples['split']} samples "
             f"(data.limit.{samples['split']}={limit} per source; {per_source}).")
+
+
+def difference_headline(records: list[dict]) -> str | None:
+    """One line on the difference questions, what lumen exists for: how many answers name exactly the
+    reference's added and missing findings, next to how many the split's most common answer alone (in
+    practice "nothing has changed.", the best a model blind to the prior can do reliably) would get right.
+    None without difference questions."""
+    scored = [record for record in records if record["question_type"] == "difference"]
+    if not scored:
+        return None
+    right = sum(record["difference_correct"] for record in scored)
+    common, _ = Counter(record["reference"] for record in scored).most_common(1)[0]
+    expected = parse_reference_difference(common)
+    baseline = sum(same_change(expected, parse_reference_difference(record["reference"]), compare_levels=False)
+                   for record in scored)
+    n = len(scored)
+    return (f"Difference questions: added and missing findings right in {right} of {n} answers ({right / n:.3f}); "
+            f"the most common answer alone ({common!r}) is right in {baseline} ({baseline / n:.3f}).")
 
 
 def markdown_report(results: dict) -> str:

@@ -5,6 +5,7 @@ import pytest
 from evaluation.metrics import CORPUS_METRIC_SIGNATURES, METRIC_SIGNATURES
 from evaluation.report import (
     aggregate,
+    difference_headline,
     markdown_report,
     markdown_table,
     scored_line,
@@ -197,3 +198,20 @@ def test_the_mmxu_table_shows_accuracy_and_unparsed_rate_with_their_n():
     report = report_of([scored("mmxu", "worsen", choice_accuracy=1, choice_parsed=1),
                         scored("mmxu", "improved", choice_accuracy=0, choice_parsed=0)])
     assert "| **all** | 2 | 0.500 (n=2) | 0.500 (n=2) |" in report
+
+
+def test_the_difference_headline_sets_the_models_hits_beside_the_most_common_answers():
+    nothing = "nothing has changed."
+    added = "the main image has an additional finding of pleural effusion than the reference image."
+    level = "the level of edema has changed from mild to moderate."  # no finding added or missing
+    records = [
+        {"question_type": "difference", "reference": nothing, "difference_correct": 1},
+        {"question_type": "difference", "reference": nothing, "difference_correct": 0},
+        {"question_type": "difference", "reference": level, "difference_correct": 0},
+        {"question_type": "difference", "reference": added, "difference_correct": 1},
+        {"question_type": "presence", "reference": "yes", "closed_accuracy": 1},
+    ]
+    assert difference_headline(records) == (
+        "Difference questions: added and missing findings right in 2 of 4 answers (0.500); the most common answer "
+        "alone ('nothing has changed.') is right in 3 (0.750).")
+    assert difference_headline(records[-1:]) is None
