@@ -20,6 +20,7 @@ import lightning as L
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
+from common.run import check_config, entry_point, prepare
 from evaluation.generation import PARTIAL, generate_records
 from datamodules.llm import LLMConfig
 from evaluation.judge import judge_client, judge_records, judge_summary
@@ -31,7 +32,6 @@ from evaluation.report import (
 )
 from models.checkpoints import input_spec, load_checkpoint
 from models.module import LumenModule
-from train import prepare
 
 # Data settings that change what the model sees; by default taken from the checkpoint.
 PROMPT_SETTINGS = ("use_prior", "interval_in_prompt", "expert_demographics")
@@ -46,6 +46,7 @@ def checkpoint_version(path: Path) -> dict[str, int]:
 
 
 def evaluate(cfg: DictConfig) -> dict:
+    check_config(cfg)
     prepare(cfg)
     # Seeded after preparation, which draws random numbers only when it has to build something.
     L.seed_everything(cfg.seed)
@@ -128,7 +129,7 @@ def log_to_loggers(cfg: DictConfig, table: str, plots: list[Path]) -> None:
                                      caption=[plot.stem for plot in plots])
 
 
-@hydra.main(version_base="1.3", config_path="configs", config_name="eval")
+@entry_point("eval")
 def main(cfg: DictConfig) -> None:
     evaluate(cfg)
 

@@ -2,23 +2,22 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import hydra
 import lightning as L
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import InstantiationException
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
+from common.errors import ConfigError, MissingInputs
+from common.run import check_config, entry_point, prepare
+from common.run import compose_config  # noqa: F401 (tests/test_packing.py still imports it from here)
 from models.checkpoints import ModelConfig, input_spec
 from models.parallel import accumulation
-from models.resume import require_resumable
-
-log = logging.getLogger("train")
+from models.progress import progress_bar
+from models.resume import Trained, require_resumable
 
 # What each input path must point to. A config lists the ones its run needs under `required_inputs`
 # (the demo's prepare steps create them); each data source also checks its own files.
@@ -31,33 +30,31 @@ INPUTS = {
 }
 
 
-CONFIGS = Path(__file__).resolve().parent / "configs"
-
-
-def compose_config(name: str, overrides: list[str]) -> DictConfig:
-    """Composes ``configs/<name>.yaml`` as the entry points do, for use outside a Hydra app (tests,
-    benchmarks). ``paths.cache_dir`` and ``paths.output_dir`` need explicit values there."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return compose(config_name=name, overrides=overrides)
-
-
-def prepare(cfg: DictConfig) -> None:
-    """Runs the config's cached preparation steps (synthetic world, tiny base model) in order."""
-    for name, step in (cfg.get("prepare") or {}).items():
-        if step is not None:
-            log.info("prepare %s: %s", name, hydra.utils.instantiate(step))
-
-
 def require_inputs(cfg: DictConfig) -> None:
-    """Fails at once, naming the key to set, when a required input path is unset or does not exist."""
+    """Fails, naming every input path that is unset or does not exist and the key that sets it, in one
+    message: the config's ``required_inputs`` and the files each data source checks itself."""
+    problems = {}
     for key in cfg.get("required_inputs") or []:
-        what = INPUTS.get(key, "an input of this run")
         value = OmegaConf.select(cfg, key, default=None)
-        if value is not None and Path(value).exists():
+        if value is None or not Path(value).exists():
+            problem = "is not set" if value is None else f"= {value} does not exist"
+            what = INPUTS.get(key, "an input of this run")
+            problems[key] = f"{key} {problem}: it must point to {what}; set {key}=<path>"
+    for source in (cfg.data.get("sources") or {}).values():
+        if source is None:
             continue
-        problem = "is not set" if value is None else f"= {value} does not exist"
-        raise FileNotFoundError(f"{key} {problem}: it must point to {what}; set {key}=<path>")
+        try:
+            hydra.utils.instantiate(source)
+        except InstantiationException as error:
+            if not isinstance(error.__cause__, FileNotFoundError):
+                raise
+            # A source's message starts with the key that feeds it; a required input may have named it.
+            message = str(error.__cause__)
+            problems.setdefault(message.split(" ", 1)[0], message)
+    if len(problems) == 1:
+        raise MissingInputs(*problems.values())
+    if problems:
+        raise MissingInputs(f"{len(problems)} inputs of this run are missing:\n" + "\n".join(problems.values()))
 
 
 def instantiate_data(cfg: DictConfig, spec: dict):
@@ -81,7 +78,7 @@ def accumulate_grad_batches(cfg: DictConfig, world_size: int) -> int:
     if explicit is None:
         return derived
     if global_batch_size is not None and explicit != derived:
-        raise ValueError(
+        raise ConfigError(
             f"trainer.accumulate_grad_batches={explicit} conflicts with data.global_batch_size={global_batch_size}, "
             f"which with data.batch_size={micro_batch_size} on {world_size} processes means {derived}: remove "
             "trainer.accumulate_grad_batches (it is derived), or set data.global_batch_size=null"
@@ -90,12 +87,15 @@ def accumulate_grad_batches(cfg: DictConfig, world_size: int) -> int:
 
 
 def train(cfg: DictConfig) -> L.Trainer:
+    check_config(cfg)
     prepare(cfg)
+    require_inputs(cfg)
     # Seeded after preparation, which draws random numbers only when it has to build something.
     L.seed_everything(cfg.seed, workers=True)
-    require_inputs(cfg)
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     callbacks.append(LogConfig(OmegaConf.to_container(cfg, resolve=True)))
+    if cfg.trainer.get("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in callbacks):
+        callbacks.append(progress_bar())
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     # Before the data is read: a global batch that does not divide fails at once.
@@ -114,8 +114,11 @@ def train(cfg: DictConfig) -> L.Trainer:
         print(f"checkpoint: {checkpoint}")
         print(f"logs: {Path(log_dir or cfg.paths.output_dir)}")
         print(f"evaluate with: python eval.py ckpt={checkpoint}")
-        print("resume or extend with: python train.py <the same overrides> ckpt_path=last "
-              f"hydra.run.dir={cfg.paths.output_dir}")
+        if checkpoint:
+            trained = Trained.read(Path(checkpoint))
+            extension = trained.extension(trainer.max_steps, trainer.max_epochs) if trained else ""
+            print("resume or extend with: python train.py <the same overrides> ckpt_path=last "
+                  f"hydra.run.dir={cfg.paths.output_dir} {extension}".rstrip())
     return trainer
 
 
@@ -139,7 +142,7 @@ def finish_wandb(loggers: list[Logger], exit_code: int) -> None:
             logger.experiment.finish(exit_code=exit_code)
 
 
-@hydra.main(version_base="1.3", config_path="configs", config_name="train")
+@entry_point("train")
 def main(cfg: DictConfig) -> None:
     train(cfg)
 

@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from common.run import compose_config
 from datamodules.synthetic import ensure_world
 from models.tiny import ensure_tiny_base
 from tests.helpers import TINY_LLM, TINY_PRETRAIN_STEPS, TINY_VISION, WORLD_SUBJECTS
-from train import compose_config, train
+from train import train
 
 # Numbers computed in this process must not depend on the machine's cores: the thread count decides how
 # CPU kernels split their sums (and so their rounding) and how much scratch memory they take.

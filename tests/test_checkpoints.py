@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from common.run import compose_config
 from eval import evaluate
 from models.checkpoints import ModelConfig, build_model, input_spec, load_checkpoint
 from models.module import LumenModule
 from tests.helpers import WORLD_SUBJECTS, checkpoints_cli, model_inputs
-from train import compose_config
 
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from train import compose_config
+from common.run import compose_config
 from train import train
 
 EXPERIMENTS = sorted(path.stem for path in (Path(__file__).resolve().parents[1] / "configs" / "experiment").glob("*.yaml"))
@@ -56,22 +56,26 @@ def test_nvila_ft_trains_on_single_image_diagnostic_questions():
     assert cfg.data.use_prior is False
 
 
+# The paper's recipe on this machine's CPU (otherwise refused at once on a machine without a GPU).
+LUMEN_ON_CPU = ["experiment=lumen", "trainer.accelerator=cpu"]
+
+
 def test_lumen_without_data_fails_at_once_naming_the_config_key(tmp_path):
-    cfg = compose_config("train", ["experiment=lumen", f"paths.output_dir={tmp_path}"])
+    cfg = compose_config("train", [*LUMEN_ON_CPU, f"paths.output_dir={tmp_path}"])
     with pytest.raises(FileNotFoundError, match=r"paths\.mimic_cxr_jpg is not set.*set paths\.mimic_cxr_jpg=<path>"):
         train(cfg)
 
 
 def test_lumen_with_a_wrong_base_path_names_the_path_and_the_key(tmp_path):
     missing = tmp_path / "NVILA-8B"
-    cfg = compose_config("train", ["experiment=lumen", f"paths.output_dir={tmp_path}", f"model.net.base={missing}",
+    cfg = compose_config("train", [*LUMEN_ON_CPU, f"paths.output_dir={tmp_path}", f"model.net.base={missing}",
                                    f"paths.mimic_cxr_jpg={tmp_path}", f"paths.diffvqa={tmp_path}"])
     with pytest.raises(FileNotFoundError, match=rf"model\.net\.base = {missing} does not exist"):
         train(cfg)
 
 
 def test_lumen_without_its_prognostic_questions_names_the_key_before_building_the_model(tmp_path, world, tiny_base):
-    cfg = compose_config("train", ["experiment=lumen", f"paths.output_dir={tmp_path}", f"model.net.base={tiny_base}",
+    cfg = compose_config("train", [*LUMEN_ON_CPU, f"paths.output_dir={tmp_path}", f"model.net.base={tiny_base}",
                                    f"paths.mimic_cxr_jpg={world / 'mimic-cxr-jpg'}",
                                    f"paths.diffvqa={world / 'medical-diff-vqa'}"])
     with pytest.raises(FileNotFoundError, match=r"paths\.prognostic is not set.*build prognostic"):
@@ -79,7 +83,7 @@ def test_lumen_without_its_prognostic_questions_names_the_key_before_building_th
 
 
 def test_lumen_without_its_expert_predictions_names_the_key(tmp_path, world, tiny_base):
-    cfg = compose_config("train", ["experiment=lumen", f"paths.output_dir={tmp_path}", f"model.net.base={tiny_base}",
+    cfg = compose_config("train", [*LUMEN_ON_CPU, f"paths.output_dir={tmp_path}", f"model.net.base={tiny_base}",
                                    f"paths.mimic_cxr_jpg={world / 'mimic-cxr-jpg'}",
                                    f"paths.diffvqa={world / 'medical-diff-vqa'}",
                                    f"paths.prognostic={world / 'prognostic' / 'prognostic.jsonl'}"])

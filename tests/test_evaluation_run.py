@@ -10,10 +10,10 @@ import pytest
 import wandb
 from PIL import Image
 
+from common.run import compose_config
 from eval import evaluate
 from evaluation.generation import FINGERPRINT, PARTIAL
 from tests.helpers import WORLD_SUBJECTS, read_jsonl
-from train import compose_config
 
 
 def eval_config(checkpoint, world, out: Path, *extra):

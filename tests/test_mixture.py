@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from common.run import compose_config
 from datamodules.collate import image_transform, user_prompt
 from datamodules.datamodule import LumenDataModule
 from datamodules.records import Sample
@@ -16,7 +17,7 @@ from datamodules.sampling import MixtureBatchSampler
 from datamodules.sources import DiffVQASource, PrognosticSource
 from models.checkpoints import ModelConfig, input_spec
 from tests.helpers import WORLD_SUBJECTS
-from train import compose_config, train
+from train import train
 
 
 def sampler(sizes=(100, 40), weights=(1.0, 0.5), batch_size=4, **options) -> MixtureBatchSampler:

@@ -2,6 +2,7 @@
 killed mid-training and resumed (on 2 processes and on 1), and sharded checkpoints consolidated into
 one file that evaluation and export read like the directory."""
 
+import csv
 import json
 import os
 import shutil
@@ -19,13 +20,15 @@ from omegaconf import OmegaConf
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from transformers import get_cosine_schedule_with_warmup
 
+from common.errors import ConfigError
+from common.run import compose_config
 from datamodules.sampling import MixtureBatchSampler
 from eval import evaluate
 from models.checkpoints import CONSOLIDATED_KEYS, ModelConfig, build_model, consolidate, export, input_spec, load_checkpoint
-from models.resume import continue_on, publish
+from models.resume import Trained, continue_on, publish
 from tests.helpers import WORLD_SUBJECTS, checkpoints_cli
 from tests.helpers import model_inputs as inputs
-from train import compose_config, instantiate_data, train
+from train import instantiate_data, train
 
 ROOT = Path(__file__).resolve().parents[1]
 # The runs: 16 training samples in micro-batches of 2 = 8 global batches, 4 optimizer steps per epoch
@@ -362,6 +365,115 @@ def test_a_crashed_single_process_run_resumes_from_its_checkpoint_file(crashed_r
     assert [(b["step"], b["lr"]) for b in events(resumed, "batch")] == [(2, lrs[2])] * 2 + [(3, lrs[3])] * 2
     saved = [record for record in crashed if record["event"] != "batch" or record["step"] < 2]
     assert in_global_order({0: saved}) + in_global_order({0: resumed}) == epoch
+
+
+class BarRecorder(L.Callback):
+    """Per epoch, at each training batch, the count the progress bar shows and the total it counts to."""
+
+    def __init__(self):
+        self.epochs: dict[int, list[tuple[int, int]]] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        shown = (batch_idx + 1, trainer.progress_bar_callback.total_train_batches)
+        self.epochs.setdefault(trainer.current_epoch, []).append(shown)
+
+
+def short_run(run: Path, world, tiny_base, *overrides: str):
+    """A one-process run of 8 steps an epoch (16 samples in micro-batches of 2) that logs every step."""
+    return compose_config("train", [
+        f"paths.output_dir={run}", f"paths.cache_dir={run / 'cache'}", f"paths.world_dir={world}",
+        f"paths.tiny_base={tiny_base}", f"prepare.world.subjects={WORLD_SUBJECTS}", "prepare.tiny_base=null",
+        "logger=csv", "trainer.log_every_n_steps=1", *DATA,
+        "+callbacks.bar._target_=tests.test_resume.BarRecorder", *overrides,
+    ])
+
+
+def extend(earlier_run: Path, run: Path, world, tiny_base, *overrides: str) -> L.Trainer:
+    """Trains on from a copy of an earlier run's checkpoint (ckpt_path=last in its run directory)."""
+    shutil.copytree(earlier_run, run)
+    return train(short_run(run, world, tiny_base, "ckpt_path=last", *overrides))
+
+
+def logged_steps(run: Path, version: int) -> dict[int, dict[str, str]]:
+    """The CSV logger's rows of one run, merged per step."""
+    rows = {}
+    with open(run / "csv" / f"version_{version}" / "metrics.csv") as metrics:
+        for row in csv.DictReader(metrics):
+            rows.setdefault(int(row["step"]), {}).update({key: value for key, value in row.items() if value})
+    return rows
+
+
+def learning_rate(row: dict[str, str]) -> float:
+    return float(next(value for key, value in row.items() if key.startswith("lr-")))
+
+
+@pytest.fixture(scope="module")
+def stopped_run(world, tiny_base, tmp_path_factory) -> Path:
+    """A run that trainer.max_steps=3 stopped in its first epoch (with the default trainer.max_epochs=1)."""
+    run = tmp_path_factory.mktemp("stopped")
+    assert train(short_run(run, world, tiny_base, "trainer.max_steps=3")).global_step == 3
+    return run
+
+
+@pytest.fixture(scope="module")
+def one_epoch_run(world, tiny_base, tmp_path_factory) -> Path:
+    """A run of one whole epoch of 2 steps (4 samples), the default trainer.max_epochs=1."""
+    run = tmp_path_factory.mktemp("one_epoch")
+    assert train(short_run(run, world, tiny_base, "data.limit.train=4")).global_step == 2
+    return run
+
+
+def test_a_run_stopped_by_max_steps_is_extended_to_a_larger_max_steps_within_its_epoch(
+    stopped_run, world, tiny_base, tmp_path
+):
+    assert Trained.read(stopped_run / "checkpoints" / "last.ckpt") == Trained(steps=3, epochs=0)
+    trainer = extend(stopped_run, tmp_path / "run", world, tiny_base, "trainer.max_steps=6")
+    assert trainer.global_step == 6
+    logged = logged_steps(tmp_path / "run", version=1)
+    assert sorted(logged) == [3, 4, 5] and {row["epoch"] for row in logged.values()} == {"0"}
+    assert all("train/loss" in row for row in logged.values())
+    # The learning rates of the 6-step schedule, from the first resumed step on.
+    assert [learning_rate(logged[step]) for step in (3, 4, 5)] == pytest.approx(scheduled_lrs(6)[3:], rel=1e-6)
+    bar = next(c for c in trainer.callbacks if isinstance(c, BarRecorder)).epochs
+    assert bar == {0: [(4, 6), (5, 6), (6, 6)]}
+    saved = torch.load(trainer.checkpoint_callback.last_model_path, weights_only=True)
+    assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"][0] | {"sequence": None} == {
+        "epoch": 0, "position": 6, "world_size": 1, "sequence": None, "seed": 0, "batch_size": 2, "global_batches": 8}
+
+
+@pytest.mark.parametrize("limits", [["trainer.max_epochs=2"], ["trainer.max_steps=4", "trainer.max_epochs=-1"]],
+                         ids=["max_epochs", "max_steps"])
+def test_a_run_that_finished_its_epochs_is_extended_into_the_next_epoch(
+    one_epoch_run, world, tiny_base, tmp_path, limits
+):
+    trainer = extend(one_epoch_run, tmp_path / "run", world, tiny_base, "data.limit.train=4", *limits)
+    assert trainer.global_step == 4
+    logged = logged_steps(tmp_path / "run", version=1)
+    assert sorted(logged) == [2, 3] and {row["epoch"] for row in logged.values()} == {"1"}
+    assert next(c for c in trainer.callbacks if isinstance(c, BarRecorder)).epochs == {1: [(1, 2), (2, 2)]}
+
+
+def test_extending_by_max_steps_past_a_reached_max_epochs_is_refused_naming_both(one_epoch_run, world, tiny_base):
+    checkpoint = one_epoch_run / "checkpoints" / "last.ckpt"
+    modified = checkpoint.stat().st_mtime_ns
+    with pytest.raises(ConfigError, match=r"has trained 2 steps and 1 epoch, which reaches trainer\.max_epochs=1: "
+                                          r"resuming it would train nothing\. To train further, add "
+                                          r"trainer\.max_epochs=-1 \(to train until trainer\.max_steps=4; or more than 1\)"):
+        train(short_run(one_epoch_run, world, tiny_base, "data.limit.train=4", "ckpt_path=last", "trainer.max_steps=4"))
+    assert checkpoint.stat().st_mtime_ns == modified
+
+
+def test_a_resume_with_nothing_to_train_exits_with_code_2_naming_the_limit(stopped_run, world, tiny_base):
+    command = [sys.executable, "train.py", f"hydra.run.dir={stopped_run}", f"paths.world_dir={world}",
+               f"paths.tiny_base={tiny_base}", f"prepare.world.subjects={WORLD_SUBJECTS}", "prepare.tiny_base=null",
+               *DATA, "trainer.max_steps=3", "ckpt_path=last"]
+    result = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert (f"train.py: error: ckpt_path=last ({stopped_run / 'checkpoints' / 'last.ckpt'}) has trained 3 steps and "
+            "0 epochs, which reaches trainer.max_steps=3: resuming it would train nothing. To train further, add "
+            "trainer.max_steps=<more than 3>") in result.stderr
+    assert sorted(path.name for path in (stopped_run / "csv").iterdir()) == ["version_0"]  # nothing was logged
 
 
 @pytest.mark.slow

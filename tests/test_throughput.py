@@ -6,8 +6,9 @@ import lightning as L
 import pytest
 import torch
 
+from common.run import compose_config
 from models.throughput import LumenThroughput, device_peak_flops, table_peak_flops
-from train import compose_config, train
+from train import train
 
 
 class BatchRecorder(L.Callback):

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from common.run import compose_config
 from eval import evaluate
+from models.resume import Trained
 from tests.helpers import WORLD_SUBJECTS
-from train import compose_config
 from train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,3 +70,5 @@ def test_fsdp_with_two_cpu_processes_trains_and_saves_a_sharded_checkpoint(world
     assert checkpoint.is_dir(), f"expected a sharded (directory) checkpoint, found {list((run / 'checkpoints').iterdir())}"
     shards = sorted(path.name for path in checkpoint.iterdir())
     assert "__0_0.distcp" in shards and "__1_0.distcp" in shards
+    # Stopped by max_steps within its first epoch (4 steps of 2 micro-batches on 2 processes), and so saved.
+    assert Trained.read(checkpoint) == Trained(steps=3, epochs=0)

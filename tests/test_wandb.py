@@ -9,7 +9,8 @@ import pytest
 import wandb
 from wandb.proto import wandb_internal_pb2
 
-from train import compose_config, train
+from common.run import compose_config
+from train import train
 
 
 def finished_run_records(run_dir: Path) -> list:
