@@ -20,15 +20,15 @@ import lightning as L
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
-from common.run import check_config, entry_point, prepare
+from cli import check_config, entry_point, prepare
 from evaluation.generation import PARTIAL, generate_records
 from datamodules.llm import LLMConfig
 from evaluation.judge import judge_client, judge_records, judge_summary
 from evaluation.metrics import is_closed, score_sample
 from evaluation.plots import plot_by_question_type, plot_distributions
 from evaluation.report import (
-    aggregate, markdown_report, markdown_table, scored_line, write_json_atomic, write_jsonl_atomic,
-    write_text_atomic,
+    aggregate, difference_headline, markdown_report, markdown_table, scored_line, write_json_atomic,
+    write_jsonl_atomic, write_text_atomic,
 )
 from models.checkpoints import input_spec, load_checkpoint
 from models.module import LumenModule
@@ -99,6 +99,9 @@ def evaluate(cfg: DictConfig) -> dict:
     log_to_loggers(cfg, markdown_table(results), [plot for plot in plots if plot is not None])
     print(report)
     print(scored_line(results["samples"]))
+    headline = difference_headline(records)
+    if headline is not None:
+        print(headline)
     print(f"results: {out}")
     return results
 

@@ -12,11 +12,10 @@ from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from common.errors import ConfigError, MissingInputs
-from common.run import check_config, entry_point, prepare
-from common.run import compose_config  # noqa: F401 (tests/test_packing.py still imports it from here)
+from cli import check_config, entry_point, prepare
 from models.checkpoints import ModelConfig, input_spec
 from models.parallel import accumulation
-from models.progress import progress_bar
+from models.console import TrainingProgressBar
 from models.resume import Trained, require_resumable
 
 # What each input path must point to. A config lists the ones its run needs under `required_inputs`
@@ -95,7 +94,7 @@ def train(cfg: DictConfig) -> L.Trainer:
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     callbacks.append(LogConfig(OmegaConf.to_container(cfg, resolve=True)))
     if cfg.trainer.get("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in callbacks):
-        callbacks.append(progress_bar())
+        callbacks.append(TrainingProgressBar())
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     # Before the data is read: a global batch that does not divide fails at once.

@@ -21,7 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common.run import compose_config, prepare  # noqa: E402
+from cli import compose_config, prepare  # noqa: E402
 from models.checkpoints import ModelConfig, build_model, input_spec, load_checkpoint  # noqa: E402
 
 IMAGE_KEYS = ("current_images", "prior_images", "has_prior", "interval_days")

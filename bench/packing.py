@@ -31,7 +31,7 @@ import torch  # noqa: E402  (after the repository root is on sys.path)
 from lightning.fabric.utilities.throughput import Throughput  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from common.run import compose_config, prepare  # noqa: E402
+from cli import compose_config, prepare  # noqa: E402
 from models.checkpoints import ModelConfig, build_model, input_spec  # noqa: E402
 from models.module import BATCH_INPUTS, PACKED_INPUTS  # noqa: E402
 from train import instantiate_data  # noqa: E402

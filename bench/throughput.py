@@ -44,7 +44,7 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common.run import compose_config, prepare  # noqa: E402
+from cli import compose_config, prepare  # noqa: E402
 from models.checkpoints import ModelConfig, build_model, input_spec  # noqa: E402
 from models.flops import measure_step_flops, real_tokens  # noqa: E402
 from models.lumen import LumenModel  # noqa: E402

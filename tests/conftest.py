@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.run import compose_config
+from cli import compose_config
 from datamodules.synthetic import ensure_world
 from models.tiny import ensure_tiny_base
 from tests.helpers import TINY_LLM, TINY_PRETRAIN_STEPS, TINY_VISION, WORLD_SUBJECTS

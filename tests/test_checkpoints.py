@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.run import compose_config
+from cli import compose_config
 from eval import evaluate
 from models.checkpoints import ModelConfig, build_model, input_spec, load_checkpoint
 from models.module import LumenModule

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from common.run import compose_config
+from cli import compose_config
 from train import train
 
 EXPERIMENTS = sorted(path.stem for path in (Path(__file__).resolve().parents[1] / "configs" / "experiment").glob("*.yaml"))

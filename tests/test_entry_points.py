@@ -11,7 +11,7 @@ import pytest
 import torch
 from hydra.errors import ConfigCompositionException
 
-from common.run import compose_config, override_problem
+from cli import compose_config, override_problem
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_GPU = torch.cuda.is_available() or torch.backends.mps.is_available()
@@ -77,7 +77,7 @@ def test_every_missing_input_is_named_in_one_message(tmp_path):
 
 def test_an_unexpected_error_keeps_its_traceback(tmp_path):
     script = tmp_path / "failing.py"
-    script.write_text(f"import sys\nsys.path.insert(0, {str(ROOT)!r})\nfrom common.run import entry_point\n\n"
+    script.write_text(f"import sys\nsys.path.insert(0, {str(ROOT)!r})\nfrom cli import entry_point\n\n"
                       "@entry_point('train')\ndef main(cfg):\n    raise RuntimeError('not a usage error')\n\nmain()\n")
     result = run(str(script), tmp_path)
     assert result.returncode == 1
@@ -102,3 +102,15 @@ def test_every_unknown_key_is_named_with_its_closest_keys():
 def test_an_unknown_option_of_a_group_names_the_closest_and_all_options():
     assert problem(["experiment=lumn"]) == ("experiment=lumn: experiment has no option 'lumn'; did you mean "
                                             "experiment=lumen? Its options: demo, lumen, mmxu, nvila_ft")
+
+
+def test_a_training_run_shows_its_model_and_progress_without_library_noise(world, tiny_base, tmp_path):
+    result = run("train.py", tmp_path, "prepare=none", f"paths.world_dir={world}", f"paths.tiny_base={tiny_base}",
+                 "trainer.max_steps=2", "data.batch_size=4", "data.limit.val=4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    for component in ("vision", "projector", "fusion", "llm"):
+        assert f"\n{component} " in output  # the parameter table by component
+    assert "Epoch 0: 100%" in output and "train/loss=" in output
+    for noise in ("Tip:", "LeafSpec", "v_num", "FLOPs |", "Total FLOPs"):
+        assert noise not in output

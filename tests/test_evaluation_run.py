@@ -10,7 +10,7 @@ import pytest
 import wandb
 from PIL import Image
 
-from common.run import compose_config
+from cli import compose_config
 from eval import evaluate
 from evaluation.generation import FINGERPRINT, PARTIAL
 from tests.helpers import WORLD_SUBJECTS, read_jsonl

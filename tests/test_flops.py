@@ -7,7 +7,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from common.run import compose_config
+from cli import compose_config
 from models.checkpoints import ModelConfig, build_model, input_spec
 from models.flops import (FORMULA_TOLERANCE, StepFlops, formula_flops, measure_step_flops, meta_model, sequence_lengths,
                           target_tokens)

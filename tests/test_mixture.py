@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.run import compose_config
+from cli import compose_config
 from datamodules.collate import image_transform, user_prompt
 from datamodules.datamodule import LumenDataModule
 from datamodules.records import Sample

@@ -15,7 +15,8 @@ from models.checkpoints import ModelConfig, build_model, input_spec
 from models.lumen import packed_attention
 from models.module import BATCH_INPUTS, PACKED_INPUTS
 from tests.helpers import SUMMATION_ORDER_TOLERANCE, assert_same_up_to_summation_order, relative_difference
-from train import compose_config, train
+from cli import compose_config
+from train import train
 
 # Two-image and one-image samples alternating, so the padded batch has padding in most rows.
 PATTERN = (True, False, True, True, False)

@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import GradClipAlgorithmType
 from safetensors.torch import load_file, save_file
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, CheckpointWrapper
 
-from common.run import compose_config
+from cli import compose_config
 from models.checkpoints import ModelConfig, build_model
 from models.module import LumenModule
 from models.parallel import accumulation, clip_grad_norm

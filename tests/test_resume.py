@@ -21,7 +21,7 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from transformers import get_cosine_schedule_with_warmup
 
 from common.errors import ConfigError
-from common.run import compose_config
+from cli import compose_config
 from datamodules.sampling import MixtureBatchSampler
 from eval import evaluate
 from models.checkpoints import CONSOLIDATED_KEYS, ModelConfig, build_model, consolidate, export, input_spec, load_checkpoint

@@ -6,7 +6,7 @@ import lightning as L
 import pytest
 import torch
 
-from common.run import compose_config
+from cli import compose_config
 from models.throughput import LumenThroughput, device_peak_flops, table_peak_flops
 from train import train
 

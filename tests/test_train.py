@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.run import compose_config
+from cli import compose_config
 from eval import evaluate
 from models.resume import Trained
 from tests.helpers import WORLD_SUBJECTS

@@ -9,7 +9,7 @@ import pytest
 import wandb
 from wandb.proto import wandb_internal_pb2
 
-from common.run import compose_config
+from cli import compose_config
 from train import train
 
 

@@ -1,7 +1,8 @@
 """What the entry points (train.py, eval.py) share: composing their config, checking its values before
-anything is prepared or built, running the cached preparation steps, and reporting a person's mistakes
+anything is prepared or built, running the cached preparation steps, reporting a person's mistakes
 (an override Hydra cannot apply, a ``common.errors.UsageError``) as one paragraph on stderr with exit
-code 2, argparse's convention. Every other exception keeps its traceback."""
+code 2, argparse's convention, and keeping libraries' messages that say nothing about the run off the
+console. Every other exception keeps its traceback."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import logging
 import os
 import re
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
@@ -30,7 +32,7 @@ from models.checkpoints import ModelConfig
 
 log = logging.getLogger(__name__)
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parent / "configs"
 
 
 def compose_config(name: str, overrides: list[str]) -> DictConfig:
@@ -125,6 +127,7 @@ def entry_point(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Cal
 
         @functools.wraps(task)
         def main() -> None:
+            quiet_library_noise()
             os.environ["HYDRA_FULL_ERROR"] = "1"
             try:
                 hydra_main()
@@ -136,6 +139,16 @@ def entry_point(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Cal
         return main
 
     return decorate
+
+
+def quiet_library_noise() -> None:
+    """Silences, each at its source, the library messages that say nothing about the run: Lightning's tips
+    to install its cloud services, and the FutureWarning that torch 2.14 raises inside Lightning 2.6's own
+    pytree helper on every fit and predict. Every other warning and log line stays."""
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning, module=r"lightning\.pytorch\.utilities\._pytree")
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(lambda record: not str(record.msg).startswith("\N{ELECTRIC LIGHT BULB} Tip:"))
 
 
 def _fail(message: str) -> NoReturn:
