@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import wandb
+from lightning.pytorch.callbacks import Callback
 from wandb.proto import wandb_internal_pb2
 
 from cli import compose_config
@@ -96,8 +97,16 @@ def test_the_run_gets_the_resolved_config_as_plain_values_and_nothing_else_and_i
     assert not list((tmp_path / "run" / "wandb").rglob("media"))
 
 
+class FailWhenTrainingStarts(Callback):
+    """Raises once the W&B run has begun: training that fails (a missing checkpoint or input is refused
+    before any run starts)."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        raise RuntimeError("training failed")
+
+
 def test_a_run_that_raises_is_finished_as_failed(demo_overrides, tmp_path, offline):
-    with pytest.raises(FileNotFoundError):
-        train(wandb_run(demo_overrides, f"ckpt_path={tmp_path / 'missing.ckpt'}"))
+    with pytest.raises(RuntimeError, match="training failed"):
+        train(wandb_run(demo_overrides, f"+callbacks.fail._target_={__name__}.FailWhenTrainingStarts"))
     assert exit_codes(finished_run_records(tmp_path / "run")) == [1]
 
