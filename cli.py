@@ -6,6 +6,7 @@ console. Every other exception keeps its traceback."""
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import functools
 import logging
@@ -70,6 +71,10 @@ def _model_problems(cfg: DictConfig) -> list[str]:
         ModelConfig(base="", **fields)
     except ValueError as error:
         return [str(error)]
+    except TypeError:  # a key ModelConfig does not have (+model.net.<key>=...)
+        unknown = sorted(set(fields) - {field.name for field in dataclasses.fields(ModelConfig)})
+        return [f"model.net.{key}: the model has no such setting; its settings: "
+                f"{', '.join(field.name for field in dataclasses.fields(ModelConfig))}" for key in unknown]
     return []
 
 
@@ -196,8 +201,11 @@ def unknown_keys(config_name: str, overrides: list[str]) -> tuple[list[str], Dic
 
 
 def _keys(node: Any, prefix: str = "") -> Iterator[str]:
-    """Every key of a config (as plain containers), dotted, inner nodes included."""
+    """Every key of a config (as plain containers), dotted, inner nodes included; Hydra's own (``_target_``,
+    ``_partial_``, ...) are not keys a person sets."""
     if isinstance(node, dict):
         for key, value in node.items():
+            if str(key).startswith("_"):
+                continue
             yield f"{prefix}{key}"
             yield from _keys(value, f"{prefix}{key}.")

@@ -21,13 +21,14 @@ from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from cli import check_config, entry_point, prepare
+from common.errors import ConfigError, MissingInputs
 from evaluation.generation import PARTIAL, generate_records
 from datamodules.llm import LLMConfig
 from evaluation.judge import judge_client, judge_records, judge_summary
 from evaluation.metrics import is_closed, score_sample
 from evaluation.plots import plot_by_question_type, plot_distributions
 from evaluation.report import (
-    aggregate, difference_headline, markdown_report, markdown_table, scored_line, write_json_atomic,
+    aggregate, difference_headline, markdown_report, markdown_table, write_json_atomic,
     write_jsonl_atomic, write_text_atomic,
 )
 from models.checkpoints import input_spec, load_checkpoint
@@ -45,8 +46,19 @@ def checkpoint_version(path: Path) -> dict[str, int]:
     return {"bytes": sum(stat.st_size for stat in stats), "modified_ns": max(stat.st_mtime_ns for stat in stats)}
 
 
+def require_checkpoint(cfg: DictConfig) -> None:
+    """Fails before anything is prepared when ``ckpt`` is unset or names nothing."""
+    if OmegaConf.is_missing(cfg, "ckpt") or cfg.ckpt is None:
+        raise MissingInputs("ckpt is not set: evaluate with python eval.py ckpt=<a checkpoint from train.py, "
+                            "a sharded checkpoint directory, or an exported model directory>")
+    if not Path(cfg.ckpt).exists():
+        raise MissingInputs(f"ckpt = {cfg.ckpt} does not exist: give the checkpoint train.py printed "
+                            "(checkpoint: ...), or a directory from python -m models.checkpoints export")
+
+
 def evaluate(cfg: DictConfig) -> dict:
     check_config(cfg)
+    require_checkpoint(cfg)
     prepare(cfg)
     # Seeded after preparation, which draws random numbers only when it has to build something.
     L.seed_everything(cfg.seed)
@@ -56,7 +68,7 @@ def evaluate(cfg: DictConfig) -> dict:
     module.model = loaded.model
     as_trained = {key: loaded.prompt.get(key, True) for key in PROMPT_SETTINGS if cfg.data[key] is None}
     if loaded.prompt.get("experts_in_prompt") and cfg.data.experts is None:
-        raise ValueError(f"{cfg.ckpt} was trained with expert predictions in its prompts: set data.experts=<the "
+        raise ConfigError(f"{cfg.ckpt} was trained with expert predictions in its prompts: set data.experts=<the "
                          "expert CSV> (the synthetic world's is paths.experts)")
     datamodule = hydra.utils.instantiate(
         cfg.data, tokenizer_dir=str(module.config.llm_dir), input_spec=input_spec(module.config), **as_trained
@@ -98,7 +110,6 @@ def evaluate(cfg: DictConfig) -> dict:
     plots = [*plot_by_question_type(results, out), plot_distributions(records, out)]
     log_to_loggers(cfg, markdown_table(results), [plot for plot in plots if plot is not None])
     print(report)
-    print(scored_line(results["samples"]))
     headline = difference_headline(records)
     if headline is not None:
         print(headline)

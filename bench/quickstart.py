@@ -3,7 +3,7 @@ new user types them, from a cold cache (a new, empty ``LUMEN_CACHE``), so the wo
 too. Prints the wall time of each stage, the size of the Python environment, and the demo's scores; the
 README's quickstart figures are this script's.
 
-    python bench/quickstart.py                 # about 5-6 minutes on an idle 2-core CPU
+    python bench/quickstart.py                 # about 3 minutes on an idle 2-core CPU
     python bench/quickstart.py --cache DIR     # keep the built world and base in DIR (must not exist yet)
 """
 
@@ -31,11 +31,13 @@ def run(command: list[str], env: dict[str, str], marks: tuple[tuple[str, str], .
     each stage, a stage ending at the first line that contains its mark (the last one at the exit)."""
     start = last = time.perf_counter()
     seconds, lines, pending = {}, [], list(marks)
-    with subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          bufsize=1) as process:
-        for line in process.stdout:
+    with subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as process:
+        # Bytes, split at newlines only: a progress bar's carriage returns redraw one line, as in a terminal.
+        for raw in process.stdout:
+            line = raw.decode(errors="replace")
             sys.stdout.write(line)
-            lines.append(line.rstrip("\n"))
+            sys.stdout.flush()
+            lines.append(line.rstrip("\n").rsplit("\r", 1)[-1])
             while pending and pending[0][1] in line:
                 now = time.perf_counter()
                 seconds[pending.pop(0)[0]] = now - last

@@ -13,6 +13,7 @@ itself is trained further.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -27,7 +28,8 @@ sys.path.insert(0, str(ROOT))
 from datamodules.collate import image_transform  # noqa: E402
 from datamodules.mimic import CHEXPERT_LABELS, load_chexpert, load_images  # noqa: E402
 
-CACHE = ROOT / ".cache" / "lumen"
+# Where the demo caches its world and base (configs/paths/default.yaml).
+CACHE = Path(os.environ.get("LUMEN_CACHE", ROOT / ".cache" / "lumen"))
 
 
 def features(tower: SiglipVisionModel, processor: SiglipImageProcessor, paths: list[str]) -> torch.Tensor:

@@ -21,6 +21,7 @@ import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader
 
+from common.errors import ConfigError
 from common.files import whole_lines
 from datamodules.datamodule import SampleDataset
 from datamodules.records import Sample
@@ -91,7 +92,7 @@ def generate_records(module, datamodule, split: str, accelerator: str, out: Path
     if partial.is_file() or (out / PREDICTIONS).is_file():
         previous = json.loads(fingerprint_path.read_text()) if fingerprint_path.is_file() else None
         if previous != fingerprint:
-            raise ValueError(
+            raise ConfigError(
                 f"{out} holds answers generated with other settings ({fingerprint_path}: {previous}); "
                 f"now: {fingerprint}. Evaluate into another directory, or delete both files to start over"
             )

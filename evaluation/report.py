@@ -163,9 +163,9 @@ def scored_line(samples: dict) -> str:
 
 def difference_headline(records: list[dict]) -> str | None:
     """One line on the difference questions, what lumen exists for: how many answers name exactly the
-    reference's added and missing findings, next to how many the split's most common answer alone (in
-    practice "nothing has changed.", the best a model blind to the prior can do reliably) would get right.
-    None without difference questions."""
+    reference's added and missing findings, next to how many the split's most common reference answer
+    (in practice "nothing has changed.") would get right if given to every question, a model that reads
+    nothing. None without difference questions."""
     scored = [record for record in records if record["question_type"] == "difference"]
     if not scored:
         return None

@@ -239,8 +239,8 @@ def require_resumable(trainer: L.Trainer, ckpt_path: str | None) -> None:
     state, which is in the order of the parameter groups, to parameters in the model's order); or
     when it has reached ``trainer.max_steps`` or ``trainer.max_epochs``, so that resuming would train
     nothing."""
-    if ckpt_path is None:
-        return
+    if ckpt_path is None or ckpt_path in ("best", "hpc") or ckpt_path.startswith("registry"):
+        return  # Lightning's own names, which it resolves and checks itself
     path = Path(ckpt_path)
     if ckpt_path == "last":
         found = [last for callback in trainer.checkpoint_callbacks if isinstance(callback, ModelCheckpoint)

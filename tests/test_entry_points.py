@@ -93,7 +93,7 @@ def problem(overrides: list[str]) -> str:
 def test_every_unknown_key_is_named_with_its_closest_keys():
     assert problem(["trainer.max_step=3", "seed=1", "model.net.fusoin.mode=concat"]).splitlines() == [
         "trainer.max_step=3: the train config has no key trainer.max_step; did you mean trainer.max_steps or "
-        "trainer.max_epochs or trainer._target_?",
+        "trainer.max_epochs or trainer.num_sanity_val_steps?",
         "model.net.fusoin.mode=concat: the train config has no key model.net.fusoin.mode; did you mean "
         "model.net.fusion.mode or model.net.fusion or model.net.fusion.heads?",
     ]
@@ -114,3 +114,12 @@ def test_a_training_run_shows_its_model_and_progress_without_library_noise(world
     assert "Epoch 0: 100%" in output and "train/loss=" in output
     for noise in ("Tip:", "LeafSpec", "v_num", "FLOPs |", "Total FLOPs"):
         assert noise not in output
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ([], "ckpt is not set: evaluate with python eval.py ckpt=<"),
+    (["ckpt=nowhere.ckpt"], "ckpt = nowhere.ckpt does not exist"),
+])
+def test_eval_without_a_checkpoint_says_so_before_preparing_anything(tmp_path, overrides, message):
+    stderr = assert_refused(run("eval.py", tmp_path, *overrides), tmp_path, "eval.py")
+    assert message in stderr

@@ -148,14 +148,16 @@ def test_the_loss_at_target_positions_is_hugging_faces_full_logits_loss(tiny_bas
     assert_same_up_to_summation_order(gradients, reference_gradients)
 
 
-def test_leaving_one_samples_targets_out_moves_the_gradients_far_beyond_rounding(tiny_base, samples):
-    """What the comparisons above would see if the layouts really differed: every LLM gradient moves by more
-    than a hundred times the summation-order tolerance."""
+def test_the_summation_order_comparison_fails_when_one_samples_targets_are_left_out(tiny_base, samples):
+    """What the comparisons above would see if the layouts really differed: the helper refuses, and every LLM
+    gradient moves by more than a hundred times its tolerance."""
     padded, _ = collated(tiny_base, samples)
     torch.manual_seed(0)
     model = build_model(config(tiny_base)).train()
     _, gradients = loss_and_gradients(model, padded)
     _, changed = loss_and_gradients(model, without_targets(padded, 0))
+    with pytest.raises(AssertionError, match="relative differences above"):
+        assert_same_up_to_summation_order(changed, gradients)
     llm = [name for name in gradients if name.startswith("llm.")]
     assert len(llm) > 20
     assert min(relative_difference(changed[name], gradients[name]) for name in llm) > 100 * SUMMATION_ORDER_TOLERANCE
