@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import BasePredictionWriter, TQDMProgressBar
 from torch.utils.data import DataLoader
 
 from common.errors import ConfigError
@@ -104,8 +104,9 @@ def generate_records(module, datamodule, split: str, accelerator: str, out: Path
         log.info("resuming %s: %d of %d answers already generated", partial, len(samples) - len(pending), len(samples))
     if pending:
         writer = _AppendRecords(partial, {sample.sample_id: sample for sample in pending}, datamodule.tokenizer)
+        # tqdm rather than Lightning's default Rich bar, which reaches a log file only when generation ends.
         trainer = L.Trainer(accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,
-                            callbacks=[writer])
+                            enable_model_summary=False, callbacks=[writer, TQDMProgressBar()])
         loader = DataLoader(SampleDataset(pending), batch_size=datamodule.eval_batch_size,
                             collate_fn=datamodule.generation_collator, num_workers=datamodule.num_workers)
         trainer.predict(module, dataloaders=loader, return_predictions=False)
