@@ -62,12 +62,11 @@ class ComponentSummary(Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
+        rows = [(name, list(component.parameters())) for name, component in pl_module.model.named_children()]
+        rows.append(("total", list(pl_module.model.parameters())))
         lines = [f"{'component':<10} {'parameters':>10} {'trained':>10}"]
-        totals = [0, 0]
-        for name, component in pl_module.model.named_children():
-            counts = [sum(p.numel() for p in component.parameters() if trained is None or p.requires_grad)
-                      for trained in (None, True)]
-            totals = [total + count for total, count in zip(totals, counts)]
-            lines.append(f"{name:<10} {get_human_readable_count(counts[0]):>10} {get_human_readable_count(counts[1]):>10}")
-        lines.append(f"{'total':<10} {get_human_readable_count(totals[0]):>10} {get_human_readable_count(totals[1]):>10}")
+        for name, parameters in rows:
+            total = sum(p.numel() for p in parameters)
+            trained = sum(p.numel() for p in parameters if p.requires_grad)
+            lines.append(f"{name:<10} {get_human_readable_count(total):>10} {get_human_readable_count(trained):>10}")
         log.info("the model:\n%s", "\n".join(lines))
