@@ -48,6 +48,7 @@ def prepare(cfg: DictConfig) -> None:
     """Runs the config's cached preparation steps (synthetic world, tiny base model) in order."""
     for name, step in (cfg.get("prepare") or {}).items():
         if step is not None:
+            log.info("prepare %s ...", name)
             log.info("prepare %s: %s", name, hydra.utils.instantiate(step))
 
 

@@ -110,10 +110,10 @@ def train(cfg: DictConfig) -> L.Trainer:
     log_dir = trainer.log_dir  # a collective call under distributed strategies: every rank asks
     if trainer.is_global_zero:
         checkpoint = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else None
-        print(f"checkpoint: {checkpoint}")
+        print(f"checkpoint: {checkpoint or f'none written (trained {trainer.global_step} steps)'}")
         print(f"logs: {Path(log_dir or cfg.paths.output_dir)}")
-        print(f"evaluate with: python eval.py ckpt={checkpoint}")
         if checkpoint:
+            print(f"evaluate with: python eval.py ckpt={checkpoint}")
             trained = Trained.read(Path(checkpoint))
             extension = trained.extension(trainer.max_steps, trainer.max_epochs) if trained else ""
             print("resume or extend with: python train.py <the same overrides> ckpt_path=last "
