@@ -87,6 +87,10 @@ class StepFlops:
         return (images * self.per_image + priors * self.per_prior + self.per_token * int(lengths.sum())
                 + self.per_token_pair * int((lengths * lengths).sum()) + targets * self.per_target)
 
+    def __str__(self) -> str:
+        return (f"{self.per_image:.3g} per image, {self.per_prior:.3g} per prior, {self.per_token:.3g} per token, "
+                f"{self.per_token_pair:.3g} per token pair, {self.per_target:.3g} per target")
+
     def of_batch(self, batch: dict) -> int:
         """The FLOPs of training on a collated batch (padded or packed), from its shapes, masks and labels."""
         priors = batch["prior_images"].shape[0]

@@ -88,7 +88,7 @@ class LumenThroughput(ThroughputMonitor):
         if stage == "fit" and trainer.is_global_zero:
             self.step_flops = measure_step_flops(pl_module.config)
             peak = f"{self.available_flops:.4g} FLOP/s" if self.available_flops else "none known (MFU not logged)"
-            log.info("training FLOPs: %s; peak per device: %s", self.step_flops, peak)
+            log.info("training FLOPs (forward + backward): %s; peak per device: %s", self.step_flops, peak)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         # Lightning's monitor reads the module's flops_per_batch after each batch.
