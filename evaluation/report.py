@@ -106,9 +106,13 @@ def _diagnostic_table(question_types: dict) -> list[str]:
 
 
 def _label_f1(corpus: dict, kind: str) -> str:
-    """Micro F1 of the CheXpert labels of a kind, with its support (the reference's labels)."""
+    """Micro F1 of the CheXpert labels of a kind, with its support (the reference's labels); n/a
+    where the references name no such label, so there is nothing to find."""
     f1 = corpus.get(f"chexpert_{kind}_f1")
-    return "–" if f1 is None else f"{f1:.3f} (support={corpus[f'chexpert_{kind}_support']})"
+    if f1 is None:
+        return "–"
+    support = corpus[f"chexpert_{kind}_support"]
+    return f"{'n/a' if support == 0 else f'{f1:.3f}'} (support={support})"
 
 
 def _two_image_table(results: dict) -> list[str]:

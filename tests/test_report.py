@@ -191,7 +191,7 @@ def test_the_two_image_table_shows_each_mean_with_its_n_and_each_label_f1_with_i
     report = report_of(SCORED + [prognostic, prognostic | {"judge_score": None, "prognosis_correct": 0}])
     assert ("| prediction (prognostic) | 2 | 0.200 (n=2) | 0.000 | 0.400 (n=2) | 6.000 (n=1) | 0.000 (n=1) "
             "| 0.800 (n=2) | – | – |") in report
-    assert "| 0.000 (support=0) | 0.000 (support=0) |" in report  # the difference row: no label in its reference
+    assert "| n/a (support=0) | n/a (support=0) |" in report  # the difference row: no label in its reference, nothing to find
 
 
 def test_the_mmxu_table_shows_accuracy_and_unparsed_rate_with_their_n():
