@@ -12,13 +12,21 @@ model summary has one row for the whole model and a FLOPs column that stays 0 wi
 from __future__ import annotations
 
 import logging
+import sys
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
-from lightning.pytorch.callbacks.progress.tqdm_progress import convert_inf
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm, convert_inf
 from lightning.pytorch.utilities.model_summary import get_human_readable_count
 
 log = logging.getLogger(__name__)
+
+
+def trained_batches(trainer: L.Trainer) -> int:
+    """The batches of the current epoch trained so far: before this run, when it resumed mid-epoch."""
+    epochs = trainer.fit_loop.epoch_progress.current
+    # When an epoch starts (on_train_epoch_start) the batch counter still holds the last epoch's.
+    return 0 if epochs.ready > epochs.started else trainer.fit_loop.epoch_loop.batch_progress.current.ready
 
 
 def train_batches(trainer: L.Trainer) -> int | float:
@@ -28,9 +36,7 @@ def train_batches(trainer: L.Trainer) -> int | float:
     batches = trainer.num_training_batches
     if trainer.max_steps == -1:
         return batches
-    epochs = trainer.fit_loop.epoch_progress.current
-    # When an epoch starts (on_train_epoch_start) the batch counter still holds the last epoch's.
-    trained = 0 if epochs.ready > epochs.started else trainer.fit_loop.epoch_loop.batch_progress.current.ready
+    trained = trained_batches(trainer)
     accumulate = trainer.accumulate_grad_batches
     stepped = trained - trained % accumulate
     return min(batches, stepped + (trainer.max_steps - trainer.global_step) * accumulate)
@@ -46,8 +52,21 @@ class TrainingProgressBar(TQDMProgressBar):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
-        # Lightning sets the total when an epoch starts, which a run resumed mid-epoch does not see.
-        self.train_progress_bar.total = convert_inf(self.total_train_batches)
+        # Lightning sets the total and the epoch when an epoch starts, which a run resumed mid-epoch does not
+        # see; it starts from the batches trained before it.
+        bar = self.train_progress_bar
+        bar.total = convert_inf(self.total_train_batches)
+        bar.initial = bar.n = trained_batches(trainer)
+        bar.set_description(f"Epoch {trainer.current_epoch}")
+
+    def init_validation_tqdm(self) -> Tqdm:
+        """Lightning's, except in a log file (stdout not a terminal): there a bar below the training bar
+        is drawn with cursor movements, which a log keeps as escape codes; it is drawn in place of the
+        training bar instead and left as a line."""
+        if sys.stdout.isatty():
+            return super().init_validation_tqdm()
+        return Tqdm(desc=self.validation_description, position=0, disable=self.is_disabled, leave=True,
+                    dynamic_ncols=True, file=sys.stdout, bar_format=self.BAR_FORMAT)
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
         metrics = super().get_metrics(trainer, pl_module)

@@ -5,6 +5,7 @@ one file that evaluation and export read like the directory."""
 import csv
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -368,14 +369,22 @@ def test_a_crashed_single_process_run_resumes_from_its_checkpoint_file(crashed_r
 
 
 class BarRecorder(L.Callback):
-    """Per epoch, at each training batch, the count the progress bar shows and the total it counts to."""
+    """What the drawn training bar shows before each batch and when training ends: per epoch it names,
+    its count and its total."""
 
     def __init__(self):
         self.epochs: dict[int, list[tuple[int, int]]] = {}
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        shown = (batch_idx + 1, trainer.progress_bar_callback.total_train_batches)
-        self.epochs.setdefault(trainer.current_epoch, []).append(shown)
+    def record(self, trainer):
+        bar = trainer.progress_bar_callback.train_progress_bar
+        epoch = int(bar.desc.removeprefix("Epoch ").removesuffix(": "))
+        self.epochs.setdefault(epoch, []).append((bar.n, bar.total))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.record(trainer)
+
+    def on_train_end(self, trainer, pl_module):
+        self.record(trainer)
 
 
 def short_run(run: Path, world, tiny_base, *overrides: str):
@@ -435,7 +444,7 @@ def test_a_run_stopped_by_max_steps_is_extended_to_a_larger_max_steps_within_its
     # The learning rates of the 6-step schedule, from the first resumed step on.
     assert [learning_rate(logged[step]) for step in (3, 4, 5)] == pytest.approx(scheduled_lrs(6)[3:], rel=1e-6)
     bar = next(c for c in trainer.callbacks if isinstance(c, BarRecorder)).epochs
-    assert bar == {0: [(4, 6), (5, 6), (6, 6)]}
+    assert bar == {0: [(3, 6), (4, 6), (5, 6), (6, 6)]}
     saved = torch.load(trainer.checkpoint_callback.last_model_path, weights_only=True)
     assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"][0] | {"sequence": None} == {
         "epoch": 0, "position": 6, "world_size": 1, "sequence": None, "seed": 0, "batch_size": 2, "global_batches": 8}
@@ -450,7 +459,14 @@ def test_a_run_that_finished_its_epochs_is_extended_into_the_next_epoch(
     assert trainer.global_step == 4
     logged = logged_steps(tmp_path / "run", version=1)
     assert sorted(logged) == [2, 3] and {row["epoch"] for row in logged.values()} == {"1"}
-    assert next(c for c in trainer.callbacks if isinstance(c, BarRecorder)).epochs == {1: [(1, 2), (2, 2)]}
+    assert next(c for c in trainer.callbacks if isinstance(c, BarRecorder)).epochs == {1: [(0, 2), (1, 2), (2, 2)]}
+
+
+def test_the_bars_in_a_log_file_are_lines_without_cursor_movements(world, tiny_base, tmp_path, capfd):
+    train(short_run(tmp_path, world, tiny_base, "data.limit.train=4"))
+    shown = capfd.readouterr().out
+    assert "\x1b[" not in shown
+    assert re.search(r"Epoch 0: 100%.*2/2", shown) and re.search(r"Validation.*100%", shown)
 
 
 def test_extending_by_max_steps_past_a_reached_max_epochs_is_refused_naming_both(one_epoch_run, world, tiny_base):
