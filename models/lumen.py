@@ -17,6 +17,16 @@ from models.vision import VisionTower
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")  # Gemma 2/3, Cohere, Granite
 
 
+def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
+    """(B, L): what position t predicts, ``labels[:, t + 1]`` (``IGNORE_INDEX`` at the end)."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
+def target_count(labels: torch.Tensor) -> torch.Tensor:
+    """The number of tokens the loss of ``labels`` is taken over (a 0-dim tensor on their device)."""
+    return (shifted_targets(labels) != IGNORE_INDEX).sum()
+
+
 class LumenModel(nn.Module):
     """A longitudinal VLM. Knows nothing about files, tokenizers or parallelism.
 
@@ -104,6 +114,7 @@ class LumenModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         cu_seq_lens: torch.Tensor | None = None,
         max_length: int | None = None,
+        loss_reduction: str = "mean",
         **images: torch.Tensor,
     ):
         """``images``: the four image arguments of ``embed``. A padded batch is (B, L) rows with their
@@ -116,7 +127,8 @@ class LumenModel(nn.Module):
         Without ``labels``: the LLM output, logits at every position. With ``labels`` (``IGNORE_INDEX``, -100,
         where there is nothing to learn): a ``CausalLMOutputWithPast`` whose ``loss`` is Hugging Face's
         causal LM loss (``ForCausalLMLoss``: position t predicts ``labels[:, t + 1]``, mean cross-entropy
-        in float32 over the targets) and whose ``logits`` are None: the LM head runs only at the
+        in float32 over the targets; ``loss_reduction="sum"``: their sum, for a caller that divides by a
+        larger batch's target count, see ``target_count``) and whose ``logits`` are None: the LM head runs only at the
         positions that have a target (the decoder's hidden states there). In a training batch most
         positions are prompt and image tokens, so this skips most of the head's matmul and, at
         NVILA-8B's 152k vocabulary, never holds the (tokens x vocabulary) logits and their gradient."""
@@ -129,7 +141,7 @@ class LumenModel(nn.Module):
             )
         if labels is None:
             return self.llm(inputs_embeds=inputs_embeds, use_cache=False, **attention)
-        targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, L): what position t predicts
+        targets = shifted_targets(labels)
         # The positions with a target, found once (the one wait for the device this adds): selecting
         # with them, rather than with the boolean mask, has a backward that does not wait again.
         target_index = (targets != IGNORE_INDEX).flatten().nonzero()[:, 0]
@@ -140,7 +152,8 @@ class LumenModel(nn.Module):
         else:
             hidden = self.llm.get_decoder()(inputs_embeds=inputs_embeds, use_cache=False, **attention).last_hidden_state
             target_logits = self.llm.get_output_embeddings()(hidden.flatten(0, 1).index_select(0, target_index))
-        return CausalLMOutputWithPast(loss=F.cross_entropy(target_logits.float(), targets.flatten()[target_index]))
+        loss = F.cross_entropy(target_logits.float(), targets.flatten()[target_index], reduction=loss_reduction)
+        return CausalLMOutputWithPast(loss=loss)
 
     @torch.no_grad()
     def generate(

@@ -11,12 +11,15 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import get_cosine_schedule_with_warmup
 
 from models.checkpoints import DTYPES, ModelConfig, build_model
-from models.lumen import LumenModel
-from models.parallel import apply_activation_checkpointing, build_sharded, clip_grad_norm
+from models.lumen import LumenModel, target_count
+from models.parallel import apply_activation_checkpointing, build_sharded, clip_grad_norm, scale_gradients
 
 BATCH_INPUTS = ("input_ids", "attention_mask", "current_images", "prior_images", "has_prior", "interval_days")
 # What a packed batch (data.packing) adds: each sample's positions and the samples' boundaries.
 PACKED_INPUTS = ("position_ids", "cu_seq_lens", "max_length")
+# What one optimizer step's loss is a mean over (model.loss_normalization): every target token of all its
+# micro-batches on all processes, or each micro-batch's own tokens (the mean of those means).
+LOSS_NORMALIZATIONS = ("global_tokens", "micro_batch")
 
 
 def parameter_groups(
@@ -53,7 +56,15 @@ def parameter_groups(
 
 class LumenModule(L.LightningModule):
     """``net`` is a plain ``ModelConfig`` dict; ``optimizer`` a partial ``_target_`` node;
-    ``scheduler`` holds ``warmup_ratio``; ``fsdp`` holds ``param_dtype`` (e.g. bfloat16 on GPU, or null)."""
+    ``scheduler`` holds ``warmup_ratio``; ``fsdp`` holds ``param_dtype`` (e.g. bfloat16 on GPU, or null).
+
+    ``loss_normalization``: ``global_tokens`` (default) trains each optimizer step on the mean
+    cross-entropy over all target tokens of its micro-batches on every process, so the gradient of a
+    global batch is the same however it is cut into micro-batches and processes (torchtitan's and, since
+    4.46, Hugging Face's Trainer's normalisation). ``micro_batch`` is the mean of each micro-batch's own
+    token mean, as the LLaVA/NVILA trainers of the paper's time computed it: a token in a micro-batch of
+    short answers then weighs more than one in a micro-batch of long answers.
+    """
 
     def __init__(
         self,
@@ -62,8 +73,11 @@ class LumenModule(L.LightningModule):
         scheduler: DictConfig | dict,
         fsdp: DictConfig | dict | None = None,
         max_new_tokens: int = 64,
+        loss_normalization: str = "global_tokens",
     ):
         super().__init__()
+        if loss_normalization not in LOSS_NORMALIZATIONS:
+            raise ValueError(f"model.loss_normalization={loss_normalization!r}: expected one of {list(LOSS_NORMALIZATIONS)}")
         # Plain containers only, so checkpoints load with torch.load(weights_only=True). Loggers get the
         # whole resolved config from train.py instead.
         self.save_hyperparameters(
@@ -73,11 +87,14 @@ class LumenModule(L.LightningModule):
                 "scheduler": _plain(scheduler),
                 "fsdp": _plain(fsdp or {}),
                 "max_new_tokens": max_new_tokens,
+                "loss_normalization": loss_normalization,
             },
             logger=False,
         )
         self.config = ModelConfig(**self.hparams.net)
         self.model: LumenModel | None = None
+        # global_tokens: the summed loss and target tokens of the optimizer step's micro-batches so far.
+        self.step_totals: torch.Tensor | None = None
 
     def configure_model(self) -> None:
         """One process: the model as ``build_model`` loads it. Under a device mesh (``FSDP2Strategy``):
@@ -99,14 +116,37 @@ class LumenModule(L.LightningModule):
         # from_pretrained returns modules in eval mode; training starts in train mode.
         self.model = model.train()
 
-    def forward(self, batch: dict) -> Any:
+    def forward(self, batch: dict, loss_reduction: str = "mean") -> Any:
         packed = {key: batch[key] for key in PACKED_INPUTS if key in batch}
-        return self.model(**{key: batch[key] for key in BATCH_INPUTS}, **packed, labels=batch.get("labels"))
+        return self.model(**{key: batch[key] for key in BATCH_INPUTS}, **packed, labels=batch.get("labels"),
+                          loss_reduction=loss_reduction)
 
     def training_step(self, batch: dict, batch_index: int) -> torch.Tensor:
-        loss = self(batch).loss
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["sample_ids"]))
-        return loss
+        if self.hparams.loss_normalization == "micro_batch":
+            loss = self(batch).loss
+            self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["sample_ids"]))
+            return loss
+        # The sum over this micro-batch's target tokens; on_before_optimizer_step divides the step's
+        # gradient by the step's target tokens once all of its micro-batches have been seen.
+        summed = self(batch, loss_reduction="sum").loss
+        totals = torch.stack([summed.detach(), target_count(batch["labels"]).to(summed.dtype)])
+        self.step_totals = totals if self.step_totals is None else self.step_totals + totals
+        return summed
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """global_tokens: makes the step's gradient that of the mean over all its target tokens. Lightning
+        divided each micro-batch's summed loss by ``accumulate_grad_batches`` and data parallelism averaged
+        the gradients over the processes, so the gradient is scaled by both and divided by the step's
+        target tokens on all processes (one all-reduce, which also gives the logged ``train/loss``). Runs
+        before clipping and the optimizer; callbacks' ``on_before_optimizer_step`` run before it and see
+        the unnormalised gradient."""
+        if self.hparams.loss_normalization != "global_tokens" or self.step_totals is None:
+            return
+        loss_sum, targets = self.trainer.strategy.reduce(self.step_totals, reduce_op="sum")
+        self.step_totals = None
+        targets = targets.clamp(min=1)
+        scale_gradients(list(self.parameters()), self.trainer.accumulate_grad_batches * self.trainer.world_size / targets)
+        self.log("train/loss", loss_sum / targets, prog_bar=True)
 
     def validation_step(self, batch: dict, batch_index: int) -> None:
         loss = self(batch).loss

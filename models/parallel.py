@@ -20,6 +20,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.experimental import implicit_replication
 
 from models.checkpoints import ModelConfig, build_model
 from models.lumen import LumenModel
@@ -163,3 +164,12 @@ def clip_grad_norm(parameters: list[nn.Parameter], max_norm: float | None) -> to
     """
     norm = torch.nn.utils.clip_grad_norm_(parameters, math.inf if max_norm is None else max_norm)
     return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
+def scale_gradients(parameters: list[nn.Parameter], factor: torch.Tensor) -> None:
+    """Multiplies the gradients of ``parameters`` by ``factor`` (a 0-dim tensor, the same on every process),
+    in one foreach launch. Under FSDP2 the gradients are DTensor shards, and the factor multiplies each
+    shard as a replicated value."""
+    gradients = [parameter.grad for parameter in parameters if parameter.grad is not None]
+    with implicit_replication():
+        torch._foreach_mul_(gradients, factor)
