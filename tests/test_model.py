@@ -4,13 +4,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
+from transformers import (Gemma2Config, Gemma2ForCausalLM, Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig,
+                          SiglipVisionModel)
 
 from models.lumen import LumenModel
 from models.module import parameter_groups
 from models.projector import MLPDownsampleProjector, TemporalFusion
 from models.vision import HFVisionTower
-from tests.helpers import assert_same_up_to_summation_order
+from tests.helpers import SUMMATION_ORDER_TOLERANCE, assert_same_up_to_summation_order
 
 IMAGE_TOKEN_ID = 5
 TOKENS_PER_IMAGE = 4  # 4x4 patch grid -> 2x2 after the merge
@@ -192,10 +193,20 @@ def test_one_process_skips_the_prior_branches_only_when_no_sample_has_a_prior(mo
 
 
 def test_an_llm_that_transforms_its_logits_is_trained_through_its_own_forward():
-    """The LM head is applied at the target positions only, unless the LLM's forward does more to it."""
+    """The LM head is applied at the target positions only, unless the LLM's forward does more to it: a
+    Gemma 2 softcaps its logits, and the loss is the one Hugging Face computes from its own forward."""
     model = tiny_model().train()
+    torch.manual_seed(0)
+    model.llm = Gemma2ForCausalLM(Gemma2Config(
+        vocab_size=32, hidden_size=24, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=12,
+        intermediate_size=48, max_position_embeddings=128, final_logit_softcapping=0.02, attn_implementation="eager"))
     inputs, labels = labelled_batch(model, [True, False])
-    plain = model(**inputs, labels=labels).loss
-    model.llm.config.final_logit_softcapping = 30.0  # not Qwen2's own setting: its forward ignores it
-    through_forward = model(**inputs, labels=labels).loss
-    torch.testing.assert_close(through_forward, plain)
+    ours = model(**inputs, labels=labels).loss
+    images = {key: inputs[key] for key in ("current_images", "prior_images", "has_prior", "interval_days")}
+    embeddings = model.embed(inputs["input_ids"], **images)
+    hugging_face = model.llm(inputs_embeds=embeddings, attention_mask=inputs["attention_mask"], labels=labels).loss
+    assert_same_up_to_summation_order(ours.detach(), hugging_face.detach())
+    # The cap at 0.02 changes the loss far beyond rounding: the head alone would not give it.
+    model.llm.config.final_logit_softcapping = None
+    uncapped = model.llm(inputs_embeds=embeddings, attention_mask=inputs["attention_mask"], labels=labels).loss
+    assert abs(float(uncapped - hugging_face)) > 100 * SUMMATION_ORDER_TOLERANCE * float(hugging_face)
