@@ -104,12 +104,12 @@ def test_the_summary_averages_parsed_items_and_counts_each_failure(endpoint, tmp
 
 
 def test_a_timeout_is_a_request_failure_for_that_sample_and_is_asked_again_next_run(tmp_path, monkeypatch):
-    server = FakeEndpoint(answer=script, delay_s=1.0)
+    server = FakeEndpoint(answer=script, hold=True)  # no answer until the first run has given up
     try:
         [failed] = judge_records(records("small left effusion"),
                                  client(server.url, tmp_path, monkeypatch, timeout_s=0.2, max_retries=1))
         assert not (tmp_path / "judge_cache.jsonl").exists()
-        server.delay_s = 0.0
+        server.answering.set()
         [judged] = judge_records(records("small left effusion"), client(server.url, tmp_path, monkeypatch))
     finally:
         server.close()

@@ -2,7 +2,6 @@
 
 import json
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -11,15 +10,25 @@ from datamodules.build import main as build
 from datamodules.llm import ChatCache, LLMClient, LLMConfig
 
 
+# How long a held request waits at most: only a broken client (one that never sends the awaited requests)
+# or a test that never releases reaches it.
+HOLD_LIMIT_S = 30
+
+
 class FakeEndpoint:
     """Answers /v1/chat/completions with ``answer(messages)`` (by default the upper-cased last user
-    message); can fail the first calls with ``status`` and wait ``delay_s`` before each answer."""
+    message); can fail the first calls with ``status``. Event-driven, never timed: ``gather=n`` holds the
+    first requests until n are in flight at once (then lets every request through), and a request waits
+    while ``answering`` is cleared (``hold=True`` starts it cleared; the test sets it)."""
 
-    def __init__(self, failures: int = 0, delay_s: float = 0.0, answer=None, status: int = 503):
-        self.requests, self.failures, self.delay_s, self.status = [], failures, delay_s, status
+    def __init__(self, failures: int = 0, answer=None, status: int = 503, gather: int = 0, hold: bool = False):
+        self.requests, self.failures, self.status, self.gather = [], failures, status, gather
         self.answer = answer or (lambda messages: messages[-1]["content"].upper())
         self.in_flight = self.max_in_flight = 0
-        self.lock = threading.Lock()
+        self.lock = threading.Condition()
+        self.answering = threading.Event()
+        if not hold:
+            self.answering.set()
         endpoint = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -34,7 +43,10 @@ class FakeEndpoint:
                     endpoint.max_in_flight = max(endpoint.max_in_flight, endpoint.in_flight)
                     fail = endpoint.failures > 0
                     endpoint.failures -= fail
-                time.sleep(endpoint.delay_s)
+                    endpoint.lock.notify_all()
+                    if not endpoint.lock.wait_for(lambda: endpoint.max_in_flight >= endpoint.gather, timeout=HOLD_LIMIT_S):
+                        endpoint.gather = 0  # never gathered: hold no later request
+                endpoint.answering.wait(HOLD_LIMIT_S)
                 with endpoint.lock:
                     endpoint.in_flight -= 1
                 if fail:
@@ -149,12 +161,15 @@ def test_retries_are_bounded(tmp_path, monkeypatch):
 
 
 def test_concurrency_is_bounded(tmp_path, monkeypatch):
-    server = FakeEndpoint(delay_s=0.05)
+    """The first requests are held until three are in flight together: a client that asks one at a time
+    never gets an answer (its first request waits out the hold limit) and one that asks more than three
+    at once has the rest arrive while those three wait."""
+    server = FakeEndpoint(gather=3)
     try:
         client(server.url, tmp_path / "cache.jsonl", monkeypatch, concurrency=3).complete(conversations(12))
     finally:
         server.close()
-    assert 1 < server.max_in_flight <= 3
+    assert server.max_in_flight == 3 and len(server.requests) == 12
 
 
 def test_a_missing_api_key_variable_is_a_clear_error(endpoint, tmp_path, monkeypatch):
