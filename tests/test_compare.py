@@ -196,8 +196,13 @@ def test_compare_0_1_metric_overall_gives_means_difference_b_minus_a_and_mcnemar
     assert (row["n"], row["mean_a"], row["mean_b"]) == (6, 0.5, pytest.approx(4 / 6))
     assert row["difference"] == pytest.approx(1 / 6)
     assert row["mcnemar"] == {"only_a": 1, "only_b": 2, "p_value": 1.0}
-    assert row["wilcoxon"] == asdict(wilcoxon([1, 0, 0, 1, 0, 1], [1, 1, 1, 0, 0, 1]))
-    assert row["bootstrap"] == asdict(paired_bootstrap_ci([1, 0, 0, 1, 0, 1], [1, 1, 1, 0, 0, 1]))
+    a, b = np.array([1, 0, 0, 1, 0, 1]), np.array([1, 1, 1, 0, 0, 1])
+    expected = stats.wilcoxon(b, a, alternative="two-sided", method="auto")
+    assert row["wilcoxon"] == {"statistic": expected.statistic, "p_value": expected.pvalue, "identical": False}
+    interval = stats.bootstrap((b - a,), np.mean, method="BCa", n_resamples=9999, rng=np.random.default_rng(0))
+    assert row["bootstrap"] == {"low": pytest.approx(interval.confidence_interval.low, abs=1e-12),
+                                "high": pytest.approx(interval.confidence_interval.high, abs=1e-12),
+                                "confidence": 0.95, "method": "BCa", "n_resamples": 9999, "seed": 0}
     assert row["unpaired"] == 0
 
 
@@ -253,7 +258,9 @@ def test_cli_writes_markdown_and_json_into_run_b_and_prints_the_table(runs, caps
     assert ("| Metric | Task | n | A | B | B − A | 95% CI | Wilcoxon p | McNemar |") in text
     assert ("| closed_accuracy | prognostic | 2 | 0.500 | 0.500 | +0.000 | "
             "[+0.000, +0.000] (percentile) | identical | 0 / 0, p=1 |") in text
-    interval = paired_bootstrap_ci([0.5, 0.25, 1.0], [0.5, 0.75, 1.0])
+    # scipy's BCa interval of the paired differences (0, 0.5, 0), the 9,999 resamples of seed 0.
+    interval = stats.bootstrap((np.array([0.0, 0.5, 0.0]),), np.mean, method="BCa", n_resamples=9999,
+                               rng=np.random.default_rng(0)).confidence_interval
     assert (f"| token_recall | **overall** | 3 | 0.583 | 0.750 | +0.167 | "
             f"[{interval.low:+.3f}, {interval.high:+.3f}] | 1 | – |") in text
     rows = [line.split(" | ")[:2] for line in text.splitlines() if line.startswith("| ")]
