@@ -116,6 +116,21 @@ def test_a_training_run_shows_its_model_and_progress_without_library_noise(world
         assert noise not in output
 
 
+def test_the_printed_evaluate_command_evaluates_the_trained_checkpoint(world, tiny_base, tmp_path):
+    """python train.py, then the python eval.py command it prints, as a person types them."""
+    paths = ["prepare=none", f"paths.world_dir={world}", f"paths.tiny_base={tiny_base}"]
+    trained = run("train.py", tmp_path / "train", *paths, "trainer.max_steps=2", "data.batch_size=4", "data.limit.val=4")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    command = next(line for line in trained.stdout.splitlines() if line.startswith("evaluate with: "))
+    script, checkpoint = command.removeprefix("evaluate with: python ").split()
+    assert script == "eval.py" and checkpoint.startswith("ckpt=") and Path(checkpoint[5:]).is_file()
+    evaluated = run("eval.py", tmp_path / "eval", checkpoint, *paths, "data.limit.test=6")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    run_dir = tmp_path / "eval" / "run"
+    assert len((run_dir / "predictions.jsonl").read_text().splitlines()) == 6  # data.limit.test is per source
+    assert "Scored 6 of" in evaluated.stdout and (run_dir / "results.md").read_text() in evaluated.stdout
+
+
 @pytest.mark.parametrize("overrides, message", [
     ([], "ckpt is not set: evaluate with python eval.py ckpt=<"),
     (["ckpt=nowhere.ckpt"], "ckpt = nowhere.ckpt does not exist"),
