@@ -72,7 +72,6 @@ def test_the_slurm_script_names_a_missing_path_before_starting_anything(tmp_path
     assert result.returncode != 0 and "export MIMIC_CXR_JPG=" in result.stderr
 
 
-@pytest.mark.slow
 def test_torchrun_on_one_node_runs_fsdp2_in_one_run_directory(world, tiny_base, tmp_path):
     run = tmp_path / "run"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "train.py",
