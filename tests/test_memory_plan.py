@@ -1,7 +1,6 @@
 """bench/memory.py's memory plan: NVILA-8B's published shapes, and the predicted peak of a training step
 against the live tensor bytes measured on CPU (one FSDP2 process, bf16 compute) for a tiny model."""
 
-import socket
 
 import pytest
 import torch
@@ -22,10 +21,8 @@ def test_the_plan_builds_nvila_8b_with_qwen2_7b_and_siglip_so400m_shapes():
 
 @pytest.fixture
 def one_process_group():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    """A gloo group of this process alone, rendezvousing through an in-memory store: no port to find free."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     yield
     dist.destroy_process_group()
 
