@@ -129,7 +129,8 @@ def test_paired_statistics_refuse_unequal_lengths_and_empty_scores():
 def test_statistics_are_json_ready():
     a, b = seeded_pair(0)
     for result in (paired_bootstrap_ci(a, b), wilcoxon(a, b), mcnemar(a > 0.5, b > 0.5)):
-        json.dumps(asdict(result), allow_nan=False)
+        fields = asdict(result)
+        assert json.loads(json.dumps(fields, allow_nan=False)) == fields  # no NaN, no numpy types
 
 
 def test_zero_one_metrics_are_known_metrics():
