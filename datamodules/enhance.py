@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from datamodules.llm import LLMClient
+from common.llm import LLMClient
 
 PROMPT_VERSION = "enhance-v1"
 TEMPLATE_VERSION = "template-v1"

@@ -8,7 +8,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from datamodules.build import main as build
-from datamodules.llm import ChatCache, LLMClient, LLMConfig
+from common.llm import ChatCache, LLMClient, LLMConfig
 
 
 class FakeEndpoint:

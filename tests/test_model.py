@@ -7,8 +7,9 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
 from models.lumen import LumenModel
-from models.module import parameter_groups
-from models.projector import MLPDownsampleProjector, TemporalFusion
+from models.lit_module import parameter_groups
+from models.fusion import TemporalFusion
+from models.projector import MLPDownsampleProjector
 from models.vision import HFVisionTower
 from tests.helpers import assert_same_up_to_summation_order
 

@@ -12,8 +12,8 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig, OmegaConf
 from wandb.sdk.launch.sweeps.utils import SWEEP_COMMAND_ENV_VAR_REGEX, create_sweep_command, create_sweep_command_args
 
-from cli import compose_config
-from models.checkpoints import ModelConfig
+from run.cli import compose_config
+from models.config import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = sorted((ROOT / "configs" / "sweep").glob("*.yaml"))
