@@ -15,7 +15,7 @@
 (``<out>.cache.jsonl``), so an interrupted build resumes where it stopped.
 
 ``experts`` runs TorchXRayVision's pathology, age, race and view models over every image of
-MIMIC-CXR-JPG (``datamodules.expert_models``); ``--weights-dir`` holds their weight files under
+MIMIC-CXR-JPG (``datamodules.experts_builder``); ``--weights-dir`` holds their weight files under
 xrv's names (a copy of ``~/.torchxrayvision/models_data/``). Rows are kept in ``<out>.partial``
 until all are done, so an interrupted run resumes where it stopped.
 """
