@@ -69,7 +69,7 @@ def test_every_value_of_every_parameter_composes_into_a_valid_config(path, monke
     assert (ROOT / sweep["program"]).is_file() and sweep["program"] == "train.py"
     assert sweep["command"][:3] == ["${env}", "${interpreter}", "${program}"] and "${args_no_hyphens}" in sweep["command"]
     assert "logger.wandb.offline=false" in sweep["command"]  # a sweep's runs report to the sweep
-    assert f'"{sweep["metric"]["name"]}"' in (ROOT / "models" / "module.py").read_text(), "the metric is never logged"
+    assert f'"{sweep["metric"]["name"]}"' in (ROOT / "models" / "lit_module.py").read_text(), "the metric is never logged"
     fixed, runs = sweep_commands(sweep, monkeypatch)
     for swept in runs:
         cfg = compose_config("train", OUTSIDE_HYDRA + fixed + swept)
