@@ -4,25 +4,25 @@ Both runs decode the same prompts of a split with the same model; only ``model.g
 (prompts are collated beforehand). The script prints samples/s and new tokens/s of each, the speed-up
 of batching, and how many answers differ between the two (they should not).
 
-    python bench/generation.py                           # the demo's tiny base model, untrained
-    python bench/generation.py --ckpt outputs/.../last.ckpt --batch-size 32
+    python -m bench.generation                           # the demo's tiny base model, untrained
+    python -m bench.generation --ckpt outputs/.../last.ckpt --batch-size 32
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import hydra
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from models.checkpoints import load_checkpoint
+from models.config import ModelConfig
+from models.factory import build_model, input_spec
+from run.cli import compose_config, prepare
 
-from cli import compose_config, prepare  # noqa: E402
-from models.checkpoints import ModelConfig, build_model, input_spec, load_checkpoint  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 IMAGE_KEYS = ("current_images", "prior_images", "has_prior", "interval_days")
 

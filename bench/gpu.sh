@@ -33,9 +33,9 @@ step tests python -m pytest -q -p no:cacheprovider -rs tests/test_parallel_gpu.p
 # The README's one-GPU job and its evaluation (bf16-mixed, generation on the GPU).
 step train-gpu python train.py trainer=gpu hydra.run.dir="$out/train-gpu"
 step eval-gpu python eval.py ckpt="$out/train-gpu/checkpoints/last.ckpt" hydra.run.dir="$out/eval-gpu"
-step throughput-bf16 python bench/throughput.py --device cuda --dtype bfloat16
-step throughput-fp32 python bench/throughput.py --device cuda --dtype float32
-step packing python bench/packing.py --device cuda
+step throughput-bf16 python -m bench.throughput --device cuda --dtype bfloat16
+step throughput-fp32 python -m bench.throughput --device cuda --dtype float32
+step packing python -m bench.packing --device cuda
 
 if ((${#failed[@]})); then
     echo "failed: ${failed[*]} (logs in $out)"

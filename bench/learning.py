@@ -15,10 +15,10 @@ intervals), micro-F1 of the added and of the missing findings, the visual tokens
 costs, the accuracy ratio of --reference to every other arm, and an exact McNemar test of the
 reference against each on the same questions.
 
-    python bench/learning.py                               # about 6 CPU-minutes of training per model (2 cores)
-    python bench/learning.py --variants fused one-image    # a subset
-    python bench/learning.py --steps 600                   # quicker, weaker
-    python bench/learning.py --reuse                       # train only the arms not yet run with these settings
+    python -m bench.learning                               # about 6 CPU-minutes of training per model (2 cores)
+    python -m bench.learning --variants fused one-image    # a subset
+    python -m bench.learning --steps 600                   # quicker, weaker
+    python -m bench.learning --reuse                       # train only the arms not yet run with these settings
 """
 
 from __future__ import annotations
@@ -30,8 +30,10 @@ import sys
 import time
 from pathlib import Path
 
+from evaluation.metrics import change_f1
+from evaluation.stats import mcnemar
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 VARIANTS = {
     "difference": ["experiment=demo", "model.net.fusion.mode=difference"],
     "difference-no-embed": ["experiment=demo", "model.net.fusion.mode=difference",
@@ -42,10 +44,6 @@ VARIANTS = {
     "nvila_ft": ["experiment=nvila_ft"],
 }
 REFERENCE = "difference"  # the demo's default mode
-
-
-from evaluation.metrics import change_f1  # noqa: E402  (after the repository root is on sys.path)
-from evaluation.stats import mcnemar  # noqa: E402
 
 
 def run(command: list[str]) -> float:

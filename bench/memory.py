@@ -1,8 +1,8 @@
 """Per-GPU memory of a LUMEN training step under FSDP2, predicted from the model's shapes; the prediction
 is checked against the measured peak of tiny models trained on CPU.
 
-    python bench/memory.py                              # NVILA-8B LUMEN on 4 GPUs, then the tiny-model check
-    python bench/memory.py --gpus 8 --micro-batch 2 --text-tokens 512 --no-check
+    python -m bench.memory                              # NVILA-8B LUMEN on 4 GPUs, then the tiny-model check
+    python -m bench.memory --gpus 8 --micro-batch 2 --text-tokens 512 --no-check
 
 The plan (``plan``): the model is built on the meta device from NVILA-8B's shapes (Qwen2-7B LLM, SigLIP
 so400m read at its second-to-last layer, NVILA's 2x2-merge projector on three scales, the temporal
@@ -40,7 +40,6 @@ import argparse
 import json
 import os
 import socket
-import sys
 import tempfile
 import warnings
 from dataclasses import dataclass, replace
@@ -54,14 +53,12 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.profiler import ProfilerActivity, profile, record_function
 from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from models.lumen import LumenModel  # noqa: E402
-from models.module import parameter_groups  # noqa: E402
-from models.parallel import apply_activation_checkpointing, shard  # noqa: E402
-from models.projector import MLPDownsampleProjector, TemporalFusion  # noqa: E402
-from models.vision import HFVisionTower  # noqa: E402
+from models.fusion import TemporalFusion
+from models.lit_module import parameter_groups
+from models.lumen import LumenModel
+from models.parallel import apply_activation_checkpointing, shard
+from models.projector import MLPDownsampleProjector
+from models.vision import HFVisionTower
 
 GB = 1e9
 
@@ -359,7 +356,6 @@ def measure(shapes: Shapes, work: Workload, setup: Setup) -> dict[str, int]:
         probe.close()
         mp.spawn(_measure_process, args=(port, shapes, work, setup, out), nprocs=setup.gpus)
         return json.loads((Path(out) / "memory-0.json").read_text())
-
 
 ROWS = ("parameters", "optimizer state", "gradients", "gathered parameters", "activations: vision tower",
         "activations: projector", "activations: fusion", "activations: LLM", "activations: recomputed block",

@@ -9,9 +9,9 @@ so that load on the machine falls on both alike. After --warmup steps, --steps s
 Lightning's Throughput turns the step times into samples/s and tokens/s (real tokens only). The first
 step's two losses are printed as a check that both layouts compute the same thing.
 
-    python bench/packing.py                                   # CPU, 3-4 minutes on 2 busy cores
-    python bench/packing.py --group-batches 1                 # micro-batches not grouped by length
-    python bench/packing.py --device cuda                     # on a GPU (sdpa: a dense block-causal mask)
+    python -m bench.packing                                   # CPU, 3-4 minutes on 2 busy cores
+    python -m bench.packing --group-batches 1                 # micro-batches not grouped by length
+    python -m bench.packing --device cuda                     # on a GPU (sdpa: a dense block-causal mask)
 """
 
 from __future__ import annotations
@@ -19,22 +19,21 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+import torch
+from lightning.fabric.utilities.throughput import Throughput
+from omegaconf import OmegaConf
+
+from models.config import ModelConfig
+from models.factory import build_model, input_spec
+from models.lit_module import BATCH_INPUTS, PACKED_INPUTS
+from run.cli import compose_config, prepare
+from run.train import instantiate_data
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402  (after the repository root is on sys.path)
-from lightning.fabric.utilities.throughput import Throughput  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
-
-from cli import compose_config, prepare  # noqa: E402
-from models.checkpoints import ModelConfig, build_model, input_spec  # noqa: E402
-from models.module import BATCH_INPUTS, PACKED_INPUTS  # noqa: E402
-from train import instantiate_data  # noqa: E402
 
 LAYOUTS = ("padded", "packed")
 

@@ -3,8 +3,8 @@ new user types them, from a cold cache (a new, empty ``LUMEN_CACHE``), so the wo
 too. Prints the wall time of each stage, the size of the Python environment, and the demo's scores; the
 README's quickstart figures are this script's.
 
-    python bench/quickstart.py                 # about 3 minutes on an idle 2-core CPU
-    python bench/quickstart.py --cache DIR     # keep the built world and base in DIR (must not exist yet)
+    python -m bench.quickstart                 # about 3 minutes on an idle 2-core CPU
+    python -m bench.quickstart --cache DIR     # keep the built world and base in DIR (must not exist yet)
 """
 
 from __future__ import annotations

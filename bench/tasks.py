@@ -20,14 +20,14 @@ the best forecast from the current study alone (the world's own model without th
 ceiling of any one-image model). The prognostic scores are then split by whether that forecast is
 wrong: the questions where the prior study changes the answer, which only a two-image model can get.
 
-    python bench/tasks.py                        # the four default arms, about 10 minutes each (2 cores)
-    python bench/tasks.py --variants mmxu-global lumen-no-experts   # the other two
-    python bench/tasks.py --variants temporal temporal-one-image --steps 12000 --train-subjects 6000 \
+    python -m bench.tasks                        # the four default arms, about 10 minutes each (2 cores)
+    python -m bench.tasks --variants mmxu-global lumen-no-experts   # the other two
+    python -m bench.tasks --variants temporal temporal-one-image --steps 12000 --train-subjects 6000 \
         --eval-subjects 2000                    # the README's prognostic result, about 2 hours (2 cores)
-    python bench/tasks.py --variants mmxu mmxu-one-image --steps 600
-    python bench/tasks.py --reuse                # train and evaluate only what was not yet run with these settings
-    python bench/tasks.py --reuse --eval-subjects 2000   # the same models on a larger held-out world
-    python bench/tasks.py --train-overrides trainer=gpu --eval-overrides accelerator=gpu   # on a GPU
+    python -m bench.tasks --variants mmxu mmxu-one-image --steps 600
+    python -m bench.tasks --reuse                # train and evaluate only what was not yet run with these settings
+    python -m bench.tasks --reuse --eval-subjects 2000   # the same models on a larger held-out world
+    python -m bench.tasks --train-overrides trainer=gpu --eval-overrides accelerator=gpu   # on a GPU
 """
 
 from __future__ import annotations
@@ -44,14 +44,12 @@ from pathlib import Path
 
 from scipy.stats import binomtest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-CACHE = Path(os.environ.get("LUMEN_CACHE", ROOT / ".cache" / "lumen"))  # configs/paths/default.yaml's cache_dir
+from common.prognosis_grammar import Expectation, parse_prognosis, same_prognosis
+from datamodules.synthetic.population import simulate_population
+from datamodules.synthetic.prognostic_truth import prognosis
 
-# After the repository root is on sys.path:
-from datamodules.synthetic.population import simulate_population  # noqa: E402
-from datamodules.synthetic.prognosis import prognosis  # noqa: E402
-from evaluation.prognosis import Expectation, parse_prognosis, same_prognosis  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = Path(os.environ.get("LUMEN_CACHE", ROOT / ".cache" / "lumen"))  # configs/paths/default.yaml's cache_dir
 
 EXPERTS = "data.experts=${paths.experts}"
 PROGNOSTIC_ONLY = ["data.sources.diagnostic=null", "data.sources.difference=null"]
@@ -97,7 +95,6 @@ def run(command: list[str]) -> float:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
-
 
 SCORED = {"mmxu": "choice_accuracy", "difference": "difference_correct", "prognostic": "prognosis_correct"}
 

@@ -15,12 +15,12 @@ same dtype, same threads, AdamW with the same settings. A step is forward, loss,
 step and zero_grad. After --warmup steps of each, --repeats rounds alternate ours and HF (each round
 --steps steps on the batches in turn); the median round gives steps/s and real tokens/s.
 
-    python bench/throughput.py                                    # CPU, float32, all threads
-    python bench/throughput.py --threads 1 --batch-size 16
-    python bench/throughput.py --device cuda --dtype bfloat16
-    python bench/throughput.py --fusion concat                     # the cheapest fusion
-    python bench/throughput.py --profile                           # + torch.profiler's top operators of each
-    python bench/throughput.py prepare.world.subjects=40           # Hydra overrides of the demo config
+    python -m bench.throughput                                    # CPU, float32, all threads
+    python -m bench.throughput --threads 1 --batch-size 16
+    python -m bench.throughput --device cuda --dtype bfloat16
+    python -m bench.throughput --fusion concat                     # the cheapest fusion
+    python -m bench.throughput --profile                           # + torch.profiler's top operators of each
+    python -m bench.throughput prepare.world.subjects=40           # Hydra overrides of the demo config
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ import argparse
 import copy
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -41,14 +40,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from models.config import ModelConfig
+from models.factory import build_model, input_spec
+from models.flops import measure_step_flops, real_tokens
+from models.lit_module import BATCH_INPUTS, parameter_groups
+from models.lumen import LumenModel
+from run.cli import compose_config, prepare
 
-from cli import compose_config, prepare  # noqa: E402
-from models.checkpoints import ModelConfig, build_model, input_spec  # noqa: E402
-from models.flops import measure_step_flops, real_tokens  # noqa: E402
-from models.lumen import LumenModel  # noqa: E402
-from models.module import BATCH_INPUTS, parameter_groups  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def llava_like(ours: LumenModel) -> LlavaForConditionalGeneration:
@@ -236,7 +235,7 @@ def main() -> None:
         batch["current_images"] = batch["current_images"].to(images_dtype)  # Llava does not cast its pixels
 
     ours = build_model(config).train().to(device)
-    ours.fusion.every_parameter_every_step = False  # as LumenModule sets it for one process
+    ours.fusion.every_parameter_every_step = False  # as LumenLitModule sets it for one process
     llava = llava_like(ours).to(device)
     optimizer_config = cfg.model.optimizer
     ours_optimizer = torch.optim.AdamW(parameter_groups(ours, optimizer_config.lr, optimizer_config.weight_decay),

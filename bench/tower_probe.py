@@ -6,15 +6,14 @@ always answering "absent" or "present" would get). A difference answer is right 
 of both studies are all read right, so this bounds what a VLM on this tower can do before the tower
 itself is trained further.
 
-    python bench/tower_probe.py                                    # the demo's cached tiny base and world
-    python bench/tower_probe.py --base DIR --world DIR
+    python -m bench.tower_probe                                    # the demo's cached tiny base and world
+    python -m bench.tower_probe --base DIR --world DIR
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 import torch
@@ -22,11 +21,11 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import SiglipImageProcessor, SiglipVisionModel
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from datamodules.collate import image_transform
+from datamodules.mimic import CHEXPERT_LABELS, load_chexpert, load_images
 
-from datamodules.collate import image_transform  # noqa: E402
-from datamodules.mimic import CHEXPERT_LABELS, load_chexpert, load_images  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+
 
 # Where the demo caches its world and base (configs/paths/default.yaml).
 CACHE = Path(os.environ.get("LUMEN_CACHE", ROOT / ".cache" / "lumen"))

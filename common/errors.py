@@ -1,6 +1,6 @@
 """Errors that are the person's to fix (a config value, a missing input, a resume with nothing to
 train). The entry points print their message alone, without a traceback, and exit with code 2; every
-other exception keeps its traceback (``cli.entry_point``)."""
+other exception keeps its traceback (``run.cli.entry_point``)."""
 
 from __future__ import annotations
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -54,3 +55,23 @@ def whole_lines(path: Path) -> bytes:
     if len(whole) < len(data):
         os.truncate(path, len(whole))
     return whole
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write `text` beside `path`, flushed to disk, then rename it into place: readers see the old
+    file or the new one, never a half-written one."""
+    with atomic_file(path) as staging, open(staging, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def write_json_atomic(path: str | Path, obj) -> None:
+    """Atomically write `obj` as indented JSON; NaN and infinities are refused (not valid JSON)."""
+    write_text_atomic(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+
+
+def write_jsonl_atomic(path: str | Path, records) -> None:
+    """Atomically write one JSON object per line."""
+    lines = (json.dumps(record, allow_nan=False) + "\n" for record in records)
+    write_text_atomic(path, "".join(lines))

@@ -15,7 +15,7 @@
 (``<out>.cache.jsonl``), so an interrupted build resumes where it stopped.
 
 ``experts`` runs TorchXRayVision's pathology, age, race and view models over every image of
-MIMIC-CXR-JPG (``datamodules.expert_models``); ``--weights-dir`` holds their weight files under
+MIMIC-CXR-JPG (``datamodules.experts_builder``); ``--weights-dir`` holds their weight files under
 xrv's names (a copy of ``~/.torchxrayvision/models_data/``). Rows are kept in ``<out>.partial``
 until all are done, so an interrupted run resumes where it stopped.
 """
@@ -27,15 +27,15 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from common.files import write_jsonl_atomic
+from common.llm import ChatCache, LLMClient, LLMConfig
 from datamodules.diffvqa import SPLITS
 from datamodules.enhance import PROMPT_VERSION as ENHANCE_PROMPT
 from datamodules.enhance import enhance
-from datamodules.llm import ChatCache, LLMClient, LLMConfig
 from datamodules.mimic import load_images
-from datamodules.prognostic import BACKENDS as PROGNOSTIC_BACKENDS
-from datamodules.prognostic import PROMPT_VERSION as PROGNOSTIC_PROMPT
-from datamodules.prognostic import build_prognostic
-from evaluation.report import write_jsonl_atomic
+from datamodules.prognostic_builder import BACKENDS as PROGNOSTIC_BACKENDS
+from datamodules.prognostic_builder import PROMPT_VERSION as PROGNOSTIC_PROMPT
+from datamodules.prognostic_builder import build_prognostic
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -97,7 +97,7 @@ def build_with_llm_or_offline(args: argparse.Namespace, parser: argparse.Argumen
 
 def build_experts(args: argparse.Namespace) -> None:
     # Imported here: torch and torchxrayvision are needed by this command only.
-    from datamodules.expert_models import load_expert_models, partial_path, run_experts
+    from datamodules.experts_builder import load_expert_models, partial_path, run_experts
 
     started = time.perf_counter()
     images = load_images(args.mimic_cxr_jpg)

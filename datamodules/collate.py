@@ -4,16 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from PIL import Image, ImageOps
 from torchvision.transforms.v2 import functional as F
-from transformers import AutoTokenizer
 
+from common.contract import IGNORE_INDEX, IMAGE_SLOTS, IMAGE_TOKEN
 from datamodules.records import Sample
-
-IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)
@@ -23,15 +20,6 @@ class LoadedSample:
     sample: Sample
     image: Image.Image
     prior_image: Image.Image | None
-
-
-def load_tokenizer(directory: str | Path, image_token: str = "<image>"):
-    """A Hugging Face tokenizer with the image placeholder as a special token (NVILA's ``<image>``),
-    added if the directory's tokenizer lacks it."""
-    tokenizer = AutoTokenizer.from_pretrained(directory)
-    if image_token not in tokenizer.get_vocab():
-        tokenizer.add_special_tokens({"additional_special_tokens": [image_token]})
-    return tokenizer
 
 
 # How an image becomes a square: pad (keeps all anatomy and the aspect ratio; our default), squash
@@ -56,15 +44,6 @@ def image_transform(image: Image.Image, size: int, mean: Sequence[float], std: S
     else:
         square = ImageOps.fit(image, (size, size), method=Image.Resampling.BICUBIC).convert("RGB")
     return F.normalize(F.to_dtype(F.pil_to_tensor(square), torch.float32, scale=True), list(mean), list(std))
-
-
-# What each image slot of a two-image prompt holds, per fusion mode (models.projector.TemporalFusion):
-# the context set (prior or difference tokens) comes first, the current study last.
-IMAGE_SLOTS = {
-    "concat": ("Image-1 (prior study)", "Image-2 (current study)"),
-    "difference": ("Change since the prior study", "Current study"),
-    "fused": ("Current study, compared with the prior study",),
-}
 
 
 CHOICE_INSTRUCTION = "Answer with the option's letter from the given choices directly."
@@ -108,7 +87,7 @@ class LumenCollator:
         std: Sequence[float],
         tokens_per_image: int,
         fusion_mode: str,
-        image_token: str = "<image>",
+        image_token: str = IMAGE_TOKEN,
         interval_in_prompt: bool = True,
         resize: str = "pad",
         for_generation: bool = False,

@@ -12,7 +12,9 @@ import lightning as L
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from datamodules.collate import LoadedSample, LumenCollator, load_tokenizer
+from common.contract import InputSpec
+from common.tokenizer import load_tokenizer
+from datamodules.collate import LoadedSample, LumenCollator
 from datamodules.experts import expert_text, load_experts
 from datamodules.records import Sample
 from datamodules.sampling import MixtureBatchSampler, ResumableLoader
@@ -55,7 +57,7 @@ class LumenDataModule(L.LightningDataModule):
     batches that every rank shards itself (``MixtureBatchSampler``; the trainer configs set
     ``use_distributed_sampler: false``). Validation and generation read every source's split in order.
     ``input_spec`` (image size, normalisation, visual tokens per image) comes from the model's base
-    directory (``models.checkpoints.input_spec``) so the collator and the model always agree.
+    directory (``models.factory.input_spec``) so the collator and the model always agree.
     ``experts``: an expert-prediction CSV (``python -m datamodules.build experts``) whose text about the
     current image goes into every prompt, with age, race and view when ``expert_demographics``.
     ``packing``: training and validation-loss batches are one row of the samples end to end, with
@@ -70,7 +72,7 @@ class LumenDataModule(L.LightningDataModule):
         self,
         sources: dict[str, Any],
         tokenizer_dir: str,
-        input_spec: dict[str, Any],
+        input_spec: InputSpec,
         use_prior: bool = True,
         interval_in_prompt: bool = True,
         experts: str | None = None,
@@ -107,8 +109,10 @@ class LumenDataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.group_batches, self.seed = group_batches, seed
         self.limit = dict(limit or {})
-        self.tokens_per_image = input_spec["tokens_per_image"]
-        self.tokenizer = load_tokenizer(tokenizer_dir, input_spec["image_token"])
+        # Through hydra.utils.instantiate the spec arrives as a DictConfig of its fields.
+        input_spec = input_spec if isinstance(input_spec, InputSpec) else InputSpec(**input_spec)
+        self.tokens_per_image = input_spec.tokens_per_image
+        self.tokenizer = load_tokenizer(tokenizer_dir, input_spec.image_token)
         collator_args = dict(tokenizer=self.tokenizer, interval_in_prompt=interval_in_prompt, resize=image_resize,
                              **input_spec)
         self.train_collator = LumenCollator(**collator_args, packing=packing)

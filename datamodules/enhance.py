@@ -1,7 +1,7 @@
 """Instruction enhancement: each short Medical-Diff-VQA answer rewritten as a full sentence with the
 same meaning (the LUMEN paper did this with Llama-3.2-11B-Vision-Instruct).
 
-Two backends: ``llm`` (any OpenAI-compatible endpoint, through ``datamodules.llm``) and ``template``
+Two backends: ``llm`` (any OpenAI-compatible endpoint, through ``common.llm``) and ``template``
 (offline rules per question type, so the pipeline runs without any LLM). The output is JSONL, one
 object per question row:
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from datamodules.llm import LLMClient
+from common.llm import LLMClient
 
 PROMPT_VERSION = "enhance-v1"
 TEMPLATE_VERSION = "template-v1"

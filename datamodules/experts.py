@@ -12,7 +12,7 @@ stem), with the columns of ``COLUMNS``:
   three probabilities;
 - ``view``: ``Frontal`` or ``Lateral``.
 
-``datamodules.expert_models`` writes it from images, ``datamodules.synthetic.experts`` for the
+``datamodules.experts_builder`` writes it from images, ``datamodules.synthetic.experts`` for the
 synthetic world. A probability becomes one of four words (``level``), after D-Rax.
 """
 

@@ -76,7 +76,8 @@ class MixtureBatchSampler(Sampler[list[int]]):
             raise ValueError(
                 f"the checkpoint's data position was saved by {state['world_size']} processes and this run has "
                 f"{self.world_size}: the trainer's batch counters must be converted first, which "
-                "models.resume.ResumableCheckpoint (callbacks.model_checkpoint) does when the run resumes"
+                "models.callbacks.resumable_checkpoint.ResumableCheckpoint (callbacks.model_checkpoint) does when "
+                "the run resumes"
             )
         self.epoch, self.position = state["epoch"], state["position"]
 

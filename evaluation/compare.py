@@ -25,8 +25,8 @@ import math
 from dataclasses import asdict
 from pathlib import Path
 
+from common.files import write_json_atomic, write_text_atomic
 from evaluation.metrics import METRIC_SIGNATURES, ZERO_ONE_METRICS
-from evaluation.report import write_json_atomic, write_text_atomic
 from evaluation.stats import mcnemar, paired_bootstrap_ci, wilcoxon
 
 CONFIDENCE = 0.95

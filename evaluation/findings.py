@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from evaluation.difference import micro_scores, parse_difference, parse_reference_difference
+from common.difference_grammar import micro_scores, parse_difference, parse_reference_difference
 
 # (label, phrases), matched as whole words on lower-cased text in this order, each match blanked
 # before the next pattern runs: the specific phrases come first, so "nodular opacity" is a Lung

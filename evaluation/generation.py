@@ -22,10 +22,9 @@ from lightning.pytorch.callbacks import BasePredictionWriter, TQDMProgressBar
 from torch.utils.data import DataLoader
 
 from common.errors import ConfigError
-from common.files import whole_lines
+from common.files import whole_lines, write_json_atomic
 from datamodules.datamodule import SampleDataset
 from datamodules.records import Sample
-from evaluation.report import write_json_atomic
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from datamodules.llm import ChatCache, LLMClient, LLMConfig
+from common.llm import ChatCache, LLMClient, LLMConfig
 
 JUDGE_PROMPT_VERSION = "judge-v1"
 

@@ -1,6 +1,6 @@
 """Per-sample answer metrics: token recall, yes/no accuracy and MMXU single-choice accuracy, and
 `score_sample`, which routes a prediction record to every metric that applies to it (difference
-findings from `evaluation.difference`).
+findings from `common.difference_grammar`).
 
 Every metric scores one (prediction, reference) pair, because paired comparisons between models
 (Wilcoxon signed-rank, McNemar) need per-sample values; `evaluation.report` averages them.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-from evaluation.difference import (  # noqa: F401  (re-exported: callers import them from here)
+from common.difference_grammar import (  # noqa: F401  (re-exported: callers import them from here)
     DifferenceFindings,
     change_f1,
     difference_correct,
@@ -19,8 +19,8 @@ from evaluation.difference import (  # noqa: F401  (re-exported: callers import 
     parse_reference_difference,
     same_change,
 )
+from common.prognosis_grammar import parse_prognosis, prognosis_f1, same_prognosis
 from evaluation.findings import label_change_f1, label_changes, reference_label_changes
-from evaluation.prognosis import parse_prognosis, prognosis_f1, same_prognosis
 from evaluation.text_metrics import (
     CORPUS_BLEU_SIGNATURE,
     ROUGE_L_SIGNATURE,

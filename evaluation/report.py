@@ -1,16 +1,12 @@
-"""Results files: per-sample scores averaged per task and question type, corpus-level scores of
-the same groups, Markdown tables laid out like the papers' (and one of every metric), and atomic
-writers so an interrupted run never leaves a half-written result behind."""
+"""Results tables: per-sample scores averaged per task and question type, corpus-level scores of
+the same groups, and Markdown tables laid out like the papers' (and one of every metric). The files
+they go into are written with ``common.files``' atomic writers."""
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from collections import Counter, defaultdict
-from pathlib import Path
 
-from common.files import atomic_file
 from evaluation.metrics import (
     CORPUS_METRIC_SIGNATURES, METRIC_SIGNATURES, corpus_metrics, parse_reference_difference, same_change,
 )
@@ -197,23 +193,3 @@ def markdown_report(results: dict) -> str:
         sections.append(_mmxu_table(results["by_task"]["mmxu"]))
     sections.append(["## Every metric (mean and number of samples)", "", markdown_table(results).rstrip()])
     return "\n\n".join("\n".join(lines) for lines in sections) + "\n"
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write `text` beside `path`, flushed to disk, then rename it into place: readers see the old
-    file or the new one, never a half-written one."""
-    with atomic_file(path) as staging, open(staging, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def write_json_atomic(path: str | Path, obj) -> None:
-    """Atomically write `obj` as indented JSON; NaN and infinities are refused (not valid JSON)."""
-    write_text_atomic(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
-
-
-def write_jsonl_atomic(path: str | Path, records) -> None:
-    """Atomically write one JSON object per line."""
-    lines = (json.dumps(record, allow_nan=False) + "\n" for record in records)
-    write_text_atomic(path, "".join(lines))

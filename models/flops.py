@@ -59,8 +59,9 @@ import torch
 from lightning.fabric.utilities.throughput import measure_flops
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from datamodules.collate import IGNORE_INDEX
-from models.checkpoints import ModelConfig, build_model, input_spec
+from common.contract import IGNORE_INDEX
+from models.config import ModelConfig
+from models.factory import build_model, input_spec
 from models.lumen import LumenModel
 
 # Relative difference allowed between formula_flops and the measurement on the tests' tiny models, where the
@@ -143,7 +144,7 @@ def measure_step_flops(config: ModelConfig) -> StepFlops:
     8B model, as nothing is computed."""
     model = meta_model(config)
     dtype = model.projector.layers[2].weight.dtype
-    size = input_spec(config)["image_size"]
+    size = input_spec(config).image_size
     tokens, width = model.tokens_per_image, model.llm.config.hidden_size
     vision_trains = _trains(model.vision, model.projector)
     with torch.device("meta"):

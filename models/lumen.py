@@ -8,8 +8,9 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from datamodules.collate import IGNORE_INDEX
-from models.projector import MLPDownsampleProjector, TemporalFusion
+from common.contract import IGNORE_INDEX
+from models.fusion import TemporalFusion
+from models.projector import MLPDownsampleProjector
 from models.vision import VisionTower
 
 

@@ -1,6 +1,6 @@
 """How a LumenModel is sharded (FSDP2), checkpointed and clipped, kept apart from what the model is.
 
-Under Lightning's ModelParallelStrategy (``FSDP2Strategy``) ``LumenModule.configure_model`` calls
+Under Lightning's ModelParallelStrategy (``FSDP2Strategy``) ``LumenLitModule.configure_model`` calls
 ``build_sharded``: the model is built on the meta device (no weights read, nothing allocated), its
 blocks are wrapped for activation checkpointing if configured, it is sharded, materialised empty on the
 process's device, and filled from the full model that only rank 0 builds from the base directory.
@@ -22,7 +22,8 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.experimental import implicit_replication
 
-from models.checkpoints import ModelConfig, build_model
+from models.config import ModelConfig
+from models.factory import build_model
 from models.lumen import LumenModel
 
 

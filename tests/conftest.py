@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli import compose_config
+from run.cli import compose_config
 from datamodules.synthetic import ensure_world
-from models.tiny import ensure_tiny_base
+from run.tiny_base import ensure_tiny_base
 from tests.helpers import TINY_LLM, TINY_PRETRAIN_STEPS, TINY_VISION, WORLD_SUBJECTS
-from train import train
+from run.train import train
 
 # Numbers computed in this process must not depend on the machine's cores: the thread count decides how
 # CPU kernels split their sums (and so their rounding) and how much scratch memory they take.

@@ -20,7 +20,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPO
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule
 
-from models.checkpoints import ModelConfig
+from models.config import ModelConfig
 from models.parallel import build_sharded, clip_grad_norm
 from tests.helpers import model_inputs, model_labels
 

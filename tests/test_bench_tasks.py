@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from bench.tasks import by_finding, prior_dependent
 from datamodules.synthetic.population import simulate_population
-from datamodules.synthetic.prognosis import prognosis
-from evaluation.prognosis import parse_prognosis, same_prognosis
+from datamodules.synthetic.prognostic_truth import prognosis
+from common.prognosis_grammar import parse_prognosis, same_prognosis
 from tests.helpers import WORLD_SUBJECTS, read_jsonl
 
 

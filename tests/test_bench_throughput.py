@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from bench.throughput import DeviceWork, HostSyncs, counted_operators, counted_syncs, llava_like, llava_loss, ours_loss
-from models.checkpoints import ModelConfig, build_model
+from models.config import ModelConfig
+from models.factory import build_model
 from tests.helpers import assert_same_up_to_summation_order, model_inputs, model_labels
 
 

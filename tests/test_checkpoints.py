@@ -7,10 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli import compose_config
-from eval import evaluate
-from models.checkpoints import ModelConfig, build_model, input_spec, load_checkpoint
-from models.module import LumenModule
+from run.cli import compose_config
+from run.evaluate import evaluate
+from models.checkpoints import load_checkpoint
+from models.config import ModelConfig
+from models.factory import build_model, input_spec
+from models.lit_module import LumenLitModule as LumenModule
 from tests.helpers import WORLD_SUBJECTS, checkpoints_cli, model_inputs
 
 
@@ -97,7 +99,7 @@ def test_flash_attention_without_the_package_is_a_clear_error(tiny_base):
     ("bfloat16", "bf16-mixed", False), ("float32", "bf16-true", False),
 ])
 def test_model_dtype_must_fit_the_trainer_precision(tiny_base, dtype, precision, fits):
-    from models.module import _check_precision
+    from models.lit_module import _check_precision
 
     if fits:
         _check_precision(dtype, precision)

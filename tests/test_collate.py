@@ -6,10 +6,12 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer
 
-from datamodules.collate import IGNORE_INDEX, LoadedSample, LumenCollator, image_transform
+from common.contract import IGNORE_INDEX
+from datamodules.collate import LoadedSample, LumenCollator, image_transform
 from datamodules.datamodule import SampleDataset
 from datamodules.records import Sample
-from models.checkpoints import ModelConfig, input_spec
+from models.config import ModelConfig
+from models.factory import input_spec
 
 DIAGNOSTIC = Sample("d-1", "diagnostic", "presence", "is there pleural effusion?", "yes", image="cur.jpg")
 DIFFERENCE = Sample(

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from cli import compose_config
-from train import train
+from run.cli import compose_config
+from run.train import train
 
 EXPERIMENTS = sorted(path.stem for path in (Path(__file__).resolve().parents[1] / "configs" / "experiment").glob("*.yaml"))
 
@@ -19,7 +19,7 @@ def test_the_expected_experiments_exist():
 def test_experiment_composes_with_train_config(experiment):
     cfg = compose_config("train", [f"experiment={experiment}"])
     assert cfg.task_name == experiment
-    assert cfg.model._target_ == "models.module.LumenModule"
+    assert cfg.model._target_ == "models.lit_module.LumenLitModule"
     assert cfg.trainer._target_ == "lightning.pytorch.Trainer"
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from hydra.errors import ConfigCompositionException
 
-from cli import compose_config, override_problem
+from run.cli import compose_config, override_problem
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_GPU = torch.cuda.is_available() or torch.backends.mps.is_available()
@@ -77,7 +77,7 @@ def test_every_missing_input_is_named_in_one_message(tmp_path):
 
 def test_an_unexpected_error_keeps_its_traceback(tmp_path):
     script = tmp_path / "failing.py"
-    script.write_text(f"import sys\nsys.path.insert(0, {str(ROOT)!r})\nfrom cli import entry_point\n\n"
+    script.write_text(f"import sys\nsys.path.insert(0, {str(ROOT)!r})\nfrom run.cli import entry_point\n\n"
                       "@entry_point('train')\ndef main(cfg):\n    raise RuntimeError('not a usage error')\n\nmain()\n")
     result = run(str(script), tmp_path)
     assert result.returncode == 1

@@ -10,8 +10,8 @@ import pytest
 import wandb
 from PIL import Image
 
-from cli import compose_config
-from eval import evaluate
+from run.cli import compose_config
+from run.evaluate import evaluate
 from evaluation.generation import FINGERPRINT, PARTIAL
 from tests.helpers import WORLD_SUBJECTS, read_jsonl
 

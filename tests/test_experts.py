@@ -17,7 +17,7 @@ import torchxrayvision as xrv
 from torch import nn
 
 from datamodules.build import main as build_main
-from datamodules.expert_models import (
+from datamodules.experts_builder import (
     WEIGHT_URLS, ExpertRun, load_expert_models, partial_path, preprocess, run_experts, weight_file,
 )
 from datamodules.experts import (

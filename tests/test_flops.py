@@ -7,13 +7,14 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from cli import compose_config
-from models.checkpoints import ModelConfig, build_model, input_spec
+from run.cli import compose_config
+from models.config import ModelConfig
+from models.factory import build_model, input_spec
 from models.flops import (FORMULA_TOLERANCE, StepFlops, formula_flops, measure_step_flops, meta_model, sequence_lengths,
                           target_tokens)
-from models.module import BATCH_INPUTS
+from models.lit_module import BATCH_INPUTS
 from tests.helpers import WORLD_SUBJECTS
-from train import instantiate_data
+from run.train import instantiate_data
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from models.projector import IntervalEmbedding, TemporalFusion
+from models.fusion import IntervalEmbedding, TemporalFusion
 
 MODES = ["concat", "difference", "fused"]
 DIM, TOKENS = 8, 4

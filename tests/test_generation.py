@@ -5,7 +5,8 @@ import torch
 
 from datamodules.datamodule import LumenDataModule
 from datamodules.sources import DiffVQASource
-from models.checkpoints import build_model, input_spec, load_checkpoint
+from models.checkpoints import load_checkpoint
+from models.factory import build_model, input_spec
 
 IMAGE_KEYS = ("current_images", "prior_images", "has_prior", "interval_days")
 

@@ -5,7 +5,7 @@ import logging
 
 import pytest
 
-from datamodules.llm import ChatCache, LLMClient, LLMConfig
+from common.llm import ChatCache, LLMClient, LLMConfig
 from evaluation.judge import (JUDGE_PROMPT_VERSION, PROMPT_SHA256, REPAIR_PROMPT, SYSTEM_PROMPT, judge_client,
                               judge_messages, judge_records, judge_summary, parse_rating)
 from tests.test_llm import FakeEndpoint

@@ -7,7 +7,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from datamodules.build import main as build
-from datamodules.llm import ChatCache, LLMClient, LLMConfig
+from common.llm import ChatCache, LLMClient, LLMConfig
 
 
 # How long a held request waits at most: only a broken client (one that never sends the awaited requests)

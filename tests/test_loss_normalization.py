@@ -12,12 +12,14 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from datamodules.collate import LumenCollator, load_tokenizer
+from common.tokenizer import load_tokenizer
+from datamodules.collate import LumenCollator
 from datamodules.datamodule import SampleDataset
 from datamodules.sources import DiffVQASource
-from models.checkpoints import ModelConfig, input_spec
+from models.config import ModelConfig
+from models.factory import input_spec
+from models.lit_module import LumenLitModule as LumenModule
 from models.lumen import target_count
-from models.module import LumenModule
 from tests.helpers import SUMMATION_ORDER_TOLERANCE, assert_same_up_to_summation_order, relative_difference
 
 ROOT = Path(__file__).resolve().parents[1]

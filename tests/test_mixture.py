@@ -9,15 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from cli import compose_config
+from run.cli import compose_config
 from datamodules.collate import image_transform, user_prompt
 from datamodules.datamodule import LumenDataModule
 from datamodules.records import Sample
 from datamodules.sampling import MixtureBatchSampler
 from datamodules.sources import DiffVQASource, PrognosticSource
-from models.checkpoints import ModelConfig, input_spec
+from models.config import ModelConfig
+from models.factory import input_spec
 from tests.helpers import WORLD_SUBJECTS
-from train import train
+from run.train import train
 
 
 def sampler(sizes=(100, 40), weights=(1.0, 0.5), batch_size=4, **options) -> MixtureBatchSampler:
@@ -197,7 +198,7 @@ def test_an_image_without_expert_predictions_is_named(sources, tiny_base, world,
 
 
 def test_mmxu_fine_tunes_and_evaluates_with_letter_accuracy(demo_overrides, world, tmp_path):
-    from eval import evaluate
+    from run.evaluate import evaluate
     trainer = train(compose_config("train", demo_overrides + ["experiment=mmxu", "trainer.max_steps=4",
                                                               "data.limit.val=8"]))
     assert trainer.global_step == 4 and trainer.datamodule.hparams.tasks == ["mmxu"]
@@ -225,7 +226,7 @@ def test_the_papers_prognostic_test_set_keeps_one_study_per_subject(world):
 
 
 def test_a_model_trained_with_expert_predictions_is_not_evaluated_without_them(demo_overrides, world, tmp_path):
-    from eval import evaluate
+    from run.evaluate import evaluate
     trainer = train(compose_config("train", demo_overrides + ["data.experts=${paths.experts}", "trainer.max_steps=2",
                                                               "data.limit.val=4"]))
     checkpoint = trainer.checkpoint_callback.last_model_path

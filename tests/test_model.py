@@ -8,8 +8,9 @@ from transformers import (Gemma2Config, Gemma2ForCausalLM, Qwen2Config, Qwen2For
                           SiglipVisionModel)
 
 from models.lumen import LumenModel
-from models.module import parameter_groups
-from models.projector import MLPDownsampleProjector, TemporalFusion
+from models.lit_module import parameter_groups
+from models.fusion import TemporalFusion
+from models.projector import MLPDownsampleProjector
 from models.vision import HFVisionTower
 from tests.helpers import SUMMATION_ORDER_TOLERANCE, assert_same_up_to_summation_order
 

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from models.checkpoints import ModelConfig, build_model, input_spec, load_tokenizer
+from models.config import ModelConfig
+from models.factory import build_model, input_spec, load_tokenizer
 from tests import towers
 
 VISION_WIDTH = towers.WIDTH

@@ -8,15 +8,18 @@ import transformers.modeling_flash_attention_utils as flash_utils
 from transformers.masking_utils import create_causal_mask
 
 from bench.throughput import HostSyncs
-from datamodules.collate import IGNORE_INDEX, LumenCollator, load_tokenizer
+from common.contract import IGNORE_INDEX
+from common.tokenizer import load_tokenizer
+from datamodules.collate import LumenCollator
 from datamodules.datamodule import SampleDataset
 from datamodules.sources import DiffVQASource
-from models.checkpoints import ModelConfig, build_model, input_spec
+from models.config import ModelConfig
+from models.factory import build_model, input_spec
 from models.lumen import packed_attention
-from models.module import BATCH_INPUTS, PACKED_INPUTS
+from models.lit_module import BATCH_INPUTS, PACKED_INPUTS
 from tests.helpers import SUMMATION_ORDER_TOLERANCE, assert_same_up_to_summation_order, relative_difference
-from cli import compose_config
-from train import train
+from run.cli import compose_config
+from run.train import train
 
 # Two-image and one-image samples alternating, so the padded batch has padding in most rows.
 PATTERN = (True, False, True, True, False)

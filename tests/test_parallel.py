@@ -18,12 +18,13 @@ from lightning.pytorch.utilities import GradClipAlgorithmType
 from safetensors.torch import load_file, save_file
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, CheckpointWrapper
 
-from cli import compose_config
-from models.checkpoints import ModelConfig, build_model
-from models.module import LumenModule
+from run.cli import compose_config
+from models.config import ModelConfig
+from models.factory import build_model
+from models.lit_module import LumenLitModule as LumenModule
 from models.parallel import accumulation, clip_grad_norm
 from tests.helpers import WORLD_SUBJECTS, assert_same_up_to_summation_order, model_inputs, model_labels
-from train import accumulate_grad_batches, train
+from run.train import accumulate_grad_batches, train
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -6,8 +6,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from models.checkpoints import ModelConfig, build_model
-from models.module import BATCH_INPUTS, LumenModule
+from models.config import ModelConfig
+from models.factory import build_model
+from models.lit_module import BATCH_INPUTS
+from models.lit_module import LumenLitModule as LumenModule
 from models.parallel import FSDP2Strategy
 from tests.helpers import model_inputs, model_labels
 

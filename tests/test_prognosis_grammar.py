@@ -1,6 +1,6 @@
 import pytest
 
-from evaluation.prognosis import Expectation, describe, parse_prognosis
+from common.prognosis_grammar import Expectation, describe, parse_prognosis
 
 EVERY_COURSE = [
     Expectation("pleural effusion", "increase", "moderate to large", "mild to moderate"),

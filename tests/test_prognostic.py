@@ -6,11 +6,10 @@ from datetime import date, timedelta
 
 import pytest
 
-from datamodules.prognostic import (
-    MAX_DAYS, RECORD_KEYS, TEMPLATES, ask, build_prognostic, draw_question, load_prognostic, rules_answer,
-)
+from datamodules.prognostic import RECORD_KEYS, load_prognostic
+from datamodules.prognostic_builder import MAX_DAYS, TEMPLATES, ask, build_prognostic, draw_question, rules_answer
 from datamodules.synthetic.population import FINDING_BY_NAME, SITES, Study, simulate_population
-from datamodules.synthetic.prognosis import prognosis
+from datamodules.synthetic.prognostic_truth import prognosis
 from tests.helpers import read_jsonl
 from tests.test_llm import build_twice
 

@@ -3,16 +3,8 @@ import json
 import pytest
 
 from evaluation.metrics import CORPUS_METRIC_SIGNATURES, METRIC_SIGNATURES
-from evaluation.report import (
-    aggregate,
-    difference_headline,
-    markdown_report,
-    markdown_table,
-    scored_line,
-    write_json_atomic,
-    write_jsonl_atomic,
-    write_text_atomic,
-)
+from common.files import write_json_atomic, write_jsonl_atomic, write_text_atomic
+from evaluation.report import aggregate, difference_headline, markdown_report, markdown_table, scored_line
 
 
 def scored(task, question_type, **metrics):
@@ -140,7 +132,7 @@ def test_interrupted_write_keeps_the_previous_file_and_removes_its_temporary_fil
     def interrupt(descriptor):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("evaluation.report.os.fsync", interrupt)
+    monkeypatch.setattr("common.files.os.fsync", interrupt)
     with pytest.raises(KeyboardInterrupt):
         write_text_atomic(path, "new")
     assert path.read_text() == "old"

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.test_resume import short_run, single_process
-from train import train
+from run.train import train
 
 
 class SampleIds(L.Callback):

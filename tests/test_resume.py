@@ -22,14 +22,16 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from transformers import get_cosine_schedule_with_warmup
 
 from common.errors import ConfigError
-from cli import compose_config
+from run.cli import compose_config
 from datamodules.sampling import MixtureBatchSampler
-from eval import evaluate
-from models.checkpoints import CONSOLIDATED_KEYS, ModelConfig, build_model, consolidate, export, input_spec, load_checkpoint
-from models.resume import Trained, continue_on, publish
+from run.evaluate import evaluate
+from models.checkpoints import CONSOLIDATED_KEYS, consolidate, export, load_checkpoint
+from models.config import ModelConfig
+from models.factory import build_model, input_spec
+from models.callbacks.resumable_checkpoint import Trained, continue_on, publish
 from tests.helpers import WORLD_SUBJECTS, checkpoints_cli
 from tests.helpers import model_inputs as inputs
-from train import instantiate_data, train
+from run.train import instantiate_data, train
 
 ROOT = Path(__file__).resolve().parents[1]
 # The runs: 16 training samples in micro-batches of 2 = 8 global batches, 4 optimizer steps per epoch
@@ -133,7 +135,7 @@ def test_a_position_in_another_sequence_of_batches_is_refused(data_config, chang
 
 def test_a_position_from_another_world_size_needs_the_trainer_counters_converted():
     state = sampler(world_size=2).state_dict()
-    with pytest.raises(ValueError, match="saved by 2 processes and this run has 1: .*models.resume.ResumableCheckpoint"):
+    with pytest.raises(ValueError, match="saved by 2 processes and this run has 1: .*models.callbacks.resumable_checkpoint.ResumableCheckpoint"):
         sampler().load_state_dict(state)
 
 

@@ -12,8 +12,8 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig, OmegaConf
 from wandb.sdk.launch.sweeps.utils import SWEEP_COMMAND_ENV_VAR_REGEX, create_sweep_command, create_sweep_command_args
 
-from cli import compose_config
-from models.checkpoints import ModelConfig
+from run.cli import compose_config
+from models.config import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = sorted((ROOT / "configs" / "sweep").glob("*.yaml"))
@@ -69,7 +69,7 @@ def test_every_value_of_every_parameter_composes_into_a_valid_config(path, monke
     assert (ROOT / sweep["program"]).is_file() and sweep["program"] == "train.py"
     assert sweep["command"][:3] == ["${env}", "${interpreter}", "${program}"] and "${args_no_hyphens}" in sweep["command"]
     assert "logger.wandb.offline=false" in sweep["command"]  # a sweep's runs report to the sweep
-    assert f'"{sweep["metric"]["name"]}"' in (ROOT / "models" / "module.py").read_text(), "the metric is never logged"
+    assert f'"{sweep["metric"]["name"]}"' in (ROOT / "models" / "lit_module.py").read_text(), "the metric is never logged"
     fixed, runs = sweep_commands(sweep, monkeypatch)
     for swept in runs:
         cfg = compose_config("train", OUTSIDE_HYDRA + fixed + swept)

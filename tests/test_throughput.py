@@ -8,9 +8,9 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from cli import compose_config
-from models.throughput import LumenThroughput, device_peak_flops, table_peak_flops
-from train import train
+from run.cli import compose_config
+from models.callbacks.throughput_monitor import LumenThroughput, device_peak_flops, table_peak_flops
+from run.train import train
 
 
 class BatchRecorder(L.Callback):
@@ -97,5 +97,5 @@ def test_a_bad_setting_names_its_key(key, value):
 @pytest.mark.parametrize("experiment", ["demo", "lumen"])
 def test_throughput_is_logged_by_default_and_in_the_papers_recipe(experiment):
     cfg = compose_config("train", [f"experiment={experiment}"])
-    assert cfg.callbacks.throughput._target_ == "models.throughput.LumenThroughput"
+    assert cfg.callbacks.throughput._target_ == "models.callbacks.throughput_monitor.LumenThroughput"
     assert cfg.callbacks.throughput.peak_flops is None

@@ -1,6 +1,6 @@
 import json
 
-from models.tiny import base_manifest
+from run.tiny_base import base_manifest
 
 
 def test_a_world_regenerated_in_place_by_another_generator_makes_the_tiny_base_stale(world, tmp_path):

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli import compose_config
-from eval import evaluate
-from models.resume import Trained
+from run.cli import compose_config
+from run.evaluate import evaluate
+from models.callbacks.resumable_checkpoint import Trained
 from tests.helpers import WORLD_SUBJECTS
-from train import train
+from run.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 

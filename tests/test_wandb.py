@@ -10,8 +10,8 @@ import wandb
 from lightning.pytorch.callbacks import Callback
 from wandb.proto import wandb_internal_pb2
 
-from cli import compose_config
-from train import train
+from run.cli import compose_config
+from run.train import train
 
 
 def finished_run_records(run_dir: Path) -> list:

@@ -21,7 +21,7 @@ from datamodules.synthetic.drawing import render_image
 from datamodules.synthetic.experts import write_experts
 from datamodules.synthetic.mmxu import write_mmxu
 from datamodules.synthetic.population import FINDINGS, SITE_COLUMNS, SITES, ImageRecord, Study, simulate_population
-from datamodules.synthetic.prognosis import prognostic_records
+from datamodules.synthetic.prognostic_truth import prognostic_records
 from datamodules.synthetic.questions import _key_info, _pair_questions
 from datamodules.synthetic.reports import _chexpert_labels, _procedure, report_text
 

@@ -1,6 +1,6 @@
 """Ground-truth prognostic questions of the simulated world: for each Medical-Diff-VQA difference
 row, the most likely state of every finding ``days`` after the current study, in the prognostic
-answer grammar (``datamodules.prognostic``).
+answer grammar (``common.prognosis_grammar``).
 
 The truth is the best forecast from what a two-image model is shown: each site's chain state is
 inferred from its level at the prior study (drawn from the long-run distribution) and at the
@@ -15,7 +15,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from datamodules.prognostic import Expectation, ask, describe, draw_question
+from common.prognosis_grammar import Expectation, describe
+from datamodules.prognostic_builder import ask, draw_question
 from datamodules.synthetic.population import FINDINGS, Finding, Study, stationary, transition
 
 BACKEND = "synthetic-truth"

@@ -1,4 +1,4 @@
-"""LumenModule: training, validation and generation around a LumenModel, with FSDP2 applied from outside."""
+"""LumenLitModule: training, validation and generation around a LumenModel, with FSDP2 applied from outside."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import get_cosine_schedule_with_warmup
 
-from models.checkpoints import DTYPES, ModelConfig, build_model
+from models.config import DTYPES, ModelConfig
+from models.factory import build_model
 from models.lumen import LumenModel, target_count
 from models.parallel import apply_activation_checkpointing, build_sharded, clip_grad_norm, scale_gradients
 
@@ -54,7 +55,7 @@ def parameter_groups(
     ]
 
 
-class LumenModule(L.LightningModule):
+class LumenLitModule(L.LightningModule):
     """``net`` is a plain ``ModelConfig`` dict; ``optimizer`` a partial ``_target_`` node;
     ``scheduler`` holds ``warmup_ratio``; ``fsdp`` holds ``param_dtype`` (e.g. bfloat16 on GPU, or null).
 

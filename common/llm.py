@@ -1,4 +1,4 @@
-"""A chat client for building data with an LLM: any OpenAI-compatible endpoint (e.g. vLLM serving
+"""An OpenAI-compatible chat client (the data builders and the LLM judge use it): any endpoint (e.g. vLLM serving
 Llama-3.2-11B-Vision-Instruct on this machine), greedy, with a resumable cache.
 
 - temperature 0; bounded retries with exponential backoff (the ``openai`` client's own, for

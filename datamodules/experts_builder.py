@@ -32,9 +32,8 @@ from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from common.files import whole_lines
+from common.files import whole_lines, write_text_atomic
 from datamodules.experts import COLUMNS, RACES, SCHEMA_VERSION, VIEWS
-from evaluation.report import write_text_atomic
 
 PATHOLOGY_WEIGHTS = "densenet121-res224-all"
 _RELEASE = "https://github.com/mlmed/torchxrayvision/releases/download/v1"

@@ -59,7 +59,7 @@ def device_peak_flops(device: torch.device, half_precision: bool) -> float | Non
 
 
 class LumenThroughput(ThroughputMonitor):
-    """Lightning's ThroughputMonitor for a LumenModule: samples, real tokens and measured model FLOPs
+    """Lightning's ThroughputMonitor for a LumenLitModule: samples, real tokens and measured model FLOPs
     of every batch (``StepFlops``, measured once in ``setup``), and the peak that MFU is taken against.
 
     ``peak_flops``: FLOP/s of one device (null = ``DENSE_PEAK_FLOPS`` for the GPU found).

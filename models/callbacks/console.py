@@ -6,7 +6,7 @@ in optimizer steps (a step is ``accumulate_grad_batches`` batches) and from the 
 while the batches it counts start at the epoch's beginning: a run resumed at step 3 and extended to
 ``max_steps=6`` showed "6/3". It also shows the logger's version number as a metric (``v_num``). Its
 model summary has one row for the whole model and a FLOPs column that stays 0 without an example input
-(``models.throughput`` logs the real FLOPs).
+(``models.callbacks.throughput_monitor`` logs the real FLOPs).
 """
 
 from __future__ import annotations

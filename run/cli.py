@@ -29,11 +29,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from common.errors import ConfigError, UsageError
 from datamodules.collate import RESIZE_POLICIES
-from models.checkpoints import ModelConfig
+from models.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
-CONFIGS = Path(__file__).resolve().parent / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def compose_config(name: str, overrides: list[str]) -> DictConfig:

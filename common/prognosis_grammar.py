@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from evaluation.difference import split_levels
+from common.difference_grammar import split_levels
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@
 The tokenizer is a byte-level BPE trained on the synthetic world's questions, answers and reports;
 the vision tower is pretrained on the world's training-split labels (see ``pretrain_vision_tower``).
 
-    python -m models.tiny --world DIR --out BASE
+    python -m run.tiny_base --world DIR --out BASE
 """
 
 from __future__ import annotations
@@ -33,10 +33,10 @@ from transformers import (
     SiglipVisionModel,
 )
 
+from common.contract import IMAGE_TOKEN
 from common.files import atomic_directory
 from datamodules.collate import image_transform
 from datamodules.mimic import CHEXPERT_LABELS, load_chexpert, load_images
-from models.checkpoints import IMAGE_TOKEN
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", IMAGE_TOKEN]
 # ChatML as NVILA/Qwen2 use it; a default system turn is added when the messages have none.
