@@ -96,6 +96,8 @@ class LumenLitModule(L.LightningModule):
         self.model: LumenModel | None = None
         # global_tokens: the summed loss and target tokens of the optimizer step's micro-batches so far.
         self.step_totals: torch.Tensor | None = None
+        # The summed loss and target tokens of the validation batches so far.
+        self.validation_totals: torch.Tensor | None = None
 
     def configure_model(self) -> None:
         """One process: the model as ``build_model`` loads it. Under a device mesh (``FSDP2Strategy``):
@@ -131,7 +133,10 @@ class LumenLitModule(L.LightningModule):
         # gradient by the step's target tokens once all of its micro-batches have been seen.
         summed = self(batch, loss_reduction="sum").loss
         totals = torch.stack([summed.detach(), target_count(batch["labels"]).to(summed.dtype)])
-        self.step_totals = totals if self.step_totals is None else self.step_totals + totals
+        # A new accumulation window starts where Lightning zeroes the gradients: totals of a window left
+        # unfinished (a run stopped mid-window and fitted again) do not carry over.
+        window_starts = batch_index % self.trainer.accumulate_grad_batches == 0
+        self.step_totals = totals if window_starts or self.step_totals is None else self.step_totals + totals
         return summed
 
     def on_before_optimizer_step(self, optimizer) -> None:
@@ -149,9 +154,18 @@ class LumenLitModule(L.LightningModule):
         scale_gradients(list(self.parameters()), self.trainer.accumulate_grad_batches * self.trainer.world_size / targets)
         self.log("train/loss", loss_sum / targets, prog_bar=True)
 
+    def on_validation_epoch_start(self) -> None:
+        self.validation_totals = torch.zeros(2, device=self.device)
+
     def validation_step(self, batch: dict, batch_index: int) -> None:
-        loss = self(batch).loss
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch["sample_ids"]))
+        """``val/loss`` is the mean over every target token of the validation samples on all processes
+        (whatever ``loss_normalization`` says of training steps), logged when the epoch ends."""
+        summed = self(batch, loss_reduction="sum").loss
+        self.validation_totals += torch.stack([summed, target_count(batch["labels"]).to(summed.dtype)])
+
+    def on_validation_epoch_end(self) -> None:
+        loss_sum, targets = self.trainer.strategy.reduce(self.validation_totals, reduce_op="sum")
+        self.log("val/loss", loss_sum / targets.clamp(min=1), prog_bar=True)
 
     def predict_step(self, batch: dict, batch_index: int) -> dict:
         """Greedy answers as token ids (decoding to text is the caller's, who owns the tokenizer)."""

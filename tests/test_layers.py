@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import ast
+import subprocess
 import sys
 from pathlib import Path
 
@@ -35,6 +36,12 @@ OURS = LIBRARY | ENTRY_POINTS | {"run", "bench", "tests"}
 
 
 def python_files() -> list[Path]:
+    """The repository's Python files: tracked or not ignored by git (so no virtualenv, run output or cache
+    counts, whatever its name); without git, every file outside the usual ignored folders."""
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "*.py"], cwd=ROOT,
+                            capture_output=True, text=True)
+    if listed.returncode == 0:
+        return sorted(ROOT / name for name in listed.stdout.splitlines() if (ROOT / name).is_file())
     return sorted(path for path in ROOT.rglob("*.py")
                   if not {".venv", "outputs", ".cache", "build"} & set(path.relative_to(ROOT).parts))
 

@@ -74,13 +74,21 @@ def gradients(lumen: LumenModule) -> dict[str, torch.Tensor]:
     return {name: parameter.grad.clone() for name, parameter in lumen.model.named_parameters() if parameter.grad is not None}
 
 
+def trainer(max_steps: int = 1, accumulate: int = 1, validation_batches: float = 0) -> L.Trainer:
+    return L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, accumulate_grad_batches=accumulate,
+                     gradient_clip_val=None, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                     enable_model_summary=False, limit_val_batches=validation_batches)
+
+
+def loader(batches: list[dict]) -> DataLoader:
+    return DataLoader(batches, batch_size=None, collate_fn=lambda batch: batch)
+
+
 def one_step(lumen: LumenModule, batches: list[dict]) -> tuple[dict[str, torch.Tensor], float]:
     """One optimizer step over ``batches`` (accumulated), unclipped: the step's gradient and logged train/loss."""
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=1, accumulate_grad_batches=len(batches),
-                        gradient_clip_val=None, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0)
-    trainer.fit(lumen, train_dataloaders=DataLoader(batches, batch_size=None, collate_fn=lambda batch: batch))
-    return gradients(lumen), float(trainer.logged_metrics["train/loss"])
+    fitting = trainer(accumulate=len(batches))
+    fitting.fit(lumen, train_dataloaders=loader(batches))
+    return gradients(lumen), float(fitting.logged_metrics["train/loss"])
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +122,24 @@ def test_the_mean_of_micro_batch_means_weighs_short_answers_more(tiny_base, samp
     actual = torch.cat([actual_gradients[name].flatten() for name in expected_gradients])
     # Orders of magnitude beyond rounding: another weighting of the tokens, not another summation order.
     assert relative_difference(actual, total) > 1000 * SUMMATION_ORDER_TOLERANCE
+
+
+def test_the_last_shorter_window_of_an_epoch_is_the_mean_over_its_own_tokens(tiny_base, samples):
+    """Three micro-batches with two per step: the epoch's second step has one, and is that one's token mean."""
+    batches = micro_batches(tiny_base, samples, MICRO_BATCHES)[:3]
+    alone = module(tiny_base, "global_tokens")
+    alone(batches[2]).loss.backward()
+    expected = gradients(alone)
+    lumen = module(tiny_base, "global_tokens")
+    trainer(max_steps=2, accumulate=2).fit(lumen, train_dataloaders=loader(batches))
+    assert_same_up_to_summation_order(gradients(lumen), expected)
+
+
+def test_the_validation_loss_is_the_mean_over_all_validation_tokens(tiny_base, samples, reference):
+    validating = trainer(validation_batches=1.0)
+    validating.validate(module(tiny_base, "micro_batch"), dataloaders=loader(micro_batches(tiny_base, samples,
+                                                                                         MICRO_BATCHES)))
+    assert float(validating.logged_metrics["val/loss"]) == pytest.approx(reference[1], rel=SUMMATION_ORDER_TOLERANCE)
 
 
 def test_two_processes_of_two_accumulated_micro_batches_step_as_the_global_batch(world, tiny_base, reference,

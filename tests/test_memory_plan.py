@@ -1,7 +1,6 @@
 """bench/memory.py's memory plan: NVILA-8B's published shapes, and the predicted peak of a training step
 against the live tensor bytes measured on CPU (one FSDP2 process, bf16 compute) for a tiny model."""
 
-
 import pytest
 import torch
 import torch.distributed as dist

@@ -36,7 +36,8 @@ class FirstStepProbe(L.Callback):
         self.seen.setdefault("gradient", parameter.grad.dtype)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_index):
-        # Lightning hands back the loss divided by the accumulation steps.
+        # Lightning hands back the loss divided by the accumulation steps: with the default
+        # model.loss_normalization=global_tokens, the micro-batch's summed token loss.
         self.losses.append(outputs["loss"].detach().float().cpu() * trainer.accumulate_grad_batches)
 
 
@@ -66,7 +67,8 @@ def test_fsdp_on_a_gpu_computes_in_the_policy_dtype_and_keeps_float32_weights_an
     reference = build_model(ModelConfig(base=str(tiny_base), vision=TOWER)).train()
     batches = training_batches(reference, count=4)
     with torch.no_grad():
-        expected = reference(**{k: batches[0][k] for k in BATCH_INPUTS}, labels=batches[0]["labels"]).loss
+        expected = reference(**{k: batches[0][k] for k in BATCH_INPUTS}, labels=batches[0]["labels"],
+                             loss_reduction="sum").loss
     trainer, seen, loss = fit(tiny_base, tmp_path, param_dtype, batches)
     assert seen == {"compute": compute, "master": torch.float32, "gradient": torch.float32}
     torch.testing.assert_close(loss, expected, rtol=rtol, atol=0)
