@@ -8,18 +8,24 @@ Policies (each counted in the returned ``LoadReport``, nothing dropped silently)
 - answers are stripped (the dataset's generator leaves a trailing space);
 - ``test_policy="one_study_per_subject"`` (the LUMEN paper's test set) keeps, for the test split, the
   questions of one study per subject, drawn with a seeded generator (``other_study_of_subject``).
-``sample_id`` is ``diffvqa-<row>``, ``row`` counting data rows of ``mimic_pair_questions.csv`` from 0.
+``sample_id`` is ``diffvqa-<row>``, ``row`` counting data rows of ``mimic_pair_questions.csv`` from 0
+(an identifier; messages name the file's line, the header being line 1). A row with an empty
+required value, an unknown split or question type, or a study missing from ``mimic_all.csv`` is an
+error; ``python -m datamodules.validate`` lists every such row.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import date
 from pathlib import Path
 
 import pandas as pd
 
-from datamodules.mimic import days_between, image_path
+from common.errors import ConfigError
+from common.readers import Problems, Table, read_csv, report
+from datamodules.mimic import RESTORE, image_path, parse_study_date, whole_number
 from datamodules.records import Sample
 
 SPLITS = ("train", "val", "test")
@@ -33,21 +39,126 @@ STUDY_COLUMNS = ["subject_id", "study_id", "dicom_id", "study_date"]
 class LoadReport:
     loaded: Counter = field(default_factory=Counter)
     skipped: Counter = field(default_factory=Counter)
+    fell_back: Counter = field(default_factory=Counter)  # samples loaded under a documented fallback
 
     def __str__(self) -> str:
         loaded = ", ".join(f"{n} {task}" for task, n in sorted(self.loaded.items())) or "nothing"
         skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items())) or "none"
-        return f"loaded {loaded}; skipped {skipped}"
+        fell_back = "".join(f"; {n} fell back: {policy}" for policy, n in sorted(self.fell_back.items()))
+        return f"loaded {loaded}; skipped {skipped}{fell_back}"
 
 
-def _read_csv(path: Path, columns: list[str]) -> pd.DataFrame:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: set paths.diffvqa to the Medical-Diff-VQA directory")
-    table = pd.read_csv(path)
-    missing = [name for name in columns if name not in table.columns]
-    if missing:
-        raise ValueError(f"{path}: missing columns {missing} (found {list(table.columns)})")
-    return table
+@dataclass(frozen=True)
+class Study:
+    """A row of ``mimic_all.csv``: the study's subject, its image and its date."""
+
+    subject_id: int
+    study_id: int
+    dicom_id: str
+    study_date: date
+
+
+def read_studies(diffvqa_dir: str | Path, problems: Problems | None = None) -> dict[int, Study]:
+    """study_id -> its row of ``mimic_all.csv``; a row with an empty or malformed value, or a
+    repeated study, is an error (with ``problems``: recorded and left out)."""
+    table = read_csv(Path(diffvqa_dir) / "mimic_all.csv", STUDY_COLUMNS, "Medical-Diff-VQA's mimic_all.csv "
+                     "(set paths.diffvqa to the Medical-Diff-VQA directory)", dtype={"dicom_id": str})
+    skip = table.missing_values(STUDY_COLUMNS, problems, fix=RESTORE)
+    columns = {name: table.frame[name].tolist() for name in STUDY_COLUMNS}
+    studies: dict[int, Study] = {}
+    first_row: dict[int, int] = {}
+    for row, dicom_id in enumerate(columns["dicom_id"]):
+        if row in skip:
+            continue
+        parsed = _parsed(table, row, {name: columns[name][row] for name in STUDY_PARSERS}, problems)
+        if parsed is None:
+            continue
+        study_id = parsed["study_id"]
+        if study_id in first_row:
+            report(problems, table.error(row, "study_id", f"study {study_id} repeats line {table.line(first_row[study_id])}",
+                                         fix="each study has one row", kind="repeated study"))
+            continue
+        first_row[study_id] = row
+        studies[study_id] = Study(dicom_id=dicom_id, **parsed)
+    return studies
+
+
+STUDY_PARSERS = {"subject_id": whole_number, "study_id": whole_number, "study_date": parse_study_date}
+
+
+def _parsed(table: Table, row: int, values: dict, problems: Problems | None) -> dict | None:
+    """The row's values parsed by ``STUDY_PARSERS``, or None after reporting the first that fails."""
+    parsed = {}
+    for column, value in values.items():
+        try:
+            parsed[column] = STUDY_PARSERS[column](value)
+        except ValueError as error:
+            report(problems, table.error(row, column, str(error), fix=RESTORE, kind=f"malformed {column}"))
+            return None
+    return parsed
+
+
+@dataclass
+class DiffVQA:
+    """Medical-Diff-VQA's two tables, read and checked once: ``usable`` are the question rows
+    without a problem, with their study and, for difference questions, their reference study."""
+
+    questions: Table
+    studies: dict[int, Study]
+    usable: list[tuple[int, Study, Study | None]]
+
+
+def read_diffvqa(diffvqa_dir: str | Path, problems: Problems | None = None) -> DiffVQA:
+    """Both tables of a Medical-Diff-VQA directory. A question row with an empty required value, an
+    unknown split or question type, or a study that ``mimic_all.csv`` lacks is an error (with
+    ``problems``: recorded and left out)."""
+    studies = read_studies(diffvqa_dir, problems)
+    questions = read_csv(Path(diffvqa_dir) / "mimic_pair_questions.csv", PAIR_COLUMNS,
+                         "Medical-Diff-VQA's mimic_pair_questions.csv (set paths.diffvqa to the Medical-Diff-VQA "
+                         "directory)")
+    frame = questions.frame
+    skip = questions.missing_values([c for c in PAIR_COLUMNS if c != "ref_id"], problems,
+                                    fix=RESTORE)
+    usable = []
+    for row, (split, question_type, study_id, ref_id) in enumerate(
+            zip(*(frame[name].tolist() for name in ("split", "question_type", "study_id", "ref_id")))):
+        if row in skip:
+            continue
+        problem = None
+        if split not in SPLITS:
+            problem = ("split", f"unknown value {split!r}", f"expected one of {list(SPLITS)}", "unknown split")
+        elif question_type not in QUESTION_TYPES:
+            problem = ("question_type", f"unknown value {question_type!r}", f"expected one of {list(QUESTION_TYPES)}",
+                       "unknown question_type")
+        if problem:
+            report(problems, questions.error(row, problem[0], problem[1], fix=problem[2], kind=problem[3]))
+            continue
+        current = _question_study(questions, row, "study_id", study_id, studies, problems)
+        reference = None
+        if current is not None and question_type == "difference":
+            reference = _question_study(questions, row, "ref_id", ref_id, studies, problems)
+            if reference is None:
+                continue
+        if current is not None:
+            usable.append((row, current, reference))
+    return DiffVQA(questions, studies, usable)
+
+
+def _question_study(questions: Table, row: int, column: str, value, studies: dict[int, Study],
+                    problems: Problems | None) -> Study | None:
+    """The study a question row names in ``column``, or None after reporting why there is none."""
+    try:
+        study_id = whole_number(value)
+    except ValueError as error:
+        report(problems, questions.error(row, column, "empty" if pd.isna(value) else str(error), fix=RESTORE,
+                                         kind=f"malformed {column}"))
+        return None
+    if study_id not in studies:
+        report(problems, questions.error(
+            row, column, f"study {study_id} is not in {questions.path.parent / 'mimic_all.csv'}",
+            fix="use the two tables of the same Medical-Diff-VQA release", kind=f"{column} not in mimic_all.csv"))
+        return None
+    return studies[study_id]
 
 
 def one_study_per_subject(table: pd.DataFrame, seed: int) -> set[int]:
@@ -58,80 +169,68 @@ def one_study_per_subject(table: pd.DataFrame, seed: int) -> set[int]:
 
 
 def load_diffvqa(
-    diffvqa_dir: str | Path,
+    diffvqa_dir: str | Path | DiffVQA,
     mimic_root: str | Path,
     split: str,
     tasks: tuple[str, ...] = ("diagnostic", "difference"),
     use_prior: bool = True,
     test_policy: str = "all",
     seed: int = 0,
+    problems: Problems | None = None,
 ) -> tuple[list[Sample], LoadReport]:
-    """Samples of one split. ``use_prior=False`` turns difference questions into single-image ones
-    (the control that shows what the current image alone can answer)."""
+    """Samples of one split, from the directory or from its tables already read (``read_diffvqa``).
+    ``use_prior=False`` turns difference questions into single-image ones (the control that shows
+    what the current image alone can answer)."""
     if split not in SPLITS:
-        raise ValueError(f"unknown Medical-Diff-VQA split {split!r}: expected one of {SPLITS}")
+        raise ConfigError(f"unknown Medical-Diff-VQA split {split!r}: expected one of {SPLITS}")
     if test_policy not in TEST_POLICIES:
-        raise ValueError(f"test_policy={test_policy!r}: expected one of {TEST_POLICIES}")
-    diffvqa_dir = Path(diffvqa_dir)
-    studies_path = diffvqa_dir / "mimic_all.csv"
-    questions_path = diffvqa_dir / "mimic_pair_questions.csv"
-    studies = {
-        row.study_id: row for row in _read_csv(studies_path, STUDY_COLUMNS).itertuples(index=False)
-    }
-    questions = _read_csv(questions_path, PAIR_COLUMNS)
+        raise ConfigError(f"test_policy={test_policy!r}: expected one of {TEST_POLICIES}")
+    data = diffvqa_dir if isinstance(diffvqa_dir, DiffVQA) else read_diffvqa(diffvqa_dir, problems)
+    frame = data.questions.frame
     kept_studies = None
     if split == "test" and test_policy == "one_study_per_subject":
-        kept_studies = one_study_per_subject(questions[questions["split"] == "test"], seed)
-
-    def study(study_id: int, row: int, column: str):
-        if study_id not in studies:
-            raise KeyError(f"{questions_path} row {row}, field {column}: study {study_id} is not in {studies_path}")
-        return studies[study_id]
-
+        kept_studies = one_study_per_subject(frame[frame["split"] == "test"], seed)
+    splits, types, texts, answers = (frame[column].tolist() for column in ("split", "question_type", "question", "answer"))
     report = LoadReport()
     samples: list[Sample] = []
     seen_differences: set[tuple[int, int, str]] = set()
-    for row, question in enumerate(questions.itertuples(index=False)):
-        if question.split != split:
+    for row, current, reference in data.usable:
+        if splits[row] != split:
             continue
-        if question.question_type not in QUESTION_TYPES:
-            raise ValueError(f"{questions_path} row {row}, field question_type: unknown value {question.question_type!r}")
-        task = "difference" if question.question_type == "difference" else "diagnostic"
+        task = "difference" if types[row] == "difference" else "diagnostic"
         if task not in tasks:
             continue
-        if kept_studies is not None and question.study_id not in kept_studies:
+        if kept_studies is not None and current.study_id not in kept_studies:
             report.skipped["other_study_of_subject"] += 1
             continue
-        answer = str(question.answer).strip()
-        current = study(question.study_id, row, "study_id")
+        answer = str(answers[row]).strip()
         prior_image = interval_days = prior_study_id = None
         if task == "difference":
-            key = (question.study_id, question.ref_id, answer)
+            key = (current.study_id, reference.study_id, answer)
             if key in seen_differences:
                 report.skipped["duplicate"] += 1
                 continue
             seen_differences.add(key)
-            reference = study(question.ref_id, row, "ref_id")
-            days = days_between(current.study_date, reference.study_date)
+            days = (current.study_date - reference.study_date).days
             if days < 0:
                 report.skipped["ref_later"] += 1
                 continue
             if use_prior:
-                prior_study_id = int(question.ref_id)
-                prior_image = image_path(mimic_root, reference.subject_id, question.ref_id, reference.dicom_id)
+                prior_study_id = reference.study_id
+                prior_image = image_path(mimic_root, reference.subject_id, reference.study_id, reference.dicom_id)
                 interval_days = float(days)
         samples.append(
             Sample(
                 sample_id=f"diffvqa-{row}",
                 task=task,
-                question_type=question.question_type,
-                question=str(question.question),
+                question_type=types[row],
+                question=str(texts[row]),
                 answer=answer,
-                image=image_path(mimic_root, current.subject_id, question.study_id, current.dicom_id),
+                image=image_path(mimic_root, current.subject_id, current.study_id, current.dicom_id),
                 prior_image=prior_image,
                 interval_days=interval_days,
-                subject_id=int(question.subject_id),
-                study_id=int(question.study_id),
+                subject_id=current.subject_id,
+                study_id=current.study_id,
                 prior_study_id=prior_study_id,
             )
         )

@@ -17,9 +17,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import pandas as pd
-
 from common.llm import LLMClient
+from common.readers import InputError, Problems, read_csv, read_jsonl, report
 
 PROMPT_VERSION = "enhance-v1"
 TEMPLATE_VERSION = "template-v1"
@@ -88,7 +87,8 @@ def enhance(questions_csv: str | Path, backend: str, client: LLMClient | None = 
         raise ValueError(f"backend={backend!r}: expected 'template' or 'llm'")
     if backend == "llm" and client is None:
         raise ValueError("backend='llm' needs an LLMClient")
-    table = pd.read_csv(questions_csv)
+    table = read_csv(questions_csv, ["question_type", "question", "answer", "split"],
+                     "Medical-Diff-VQA's mimic_pair_questions.csv").frame
     rows = [(row, q) for row, q in enumerate(table.itertuples(index=False)) if q.split in splits]
     shorts = [str(q.answer).strip() for _, q in rows]
     if backend == "llm":
@@ -107,3 +107,31 @@ def enhance(questions_csv: str | Path, backend: str, client: LLMClient | None = 
          "short_answer": short, "answer": long, "backend": backend, "model": model, "prompt_version": version}
         for (row, q), short, long in zip(rows, shorts, longs)
     ]
+
+
+ENHANCED_KEYS = ("sample_id", "short_answer", "answer")
+
+
+def load_enhanced(path: str | Path, problems: Problems | None = None) -> dict[str, dict]:
+    """sample_id -> its record, from a JSONL of ``enhance``. A line that is not such a record, or
+    repeats a sample, is an error (with ``problems``: recorded and left out)."""
+    records: dict[str, dict] = {}
+    first_line: dict[str, int] = {}
+    for line, record in read_jsonl(path, "enhanced answers: build them with `python -m datamodules.build enhance`"):
+        try:
+            if isinstance(record, InputError):
+                raise record
+            missing = [key for key in ENHANCED_KEYS if not isinstance(record.get(key), str) or not record[key]]
+            if missing:
+                raise InputError(path, f"no text in field(s) {missing}", line=line, field=missing[0],
+                                 fix="rebuild the file with `python -m datamodules.build enhance`",
+                                 kind="missing fields")
+            if record["sample_id"] in records:
+                raise InputError(path, f"{record['sample_id']} repeats line {first_line[record['sample_id']]}",
+                                 line=line, field="sample_id", kind="repeated sample_id")
+        except InputError as error:
+            report(problems, error)
+            continue
+        records[record["sample_id"]] = record
+        first_line[record["sample_id"]] = line
+    return records

@@ -19,9 +19,12 @@ synthetic world. A probability becomes one of four words (``level``), after D-Ra
 from __future__ import annotations
 
 import csv
+import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
+
+from common.readers import InputError, Problems, read_text, report
 
 SCHEMA_VERSION = 1  # raise it when COLUMNS or their meaning change
 # densenet121-res224-all's outputs, in its order.
@@ -75,62 +78,85 @@ def expert_text(prediction: ExpertPrediction, demographics: bool = True) -> str:
     return text
 
 
-def _number(text: str, where: str, low: float, high: float) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not low <= value <= high:  # NaN fails too
-        raise ValueError(f"{where}: {text!r} is not a number in [{low}, {high}]")
-    return value
+def _number(low: float, high: float):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not low <= value <= high:  # NaN fails too
+            raise ValueError(f"{text!r} is not a number in [{low}, {high}]")
+        return value
+    return parse
 
 
-def _choice(text: str, where: str, choices: tuple[str, ...]) -> str:
-    if text not in choices:
-        raise ValueError(f"{where}: {text!r} is not one of {list(choices)}")
-    return text
+def _choice(choices: tuple[str, ...]):
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise ValueError(f"{text!r} is not one of {list(choices)}")
+        return text
+    return parse
 
 
-def _identifier(text: str, where: str) -> int:
+def _identifier(text: str) -> int:
     if not text.isdigit():
-        raise ValueError(f"{where}: {text!r} is not a whole number")
+        raise ValueError(f"{text!r} is not a whole number")
     return int(text)
 
 
-def _prediction(row: dict[str, str], where: str) -> ExpertPrediction:
-    """``where`` is ``"FILE line N"``; each error adds the field."""
-    if not row["dicom_id"]:
-        raise ValueError(f"{where}, field dicom_id: empty")
+def _dicom_id(text: str) -> str:
+    if not text:
+        raise ValueError("empty")
+    return text
+
+
+def _prediction(row: dict[str, str], path: Path, line: int) -> ExpertPrediction:
+    def field(name: str, parse):
+        try:
+            return parse(row[name])
+        except ValueError as error:
+            raise InputError(path, str(error), line=line, field=name, kind=f"malformed {name}") from None
+
+    probability = _number(0.0, 1.0)
     return ExpertPrediction(
-        dicom_id=row["dicom_id"],
-        subject_id=_identifier(row["subject_id"], f"{where}, field subject_id"),
-        study_id=_identifier(row["study_id"], f"{where}, field study_id"),
-        probabilities=tuple(_number(row[name], f"{where}, field {name}", 0.0, 1.0) for name in PATHOLOGIES),
-        age_years=_number(row["age_years"], f"{where}, field age_years", 0.0, 150.0),
-        race=_choice(row["race"], f"{where}, field race", RACES),
-        race_probabilities=tuple(_number(row[name], f"{where}, field {name}", 0.0, 1.0) for name in RACE_COLUMNS),
-        view=_choice(row["view"], f"{where}, field view", VIEWS),
+        dicom_id=field("dicom_id", _dicom_id),
+        subject_id=field("subject_id", _identifier),
+        study_id=field("study_id", _identifier),
+        probabilities=tuple(field(name, probability) for name in PATHOLOGIES),
+        age_years=field("age_years", _number(0.0, 150.0)),
+        race=field("race", _choice(RACES)),
+        race_probabilities=tuple(field(name, probability) for name in RACE_COLUMNS),
+        view=field("view", _choice(VIEWS)),
     )
 
 
-def load_experts(path: str | Path) -> dict[str, ExpertPrediction]:
+def load_experts(path: str | Path, problems: Problems | None = None) -> dict[str, ExpertPrediction]:
     """dicom_id -> its predictions, from a CSV of schema ``SCHEMA_VERSION`` (extra columns are
     ignored). A missing column, a malformed value or a repeated dicom_id is an error naming the
-    file, the line and the field."""
+    file, the line and the field (with ``problems``: recorded, and the row left out)."""
     path = Path(path)
+    text = read_text(path, "an expert CSV: build it with `python -m datamodules.build experts`")
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    missing = [column for column in COLUMNS if column not in (reader.fieldnames or [])]
+    if missing:
+        found = "the file is empty" if not text.strip() else f"missing columns {missing}"
+        raise InputError(path, f"{found}; an expert CSV of schema {SCHEMA_VERSION} has {list(COLUMNS)}",
+                         fix="rebuild it with python -m datamodules.build experts")
     predictions: dict[str, ExpertPrediction] = {}
-    with path.open(newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        missing = [column for column in COLUMNS if column not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{path}: missing columns {missing}; an expert CSV of schema {SCHEMA_VERSION} has "
-                             f"{list(COLUMNS)}: rebuild it with python -m datamodules.build experts")
-        for row in reader:
-            where = f"{path} line {reader.line_num}"
+    first_line: dict[str, int] = {}
+    for row in reader:
+        line = reader.line_num
+        try:
             if None in row or None in row.values():
-                raise ValueError(f"{where}: the row does not have the header's {len(reader.fieldnames)} fields")
-            prediction = _prediction(row, where)
+                raise InputError(path, f"the row does not have the header's {len(reader.fieldnames)} fields",
+                                 line=line, kind="wrong number of fields")
+            prediction = _prediction(row, path, line)
             if prediction.dicom_id in predictions:
-                raise ValueError(f"{where}, field dicom_id: {prediction.dicom_id} appears twice")
-            predictions[prediction.dicom_id] = prediction
+                raise InputError(path, f"{prediction.dicom_id} repeats line {first_line[prediction.dicom_id]}",
+                                 line=line, field="dicom_id", kind="repeated dicom_id")
+        except InputError as error:
+            report(problems, error)
+            continue
+        predictions[prediction.dicom_id] = prediction
+        first_line[prediction.dicom_id] = line
     return predictions

@@ -9,10 +9,13 @@ the unpadded ``StudyTime``) and ``path``. Tables may be gzipped (as shipped) or 
 
 from __future__ import annotations
 
+import math
 from datetime import date, datetime, time
 from pathlib import Path
 
 import pandas as pd
+
+from common.readers import InputError, Problems, Table, read_csv, report
 
 # The 14 labels of mimic-cxr-2.0.0-chexpert.csv (and -negbio.csv), in the file's column order.
 CHEXPERT_LABELS = (
@@ -25,15 +28,30 @@ CHEXPERT_LABELS = (
 def image_path(root: str | Path, subject_id: int, study_id: int, dicom_id: str) -> Path:
     """``files/p{first two digits}/p{subject}/s{study}/{dicom}.jpg`` under the MIMIC-CXR-JPG root."""
     subject = str(int(subject_id))
-    return Path(root) / "files" / f"p{subject[:2]}" / f"p{subject}" / f"s{int(study_id)}" / f"{dicom_id}.jpg"
+    # One Path from one string: joining five parts costs five parses, which shows at 377k images.
+    return Path(f"{root}/files/p{subject[:2]}/p{subject}/s{int(study_id)}/{dicom_id}.jpg")
 
 
-def parse_study_date(value: int | str) -> date:
+def parse_study_date(value: int | float | str) -> date:
     """``StudyDate`` is an integer YYYYMMDD (date-shifted into 2100-2200)."""
-    text = str(int(value))
-    if len(text) != 8:
-        raise ValueError(f"StudyDate {value!r} is not YYYYMMDD")
-    return date(int(text[:4]), int(text[4:6]), int(text[6:]))
+    text = str(value).strip().removesuffix(".0")  # a float when the column has an empty value
+    try:
+        if len(text) != 8 or not text.isdigit():
+            raise ValueError
+        return date(int(text[:4]), int(text[4:6]), int(text[6:]))
+    except ValueError:
+        raise ValueError(f"StudyDate {value!r} is not a date YYYYMMDD") from None
+
+
+def whole_number(value: int | float | str) -> int:
+    """An identifier as an integer, also when pandas read its column as floats or text."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not number.is_integer():  # NaN and infinities too
+        raise ValueError(f"{value!r} is not a whole number")
+    return int(number)
 
 
 def days_between(later: int | str, earlier: int | str) -> int:
@@ -68,23 +86,23 @@ VIEWS = {
 }
 FRONTAL_VIEWS = ("PA", "AP", "AP AXIAL", "PA LLD", "AP LLD", "AP RLD", "PA RLD")
 SPLITS = {"train": "train", "validate": "val", "test": "test"}
+RESTORE = "restore the row from the original PhysioNet file"
 METADATA_COLUMNS = ["dicom_id", "subject_id", "study_id", "ViewPosition", "StudyDate", "StudyTime",
                     "ViewCodeSequence_CodeMeaning"]
 
 
-def read_table(root: str | Path, stem: str, columns: list[str]) -> pd.DataFrame:
-    """``ROOT/{stem}.csv.gz`` or, unzipped, ``ROOT/{stem}.csv``, checked for ``columns``."""
-    candidates = [Path(root) / f"{stem}.csv.gz", Path(root) / f"{stem}.csv"]
-    path = next((c for c in candidates if c.is_file()), None)
-    if path is None:
-        raise FileNotFoundError(
-            f"neither {candidates[0]} nor {candidates[1]} exists: set paths.mimic_cxr_jpg to the MIMIC-CXR-JPG root"
-        )
-    table = pd.read_csv(path, dtype={"dicom_id": str})
-    missing = [column for column in columns if column not in table.columns]
-    if missing:
-        raise ValueError(f"{path}: missing columns {missing} (found {list(table.columns)})")
-    return table
+def table_path(root: str | Path, stem: str) -> Path:
+    """``ROOT/{stem}.csv.gz`` as shipped or, unzipped, ``ROOT/{stem}.csv``."""
+    gzipped, plain = Path(root) / f"{stem}.csv.gz", Path(root) / f"{stem}.csv"
+    if not gzipped.is_file() and not plain.is_file():
+        raise InputError(gzipped, f"not found, nor {plain.name}: set paths.mimic_cxr_jpg to the MIMIC-CXR-JPG root "
+                                  "(the directory holding files/ and the mimic-cxr-2.0.0-*.csv.gz tables)")
+    return gzipped if gzipped.is_file() else plain
+
+
+def read_table(root: str | Path, stem: str, columns: list[str]) -> Table:
+    """A MIMIC-CXR-JPG table, checked for ``columns``."""
+    return read_csv(table_path(root, stem), columns, f"MIMIC-CXR-JPG's {stem} table", dtype={"dicom_id": str})
 
 
 def _view(position, meaning) -> str:
@@ -96,34 +114,77 @@ def _view(position, meaning) -> str:
     return "UNKNOWN"
 
 
-def load_images(root: str | Path) -> pd.DataFrame:
-    """One row per image of the metadata table, with its split, view, study date-time and path."""
+def _whole_numbers(table: Table, column: str, skip: set[int], problems: Problems | None) -> pd.Series:
+    """``column`` as integers; a row whose value is not a whole number is reported and added to ``skip``."""
+    values = pd.to_numeric(table.frame[column], errors="coerce")
+    for row in table.frame.index[values.isna() | (values % 1 != 0)]:
+        if row not in skip:
+            report(problems, table.error(row, column, f"{table.frame.at[row, column]!r} is not a whole number",
+                                         fix=RESTORE, kind=f"malformed {column}"))
+            skip.add(row)
+    return values.fillna(-1).astype("int64")
+
+
+def _split_of(table: Table, problems: Problems | None) -> dict[str, str]:
+    """dicom_id -> ``train``/``val``/``test`` from the split table; an unknown value is reported."""
+    split_of = {}
+    for row, (dicom_id, split) in enumerate(zip(table.frame["dicom_id"].tolist(), table.frame["split"].tolist())):
+        if split not in SPLITS:
+            report(problems, table.error(row, "split", f"unknown value {split!r}",
+                                         fix=f"expected one of {list(SPLITS)}", kind="unknown split"))
+            continue
+        split_of[dicom_id] = SPLITS[split]
+    return split_of
+
+
+def load_images(root: str | Path, problems: Problems | None = None) -> pd.DataFrame:
+    """One row per image of the metadata table, with its split, view, study date-time and path.
+    A row with a missing or malformed value, a repeated ``dicom_id`` or no split is an error (with
+    ``problems``: recorded and left out)."""
     metadata = read_table(root, "mimic-cxr-2.0.0-metadata", METADATA_COLUMNS)
-    split = read_table(root, "mimic-cxr-2.0.0-split", ["dicom_id", "split"])
-    metadata_path = f"{root}/mimic-cxr-2.0.0-metadata.csv[.gz]"
-    unknown = split.loc[~split["split"].isin(list(SPLITS)), "split"]
-    if len(unknown):
-        raise ValueError(f"{root}/mimic-cxr-2.0.0-split.csv[.gz] row {unknown.index[0]}, field split: "
-                         f"unknown value {unknown.iloc[0]!r} (expected one of {list(SPLITS)})")
-    images = metadata.merge(split[["dicom_id", "split"]], on="dicom_id", how="left", validate="one_to_one")
-    without_split = images.loc[images["split"].isna(), "dicom_id"]
-    if len(without_split):
-        raise ValueError(f"{metadata_path}: {len(without_split)} images have no row in the split table, "
-                         f"e.g. dicom_id {without_split.iloc[0]}")
-    times = []
-    for row, (study_date, study_time) in enumerate(zip(images["StudyDate"], images["StudyTime"])):
+    split_of = _split_of(read_table(root, "mimic-cxr-2.0.0-split", ["dicom_id", "split"]), problems)
+    frame = metadata.frame
+    skip = metadata.missing_values(["dicom_id", "subject_id", "study_id", "StudyDate", "StudyTime"], problems,
+                                   fix=RESTORE)
+    subject_ids, study_ids = (_whole_numbers(metadata, column, skip, problems) for column in ("subject_id", "study_id"))
+    first_row: dict[str, int] = {}
+    rows, times = [], []
+    columns = (frame[name].tolist() for name in ("dicom_id", "StudyDate", "StudyTime"))
+    for row, (dicom_id, study_date, study_time) in enumerate(zip(*columns)):
+        if row in skip:
+            continue
+        if dicom_id in first_row:
+            report(problems, metadata.error(row, "dicom_id", f"{dicom_id} repeats line {metadata.line(first_row[dicom_id])}",
+                                            fix="each image has one row", kind="repeated dicom_id"))
+            continue
+        first_row[dicom_id] = row
+        if dicom_id not in split_of:
+            report(problems, metadata.error(row, "dicom_id", f"{dicom_id} has no row in the split table",
+                                            fix="use the split table of the same MIMIC-CXR-JPG release",
+                                            kind="no split"))
+            continue
         try:
-            times.append(study_datetime(study_date, study_time))
+            day = parse_study_date(study_date)
         except ValueError as error:
-            raise ValueError(f"{metadata_path} row {row}, fields StudyDate/StudyTime: {error}") from None
+            report(problems, metadata.error(row, "StudyDate", str(error), fix=RESTORE, kind="malformed StudyDate"))
+            continue
+        try:
+            moment = parse_study_time(study_time)
+        except ValueError as error:
+            report(problems, metadata.error(row, "StudyTime", str(error), fix=RESTORE, kind="malformed StudyTime"))
+            continue
+        rows.append(row)
+        times.append(datetime.combine(day, moment))
+    kept = frame.loc[rows]
+    dicom_ids, subjects, studies = kept["dicom_id"].tolist(), subject_ids[rows].tolist(), study_ids[rows].tolist()
     return pd.DataFrame({
-        "dicom_id": images["dicom_id"],
-        "subject_id": images["subject_id"].astype(int),
-        "study_id": images["study_id"].astype(int),
-        "split": images["split"].map(SPLITS),
-        "view": [_view(p, m) for p, m in zip(images["ViewPosition"], images["ViewCodeSequence_CodeMeaning"])],
+        "dicom_id": dicom_ids,
+        "subject_id": subjects,
+        "study_id": studies,
+        "split": [split_of[dicom_id] for dicom_id in dicom_ids],
+        "view": [_view(p, m) for p, m in zip(kept["ViewPosition"].tolist(), kept["ViewCodeSequence_CodeMeaning"].tolist())],
         "study_datetime": times,
-        "path": [image_path(root, s, t, d) for s, t, d in zip(images["subject_id"], images["study_id"], images["dicom_id"])],
+        "path": [image_path(root, s, t, d) for s, t, d in zip(subjects, studies, dicom_ids)],
     })
 
 
@@ -131,7 +192,7 @@ def load_chexpert(root: str | Path, labeler: str = "chexpert") -> pd.DataFrame:
     """Per-study labels (``chexpert`` or ``negbio``): 1.0 positive, 0.0 negative, -1.0 uncertain, NaN unmentioned."""
     if labeler not in ("chexpert", "negbio"):
         raise ValueError(f"labeler={labeler!r}: expected 'chexpert' or 'negbio'")
-    return read_table(root, f"mimic-cxr-2.0.0-{labeler}", ["subject_id", "study_id", *CHEXPERT_LABELS])
+    return read_table(root, f"mimic-cxr-2.0.0-{labeler}", ["subject_id", "study_id", *CHEXPERT_LABELS]).frame
 
 
 def dicom_study_datetime(path: str | Path) -> datetime:

@@ -14,7 +14,10 @@ and the dev schema (``prior_image_path`` a list, ``prior_report``, ``related_reg
   per-type reporting only: the answer is always the ``answer`` letter;
 - history: ``none``; ``global`` (MAG's global record) = the prior report's FINDINGS and IMPRESSION;
   ``regional`` (MAG's regional record) = that report's sentences about the asked region
-  (``related_region_name`` where given, else the Chest ImaGenome region named in the question).
+  (``related_region_name`` where given, else the Chest ImaGenome region named in the question). A
+  question that names no region (the real test set asks about tubes, or "the right and left lungs")
+  gets the global record instead, counted in the load report (``fell back``); the file is never
+  refused for it.
   The report is the row's ``prior_report`` where present, else ``reports_root/files/pXX/pSUBJECT/
   sSTUDY.txt`` of the MIMIC-CXR reports.
 ``sample_id`` is ``<file stem>-<id>`` (``MMXU-test-17``), so the test and dev files never collide.
@@ -22,10 +25,13 @@ and the dev schema (``prior_image_path`` a list, ``prior_report``, ``related_reg
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
+import pandas as pd
+
+from common.errors import ConfigError
+from common.readers import InputError, Problems, read_jsonl, read_text, report
 from datamodules.diffvqa import LoadReport
 from datamodules.mimic import load_images
 from datamodules.records import Sample
@@ -175,7 +181,7 @@ def _prior_report(row: dict, chosen: int, prior, reports_root: Path | None, hist
     if not report_file.is_file():
         raise fail("prior_image_path", f"the prior study's report {report_file} does not exist: is reports_root "
                                        "the MIMIC-CXR reports directory (the one holding files/)?")
-    return report_file.read_text()
+    return read_text(report_file, "the prior study's MIMIC-CXR report")
 
 
 def load_mmxu(
@@ -183,72 +189,96 @@ def load_mmxu(
     mimic_root: str | Path,
     history: str = "none",
     reports_root: str | Path | None = None,
+    problems: Problems | None = None,
+    images: pd.DataFrame | None = None,
 ) -> tuple[list[Sample], LoadReport]:
     """Samples (task ``mmxu``) of one MMXU JSONL file, with image paths resolved against
-    ``mimic_root`` and the interval from its metadata. ``reports_root`` (the MIMIC-CXR reports
-    directory holding ``files/``) is needed only for history from rows without ``prior_report``."""
+    ``mimic_root`` and the interval from its metadata (``images``: ``mimic.load_images``' table, when
+    already read). ``reports_root`` (the MIMIC-CXR reports directory holding ``files/``) is needed
+    only for history from rows without ``prior_report``. A malformed line is an error (with
+    ``problems``: recorded and left out); a file without questions is always one."""
     if history not in HISTORY_MODES:
-        raise ValueError(f"history={history!r}: expected one of {HISTORY_MODES}")
+        raise ConfigError(f"history={history!r}: expected one of {HISTORY_MODES}")
     path, mimic_root = Path(path), Path(mimic_root)
     reports_root = Path(reports_root) if reports_root is not None else None
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: pass an MMXU JSONL file (e.g. MMXU-test.jsonl)")
-    images = load_images(mimic_root).set_index("dicom_id")
-    report = LoadReport()
+    lines = read_jsonl(path, "an MMXU JSONL file (e.g. MMXU-test.jsonl)")
+    images = (load_images(mimic_root) if images is None else images).set_index("dicom_id")
+    report_ = LoadReport()
     samples: list[Sample] = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-
-        def fail(field: str, problem: str, number=number) -> ValueError:
-            return ValueError(f"{path} line {number}, field {field}: {problem}")
-
+    for number, row in lines:
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} line {number}: not a JSON object ({error})") from None
-        _check_row(row, fail)
-
-        def image(relative: str, field: str):
-            dicom_id = Path(relative).stem
-            if dicom_id not in images.index:
-                raise fail(field, f"{relative!r} is not in {mimic_root}/mimic-cxr-2.0.0-metadata.csv[.gz]: "
-                                  "is mimic_root the MIMIC-CXR-JPG root this file refers to?")
-            return images.loc[dicom_id]
-
-        current = image(row["cur_image_path"], "cur_image_path")
-        priors = row["prior_image_path"]
-        prior_rows = [image(relative, "prior_image_path") for relative in ([priors] if isinstance(priors, str) else priors)]
-        chosen = max(range(len(prior_rows)), key=lambda index: prior_rows[index].study_datetime)
-        prior = prior_rows[chosen]
-        if prior.study_datetime > current.study_datetime:
-            report.skipped["prior_later"] += 1
+            sample = _sample(path, number, row, images, mimic_root, history, reports_root, report_)
+        except InputError as error:
+            report(problems, error)
             continue
-        history_lines = None
-        if history != "none":
-            region = None
-            if history == "regional":
-                region = row.get("related_region_name") or _named_region(row["question"])
-                if region not in REGIONS:
-                    raise fail("related_region_name" if "related_region_name" in row else "question",
-                               f"no Chest ImaGenome region found ({region!r}): regional history needs one of "
-                               "the 29 names; use history='global' for this file")
-            history_lines = history_text(_prior_report(row, chosen, prior, reports_root, history, fail),
-                                         history, region)
-        samples.append(Sample(
-            sample_id=f"{path.stem}-{row['id']}",
-            task="mmxu",
-            question_type=row["content_type"],
-            question=row["question"],
-            answer=row["answer"],
-            image=current.path,
-            prior_image=prior.path,
-            interval_days=float((current.study_datetime.date() - prior.study_datetime.date()).days),
-            subject_id=int(current.subject_id),
-            study_id=int(current.study_id),
-            prior_study_id=int(prior.study_id),
-            options={letter: row["options"][letter] for letter in LETTERS},
-            history=history_lines,
-        ))
-        report.loaded["mmxu"] += 1
-    return samples, report
+        if sample is not None:
+            samples.append(sample)
+            report_.loaded["mmxu"] += 1
+    return samples, report_
+
+
+def _sample(path: Path, number: int, row: dict | InputError, images: pd.DataFrame, mimic_root: Path, history: str,
+            reports_root: Path | None, report_: LoadReport) -> Sample | None:
+    """The line's sample, or None when its prior is later than its current image (counted in
+    ``report_``, as are regional histories that fall back to the global one)."""
+    if isinstance(row, InputError):
+        raise row
+
+    def fail(field: str, problem: str) -> InputError:
+        return InputError(path, problem, line=number, field=field)
+
+    _check_row(row, fail)
+
+    def image(relative: str, field: str):
+        dicom_id = Path(relative).stem
+        if dicom_id not in images.index:
+            raise InputError(path, f"{relative!r} is not in {mimic_root}/mimic-cxr-2.0.0-metadata.csv[.gz]",
+                             line=number, field=field, kind="image not in the MIMIC metadata",
+                             fix="is mimic_root the MIMIC-CXR-JPG root this file refers to?")
+        return images.loc[dicom_id]
+
+    current = image(row["cur_image_path"], "cur_image_path")
+    priors = row["prior_image_path"]
+    prior_rows = [image(relative, "prior_image_path") for relative in ([priors] if isinstance(priors, str) else priors)]
+    chosen = max(range(len(prior_rows)), key=lambda index: prior_rows[index].study_datetime)
+    prior = prior_rows[chosen]
+    if prior.study_datetime > current.study_datetime:
+        report_.skipped["prior_later"] += 1
+        return None
+    history_lines = None
+    if history != "none":
+        mode, region = history, None
+        if history == "regional":
+            region = _region(row, fail)
+            if region is None:
+                mode = "global"
+                report_.fell_back["regional history to global (the question names no region)"] += 1
+        history_lines = history_text(_prior_report(row, chosen, prior, reports_root, history, fail), mode, region)
+    return Sample(
+        sample_id=f"{path.stem}-{row['id']}",
+        task="mmxu",
+        question_type=row["content_type"],
+        question=row["question"],
+        answer=row["answer"],
+        image=current.path,
+        prior_image=prior.path,
+        interval_days=float((current.study_datetime.date() - prior.study_datetime.date()).days),
+        subject_id=int(current.subject_id),
+        study_id=int(current.study_id),
+        prior_study_id=int(prior.study_id),
+        options={letter: row["options"][letter] for letter in LETTERS},
+        history=history_lines,
+    )
+
+
+def _region(row: dict, fail) -> str | None:
+    """The Chest ImaGenome region a question asks about: ``related_region_name`` where the row has
+    one (it must be one of the 29 names), else the longest name in the question; None when the
+    question names none (some real ones ask about a tube or "the right and left lungs")."""
+    named = row.get("related_region_name")
+    if named:
+        if named not in REGIONS:
+            raise fail("related_region_name", f"unknown region {named!r}: expected one of the 29 Chest ImaGenome "
+                                              f"names {REGIONS}")
+        return named
+    return _named_region(row["question"])

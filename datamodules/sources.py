@@ -5,7 +5,6 @@ and skipped; ``weight`` is how many times per epoch each training sample is seen
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from datamodules.diffvqa import TEST_POLICIES, LoadReport, load_diffvqa, one_study_per_subject
+from datamodules.enhance import load_enhanced
 from datamodules.mmxu import load_mmxu
 from datamodules.prognostic import load_prognostic
 from datamodules.records import Sample
@@ -54,10 +54,7 @@ class DiffVQASource:
 
     @cached_property
     def _enhanced(self) -> dict[str, dict]:
-        path = Path(self.enhanced)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: build it with `python -m datamodules.build enhance`")
-        return {record["sample_id"]: record for record in map(json.loads, path.read_text().splitlines())}
+        return load_enhanced(self.enhanced)
 
     def load(self, split: str, use_prior: bool) -> tuple[list[Sample], LoadReport]:
         samples, report = load_diffvqa(self.diffvqa, self.mimic_cxr_jpg, split, tuple(self.tasks), use_prior,

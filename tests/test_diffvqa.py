@@ -6,6 +6,7 @@ from datetime import date
 import pandas as pd
 import pytest
 
+from common.readers import InputError
 from datamodules.diffvqa import load_diffvqa
 from datamodules.mimic import days_between, image_path
 
@@ -106,7 +107,7 @@ def test_a_question_about_an_unknown_study_names_file_row_and_field(world, world
     table.loc[3, "study_id"] = 59999999
     table.to_csv(world_copy / "mimic_pair_questions.csv", index=False)
     split = table.loc[3, "split"]
-    with pytest.raises(KeyError, match=r"mimic_pair_questions.csv row 3, field study_id: study 59999999"):
+    with pytest.raises(InputError, match=r"mimic_pair_questions.csv line 5, field study_id: study 59999999 is not in "):
         load_diffvqa(world_copy, world / "mimic-cxr-jpg", split)
 
 

@@ -16,6 +16,7 @@ import torchvision
 import torchxrayvision as xrv
 from torch import nn
 
+from common.readers import InputError
 from datamodules.build import main as build_main
 from datamodules.experts_builder import (
     WEIGHT_URLS, ExpertRun, load_expert_models, partial_path, preprocess, run_experts, weight_file,
@@ -159,7 +160,7 @@ def test_a_missing_column_is_an_error_naming_it(world, tmp_path):
 def test_a_repeated_dicom_id_is_an_error(world, tmp_path):
     table = pd.read_csv(world / "experts" / "experts.csv", dtype=str)
     pd.concat([table.head(2), table.head(1)]).to_csv(tmp_path / "experts.csv", index=False)
-    with pytest.raises(ValueError, match=f"line 4, field dicom_id: {table.loc[0, 'dicom_id']} appears twice"):
+    with pytest.raises(InputError, match=f"line 4, field dicom_id: {table.loc[0, 'dicom_id']} repeats line 2"):
         load_experts(tmp_path / "experts.csv")
 
 

@@ -5,6 +5,7 @@ from datetime import datetime, time
 
 import pytest
 
+from common.readers import InputError
 from datamodules.mimic import (
     dicom_study_datetime,
     image_path,
@@ -78,23 +79,24 @@ def test_impossible_study_time_is_an_error(value):
 
 def test_a_bad_time_names_the_file_row_and_fields(tmp_path):
     rows = [ROWS[0], ROWS[1].replace("213014.531", "996014.531"), ROWS[2]]
-    with pytest.raises(ValueError, match=r"metadata.csv\[.gz\] row 1, fields StudyDate/StudyTime"):
+    with pytest.raises(InputError, match=r"metadata.csv.gz line 3, field StudyTime: StudyTime 996014.531 is not a time"):
         load_images(write(tmp_path / "mimic", True, metadata_rows=rows))
 
 
 def test_unknown_split_value_is_an_error(tmp_path):
     split = [*SPLIT[:3], SPLIT[3].replace("validate", "dev")]
-    with pytest.raises(ValueError, match="row 2, field split: unknown value 'dev'"):
+    with pytest.raises(InputError, match=r"split.csv.gz line 4, field split: unknown value 'dev'; expected one of "
+                                         r"\['train', 'validate', 'test'\]"):
         load_images(write(tmp_path / "mimic", True, split_rows=split))
 
 
 def test_image_without_split_row_is_an_error(tmp_path):
-    with pytest.raises(ValueError, match="1 images have no row in the split table"):
+    with pytest.raises(InputError, match=r"metadata.csv.gz line 4, field dicom_id: .* has no row in the split table"):
         load_images(write(tmp_path / "mimic", True, split_rows=SPLIT[:3]))
 
 
 def test_missing_tables_and_columns_are_clear_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="mimic-cxr-2.0.0-metadata.csv.gz nor .*metadata.csv exists"):
+    with pytest.raises(InputError, match="mimic-cxr-2.0.0-metadata.csv.gz: not found, nor mimic-cxr-2.0.0-metadata.csv"):
         load_images(tmp_path)
     (tmp_path / "mimic-cxr-2.0.0-chexpert.csv").write_text("subject_id,study_id,Atelectasis\n1,2,1.0\n")
     with pytest.raises(ValueError, match="missing columns .*Cardiomegaly"):
@@ -104,7 +106,7 @@ def test_missing_tables_and_columns_are_clear_errors(tmp_path):
 def test_synthetic_world_tables_load_with_every_image_on_disk(world):
     root = world / "mimic-cxr-jpg"
     images = load_images(root)
-    assert len(images) == len(read_table(root, "mimic-cxr-2.0.0-metadata", []))
+    assert len(images) == len(read_table(root, "mimic-cxr-2.0.0-metadata", []).frame)
     assert set(images["split"]) <= {"train", "val", "test"} and "val" in set(images["split"])
     assert set(images["view"]) <= {"PA", "AP", "LATERAL"}
     assert all(path.is_file() for path in images["path"])

@@ -7,6 +7,7 @@ from collections import Counter
 import pandas as pd
 import pytest
 
+from common.readers import InputError
 from datamodules.collate import user_prompt
 from datamodules.mimic import load_images
 from datamodules.mmxu import REGIONS, load_mmxu, region_sentences, report_findings
@@ -141,6 +142,30 @@ def test_regional_history_says_when_the_report_is_silent_about_the_region(world,
                    question="How has the atelectasis in the right lower lung zone changed?")
     (sample,), _ = load_mmxu(write_rows(tmp_path / "f.jsonl", [row]), world / "mimic-cxr-jpg", history="regional")
     assert sample.history == "The report of the previous image says nothing about the right lower lung zone."
+
+
+@pytest.mark.parametrize("question", [
+    "How has the endotracheal tube changed compared with the previous image?",
+    "How has the opacity in the right and left lungs changed compared with the previous image?",
+])
+def test_a_question_naming_no_region_falls_back_to_the_global_record_and_is_counted(world, subject, tmp_path, question):
+    rows = [mmxu_row(subject, prior_report=PRIOR_REPORT), mmxu_row(subject, id=8, question=question,
+                                                                    prior_report=PRIOR_REPORT)]
+    (named, unnamed), report = load_mmxu(write_rows(tmp_path / "MMXU-dev.jsonl", rows), world / "mimic-cxr-jpg",
+                                         history="regional")
+    assert named.history.startswith("What the report of the previous image says about the left costophrenic angle")
+    assert unnamed.history == ("Report of the previous image: Small left pleural effusion. Patchy lung opacity in the "
+                               "right upper lung. The heart size is normal. Small left pleural effusion; right upper "
+                               "lung opacity.")
+    assert report.loaded["mmxu"] == 2
+    assert report.fell_back == {"regional history to global (the question names no region)": 1}
+    assert str(report).endswith("; 1 fell back: regional history to global (the question names no region)")
+
+
+def test_a_related_region_name_that_is_not_a_chest_imagenome_region_is_an_error(world, subject, tmp_path):
+    row = mmxu_row(subject, prior_report=PRIOR_REPORT, related_region_name="left elbow")
+    with pytest.raises(InputError, match="line 1, field related_region_name: unknown region 'left elbow'"):
+        load_mmxu(write_rows(tmp_path / "MMXU-dev.jsonl", [row]), world / "mimic-cxr-jpg", history="regional")
 
 
 def test_without_prior_report_the_history_comes_from_the_mimic_reports_tree(world, subject, tmp_path):
