@@ -139,44 +139,46 @@ _WORD = re.compile(r"[a-z]+(?:'[a-z]+)?")
 _NEGATIONS = frozenset({"no", "not", "none", "nothing", "without", "absent", "negative", "neither",
                         "nor", "never", "isnt", "arent", "wasnt", "werent", "doesnt", "dont",
                         "hasnt", "havent"})
-# A hedge makes the whole answer undecidable, even next to a negation ("cannot be excluded").
-_HEDGE = re.compile(r"\b(?:maybe|possibl[ey]|perhaps|probabl[ey]|(?:un)?likely|uncertain|unclear"
-                    r"|unsure|not sure|questionable|equivocal|indeterminate|cannot|can't|cant"
+# A hedge makes the whole answer undecidable, even next to a negation or a yes ("cannot be
+# excluded", "I don't know", "yes, probably").
+_HEDGE = re.compile(r"\b(?:maybe|possibl[ey]|perhaps|probabl[ey]|(?:un)?likely|uncertain|unclear|unsure"
+                    r"|not sure|not certain|not clear|questionable|equivocal|indeterminate|undetermined"
+                    r"|inconclusive|unknown|not known|(?:do not|don't|dont|does not|doesn't) know"
+                    r"|cannot|can't|cant|unable|impossible|difficult to|hard to|insufficient|not enough"
                     r"|excluded)\b")
 _AFFIRMATIONS = frozenset({"yes", "present", "seen", "visible", "evident", "noted", "identified",
                            "shows", "showing", "demonstrates", "positive", "evidence"})
 _THERE_IS = re.compile(r"\bthere (?:is|are)\b|\bthere's\b")
 
 
-def _clause_polarity(clause: str) -> str | None:
-    if _HEDGE.search(clause):
-        return "uncertain"
+def _clause_polarities(clause: str) -> set[str]:
+    """What one clause says: "no" if it holds a negation (which outweighs an affirmation in it: "there
+    is no effusion"), else "yes" if it affirms; and "yes" as well if it says the word yes, so that
+    "yes/no" and "yes there is no effusion" read as both."""
     words = _WORD.findall(clause)
+    polarities = {"yes"} if "yes" in words else set()
     if any(word in _NEGATIONS or word.endswith("n't") for word in words):
-        return "no"
-    if _AFFIRMATIONS.intersection(words) or _THERE_IS.search(clause):
-        return "yes"
-    return None
+        polarities.add("no")
+    elif _AFFIRMATIONS.intersection(words) or _THERE_IS.search(clause):
+        polarities.add("yes")
+    return polarities
 
 
 def extract_yes_no(text: str) -> str | None:
-    """Read a yes/no answer out of free text; None when it says neither or both.
+    """Read a yes/no answer out of free text; None when it hedges or says both, never a guess.
 
-    A leading "yes"/"no" is the answer ("No, there is no effusion"). Otherwise each clause (split at
-    punctuation and conjunctions) is negative if it holds a negation ("there is no evidence of
-    pneumothorax"), positive if it affirms ("there is a small effusion"), and all clauses with a
-    polarity must agree. Whole words only, so "normal" and "nodule" never read as "no".
+    The text is split into clauses at punctuation and conjunctions; a clause is negative if it holds
+    a negation ("there is no evidence of pneumothorax", "No, there is not."), positive if it affirms
+    ("Yes, there is a small effusion"), and every clause with a polarity must agree: "yes and no",
+    "yes or no" and "Yes, but no effusion." are None. A hedge anywhere ("I don't know", "unclear",
+    "cannot be determined", "possibly") makes the answer None. Whole words only, so "normal" and
+    "nodule" never read as "no".
     """
     text = text.lower().replace("\u2019", "'")
-    words = _WORD.findall(text)
-    if not words:
+    if _HEDGE.search(text):
         return None
-    if words[0] in ("yes", "no"):
-        return words[0]
-    polarities = {_clause_polarity(clause) for clause in _CLAUSE_BREAK.split(text)} - {None}
-    if len(polarities) == 1 and "uncertain" not in polarities:
-        return polarities.pop()
-    return None
+    polarities = set().union(*(_clause_polarities(clause) for clause in _CLAUSE_BREAK.split(text)))
+    return polarities.pop() if len(polarities) == 1 else None
 
 
 def is_closed(reference: str) -> bool:

@@ -186,39 +186,65 @@ def test_token_recall_clipped_equals_token_recall_without_repetition():
 
 # --- yes/no extraction
 
-@pytest.mark.parametrize(("text", "expected"), [
+# Every phrasing with the reading it must get: "yes", "no", or None (unparsed: hedged, mixed or
+# silent), never a guess.
+YES_NO_READINGS = [
     ("yes", "yes"),
     ("Yes.", "yes"),
+    ("YES", "yes"),
     ("Yes, there is a small left pleural effusion.", "yes"),
+    ("Yes, there is.", "yes"),
+    ("There is a small right effusion.", "yes"),
+    ("There are bilateral effusions.", "yes"),
+    ("The answer is yes.", "yes"),
+    ("Consolidation is present in the left lower lobe.", "yes"),
+    ("A pneumothorax is seen at the right apex.", "yes"),
+    ("Positive.", "yes"),
+    ("Cardiomegaly is evident and the effusion is visible.", "yes"),
     ("no", "no"),
+    ("No.", "no"),
     ("No, there is no effusion.", "no"),
+    ("No, there is not.", "no"),
+    ("No, there isn\u2019t.", "no"),
+    ("There is no effusion.", "no"),
     ("there is no evidence of pneumothorax", "no"),
     ("No evidence of pneumothorax.", "no"),
     ("The pneumothorax is not seen.", "no"),
     ("The effusion isn't present", "no"),
     ("not", "no"),
     ("None.", "no"),
-    ("There is a small right effusion.", "yes"),
-    ("The answer is yes.", "yes"),
-    ("Consolidation is present in the left lower lobe.", "yes"),
-])
-def test_extract_yes_no_reads_the_answer(text, expected):
-    assert extract_yes_no(text) == expected
+    ("Negative.", "no"),
+    ("The answer is no.", "no"),
+    ("There is no effusion and no pneumothorax.", "no"),
+    ("", None),
+    ("the heart size is normal", None),
+    ("nodule", None),
+    ("left lower lobe", None),
+    ("I don't know.", None),
+    ("I do not know", None),
+    ("Unknown.", None),
+    ("It cannot be determined from this image.", None),
+    ("Unclear.", None),
+    ("yes and no", None),
+    ("yes or no", None),
+    ("Yes/no", None),
+    ("Yes, but no effusion.", None),
+    ("No, there is a small effusion.", None),
+    ("there is an effusion but no pneumothorax", None),
+    ("There is an effusion. There is no pneumothorax.", None),
+    ("a pneumothorax cannot be excluded", None),
+    ("possibly a small effusion", None),
+    ("maybe yes", None),
+    ("Probably not.", None),
+    ("I'm not sure.", None),
+    ("It is difficult to say.", None),
+    ("The findings are inconclusive.", None),
+]
 
 
-@pytest.mark.parametrize("text", [
-    "",
-    "the heart size is normal",
-    "nodule",
-    "left lower lobe",
-    "there is an effusion but no pneumothorax",
-    "a pneumothorax cannot be excluded",
-    "possibly a small effusion",
-    "maybe yes",
-    "I'm not sure.",
-])
-def test_extract_yes_no_returns_none_for_neither_or_ambiguous(text):
-    assert extract_yes_no(text) is None
+@pytest.mark.parametrize(("text", "reading"), YES_NO_READINGS, ids=[text or "<empty>" for text, _ in YES_NO_READINGS])
+def test_extract_yes_no_reads_each_phrasing_without_guessing(text, reading):
+    assert extract_yes_no(text) == reading
 
 
 def test_closed_correct_accepts_verbose_yes_that_exact_match_rejects():
