@@ -207,24 +207,70 @@ def exact_match(prediction: str, reference: str) -> bool:
 # Single-choice questions (MMXU): the option letter, never guessed
 
 _WHOLE_LETTER = re.compile(r"\s*\(?([A-Za-z])\)?\s*[.:)]?\s*")
-_LETTER_CUE = re.compile(r"\b(?:answer|option|choice)(?:\s+(?:is|would be|:))?\s*[:(]?\s*\(?([A-Z])\b(?![a-z'])",
-                         re.IGNORECASE)
-_STANDALONE_LETTER = re.compile(r"(?<![A-Za-z'])\(?([A-Z])\)?(?![A-Za-z'])")
-_ARTICLE = re.compile(r"\bA\s+(?!(?:and|or)\b)[a-z]")  # "A small effusion": the article, not option A
+# A letter names an option where it cannot be part of a word: in parentheses in either case
+# ("(b)"), or upper case standing alone, quotes allowed (not in "CT", "B-lines", "3D", "A's").
+_LETTER_MENTION = re.compile(r"\(([A-Za-z])\)|(?<![\w-])([A-Z])(?![\w-]|['\u2019]\w)")
+# "A" before a word is the article ("A small effusion", "A CT is advised"), unless the word cannot
+# follow an article ("A or B", "A is correct") or "option"/"choice" comes just before ("Option A is
+# correct").
+_ARTICLE_NEXT = re.compile(r"\s+(?!(?:or|and|nor|is|was|because|since)\b)[A-Za-z]")
+_OPTION_WORD_BEFORE = re.compile(r"\b(?i:option|choice)\s*:?\s*$")
+# A letter ruled out rather than chosen: "not A", "B rather than A", "neither A nor B", and the
+# letters listed after such a word ("not A or B", "not A, B").
+_NEGATED_LETTER = re.compile(r"\b(?i:not|never|neither|nor|isn't|isnt|than|instead of|except)\s+"
+                             r"(?:(?i:option|choice)\s+)?(?:\(?[A-Z]\)?,?\s+(?:(?:or|nor)\s+)?)*\(?$")
+# ... or ruled out just after: "C is wrong", "(C) is not correct".
+_RULED_OUT_AFTER = re.compile(r"\)?\s+(?i:(?:is|was)\s+(?:not|incorrect|wrong|false|excluded)\b|isn't|isnt\b)")
 # A negation at most one word before an option's text, within its clause ("has not increased").
 _NEGATION_BEFORE = re.compile(r"\b(?:not|no|never|isn't|isnt|hasn't|hasnt|rather than|instead of)\s+(?:\w+\s+)?$")
+
+
+def _named_letters(prediction: str, letters: list[str]) -> set[str]:
+    """The option letters the answer names and does not rule out (see the patterns above)."""
+    named = set()
+    for match in _LETTER_MENTION.finditer(prediction):
+        letter, before = (match[1] or match[2]).upper(), prediction[:match.start()]
+        article = (match[2] == "A" and _ARTICLE_NEXT.match(prediction, match.end())
+                   and not _OPTION_WORD_BEFORE.search(before))
+        ruled_out = _NEGATED_LETTER.search(before) or _RULED_OUT_AFTER.match(prediction, match.end())
+        if letter in letters and not article and not ruled_out:
+            named.add(letter)
+    return named
 
 
 def _option_key(text: str) -> str:
     return " ".join(text.lower().replace("\u2019", "'").rstrip(" .").split())
 
 
+def _named_option_texts(prediction: str, options: dict[str, str]) -> set[str]:
+    """The letters of the options whose own text the answer contains as whole words, not negated
+    just before ("not unchanged"). Longer texts are matched first and blanked, so that a shorter
+    option inside one ("increased" in "not increased") is not read again."""
+    remaining, named = _option_key(prediction), set()
+    for letter, option in sorted(options.items(), key=lambda item: -len(item[1])):
+        key = _option_key(option)
+        if not key:
+            continue
+        for match in re.finditer(rf"(?<!\w){re.escape(key)}(?!\w)", remaining):
+            if not _NEGATION_BEFORE.search(remaining[:match.start()]):
+                named.add(letter)
+        remaining = re.sub(rf"(?<!\w){re.escape(key)}(?!\w)", lambda match: " " * len(match[0]), remaining)
+    return named
+
+
 def extract_choice(prediction: str, options: dict[str, str] | None = None) -> tuple[str | None, str]:
-    """The option letter a free-text answer chooses, and how it was read: ``letter`` (the whole
-    answer is one letter: ``C``, ``C.``, ``(C)``, ``C:``), ``cue`` ("the answer is C", "option C";
-    the last one wins), ``standalone`` (exactly one option letter standing alone, a leading article
-    "A small ..." is a word), ``text`` (exactly one option's text in the answer, longer texts first,
-    skipping those negated just before: "not unchanged"), or ``(None, "unparsed")``.
+    """The option letter a free-text answer chooses, and how it was read; never a guess.
+
+    - ``letter``: the whole answer is one letter, in either case (``C``, ``c``, ``C.``, ``(C)``,
+      ``C:``, ``C)``): alone, even "a" cannot be the article.
+    - ``mention``: the answer names exactly one option letter, and any option text in it is that
+      option's (the others it may rule out). A letter counts in parentheses in either case, or upper case standing
+      alone ("The answer is B.", "Option D", "B: improved"); "a" inside a sentence, and "A" before
+      a word ("A small effusion"), is the article. Ruled-out letters do not count ("B, not A", "A is
+      wrong").
+    - ``text``: no letter, and exactly one option's own text, not negated ("It has resolved").
+    - ``(None, "unparsed")``: anything else, e.g. two different letters ("B or C"), a letter and
+      another option's text, two options' texts, or nothing.
 
     Letters are those of ``options`` (A-D without them); without options the text rule is off.
     """
@@ -232,26 +278,11 @@ def extract_choice(prediction: str, options: dict[str, str] | None = None) -> tu
     whole = _WHOLE_LETTER.fullmatch(prediction)
     if whole and whole[1].upper() in letters:
         return whole[1].upper(), "letter"
-    cues = [match[1].upper() for match in _LETTER_CUE.finditer(prediction) if match[1].upper() in letters]
-    if cues:
-        return cues[-1], "cue"
-    text = _ARTICLE.sub(" ", prediction)
-    standalone = {match[1] for match in _STANDALONE_LETTER.finditer(text) if match[1] in letters}
-    if len(standalone) == 1:
-        return standalone.pop(), "standalone"
-    if options:
-        remaining, found = _option_key(prediction), set()
-        for letter, option in sorted(options.items(), key=lambda item: -len(item[1])):
-            key = _option_key(option)
-            start = remaining.find(key) if key else -1
-            if start >= 0:
-                if not _NEGATION_BEFORE.search(remaining[:start]):
-                    found.add(letter)
-                # Blanked so that a shorter option inside it ("increased" in "not increased") is not read.
-                remaining = remaining[:start] + " " * len(key) + remaining[start + len(key):]
-        if len(found) == 1:
-            return found.pop(), "text"
-    return None, "unparsed"
+    named = _named_letters(prediction, letters)
+    readings = named | (_named_option_texts(prediction, options) if options else set())
+    if len(readings) != 1:
+        return None, "unparsed"
+    return readings.pop(), "mention" if named else "text"
 
 
 def choice_correct(prediction: str, reference: str, options: dict[str, str] | None = None) -> bool:
@@ -280,10 +311,13 @@ METRIC_SIGNATURES = {
                                       "main level) changes equal as sets",
     "difference_parsed": "difference questions; the prediction parses completely as the "
                          "Medical-Diff-VQA difference grammar",
-    "choice_accuracy": "mmxu single-choice questions; the letter read by extract_choice (whole "
-                       "letter, answer/option cue, one standalone letter, one non-negated option "
-                       "text) equals the reference letter; unparsed answers are wrong and stay in "
-                       "the denominator",
+    "choice_accuracy": "mmxu single-choice questions; the letter read by extract_choice, which "
+                       "never guesses (the whole answer one letter; else exactly one option named: "
+                       "an upper-case letter standing alone or a letter in parentheses, not an "
+                       "article 'A', not ruled out, and no other option's text; else exactly one "
+                       "non-negated option text) equals the reference letter; unparsed answers "
+                       "(two letters, 'B or C', several option texts) are wrong and stay in the "
+                       "denominator",
     "choice_parsed": "mmxu single-choice questions; extract_choice read a letter",
     "judge_score": "open-ended questions (not yes/no, not single choice), with judge=...: the "
                    "reference-guided 1-10 LLM judge of evaluation/judge.py; mean over the parsed "
