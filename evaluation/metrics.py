@@ -186,16 +186,34 @@ def is_closed(reference: str) -> bool:
     return normalize_answer(reference) in ("yes", "no")
 
 
+def _closed_reference(reference: str) -> str:
+    expected = normalize_answer(reference)
+    if expected not in ("yes", "no"):
+        raise ValueError(f"closed accuracy needs a yes/no reference, got {reference!r}; "
+                         "use is_closed() to route open questions to token recall")
+    return expected
+
+
 def closed_correct(prediction: str, reference: str) -> bool:
     """Headline closed accuracy: the extracted yes/no equals the reference.
 
     An answer the extractor cannot read is wrong (never dropped from the denominator).
     """
-    expected = normalize_answer(reference)
-    if expected not in ("yes", "no"):
-        raise ValueError(f"closed_correct needs a yes/no reference, got {reference!r}; "
-                         "use is_closed() to route open questions to token recall")
-    return extract_yes_no(prediction) == expected
+    return extract_yes_no(prediction) == _closed_reference(reference)
+
+
+def closed_correct_llava_med(prediction: str, reference: str) -> bool:
+    """LLaVA-Med's closed-question rule (`llava/eval/run_eval_batch.py`), quirks kept, so that our
+    numbers can be set beside published LLaVA-Med-style closed accuracies.
+
+    Both strings are VQA-normalised (`normalize_answer`) and the answer is right when the reference
+    word is a substring of the prediction. Hence "nodule", "normal", "not", "know" and "cannot"
+    count as "no" and "eyes" as "yes"; an answer holding both words ("yes and no") is right
+    whichever the reference; and "none", which normalisation turns into "0", is not "no". Every
+    sample stays in the denominator: LLaVA-Med's `run_eval.py` also drops wrong answers that
+    contain "yes" or "no" from it, which we do not reproduce.
+    """
+    return _closed_reference(reference) in normalize_answer(prediction)
 
 
 def exact_match(prediction: str, reference: str) -> bool:
@@ -298,6 +316,14 @@ def choice_correct(prediction: str, reference: str, options: dict[str, str] | No
 METRIC_SIGNATURES = {
     "closed_accuracy": "yes/no references; negation-aware extractor on the prediction equals the "
                        "reference; unreadable answers are wrong and stay in the denominator",
+    "closed_accuracy_llava_med": "yes/no references; LLaVA-Med's rule (llava/eval/run_eval_batch.py) "
+                                 "with its quirks, for comparison with published LLaVA-Med-style "
+                                 "numbers: the VQA-normalised reference is a substring of the "
+                                 "VQA-normalised prediction, so 'nodule', 'normal', 'not', 'know' "
+                                 "and 'cannot' count as 'no' and 'eyes' as 'yes', an answer holding "
+                                 "both words is right either way, and 'none' (normalised to '0') is "
+                                 "not 'no'; every sample stays in the denominator (run_eval.py's "
+                                 "dropping of wrong yes/no answers is not reproduced)",
     "exact_match": "yes/no references; D-Rax strict match of the VQA-normalised prediction and "
                    "reference",
     "token_recall": "open diagnostic and prognostic questions, against the short reference; "
@@ -357,8 +383,8 @@ CORPUS_METRIC_SIGNATURES = {
 }
 # Metrics that score a sample 0 or 1 (an accuracy's per-sample value): paired comparisons of
 # these also get McNemar's test, and plots show them as rates, not distributions.
-ZERO_ONE_METRICS = frozenset({"closed_accuracy", "exact_match", "difference_correct",
-                              "difference_correct_with_levels", "difference_parsed",
+ZERO_ONE_METRICS = frozenset({"closed_accuracy", "closed_accuracy_llava_med", "exact_match",
+                              "difference_correct", "difference_correct_with_levels", "difference_parsed",
                               "choice_accuracy", "choice_parsed", "judge_parsed",
                               "chexpert_added_accuracy", "chexpert_missing_accuracy",
                               "prognosis_correct", "prognosis_days_correct", "prognosis_parsed"})
@@ -431,8 +457,8 @@ def score_sample(record: dict) -> dict[str, float]:
       where the reference adds / removes a CheXpert label;
     - prognostic -> bleu4, rougeL, token_recall, token_recall_clipped, and prognosis_correct,
       prognosis_f1, prognosis_days_correct, prognosis_parsed where the reference is in the offline grammar;
-    - other (diagnostic) questions -> closed_accuracy and exact_match for yes/no references,
-      token_recall and token_recall_clipped otherwise; bleu4 and rougeL for both.
+    - other (diagnostic) questions -> closed_accuracy, closed_accuracy_llava_med and exact_match for
+      yes/no references, token_recall and token_recall_clipped otherwise; bleu4 and rougeL for both.
 
     ``reference`` must be the short original answer. bleu4 and rougeL compare with the optional
     ``answer`` (the enhanced long training target, present only where it differs from the
@@ -449,6 +475,7 @@ def score_sample(record: dict) -> dict[str, float]:
         return _prognosis_scores(record) | _overlap_scores(record) | _recall_scores(prediction, reference)
     if is_closed(reference):
         scores = {"closed_accuracy": int(closed_correct(prediction, reference)),
+                  "closed_accuracy_llava_med": int(closed_correct_llava_med(prediction, reference)),
                   "exact_match": int(exact_match(prediction, reference))}
     else:
         scores = _recall_scores(prediction, reference)

@@ -12,6 +12,7 @@ from evaluation.metrics import (
     METRIC_SIGNATURES,
     change_f1,
     closed_correct,
+    closed_correct_llava_med,
     corpus_metrics,
     difference_correct,
     exact_match,
@@ -266,6 +267,53 @@ def test_closed_correct_rejects_an_open_reference():
         closed_correct("yes", "left side")
 
 
+# (prediction, reference, LLaVA-Med's rule, ours), the first worked out by hand from
+# run_eval_batch.py: lower-case, normalize_word both, then `reference in prediction`.
+LLAVA_MED_CLOSED = [
+    ("nodule", "no", True, False),
+    ("normal", "no", True, False),
+    ("The heart size is normal.", "no", True, False),
+    ("I don't know.", "no", True, False),
+    ("Unknown.", "no", True, False),
+    ("A pneumothorax cannot be excluded.", "no", True, False),
+    ("eyes", "yes", True, False),
+    ("yes and no", "yes", True, False),
+    ("yes and no", "no", True, False),
+    ("Yes, but no effusion.", "no", True, False),
+    ("None.", "no", False, True),
+    ("There is a small effusion.", "yes", False, True),
+    ("Negative.", "no", False, True),
+    ("Positive.", "yes", False, True),
+    ("Yes, there is a small effusion.", "yes", True, True),
+    ("No, there is no effusion.", "no", True, True),
+    ("The effusion is not seen.", "no", True, True),
+    ("YES", "Yes.", True, True),
+    ("There is no effusion.", "yes", False, False),
+    ("", "no", False, False),
+]
+
+
+@pytest.mark.parametrize(("prediction", "reference", "llava_med", "ours"), LLAVA_MED_CLOSED,
+                         ids=[f"{prediction or '<empty>'}|{reference}" for prediction, reference, _, _ in LLAVA_MED_CLOSED])
+def test_closed_accuracy_llava_med_keeps_the_reference_rules_quirks_that_ours_avoids(prediction, reference, llava_med,
+                                                                                     ours):
+    assert closed_correct_llava_med(prediction, reference) is llava_med
+    assert closed_correct(prediction, reference) is ours
+
+
+@pytest.mark.parametrize("reference", ["yes", "no"])
+@pytest.mark.parametrize("prediction", [text for text, _ in YES_NO_READINGS],
+                         ids=[text or "<empty>" for text, _ in YES_NO_READINGS])
+def test_closed_accuracy_llava_med_equals_the_reference_substring_rule(prediction, reference):
+    expected = llava_normalize_word(reference.lower()) in llava_normalize_word(prediction.lower())
+    assert closed_correct_llava_med(prediction, reference) is expected
+
+
+def test_closed_accuracy_llava_med_rejects_an_open_reference():
+    with pytest.raises(ValueError, match="yes/no reference"):
+        closed_correct_llava_med("yes", "left side")
+
+
 def test_exact_match_ignores_case_punctuation_and_articles():
     assert exact_match("The Left Side.", "left side")
 
@@ -485,7 +533,7 @@ def test_chexpert_accuracy_does_not_apply_where_the_reference_has_no_label_of_it
 
 def test_score_sample_closed_question():
     scores = score_sample(record("presence", "Yes, there is.", "yes"))
-    assert scores == {"closed_accuracy": 1, "exact_match": 0,
+    assert scores == {"closed_accuracy": 1, "closed_accuracy_llava_med": 1, "exact_match": 0,
                       "bleu4": pytest.approx(nltk_bleu4("yes , there is .", "yes")),
                       "rougeL": pytest.approx(0.5)}
 
