@@ -182,8 +182,9 @@ def difference_headline(records: list[dict]) -> str | None:
 def markdown_report(results: dict) -> str:
     """How many samples were scored (`scored_line` of `results["samples"]`), then the tables a paper
     would show, for the tasks present: diagnostic questions by type (LUMEN's open recall and closed
-    accuracy, with closed accuracy by LLaVA-Med's rule beside it), difference and prognostic questions (LUMEN Table 1's BLEU-4, ROUGE-L and judge), MMXU
-    by content type (accuracy and the unparsed rate); then every metric. Each mean shows its n."""
+    accuracy, with closed accuracy by LLaVA-Med's rule beside it), difference and prognostic
+    questions (LUMEN Table 1's BLEU-4, ROUGE-L and judge), MMXU by content type (accuracy and the
+    unparsed rate); then every metric. Each mean shows its n."""
     sections = [[scored_line(results["samples"])]]
     if "diagnostic" in results["by_task"]:
         sections.append(_diagnostic_table(results["by_task"]["diagnostic"]))

@@ -294,9 +294,8 @@ LLAVA_MED_CLOSED = [
 
 
 @pytest.mark.parametrize(("prediction", "reference", "llava_med", "ours"), LLAVA_MED_CLOSED,
-                         ids=[f"{prediction or '<empty>'}|{reference}" for prediction, reference, _, _ in LLAVA_MED_CLOSED])
-def test_closed_accuracy_llava_med_keeps_the_reference_rules_quirks_that_ours_avoids(prediction, reference, llava_med,
-                                                                                     ours):
+                         ids=[f"{prediction or '<empty>'}|{reference}" for prediction, reference, *_ in LLAVA_MED_CLOSED])
+def test_closed_accuracy_llava_med_keeps_the_quirks_that_ours_avoids(prediction, reference, llava_med, ours):
     assert closed_correct_llava_med(prediction, reference) is llava_med
     assert closed_correct(prediction, reference) is ours
 
