@@ -80,6 +80,7 @@ def main() -> None:
     difference = results["by_task"].get("difference", {}).get("difference", {})
     scores = {"difference: added/missing sets right": difference.get("difference_correct"),
               "diagnostic closed: accuracy": overall.get("closed_accuracy"),
+              "diagnostic closed: accuracy by LLaVA-Med's rule": overall.get("closed_accuracy_llava_med"),
               "diagnostic open: token recall": overall.get("token_recall")}
     for name, summary in scores.items():
         if summary is not None:

@@ -139,44 +139,46 @@ _WORD = re.compile(r"[a-z]+(?:'[a-z]+)?")
 _NEGATIONS = frozenset({"no", "not", "none", "nothing", "without", "absent", "negative", "neither",
                         "nor", "never", "isnt", "arent", "wasnt", "werent", "doesnt", "dont",
                         "hasnt", "havent"})
-# A hedge makes the whole answer undecidable, even next to a negation ("cannot be excluded").
-_HEDGE = re.compile(r"\b(?:maybe|possibl[ey]|perhaps|probabl[ey]|(?:un)?likely|uncertain|unclear"
-                    r"|unsure|not sure|questionable|equivocal|indeterminate|cannot|can't|cant"
+# A hedge makes the whole answer undecidable, even next to a negation or a yes ("cannot be
+# excluded", "I don't know", "yes, probably").
+_HEDGE = re.compile(r"\b(?:maybe|possibl[ey]|perhaps|probabl[ey]|(?:un)?likely|uncertain|unclear|unsure"
+                    r"|not sure|not certain|not clear|questionable|equivocal|indeterminate|undetermined"
+                    r"|inconclusive|unknown|not known|(?:do not|don't|dont|does not|doesn't) know"
+                    r"|cannot|can't|cant|unable|impossible|difficult to|hard to|insufficient|not enough"
                     r"|excluded)\b")
 _AFFIRMATIONS = frozenset({"yes", "present", "seen", "visible", "evident", "noted", "identified",
                            "shows", "showing", "demonstrates", "positive", "evidence"})
 _THERE_IS = re.compile(r"\bthere (?:is|are)\b|\bthere's\b")
 
 
-def _clause_polarity(clause: str) -> str | None:
-    if _HEDGE.search(clause):
-        return "uncertain"
+def _clause_polarities(clause: str) -> set[str]:
+    """What one clause says: "no" if it holds a negation (which outweighs an affirmation in it: "there
+    is no effusion"), else "yes" if it affirms; and "yes" as well if it says the word yes, so that
+    "yes/no" and "yes there is no effusion" read as both."""
     words = _WORD.findall(clause)
+    polarities = {"yes"} if "yes" in words else set()
     if any(word in _NEGATIONS or word.endswith("n't") for word in words):
-        return "no"
-    if _AFFIRMATIONS.intersection(words) or _THERE_IS.search(clause):
-        return "yes"
-    return None
+        polarities.add("no")
+    elif _AFFIRMATIONS.intersection(words) or _THERE_IS.search(clause):
+        polarities.add("yes")
+    return polarities
 
 
 def extract_yes_no(text: str) -> str | None:
-    """Read a yes/no answer out of free text; None when it says neither or both.
+    """Read a yes/no answer out of free text; None when it hedges or says both, never a guess.
 
-    A leading "yes"/"no" is the answer ("No, there is no effusion"). Otherwise each clause (split at
-    punctuation and conjunctions) is negative if it holds a negation ("there is no evidence of
-    pneumothorax"), positive if it affirms ("there is a small effusion"), and all clauses with a
-    polarity must agree. Whole words only, so "normal" and "nodule" never read as "no".
+    The text is split into clauses at punctuation and conjunctions; a clause is negative if it holds
+    a negation ("there is no evidence of pneumothorax", "No, there is not."), positive if it affirms
+    ("Yes, there is a small effusion"), and every clause with a polarity must agree: "yes and no",
+    "yes or no" and "Yes, but no effusion." are None. A hedge anywhere ("I don't know", "unclear",
+    "cannot be determined", "possibly") makes the answer None. Whole words only, so "normal" and
+    "nodule" never read as "no".
     """
     text = text.lower().replace("\u2019", "'")
-    words = _WORD.findall(text)
-    if not words:
+    if _HEDGE.search(text):
         return None
-    if words[0] in ("yes", "no"):
-        return words[0]
-    polarities = {_clause_polarity(clause) for clause in _CLAUSE_BREAK.split(text)} - {None}
-    if len(polarities) == 1 and "uncertain" not in polarities:
-        return polarities.pop()
-    return None
+    polarities = set().union(*(_clause_polarities(clause) for clause in _CLAUSE_BREAK.split(text)))
+    return polarities.pop() if len(polarities) == 1 else None
 
 
 def is_closed(reference: str) -> bool:
@@ -184,16 +186,34 @@ def is_closed(reference: str) -> bool:
     return normalize_answer(reference) in ("yes", "no")
 
 
+def _closed_reference(reference: str) -> str:
+    expected = normalize_answer(reference)
+    if expected not in ("yes", "no"):
+        raise ValueError(f"closed accuracy needs a yes/no reference, got {reference!r}; "
+                         "use is_closed() to route open questions to token recall")
+    return expected
+
+
 def closed_correct(prediction: str, reference: str) -> bool:
     """Headline closed accuracy: the extracted yes/no equals the reference.
 
     An answer the extractor cannot read is wrong (never dropped from the denominator).
     """
-    expected = normalize_answer(reference)
-    if expected not in ("yes", "no"):
-        raise ValueError(f"closed_correct needs a yes/no reference, got {reference!r}; "
-                         "use is_closed() to route open questions to token recall")
-    return extract_yes_no(prediction) == expected
+    return extract_yes_no(prediction) == _closed_reference(reference)
+
+
+def closed_correct_llava_med(prediction: str, reference: str) -> bool:
+    """LLaVA-Med's closed-question rule (`llava/eval/run_eval_batch.py`), quirks kept, so that our
+    numbers can be set beside published LLaVA-Med-style closed accuracies.
+
+    Both strings are VQA-normalised (`normalize_answer`) and the answer is right when the reference
+    word is a substring of the prediction. Hence "nodule", "normal", "not", "know" and "cannot"
+    count as "no" and "eyes" as "yes"; an answer holding both words ("yes and no") is right
+    whichever the reference; and "none", which normalisation turns into "0", is not "no". Every
+    sample stays in the denominator: LLaVA-Med's `run_eval.py` also drops wrong answers that
+    contain "yes" or "no" from it, which we do not reproduce.
+    """
+    return _closed_reference(reference) in normalize_answer(prediction)
 
 
 def exact_match(prediction: str, reference: str) -> bool:
@@ -205,24 +225,70 @@ def exact_match(prediction: str, reference: str) -> bool:
 # Single-choice questions (MMXU): the option letter, never guessed
 
 _WHOLE_LETTER = re.compile(r"\s*\(?([A-Za-z])\)?\s*[.:)]?\s*")
-_LETTER_CUE = re.compile(r"\b(?:answer|option|choice)(?:\s+(?:is|would be|:))?\s*[:(]?\s*\(?([A-Z])\b(?![a-z'])",
-                         re.IGNORECASE)
-_STANDALONE_LETTER = re.compile(r"(?<![A-Za-z'])\(?([A-Z])\)?(?![A-Za-z'])")
-_ARTICLE = re.compile(r"\bA\s+(?!(?:and|or)\b)[a-z]")  # "A small effusion": the article, not option A
+# A letter names an option where it cannot be part of a word: in parentheses in either case
+# ("(b)"), or upper case standing alone, quotes allowed (not in "CT", "B-lines", "3D", "A's").
+_LETTER_MENTION = re.compile(r"\(([A-Za-z])\)|(?<![\w-])([A-Z])(?![\w-]|['\u2019]\w)")
+# "A" before a word is the article ("A small effusion", "A CT is advised"), unless the word cannot
+# follow an article ("A or B", "A is correct") or "option"/"choice" comes just before ("Option A is
+# correct").
+_ARTICLE_NEXT = re.compile(r"\s+(?!(?:or|and|nor|is|was|because|since)\b)[A-Za-z]")
+_OPTION_WORD_BEFORE = re.compile(r"\b(?i:option|choice)\s*:?\s*$")
+# A letter ruled out rather than chosen: "not A", "B rather than A", "neither A nor B", and the
+# letters listed after such a word ("not A or B", "not A, B").
+_NEGATED_LETTER = re.compile(r"\b(?i:not|never|neither|nor|isn't|isnt|than|instead of|except)\s+"
+                             r"(?:(?i:option|choice)\s+)?(?:\(?[A-Z]\)?,?\s+(?:(?:or|nor)\s+)?)*\(?$")
+# ... or ruled out just after: "C is wrong", "(C) is not correct".
+_RULED_OUT_AFTER = re.compile(r"\)?\s+(?i:(?:is|was)\s+(?:not|incorrect|wrong|false|excluded)\b|isn't|isnt\b)")
 # A negation at most one word before an option's text, within its clause ("has not increased").
 _NEGATION_BEFORE = re.compile(r"\b(?:not|no|never|isn't|isnt|hasn't|hasnt|rather than|instead of)\s+(?:\w+\s+)?$")
+
+
+def _named_letters(prediction: str, letters: list[str]) -> set[str]:
+    """The option letters the answer names and does not rule out (see the patterns above)."""
+    named = set()
+    for match in _LETTER_MENTION.finditer(prediction):
+        letter, before = (match[1] or match[2]).upper(), prediction[:match.start()]
+        article = (match[2] == "A" and _ARTICLE_NEXT.match(prediction, match.end())
+                   and not _OPTION_WORD_BEFORE.search(before))
+        ruled_out = _NEGATED_LETTER.search(before) or _RULED_OUT_AFTER.match(prediction, match.end())
+        if letter in letters and not article and not ruled_out:
+            named.add(letter)
+    return named
 
 
 def _option_key(text: str) -> str:
     return " ".join(text.lower().replace("\u2019", "'").rstrip(" .").split())
 
 
+def _named_option_texts(prediction: str, options: dict[str, str]) -> set[str]:
+    """The letters of the options whose own text the answer contains as whole words, not negated
+    just before ("not unchanged"). Longer texts are matched first and blanked, so that a shorter
+    option inside one ("increased" in "not increased") is not read again."""
+    remaining, named = _option_key(prediction), set()
+    for letter, option in sorted(options.items(), key=lambda item: -len(item[1])):
+        key = _option_key(option)
+        if not key:
+            continue
+        for match in re.finditer(rf"(?<!\w){re.escape(key)}(?!\w)", remaining):
+            if not _NEGATION_BEFORE.search(remaining[:match.start()]):
+                named.add(letter)
+        remaining = re.sub(rf"(?<!\w){re.escape(key)}(?!\w)", lambda match: " " * len(match[0]), remaining)
+    return named
+
+
 def extract_choice(prediction: str, options: dict[str, str] | None = None) -> tuple[str | None, str]:
-    """The option letter a free-text answer chooses, and how it was read: ``letter`` (the whole
-    answer is one letter: ``C``, ``C.``, ``(C)``, ``C:``), ``cue`` ("the answer is C", "option C";
-    the last one wins), ``standalone`` (exactly one option letter standing alone, a leading article
-    "A small ..." is a word), ``text`` (exactly one option's text in the answer, longer texts first,
-    skipping those negated just before: "not unchanged"), or ``(None, "unparsed")``.
+    """The option letter a free-text answer chooses, and how it was read; never a guess.
+
+    - ``letter``: the whole answer is one letter, in either case (``C``, ``c``, ``C.``, ``(C)``,
+      ``C:``, ``C)``): alone, even "a" cannot be the article.
+    - ``mention``: the answer names exactly one option letter, and any option text in it is that
+      option's (the others it may rule out). A letter counts in parentheses in either case, or upper case standing
+      alone ("The answer is B.", "Option D", "B: improved"); "a" inside a sentence, and "A" before
+      a word ("A small effusion"), is the article. Ruled-out letters do not count ("B, not A", "A is
+      wrong").
+    - ``text``: no letter, and exactly one option's own text, not negated ("It has resolved").
+    - ``(None, "unparsed")``: anything else, e.g. two different letters ("B or C"), a letter and
+      another option's text, two options' texts, or nothing.
 
     Letters are those of ``options`` (A-D without them); without options the text rule is off.
     """
@@ -230,26 +296,11 @@ def extract_choice(prediction: str, options: dict[str, str] | None = None) -> tu
     whole = _WHOLE_LETTER.fullmatch(prediction)
     if whole and whole[1].upper() in letters:
         return whole[1].upper(), "letter"
-    cues = [match[1].upper() for match in _LETTER_CUE.finditer(prediction) if match[1].upper() in letters]
-    if cues:
-        return cues[-1], "cue"
-    text = _ARTICLE.sub(" ", prediction)
-    standalone = {match[1] for match in _STANDALONE_LETTER.finditer(text) if match[1] in letters}
-    if len(standalone) == 1:
-        return standalone.pop(), "standalone"
-    if options:
-        remaining, found = _option_key(prediction), set()
-        for letter, option in sorted(options.items(), key=lambda item: -len(item[1])):
-            key = _option_key(option)
-            start = remaining.find(key) if key else -1
-            if start >= 0:
-                if not _NEGATION_BEFORE.search(remaining[:start]):
-                    found.add(letter)
-                # Blanked so that a shorter option inside it ("increased" in "not increased") is not read.
-                remaining = remaining[:start] + " " * len(key) + remaining[start + len(key):]
-        if len(found) == 1:
-            return found.pop(), "text"
-    return None, "unparsed"
+    named = _named_letters(prediction, letters)
+    readings = named | (_named_option_texts(prediction, options) if options else set())
+    if len(readings) != 1:
+        return None, "unparsed"
+    return readings.pop(), "mention" if named else "text"
 
 
 def choice_correct(prediction: str, reference: str, options: dict[str, str] | None = None) -> bool:
@@ -265,6 +316,14 @@ def choice_correct(prediction: str, reference: str, options: dict[str, str] | No
 METRIC_SIGNATURES = {
     "closed_accuracy": "yes/no references; negation-aware extractor on the prediction equals the "
                        "reference; unreadable answers are wrong and stay in the denominator",
+    "closed_accuracy_llava_med": "yes/no references; LLaVA-Med's rule (llava/eval/run_eval_batch.py) "
+                                 "with its quirks, for comparison with published LLaVA-Med-style "
+                                 "numbers: the VQA-normalised reference is a substring of the "
+                                 "VQA-normalised prediction, so 'nodule', 'normal', 'not', 'know' "
+                                 "and 'cannot' count as 'no' and 'eyes' as 'yes', an answer holding "
+                                 "both words is right either way, and 'none' (normalised to '0') is "
+                                 "not 'no'; every sample stays in the denominator (run_eval.py's "
+                                 "dropping of wrong yes/no answers is not reproduced)",
     "exact_match": "yes/no references; D-Rax strict match of the VQA-normalised prediction and "
                    "reference",
     "token_recall": "open diagnostic and prognostic questions, against the short reference; "
@@ -278,10 +337,13 @@ METRIC_SIGNATURES = {
                                       "main level) changes equal as sets",
     "difference_parsed": "difference questions; the prediction parses completely as the "
                          "Medical-Diff-VQA difference grammar",
-    "choice_accuracy": "mmxu single-choice questions; the letter read by extract_choice (whole "
-                       "letter, answer/option cue, one standalone letter, one non-negated option "
-                       "text) equals the reference letter; unparsed answers are wrong and stay in "
-                       "the denominator",
+    "choice_accuracy": "mmxu single-choice questions; the letter read by extract_choice, which "
+                       "never guesses (the whole answer one letter; else exactly one option named: "
+                       "an upper-case letter standing alone or a letter in parentheses, not an "
+                       "article 'A', not ruled out, and no other option's text; else exactly one "
+                       "non-negated option text) equals the reference letter; unparsed answers "
+                       "(two letters, 'B or C', several option texts) are wrong and stay in the "
+                       "denominator",
     "choice_parsed": "mmxu single-choice questions; extract_choice read a letter",
     "judge_score": "open-ended questions (not yes/no, not single choice), with judge=...: the "
                    "reference-guided 1-10 LLM judge of evaluation/judge.py; mean over the parsed "
@@ -321,8 +383,8 @@ CORPUS_METRIC_SIGNATURES = {
 }
 # Metrics that score a sample 0 or 1 (an accuracy's per-sample value): paired comparisons of
 # these also get McNemar's test, and plots show them as rates, not distributions.
-ZERO_ONE_METRICS = frozenset({"closed_accuracy", "exact_match", "difference_correct",
-                              "difference_correct_with_levels", "difference_parsed",
+ZERO_ONE_METRICS = frozenset({"closed_accuracy", "closed_accuracy_llava_med", "exact_match",
+                              "difference_correct", "difference_correct_with_levels", "difference_parsed",
                               "choice_accuracy", "choice_parsed", "judge_parsed",
                               "chexpert_added_accuracy", "chexpert_missing_accuracy",
                               "prognosis_correct", "prognosis_days_correct", "prognosis_parsed"})
@@ -395,8 +457,8 @@ def score_sample(record: dict) -> dict[str, float]:
       where the reference adds / removes a CheXpert label;
     - prognostic -> bleu4, rougeL, token_recall, token_recall_clipped, and prognosis_correct,
       prognosis_f1, prognosis_days_correct, prognosis_parsed where the reference is in the offline grammar;
-    - other (diagnostic) questions -> closed_accuracy and exact_match for yes/no references,
-      token_recall and token_recall_clipped otherwise; bleu4 and rougeL for both.
+    - other (diagnostic) questions -> closed_accuracy, closed_accuracy_llava_med and exact_match for
+      yes/no references, token_recall and token_recall_clipped otherwise; bleu4 and rougeL for both.
 
     ``reference`` must be the short original answer. bleu4 and rougeL compare with the optional
     ``answer`` (the enhanced long training target, present only where it differs from the
@@ -413,6 +475,7 @@ def score_sample(record: dict) -> dict[str, float]:
         return _prognosis_scores(record) | _overlap_scores(record) | _recall_scores(prediction, reference)
     if is_closed(reference):
         scores = {"closed_accuracy": int(closed_correct(prediction, reference)),
+                  "closed_accuracy_llava_med": int(closed_correct_llava_med(prediction, reference)),
                   "exact_match": int(exact_match(prediction, reference))}
     else:
         scores = _recall_scores(prediction, reference)

@@ -90,10 +90,10 @@ def _n(groups: list[dict]) -> int:
 
 
 def _diagnostic_table(question_types: dict) -> list[str]:
-    names = ("token_recall", "closed_accuracy", "exact_match", "bleu4", "rougeL")
+    names = ("token_recall", "closed_accuracy", "closed_accuracy_llava_med", "exact_match", "bleu4", "rougeL")
     lines = ["## Diagnostic questions (one image)", "",
-             _row(["Question type", "n", "Open: token recall", "Closed: accuracy", "Closed: exact match",
-                   "BLEU-4", "ROUGE-L"]), _row(["---"] * 7)]
+             _row(["Question type", "n", "Open: token recall", "Closed: accuracy", "Closed: LLaVA-Med rule",
+                   "Closed: exact match", "BLEU-4", "ROUGE-L"]), _row(["---"] * 8)]
     for question_type, metrics in question_types.items():
         lines.append(_row([question_type, str(_n([metrics])), *(_cell(metrics.get(name)) for name in names)]))
     groups = list(question_types.values())
@@ -182,8 +182,9 @@ def difference_headline(records: list[dict]) -> str | None:
 def markdown_report(results: dict) -> str:
     """How many samples were scored (`scored_line` of `results["samples"]`), then the tables a paper
     would show, for the tasks present: diagnostic questions by type (LUMEN's open recall and closed
-    accuracy), difference and prognostic questions (LUMEN Table 1's BLEU-4, ROUGE-L and judge), MMXU
-    by content type (accuracy and the unparsed rate); then every metric. Each mean shows its n."""
+    accuracy, with closed accuracy by LLaVA-Med's rule beside it), difference and prognostic
+    questions (LUMEN Table 1's BLEU-4, ROUGE-L and judge), MMXU by content type (accuracy and the
+    unparsed rate); then every metric. Each mean shows its n."""
     sections = [[scored_line(results["samples"])]]
     if "diagnostic" in results["by_task"]:
         sections.append(_diagnostic_table(results["by_task"]["diagnostic"]))

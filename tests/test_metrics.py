@@ -12,6 +12,7 @@ from evaluation.metrics import (
     METRIC_SIGNATURES,
     change_f1,
     closed_correct,
+    closed_correct_llava_med,
     corpus_metrics,
     difference_correct,
     exact_match,
@@ -186,39 +187,65 @@ def test_token_recall_clipped_equals_token_recall_without_repetition():
 
 # --- yes/no extraction
 
-@pytest.mark.parametrize(("text", "expected"), [
+# Every phrasing with the reading it must get: "yes", "no", or None (unparsed: hedged, mixed or
+# silent), never a guess.
+YES_NO_READINGS = [
     ("yes", "yes"),
     ("Yes.", "yes"),
+    ("YES", "yes"),
     ("Yes, there is a small left pleural effusion.", "yes"),
+    ("Yes, there is.", "yes"),
+    ("There is a small right effusion.", "yes"),
+    ("There are bilateral effusions.", "yes"),
+    ("The answer is yes.", "yes"),
+    ("Consolidation is present in the left lower lobe.", "yes"),
+    ("A pneumothorax is seen at the right apex.", "yes"),
+    ("Positive.", "yes"),
+    ("Cardiomegaly is evident and the effusion is visible.", "yes"),
     ("no", "no"),
+    ("No.", "no"),
     ("No, there is no effusion.", "no"),
+    ("No, there is not.", "no"),
+    ("No, there isn\u2019t.", "no"),
+    ("There is no effusion.", "no"),
     ("there is no evidence of pneumothorax", "no"),
     ("No evidence of pneumothorax.", "no"),
     ("The pneumothorax is not seen.", "no"),
     ("The effusion isn't present", "no"),
     ("not", "no"),
     ("None.", "no"),
-    ("There is a small right effusion.", "yes"),
-    ("The answer is yes.", "yes"),
-    ("Consolidation is present in the left lower lobe.", "yes"),
-])
-def test_extract_yes_no_reads_the_answer(text, expected):
-    assert extract_yes_no(text) == expected
+    ("Negative.", "no"),
+    ("The answer is no.", "no"),
+    ("There is no effusion and no pneumothorax.", "no"),
+    ("", None),
+    ("the heart size is normal", None),
+    ("nodule", None),
+    ("left lower lobe", None),
+    ("I don't know.", None),
+    ("I do not know", None),
+    ("Unknown.", None),
+    ("It cannot be determined from this image.", None),
+    ("Unclear.", None),
+    ("yes and no", None),
+    ("yes or no", None),
+    ("Yes/no", None),
+    ("Yes, but no effusion.", None),
+    ("No, there is a small effusion.", None),
+    ("there is an effusion but no pneumothorax", None),
+    ("There is an effusion. There is no pneumothorax.", None),
+    ("a pneumothorax cannot be excluded", None),
+    ("possibly a small effusion", None),
+    ("maybe yes", None),
+    ("Probably not.", None),
+    ("I'm not sure.", None),
+    ("It is difficult to say.", None),
+    ("The findings are inconclusive.", None),
+]
 
 
-@pytest.mark.parametrize("text", [
-    "",
-    "the heart size is normal",
-    "nodule",
-    "left lower lobe",
-    "there is an effusion but no pneumothorax",
-    "a pneumothorax cannot be excluded",
-    "possibly a small effusion",
-    "maybe yes",
-    "I'm not sure.",
-])
-def test_extract_yes_no_returns_none_for_neither_or_ambiguous(text):
-    assert extract_yes_no(text) is None
+@pytest.mark.parametrize(("text", "reading"), YES_NO_READINGS, ids=[text or "<empty>" for text, _ in YES_NO_READINGS])
+def test_extract_yes_no_reads_each_phrasing_without_guessing(text, reading):
+    assert extract_yes_no(text) == reading
 
 
 def test_closed_correct_accepts_verbose_yes_that_exact_match_rejects():
@@ -238,6 +265,52 @@ def test_closed_correct_marks_wrong_polarity_wrong():
 def test_closed_correct_rejects_an_open_reference():
     with pytest.raises(ValueError, match="yes/no reference"):
         closed_correct("yes", "left side")
+
+
+# (prediction, reference, LLaVA-Med's rule, ours), the first worked out by hand from
+# run_eval_batch.py: lower-case, normalize_word both, then `reference in prediction`.
+LLAVA_MED_CLOSED = [
+    ("nodule", "no", True, False),
+    ("normal", "no", True, False),
+    ("The heart size is normal.", "no", True, False),
+    ("I don't know.", "no", True, False),
+    ("Unknown.", "no", True, False),
+    ("A pneumothorax cannot be excluded.", "no", True, False),
+    ("eyes", "yes", True, False),
+    ("yes and no", "yes", True, False),
+    ("yes and no", "no", True, False),
+    ("Yes, but no effusion.", "no", True, False),
+    ("None.", "no", False, True),
+    ("There is a small effusion.", "yes", False, True),
+    ("Negative.", "no", False, True),
+    ("Positive.", "yes", False, True),
+    ("Yes, there is a small effusion.", "yes", True, True),
+    ("No, there is no effusion.", "no", True, True),
+    ("The effusion is not seen.", "no", True, True),
+    ("YES", "Yes.", True, True),
+    ("There is no effusion.", "yes", False, False),
+    ("", "no", False, False),
+]
+
+
+@pytest.mark.parametrize(("prediction", "reference", "llava_med", "ours"), LLAVA_MED_CLOSED,
+                         ids=[f"{prediction or '<empty>'}|{reference}" for prediction, reference, *_ in LLAVA_MED_CLOSED])
+def test_closed_accuracy_llava_med_keeps_the_quirks_that_ours_avoids(prediction, reference, llava_med, ours):
+    assert closed_correct_llava_med(prediction, reference) is llava_med
+    assert closed_correct(prediction, reference) is ours
+
+
+@pytest.mark.parametrize("reference", ["yes", "no"])
+@pytest.mark.parametrize("prediction", [text for text, _ in YES_NO_READINGS],
+                         ids=[text or "<empty>" for text, _ in YES_NO_READINGS])
+def test_closed_accuracy_llava_med_equals_the_reference_substring_rule(prediction, reference):
+    expected = llava_normalize_word(reference.lower()) in llava_normalize_word(prediction.lower())
+    assert closed_correct_llava_med(prediction, reference) is expected
+
+
+def test_closed_accuracy_llava_med_rejects_an_open_reference():
+    with pytest.raises(ValueError, match="yes/no reference"):
+        closed_correct_llava_med("yes", "left side")
 
 
 def test_exact_match_ignores_case_punctuation_and_articles():
@@ -459,7 +532,7 @@ def test_chexpert_accuracy_does_not_apply_where_the_reference_has_no_label_of_it
 
 def test_score_sample_closed_question():
     scores = score_sample(record("presence", "Yes, there is.", "yes"))
-    assert scores == {"closed_accuracy": 1, "exact_match": 0,
+    assert scores == {"closed_accuracy": 1, "closed_accuracy_llava_med": 1, "exact_match": 0,
                       "bleu4": pytest.approx(nltk_bleu4("yes , there is .", "yes")),
                       "rougeL": pytest.approx(0.5)}
 

@@ -283,17 +283,63 @@ def test_the_synthetic_files_load_with_regional_history(world):
 # Scoring and validation
 
 
-@pytest.mark.parametrize(("answer", "letter", "how"), [
-    ("B", "B", "letter"), ("B.", "B", "letter"), ("(B)", "B", "letter"), ("b", "B", "letter"),
-    ("The answer is C.", "C", "cue"), ("Option A, no wait, the answer is D", "D", "cue"),
-    ("I would pick B here", "B", "standalone"),
-    ("A small effusion, so C", "C", "standalone"),
-    ("It has resolved.", "C", "text"),
+# Every phrasing with the reading it must get against OPTIONS: (letter, how), or (None, "unparsed")
+# wherever a letter would be a guess.
+CHOICE_READINGS = [
+    ("B", "B", "letter"), ("B.", "B", "letter"), ("(B)", "B", "letter"), ("B)", "B", "letter"),
+    ("B:", "B", "letter"), (" c ", "C", "letter"), ("b", "B", "letter"), ("a", "A", "letter"),
+    ("A.", "A", "letter"),
+    ("Answer: B", "B", "mention"), ("The answer is B.", "B", "mention"),
+    ("The answer is (C) worsened.", "C", "mention"), ("Option D", "D", "mention"),
+    ("B: improved", "B", "mention"), ("The correct option is (b).", "B", "mention"),
+    ("I would pick B here", "B", "mention"), ("The answer is 'B'.", "B", "mention"), ("**C**", "C", "mention"),
+    ("A small effusion, so C", "C", "mention"), ("A CT would help; the answer is C.", "C", "mention"),
+    ("The answer is A.", "A", "mention"), ("Option A is correct.", "A", "mention"),
+    ("A is correct.", "A", "mention"), ("The answer is A because it grew.", "A", "mention"),
+    ("It is B, not A.", "B", "mention"), ("Not A; the answer is C.", "C", "mention"),
+    ("B rather than A", "B", "mention"), ("C is wrong; the answer is D.", "D", "mention"),
+    ("Neither A nor B; it is D.", "D", "mention"),
+    ("D. It is new since the previous image", "D", "mention"), ("A) It has increased", "A", "mention"),
+    ("It has resolved.", "C", "text"), ("it has increased", "A", "text"),
+    ("It is new since the previous image.", "D", "text"),
     ("It is not unchanged; it has increased.", "A", "text"),
-    ("B or C", None, "unparsed"), ("The effusion got bigger", None, "unparsed"), ("", None, "unparsed"),
-])
+    ("The answer is a small effusion.", None, "unparsed"),
+    ("The best option is a follow-up CT.", None, "unparsed"),
+    ("answer is B or C", None, "unparsed"), ("B or C", None, "unparsed"), ("A or B", None, "unparsed"),
+    ("B and C are both possible", None, "unparsed"), ("Option A, no wait, the answer is D", None, "unparsed"),
+    ("not A", None, "unparsed"), ("(A) is not correct.", None, "unparsed"), ("A) is wrong", None, "unparsed"),
+    ("It is not A or B.", None, "unparsed"), ("Not A, B.", None, "unparsed"),
+    ("A small effusion is present.", None, "unparsed"), ("There is a small effusion.", None, "unparsed"),
+    ("(C) It has increased", None, "unparsed"), ("It has increased or it is unchanged", None, "unparsed"),
+    ("It has not increased.", None, "unparsed"), ("The B-lines suggest edema", None, "unparsed"),
+    ("A chest CT is advised", None, "unparsed"), ("E", None, "unparsed"),
+    ("The effusion got bigger", None, "unparsed"), ("", None, "unparsed"),
+]
+# Short option texts, as models echo them: a text counts as whole words and not after a negation.
+SHORT_OPTIONS = {"A": "improved", "B": "worsened", "C": "no change", "D": "new"}
+SHORT_TEXT_READINGS = [
+    ("The region has improved", "A", "text"), ("There is no change.", "C", "text"),
+    ("It has not worsened; it has improved.", "A", "text"), ("No new opacity; improved.", "A", "text"),
+    ("The opacity is new.", "D", "text"), ("It has not worsened.", None, "unparsed"),
+    ("Improved or worsened", None, "unparsed"), ("It is renewed", None, "unparsed"),
+]
+
+
+@pytest.mark.parametrize(("answer", "letter", "how"), CHOICE_READINGS,
+                         ids=[answer or "<empty>" for answer, _, _ in CHOICE_READINGS])
 def test_the_chosen_letter_is_read_without_guessing(answer, letter, how):
     assert extract_choice(answer, OPTIONS) == (letter, how)
+
+
+@pytest.mark.parametrize(("answer", "letter", "how"), SHORT_TEXT_READINGS,
+                         ids=[answer for answer, _, _ in SHORT_TEXT_READINGS])
+def test_an_option_is_chosen_by_its_own_text_only_when_exactly_one_is_named(answer, letter, how):
+    assert extract_choice(answer, SHORT_OPTIONS) == (letter, how)
+
+
+def test_without_options_only_letters_are_read():
+    assert extract_choice("It has resolved.") == (None, "unparsed")
+    assert extract_choice("The answer is C.") == ("C", "mention")
 
 
 def test_mmxu_records_are_scored_by_choice_accuracy_with_unreadable_answers_wrong():

@@ -14,9 +14,9 @@ def scored(task, question_type, **metrics):
 
 
 SCORED = [
-    scored("diagnostic", "presence", closed_accuracy=1, exact_match=1),
-    scored("diagnostic", "presence", closed_accuracy=0, exact_match=0),
-    scored("diagnostic", "presence", closed_accuracy=1, exact_match=0),
+    scored("diagnostic", "presence", closed_accuracy=1, closed_accuracy_llava_med=1, exact_match=1),
+    scored("diagnostic", "presence", closed_accuracy=0, closed_accuracy_llava_med=1, exact_match=0),
+    scored("diagnostic", "presence", closed_accuracy=1, closed_accuracy_llava_med=1, exact_match=0),
     scored("diagnostic", "location", token_recall=1.0, token_recall_clipped=0.5),
     scored("diagnostic", "location", token_recall=0.5, token_recall_clipped=0.5),
     scored("difference", "difference", difference_correct=1, difference_correct_with_levels=0,
@@ -73,17 +73,17 @@ def test_aggregate_averages_only_fields_named_in_metric_signatures():
 
 def test_markdown_table_has_a_row_per_question_type_and_an_overall_row():
     table = markdown_table(aggregate(SCORED))
-    assert "| diagnostic | location | – | – | 0.750 (n=2) | 0.500 (n=2) | – | – | – |" in table
-    assert "| diagnostic | presence | 0.667 (n=3) | 0.333 (n=3) |" in table
-    assert ("| difference | difference | – | – | – | – | 1.000 (n=1) | 0.000 (n=1) | 1.000 (n=1) |"
+    assert "| diagnostic | location | – | – | – | 0.750 (n=2) | 0.500 (n=2) | – | – | – |" in table
+    assert "| diagnostic | presence | 0.667 (n=3) | 1.000 (n=3) | 0.333 (n=3) |" in table
+    assert ("| difference | difference | – | – | – | – | – | 1.000 (n=1) | 0.000 (n=1) | 1.000 (n=1) |"
             in table)
-    assert table.splitlines()[-1].startswith("| **overall** |  | 0.667 (n=3) | 0.333 (n=3) |")
+    assert table.splitlines()[-1].startswith("| **overall** |  | 0.667 (n=3) | 1.000 (n=3) | 0.333 (n=3) |")
 
 
 def test_markdown_table_header_names_every_metric():
     header = markdown_table(aggregate(SCORED)).splitlines()[0]
-    assert header == ("| Task | Question type | closed_accuracy | exact_match | token_recall | "
-                      "token_recall_clipped | difference_correct | difference_correct_with_levels | "
+    assert header == ("| Task | Question type | closed_accuracy | closed_accuracy_llava_med | exact_match | "
+                      "token_recall | token_recall_clipped | difference_correct | difference_correct_with_levels | "
                       "difference_parsed |")
 
 
@@ -174,8 +174,8 @@ def test_the_report_lays_out_the_papers_tables_for_the_tasks_present():
 
 def test_the_diagnostic_table_shows_each_mean_with_its_n():
     report = report_of(SCORED)
-    assert "| presence | 3 | – | 0.667 (n=3) | 0.333 (n=3) | – | – |" in report
-    assert "| **all** | 5 | 0.750 (n=2) | 0.667 (n=3) | 0.333 (n=3) | – | – |" in report
+    assert "| presence | 3 | – | 0.667 (n=3) | 1.000 (n=3) | 0.333 (n=3) | – | – |" in report
+    assert "| **all** | 5 | 0.750 (n=2) | 0.667 (n=3) | 1.000 (n=3) | 0.333 (n=3) | – | – |" in report
 
 
 def test_the_two_image_table_shows_each_mean_with_its_n_and_each_label_f1_with_its_support():
