@@ -130,8 +130,9 @@ def _split_of(table: Table, problems: Problems | None) -> dict[str, str]:
     split_of = {}
     for row, (dicom_id, split) in enumerate(zip(table.frame["dicom_id"].tolist(), table.frame["split"].tolist())):
         if split not in SPLITS:
-            report(problems, table.error(row, "split", f"unknown value {split!r}",
-                                         fix=f"expected one of {list(SPLITS)}", kind="unknown split"))
+            found = "empty" if pd.isna(split) else f"unknown value {split!r}"
+            report(problems, table.error(row, "split", found, fix=f"expected one of {list(SPLITS)}",
+                                         kind="unknown split"))
             continue
         split_of[dicom_id] = SPLITS[split]
     return split_of

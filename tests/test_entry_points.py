@@ -3,6 +3,7 @@ code 2, and nothing prepared (the synthetic world and the tiny base are built un
 must stay empty). Unexpected exceptions keep their traceback."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -138,3 +139,19 @@ def test_the_printed_evaluate_command_evaluates_the_trained_checkpoint(world, ti
 def test_eval_without_a_checkpoint_says_so_before_preparing_anything(tmp_path, overrides, message):
     stderr = assert_refused(run("eval.py", tmp_path, *overrides), tmp_path, "eval.py")
     assert message in stderr
+
+
+def test_a_broken_data_file_is_one_message_naming_its_line_not_a_traceback(world, tiny_base, tmp_path):
+    copy = tmp_path / "world"
+    shutil.copytree(world, copy, ignore=shutil.ignore_patterns("files"))
+    for tree in ("mimic-cxr-jpg", "mimic-cxr-reports"):
+        (copy / tree / "files").symlink_to(world / tree / "files")
+    questions = copy / "medical-diff-vqa" / "mimic_pair_questions.csv"
+    lines = questions.read_bytes().split(b"\n")
+    lines[3] = lines[3].replace(b",", b",\xe9", 1)
+    questions.write_bytes(b"\n".join(lines))
+    result = run("train.py", tmp_path, "prepare=none", f"paths.world_dir={copy}", f"paths.tiny_base={tiny_base}",
+                 "logger=none")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert f"train.py: error: {questions} line 4: byte 0xe9 at column" in result.stderr

@@ -276,3 +276,69 @@ def test_a_row_with_too_many_fields_is_named_by_its_line(tmp_path):
     path.write_text("a,b\n1,2\n3,4,5\n")
     with pytest.raises(InputError, match=r"t.csv: malformed CSV \(.*line 3, saw 3"):
         read_csv(path, ["a", "b"], "a test table")
+
+
+# ---------------------------------------------------------------------------------------------
+# The same classes of problem for every reader, through one validation run with every file
+
+FILES = {
+    "metadata": METADATA, "split": "mimic-cxr-jpg/mimic-cxr-2.0.0-split.csv.gz", "studies": STUDIES,
+    "questions": QUESTIONS, "prognostic": "prognostic/prognostic.jsonl", "experts": "experts/experts.csv",
+    "mmxu": MMXU, "enhanced": "enhanced.jsonl",
+}
+
+
+def validate_everything(copy: Path, capsys) -> tuple[int, str, str]:
+    if not (copy / FILES["enhanced"]).exists():
+        from datamodules.build import main as build
+
+        build(["enhance", "--diffvqa", str(copy / "medical-diff-vqa"), "--out", str(copy / FILES["enhanced"])])
+    return validate(copy, capsys, *(f"--{name}={copy / FILES[name]}" for name in ("prognostic", "experts", "mmxu",
+                                                                                  "enhanced")))
+
+
+def test_the_untouched_copy_has_no_problem(copy, capsys):
+    code, _, err = validate_everything(copy, capsys)
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("name", list(FILES))
+def test_a_non_utf8_byte_is_named_in_every_reader(copy, capsys, name):
+    validate_everything(copy, capsys)  # builds the enhanced file first
+    edit_lines(copy / FILES[name], lambda lines: lines.__setitem__(2, lines[2][:5] + b"\xe9" + lines[2][5:]))
+    code, _, err = validate_everything(copy, capsys)
+    assert code == 1 and f"{copy / FILES[name]} line 3: byte 0xe9 at column 6 is not UTF-8" in err
+
+
+@pytest.mark.parametrize("name", list(FILES))
+def test_an_empty_file_is_named_in_every_reader(copy, capsys, name):
+    validate_everything(copy, capsys)
+    path = copy / FILES[name]
+    path.write_bytes(gzip.compress(b"") if path.suffix == ".gz" else b"")
+    code, _, err = validate_everything(copy, capsys)
+    assert code == 1 and f"{path}: the file is empty" in err
+
+
+@pytest.mark.parametrize("name", ["metadata", "split"])
+def test_a_corrupt_gzip_stream_is_named(copy, capsys, name):
+    path = copy / FILES[name]
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # a flipped byte in the deflate stream
+    path.write_bytes(bytes(data))
+    code, _, err = validate_everything(copy, capsys)
+    assert code == 1 and f"{path}: the gzip stream is truncated or corrupt" in err
+
+
+@pytest.mark.parametrize(("name", "column"), [
+    ("metadata", "study_id"), ("split", "split"), ("studies", "study_date"), ("questions", "answer"),
+    ("experts", "Effusion"),
+])
+def test_an_empty_required_value_is_named_by_line_and_field(copy, capsys, name, column):
+    path = copy / FILES[name]
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    table.loc[1, column] = ""
+    table.to_csv(path, index=False)
+    code, _, err = validate_everything(copy, capsys)
+    assert code == 1 and f"{path} line 3, field {column}: " in err
+    if name != "experts":  # the expert CSV says what a probability must be
+        assert f"{path} line 3, field {column}: empty" in err
