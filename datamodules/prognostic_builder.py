@@ -26,7 +26,8 @@ import numpy as np
 from common.difference_grammar import parse_difference
 from common.llm import LLMClient
 from common.prognosis_grammar import Expectation, days_phrase, describe
-from datamodules.diffvqa import SPLITS, LoadReport, load_diffvqa
+from common.readers import InputError
+from datamodules.diffvqa import SPLITS, LoadReport, load_diffvqa, read_diffvqa
 
 PROMPT_VERSION = "prognostic-v1"
 RULES_VERSION = "rules-v1"
@@ -121,9 +122,10 @@ def build_prognostic(diffvqa_dir: str | Path, backend: str, client: LLMClient | 
     if backend == "llm" and client is None:
         raise ValueError("backend='llm' needs an LLMClient")
     records, reports = [], {}
+    data = read_diffvqa(diffvqa_dir)
     for split in splits:
         # Image paths are not needed here; the loader resolves them when the records are used.
-        samples, reports[split] = load_diffvqa(diffvqa_dir, "", split, tasks=("difference",))
+        samples, reports[split] = load_diffvqa(data, "", split, tasks=("difference",))
         for sample in samples:
             row = int(sample.sample_id.removeprefix("diffvqa-"))
             template_id, days = draw_question(seed, row)
@@ -151,7 +153,8 @@ def build_prognostic(diffvqa_dir: str | Path, backend: str, client: LLMClient | 
             try:
                 answers.append(rules_answer(record["difference_answer"], record["interval_days"], record["days"]))
             except ValueError as error:
-                raise ValueError(f"mimic_pair_questions.csv row {record['source_row']}, field answer: {error}") from None
+                raise InputError(data.questions.path, str(error), line=data.questions.line(record["source_row"]),
+                                 field="answer") from None
         model, version = None, RULES_VERSION
     for record, answer in zip(records, answers):
         record.update(answer=answer, backend=backend, model=model, prompt_version=version)

@@ -6,6 +6,7 @@ from datetime import date, timedelta
 
 import pytest
 
+from common.readers import InputError
 from datamodules.prognostic import RECORD_KEYS, load_prognostic
 from datamodules.prognostic_builder import MAX_DAYS, TEMPLATES, ask, build_prognostic, draw_question, rules_answer
 from datamodules.synthetic.population import FINDING_BY_NAME, SITES, Study, simulate_population
@@ -53,6 +54,20 @@ def test_rules_carry_the_difference_forward(difference, interval, days, expected
 def test_rules_refuse_an_answer_outside_the_difference_grammar():
     with pytest.raises(ValueError, match="grammar"):
         rules_answer("the effusion looks a bit bigger", 3, 10)
+
+
+def test_the_rules_backend_names_the_question_row_it_cannot_answer(world, tmp_path):
+    import shutil
+
+    import pandas as pd
+
+    shutil.copytree(world / "medical-diff-vqa", tmp_path / "dvqa")
+    table = pd.read_csv(tmp_path / "dvqa" / "mimic_pair_questions.csv")
+    row = int(table.index[(table["question_type"] == "difference") & (table["split"] == "train")][0])
+    table.loc[row, "answer"] = "the effusion looks a bit bigger"
+    table.to_csv(tmp_path / "dvqa" / "mimic_pair_questions.csv", index=False)
+    with pytest.raises(InputError, match=rf"mimic_pair_questions.csv line {row + 2}, field answer: .*grammar"):
+        build_prognostic(tmp_path / "dvqa", "rules")
 
 
 def _study(day: int = 0, **levels) -> Study:
