@@ -6,6 +6,7 @@ the model reads them by it.
   overwritten by the model with the visual tokens;
 - ``IMAGE_SLOTS``: the image slots of a two-image prompt per fusion mode, so also how many token sets
   the fusion hands the LLM for a sample with a prior (a sample without one always shows one set);
+- ``RESIZE_POLICIES``: how an image becomes the tower's square, which a base may prescribe;
 - ``InputSpec``: what the collator must know of a model to lay out its prompts and images.
 """
 
@@ -27,12 +28,19 @@ IMAGE_SLOTS = {
 }
 FUSION_MODES = tuple(IMAGE_SLOTS)
 
+# How an image becomes a square: pad (keeps all anatomy and the aspect ratio), squash (stretched, as
+# SigLIP's processor and NVILA do) or crop (the centre square, as torchxrayvision does). A base that
+# does not prescribe one gets DEFAULT_RESIZE.
+RESIZE_POLICIES = ("pad", "squash", "crop")
+DEFAULT_RESIZE = "pad"
+
 
 @dataclass(frozen=True)
 class InputSpec:
     """What the collator must know of the model (``models.factory.input_spec`` reads it from the base
-    directory): image size and normalisation, visual tokens per image, the image token, and the fusion
-    mode, which sets how many token sets a two-image sample shows (``IMAGE_SLOTS``).
+    directory): image size and normalisation, visual tokens per image, the image token, the fusion
+    mode, which sets how many token sets a two-image sample shows (``IMAGE_SLOTS``), and the resize
+    policy the base was trained with (``None`` when the base does not say; an NVILA base does).
 
     It also reads as a mapping of these fields, so ``**spec`` fills the collator's keyword arguments, and
     ``spec | {"fusion_mode": "fused"}`` is a copy with a field changed, as with a dict."""
@@ -43,8 +51,11 @@ class InputSpec:
     tokens_per_image: int
     fusion_mode: str
     image_token: str = IMAGE_TOKEN
+    resize: str | None = None
 
     def __post_init__(self) -> None:
+        if self.resize is not None and self.resize not in RESIZE_POLICIES:
+            raise ValueError(f"resize={self.resize!r}: expected one of {RESIZE_POLICIES} or None")
         # Plain tuples also when built from a config's lists.
         for name in ("mean", "std"):
             object.__setattr__(self, name, tuple(float(value) for value in getattr(self, name)))

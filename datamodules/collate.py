@@ -9,7 +9,7 @@ import torch
 from PIL import Image, ImageOps
 from torchvision.transforms.v2 import functional as F
 
-from common.contract import IGNORE_INDEX, IMAGE_SLOTS, IMAGE_TOKEN
+from common.contract import DEFAULT_RESIZE, IGNORE_INDEX, IMAGE_SLOTS, IMAGE_TOKEN, RESIZE_POLICIES
 from datamodules.records import Sample
 
 
@@ -77,6 +77,9 @@ class LumenCollator:
     per sample, ``cu_seq_lens`` (the samples' boundaries, (B + 1,) int32) from which the model builds
     block-causal attention, and ``max_length`` (the longest sample, an int). Generation batches are
     left-padded prompts ending in the assistant header.
+
+    ``resize`` is the image policy (``RESIZE_POLICIES``), ``None`` meaning ``DEFAULT_RESIZE``: an
+    ``InputSpec`` spread into the arguments brings the base's own policy, or ``None`` if it has none.
     """
 
     def __init__(
@@ -89,7 +92,7 @@ class LumenCollator:
         fusion_mode: str,
         image_token: str = IMAGE_TOKEN,
         interval_in_prompt: bool = True,
-        resize: str = "pad",
+        resize: str | None = None,
         for_generation: bool = False,
         packing: bool = False,
     ):
@@ -97,6 +100,7 @@ class LumenCollator:
             raise ValueError("packing is for training and validation-loss batches; generation batches are left-padded")
         if fusion_mode not in IMAGE_SLOTS:
             raise ValueError(f"fusion_mode={fusion_mode!r}: expected one of {sorted(IMAGE_SLOTS)}")
+        resize = resize or DEFAULT_RESIZE
         if resize not in RESIZE_POLICIES:
             raise ValueError(f"image_resize={resize!r}: expected one of {RESIZE_POLICIES}")
         self.resize = resize

@@ -12,7 +12,7 @@ import lightning as L
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from common.contract import InputSpec
+from common.contract import DEFAULT_RESIZE, InputSpec
 from common.tokenizer import load_tokenizer
 from datamodules.collate import LoadedSample, LumenCollator
 from datamodules.experts import expert_text, load_experts
@@ -58,6 +58,10 @@ class LumenDataModule(L.LightningDataModule):
     ``use_distributed_sampler: false``). Validation and generation read every source's split in order.
     ``input_spec`` (image size, normalisation, visual tokens per image) comes from the model's base
     directory (``models.factory.input_spec``) so the collator and the model always agree.
+    ``image_resize``: how images become the tower's square (``RESIZE_POLICIES``); ``None`` takes the
+    base's own policy (``InputSpec.resize``: an NVILA base's ``image_aspect_ratio``), else
+    ``DEFAULT_RESIZE``. A policy that differs from the base's wins, with a warning. The policy used is
+    saved in checkpoints, so that evaluation sees images as training did.
     ``experts``: an expert-prediction CSV (``python -m datamodules.build experts``) whose text about the
     current image goes into every prompt, with age, race and view when ``expert_demographics``.
     ``packing``: training and validation-loss batches are one row of the samples end to end, with
@@ -77,7 +81,7 @@ class LumenDataModule(L.LightningDataModule):
         interval_in_prompt: bool = True,
         experts: str | None = None,
         expert_demographics: bool = True,
-        image_resize: str = "pad",
+        image_resize: str | None = None,
         batch_size: int = 8,
         global_batch_size: int | None = None,
         eval_batch_size: int = 16,
@@ -92,11 +96,18 @@ class LumenDataModule(L.LightningDataModule):
         if not sources:
             raise ValueError("data.sources is empty: name at least one source")
         tasks = sorted({task for source in sources.values() for task in source.tasks})
+        # Through hydra.utils.instantiate the spec arrives as a DictConfig of its fields.
+        input_spec = input_spec if isinstance(input_spec, InputSpec) else InputSpec(**input_spec)
+        if image_resize is not None and input_spec.resize not in (None, image_resize):
+            log.warning("data.image_resize=%s overrides the base's own policy, %s: the model sees images "
+                        "resized unlike in its training (set data.image_resize=null to follow the base)",
+                        image_resize, input_spec.resize)
+        image_resize = image_resize or input_spec.resize or DEFAULT_RESIZE
         # Saved in checkpoints, so evaluation can prompt exactly as training did (loggers get the whole
         # resolved config from train.py instead).
         self.save_hyperparameters(
             {"tasks": tasks, "use_prior": use_prior, "interval_in_prompt": interval_in_prompt, "batch_size": batch_size,
-             "global_batch_size": global_batch_size,
+             "global_batch_size": global_batch_size, "image_resize": image_resize,
              "sources": {name: type(source).__name__ for name, source in sources.items()},
              "experts_in_prompt": experts is not None, "expert_demographics": expert_demographics},
             logger=False,
@@ -109,12 +120,10 @@ class LumenDataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.group_batches, self.seed = group_batches, seed
         self.limit = dict(limit or {})
-        # Through hydra.utils.instantiate the spec arrives as a DictConfig of its fields.
-        input_spec = input_spec if isinstance(input_spec, InputSpec) else InputSpec(**input_spec)
         self.tokens_per_image = input_spec.tokens_per_image
         self.tokenizer = load_tokenizer(tokenizer_dir, input_spec.image_token)
-        collator_args = dict(tokenizer=self.tokenizer, interval_in_prompt=interval_in_prompt, resize=image_resize,
-                             **input_spec)
+        collator_args = dict(tokenizer=self.tokenizer, interval_in_prompt=interval_in_prompt,
+                             **(input_spec | {"resize": image_resize}))
         self.train_collator = LumenCollator(**collator_args, packing=packing)
         self.generation_collator = LumenCollator(**collator_args, for_generation=True)
         self.image_slots = len(self.train_collator.slots)

@@ -36,8 +36,8 @@ from models.factory import build_model, load_tokenizer
 from models.lumen import LumenModel
 from models.vision import WEIGHTS
 
-# The datamodule settings that shape a prompt, carried from training into evaluation and exports.
-PROMPT_KEYS = ("use_prior", "interval_in_prompt", "tasks", "experts_in_prompt", "expert_demographics")
+# The datamodule settings that shape a prompt and its images, carried from training into evaluation and exports.
+PROMPT_KEYS = ("use_prior", "interval_in_prompt", "tasks", "experts_in_prompt", "expert_demographics", "image_resize")
 
 
 @dataclass
@@ -46,7 +46,7 @@ class LoadedCheckpoint:
 
     model: LumenModel
     config: ModelConfig
-    prompt: dict[str, Any]  # the datamodule settings it was trained with (use_prior, interval_in_prompt, tasks)
+    prompt: dict[str, Any]  # the datamodule settings it was trained with (use_prior, interval_in_prompt, tasks, ...)
     max_new_tokens: int | None = None
 
 
@@ -174,7 +174,7 @@ Exported by `python -m models.checkpoints export` from `{checkpoint.name}`.
 | vision tower | `{lumen['vision']['type']}`, patch tokens of layer {lumen['vision']['layer']} (the saved tower ends there) |
 | projector | `{summary['mm_projector_type']}` (NVILA's `mm_projector` key names), {summary['tokens_per_image']} tokens per image |
 | temporal fusion | mode `{lumen['fusion']['mode']}`, interval embedding {'on' if lumen['fusion']['interval_embedding'] else 'off'} |
-| prompt | prior image {'used' if prompt.get('use_prior', True) else 'not used'}, interval in text {'yes' if prompt.get('interval_in_prompt', True) else 'no'}, expert predictions {'yes' if prompt.get('experts_in_prompt') else 'no'}, tasks {prompt.get('tasks', 'n/a')} |
+| prompt | prior image {'used' if prompt.get('use_prior', True) else 'not used'}, interval in text {'yes' if prompt.get('interval_in_prompt', True) else 'no'}, expert predictions {'yes' if prompt.get('experts_in_prompt') else 'no'}, tasks {prompt.get('tasks', 'n/a')}, images `{prompt.get('image_resize', 'pad')}` to a square |
 
 Load it with lumen, no remote code:
 

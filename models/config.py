@@ -15,6 +15,8 @@ from models.vision import TOWER_TYPES
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ATTENTION = ("eager", "sdpa", "flash_attention_2")
+# The layer a tower is read at when neither the config nor the base says: SigLIP's second-to-last, NVILA's.
+DEFAULT_VISION_LAYER = -2
 
 
 @dataclass(frozen=True)
@@ -22,7 +24,9 @@ class VisionConfig:
     """The ``model/vision`` config group."""
 
     type: str = "hf"
-    layer: int = -2  # NVILA reads SigLIP's second-to-last layer
+    # None: an NVILA base's mm_vision_select_layer (models.nvila), else DEFAULT_VISION_LAYER. A layer that
+    # differs from an NVILA base's is refused: its projector was trained on that layer's tokens.
+    layer: int | None = None
 
     def __post_init__(self) -> None:
         if self.type not in TOWER_TYPES:

@@ -1,6 +1,8 @@
 """Building a LumenModel from a base directory laid out like NVILA's (``Efficient-Large-Model/NVILA-8B``),
 read without remote code:
 
+    config.json       optional: NVILA's (model_type llava_llama), whose vision layer and token selection,
+                      image scales and image policy are followed and checked (``models.nvila``)
     llm/              a Hugging Face causal LM + its tokenizer (AutoModelForCausalLM/AutoTokenizer)
     vision_tower/     a vision tower (``model.net.vision.type``: hf = SiglipVisionModel, timm, open_clip)
     mm_projector/     optional: NVILA's projector (config.json with mm_projector_type + model.safetensors
@@ -13,6 +15,7 @@ and what the collator must know of the model built from it (``input_spec``).
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from safetensors import safe_open
@@ -21,11 +24,14 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from common.contract import IMAGE_TOKEN, InputSpec
 from common.tokenizer import load_tokenizer as load_directory_tokenizer
-from models.config import DTYPES, ModelConfig
+from models.config import DEFAULT_VISION_LAYER, DTYPES, ModelConfig
 from models.fusion import TemporalFusion
 from models.lumen import LumenModel
+from models.nvila import NvilaConfig, read_nvila_config
 from models.projector import MERGE_SIZE, PROJECTOR_TYPES, MLPDownsampleProjector, tokens_per_image
 from models.vision import WEIGHTS, build_vision_tower, read_spec
+
+log = logging.getLogger(__name__)
 
 
 def _require_dir(path: Path, what: str) -> Path:
@@ -47,6 +53,20 @@ def vision_dir(config: ModelConfig) -> Path:
     return _require_dir(config.vision_dir, f"a {config.vision.type} vision tower")
 
 
+def nvila_config(config: ModelConfig) -> NvilaConfig | None:
+    """The base's NVILA ``config.json``, checked (``models.nvila``); ``None`` if the base is no NVILA directory."""
+    vision_dir(config)  # the check reads the tower's config: a missing tower is named first
+    return read_nvila_config(config.base, config.vision.type)
+
+
+def vision_layer(config: ModelConfig, nvila: NvilaConfig | None) -> int:
+    """The tower layer to read: an NVILA base's (``model.net.vision.layer`` may only name the same one), else
+    ``model.net.vision.layer``, else ``DEFAULT_VISION_LAYER``."""
+    if nvila is not None:
+        return nvila.layer_for(config.vision.layer)
+    return DEFAULT_VISION_LAYER if config.vision.layer is None else config.vision.layer
+
+
 def resolved_projector_type(config: ModelConfig) -> str:
     """The configured projector, checked against the base's ``mm_projector`` if it has one."""
     config_path = config.projector_dir / "config.json"
@@ -64,16 +84,28 @@ def resolved_projector_type(config: ModelConfig) -> str:
 
 
 def input_spec(config: ModelConfig) -> InputSpec:
-    """What the collator must know: image size and normalisation, visual tokens per image, and how
-    many token sets a two-image sample shows (``fusion_mode``)."""
-    vision = read_spec(config.vision.type, vision_dir(config), config.vision.layer)
+    """What the collator must know: image size and normalisation, visual tokens per image, how many token
+    sets a two-image sample shows (``fusion_mode``), and how an NVILA base was trained to see images
+    (``resize``; ``None`` for a base that does not say). An NVILA base is checked here as in
+    ``build_model``, so a run stops on an unsupported value before any data is read."""
+    nvila = nvila_config(config)
+    vision = read_spec(config.vision.type, vision_dir(config), vision_layer(config, nvila))
+    projector_type = resolved_projector_type(config)
+    if nvila is not None:
+        if (config.projector_dir / "config.json").is_file():
+            _stored_projector_scales(config, projector_type, nvila.tower_width, nvila)
+        if nvila.tiles_lone_images:
+            log.info("%s: image_aspect_ratio=%s tiles a lone image; lumen does not: every image, alone or with its "
+                     "prior, is one %d px tile stretched to the tower's square, as NVILA feeds the images of a "
+                     "multi-image prompt", nvila.path, nvila.image_aspect_ratio, vision.image_size)
     return InputSpec(
         image_size=vision.image_size,
         mean=tuple(vision.mean),
         std=tuple(vision.std),
-        tokens_per_image=tokens_per_image(vision.grid, resolved_projector_type(config)),
+        tokens_per_image=tokens_per_image(vision.grid, projector_type),
         image_token=IMAGE_TOKEN,
         fusion_mode=config.fusion.mode,
+        resize=nvila.resize if nvila is not None else None,
     )
 
 
@@ -102,28 +134,38 @@ def _load_llm(config: ModelConfig, vocab_size: int, weights: bool = True):
     return llm
 
 
-def _projector(config: ModelConfig, vision, llm_size: int, weights: bool = True) -> MLPDownsampleProjector:
-    """A fresh projector, or the base's ``mm_projector`` (NVILA's key names) with its weights unless ``weights=False``."""
-    projector_type = resolved_projector_type(config)
+def _stored_projector_scales(config: ModelConfig, projector_type: str, vision_size: int,
+                             nvila: NvilaConfig | None) -> int:
+    """The image scales the base's ``mm_projector`` reads concatenated on channels (NVILA-8B: three, its
+    mm_hidden_size 3x the tower's), from its first Linear's input width in the weights' header (so without
+    reading weights), checked against an NVILA ``config.json``."""
     weights_path = config.projector_dir / WEIGHTS
-    if not (config.projector_dir / "config.json").is_file():
-        return MLPDownsampleProjector(vision.grid, vision.hidden_size, llm_size, projector_type)
     if not weights_path.is_file():
         raise FileNotFoundError(f"{config.projector_dir} has config.json but no {WEIGHTS}")
-    # The shape comes from the file's header, so the architecture is known without reading weights.
     with safe_open(weights_path, "pt") as stored:
-        merged_channels = stored.get_slice("layers.1.weight").get_shape()[0]
-    # NVILA-8B's projector reads three image scales concatenated on channels (mm_hidden_size 3x the tower's).
-    k2 = MERGE_SIZE[projector_type] ** 2
-    scales, remainder = divmod(merged_channels, k2 * vision.hidden_size)
+        in_features = stored.get_slice("layers.2.weight").get_shape()[1]
+    merge = MERGE_SIZE[projector_type]
+    if nvila is not None:
+        nvila.check_projector(in_features, merge, weights_path)
+    scales, remainder = divmod(in_features, merge * merge * vision_size)
     if remainder or scales < 1:
         raise ValueError(
-            f"{weights_path}: layers.1.weight has {merged_channels} channels, not a multiple of "
-            f"{k2} x the vision tower's {vision.hidden_size}"
+            f"{weights_path}: layers.2.weight takes {in_features} input channels, not a multiple of "
+            f"{merge}x{merge} merged tokens x the vision tower's {vision_size} channels"
         )
+    return scales
+
+
+def _projector(config: ModelConfig, vision, llm_size: int, nvila: NvilaConfig | None,
+               weights: bool = True) -> MLPDownsampleProjector:
+    """A fresh projector, or the base's ``mm_projector`` (NVILA's key names) with its weights unless ``weights=False``."""
+    projector_type = resolved_projector_type(config)
+    if not (config.projector_dir / "config.json").is_file():
+        return MLPDownsampleProjector(vision.grid, vision.hidden_size, llm_size, projector_type)
+    scales = _stored_projector_scales(config, projector_type, vision.hidden_size, nvila)
     projector = MLPDownsampleProjector(vision.grid, vision.hidden_size, llm_size, projector_type, scales=scales)
     if weights:
-        projector.load_state_dict(load_file(weights_path))
+        projector.load_state_dict(load_file(config.projector_dir / WEIGHTS))
     return projector
 
 
@@ -138,9 +180,10 @@ def build_model(config: ModelConfig, weights: bool = True) -> LumenModel:
     dtype = DTYPES[config.dtype]
     tokenizer = load_tokenizer(config)
     llm = _load_llm(config, len(tokenizer), weights)
-    vision = build_vision_tower(config.vision.type, vision_dir(config), config.vision.layer, weights=weights)
+    nvila = nvila_config(config)
+    vision = build_vision_tower(config.vision.type, vision_dir(config), vision_layer(config, nvila), weights=weights)
     llm_size = llm.config.hidden_size
-    projector = _projector(config, vision, llm_size, weights)
+    projector = _projector(config, vision, llm_size, nvila, weights)
     fusion = TemporalFusion(llm_size, projector.tokens_per_image, mode=config.fusion.mode,
                             heads=config.fusion.heads, use_interval=config.fusion.interval_embedding)
     if (config.fusion_dir / WEIGHTS).is_file():

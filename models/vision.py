@@ -89,15 +89,13 @@ class HFVisionTower(nn.Module):
         "clip_vision_model": ("encoder.layers", ("post_layernorm",)),
         "dinov2": ("encoder.layer", ("layernorm",)),
     }
+    # model_type -> tokens before the patch tokens in a layer's output: SigLIP has no CLS token.
+    PREFIX_TOKENS = {"siglip_vision_model": 0, "clip_vision_model": 1, "dinov2": 1}
 
     def __init__(self, model: nn.Module, layer: int, source: Path):
         super().__init__()
         config = model.config
-        if config.model_type not in self.LAYOUTS:
-            raise ValueError(
-                f"{source}/config.json: model_type {config.model_type!r} is not a supported Hugging Face vision "
-                f"tower (supported: {sorted(self.LAYOUTS)})"
-            )
+        self.check_supported(config.model_type, source)
         layers_path, unused = self.LAYOUTS[config.model_type]
         parent_path, name = layers_path.rsplit(".", 1)
         parent = model.get_submodule(parent_path)
@@ -114,6 +112,14 @@ class HFVisionTower(nn.Module):
         side = config.image_size // config.patch_size
         self.grid = (side, side)
         self.hidden_size = config.hidden_size
+
+    @classmethod
+    def check_supported(cls, model_type: str, source: Path) -> None:
+        if model_type not in cls.LAYOUTS:
+            raise ValueError(
+                f"{source}/config.json: model_type {model_type!r} is not a supported Hugging Face vision "
+                f"tower (supported: {sorted(cls.LAYOUTS)})"
+            )
 
     @classmethod
     def from_dir(cls, tower_dir: str | Path, layer: int = -2, weights: bool = True) -> HFVisionTower:

@@ -27,8 +27,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 
+from common.contract import RESIZE_POLICIES
 from common.errors import ConfigError, UsageError
-from datamodules.collate import RESIZE_POLICIES
 from models.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -82,8 +82,9 @@ def _model_problems(cfg: DictConfig) -> list[str]:
 def _data_problems(cfg: DictConfig) -> list[str]:
     data = cfg.get("data") or {}
     problems = []
-    if data.get("image_resize", "pad") not in RESIZE_POLICIES:
-        problems.append(f"data.image_resize={data.image_resize!r}: expected one of {RESIZE_POLICIES}")
+    if data.get("image_resize") not in (None, *RESIZE_POLICIES):
+        problems.append(f"data.image_resize={data.image_resize!r}: expected one of {RESIZE_POLICIES} or null (the "
+                        "base's own policy)")
     for key, nullable in (("batch_size", False), ("eval_batch_size", False), ("global_batch_size", True)):
         if key not in data or (nullable and data[key] is None):
             continue

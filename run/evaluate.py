@@ -33,8 +33,9 @@ from models.factory import input_spec
 from models.lit_module import LumenLitModule
 from run.cli import check_config, prepare
 
-# Data settings that change what the model sees; by default taken from the checkpoint.
-PROMPT_SETTINGS = ("use_prior", "interval_in_prompt", "expert_demographics")
+# Data settings that change what the model sees, by default taken from the checkpoint, and what a checkpoint
+# that does not record one was trained with (image_resize: recorded since the default became the base's own).
+PROMPT_SETTINGS = {"use_prior": True, "interval_in_prompt": True, "expert_demographics": True, "image_resize": "pad"}
 
 
 def checkpoint_version(path: Path) -> dict[str, int]:
@@ -65,7 +66,8 @@ def evaluate(cfg: DictConfig) -> dict:
     module = LumenLitModule(net=loaded.config.to_dict(), optimizer={}, scheduler={},
                          max_new_tokens=cfg.max_new_tokens or loaded.max_new_tokens or 64)
     module.model = loaded.model
-    as_trained = {key: loaded.prompt.get(key, True) for key in PROMPT_SETTINGS if cfg.data[key] is None}
+    as_trained = {key: loaded.prompt.get(key, unrecorded) for key, unrecorded in PROMPT_SETTINGS.items()
+                  if cfg.data[key] is None}
     if loaded.prompt.get("experts_in_prompt") and cfg.data.experts is None:
         raise ConfigError(f"{cfg.ckpt} was trained with expert predictions in its prompts: set data.experts=<the "
                          "expert CSV> (the synthetic world's is paths.experts)")
@@ -77,7 +79,7 @@ def evaluate(cfg: DictConfig) -> dict:
         "checkpoint": str(Path(cfg.ckpt).resolve()), "checkpoint_version": checkpoint_version(Path(cfg.ckpt)),
         "split": cfg.split, "max_new_tokens": module.hparams.max_new_tokens,
         "prompt": {key: datamodule.hparams[key] for key in ("use_prior", "interval_in_prompt", "experts_in_prompt",
-                                                            "expert_demographics")},
+                                                            "expert_demographics", "image_resize")},
         "sources": OmegaConf.to_container(cfg.data.sources, resolve=True),
         "limit": OmegaConf.to_container(cfg.data.limit, resolve=True),
     }

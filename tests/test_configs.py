@@ -50,6 +50,17 @@ def test_lumen_is_the_papers_recipe():
     assert sources["prognostic"].path is None  # the user's built JSONL: required
 
 
+def test_lumen_feeds_images_as_nvila_does_and_reads_the_bases_vision_layer():
+    cfg = compose_config("train", ["experiment=lumen"])
+    assert cfg.data.image_resize == "squash"
+    assert cfg.model.net.vision.layer is None
+
+
+def test_the_demo_and_nvila_ft_take_the_bases_image_policy():
+    for experiment in ("demo", "nvila_ft"):
+        assert compose_config("train", [f"experiment={experiment}"]).data.image_resize is None
+
+
 def test_nvila_ft_trains_on_single_image_diagnostic_questions():
     cfg = compose_config("train", ["experiment=nvila_ft"])
     assert cfg.data.sources.diffvqa.tasks == ["diagnostic"]

@@ -1,78 +1,25 @@
 """NVILA-8B import without remote code: a tiny directory in NVILA's exact layout, checked against a
-reference computation written here from NVILA's published architecture (not from our modules)."""
+reference computation written from NVILA's published architecture, not from our modules (tests/nvila_base.py)."""
 
 import json
 import shutil
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from models.config import ModelConfig
 from models.factory import build_model, input_spec, load_tokenizer
 from tests import towers
+from tests.nvila_base import SCALES, nvila_visual_tokens, write_nvila
 
 VISION_WIDTH = towers.WIDTH
-SCALES = 3  # NVILA-8B: mm_hidden_size = 3 x the SigLIP width (448/896/1344 on channels)
-LLM_WIDTH = 24
 
 
 @pytest.fixture(scope="module")
 def nvila_dir(tmp_path_factory, tiny_base):
     """``Efficient-Large-Model/NVILA-8B`` in miniature: llm/, vision_tower/, mm_projector/, config.json."""
-    root = tmp_path_factory.mktemp("nvila") / "NVILA-8B"
-    torch.manual_seed(0)
-    tokenizer = load_tokenizer(ModelConfig(base=str(tiny_base)))
-    llm = Qwen2ForCausalLM(Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=LLM_WIDTH, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, intermediate_size=48, max_position_embeddings=512, tie_word_embeddings=False,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    ))
-    llm.save_pretrained(root / "llm")
-    tokenizer.save_pretrained(root / "llm")
-    siglip = towers.write_siglip(root / "vision_tower")
-    # NVILA's tower was saved by transformers 4.x, whose keys start with "vision_model.".
-    weights = load_file(root / "vision_tower" / "model.safetensors")
-    save_file({f"vision_model.{k}": v for k, v in weights.items()}, root / "vision_tower" / "model.safetensors")
-    merged = 4 * SCALES * VISION_WIDTH
-    projector = {
-        "layers.1.weight": 1 + 0.1 * torch.randn(merged), "layers.1.bias": 0.1 * torch.randn(merged),
-        "layers.2.weight": torch.randn(LLM_WIDTH, merged) / merged**0.5, "layers.2.bias": 0.1 * torch.randn(LLM_WIDTH),
-        "layers.4.weight": torch.randn(LLM_WIDTH, LLM_WIDTH) / LLM_WIDTH**0.5, "layers.4.bias": 0.1 * torch.randn(LLM_WIDTH),
-    }
-    (root / "mm_projector").mkdir()
-    save_file(projector, root / "mm_projector" / "model.safetensors")
-    (root / "mm_projector" / "config.json").write_text(json.dumps({
-        "architectures": ["MultimodalProjector"], "mm_projector_type": "mlp_downsample",
-        "model_type": "v2l_projector", "torch_dtype": "float32",
-    }))
-    (root / "config.json").write_text(json.dumps({
-        "architectures": ["LlavaLlamaModel"], "model_type": "llava_llama", "mm_hidden_size": SCALES * VISION_WIDTH,
-        "mm_vision_select_layer": -2, "mm_vision_select_feature": "cls_patch", "hidden_size": LLM_WIDTH,
-        "llm_cfg": {"architectures": ["Qwen2ForCausalLM"]}, "vision_tower_cfg": {"architectures": ["SiglipVisionModel"]},
-        "mm_projector_cfg": {"architectures": ["MultimodalProjector"]},
-    }))
-    return {"root": root, "siglip": siglip, "llm": llm, "projector": projector, "tokenizer": tokenizer}
-
-
-def nvila_visual_tokens(nvila, images: torch.Tensor) -> torch.Tensor:
-    """NVILA for an untiled 448 image: SigLIP hidden_states[-2], repeated once per S2 scale on
-    channels, 2x2 blocks concatenated channels-fastest, LayerNorm -> Linear -> GELU -> Linear."""
-    with torch.no_grad():
-        features = nvila["siglip"](images, output_hidden_states=True).hidden_states[-2]  # (B, 16, C)
-    features = torch.cat([features] * SCALES, dim=-1)
-    side = towers.IMAGE_SIZE // towers.PATCH
-    grid = features.view(len(images), side, side, -1)
-    merged = torch.stack([
-        torch.cat([grid[:, 2 * i, 2 * j], grid[:, 2 * i, 2 * j + 1], grid[:, 2 * i + 1, 2 * j], grid[:, 2 * i + 1, 2 * j + 1]], -1)
-        for i in range(side // 2) for j in range(side // 2)
-    ], dim=1)
-    w = nvila["projector"]
-    hidden = F.layer_norm(merged, (merged.shape[-1],), w["layers.1.weight"], w["layers.1.bias"])
-    hidden = F.gelu(F.linear(hidden, w["layers.2.weight"], w["layers.2.bias"]))
-    return F.linear(hidden, w["layers.4.weight"], w["layers.4.bias"])
+    return write_nvila(tmp_path_factory.mktemp("nvila") / "NVILA-8B", load_tokenizer(ModelConfig(base=str(tiny_base))))
 
 
 def prompt_ids(tokenizer, images: int, tokens_per_image: int) -> torch.Tensor:
@@ -154,9 +101,10 @@ def test_a_projector_that_does_not_fit_the_tower_is_a_clear_error(nvila_dir, tmp
     root = tmp_path / "nvila"
     shutil.copytree(nvila_dir["root"], root)
     weights = load_file(root / "mm_projector" / "model.safetensors")
-    weights["layers.1.weight"] = weights["layers.1.weight"][:-1]
+    weights["layers.2.weight"] = weights["layers.2.weight"][:, :-1].contiguous()
     save_file(weights, root / "mm_projector" / "model.safetensors")
-    with pytest.raises(ValueError, match="layers.1.weight has 191 channels"):
+    (root / "config.json").unlink()  # a base without NVILA's config.json: nothing to check the weights against
+    with pytest.raises(ValueError, match="layers.2.weight takes 191 input channels, not a multiple of 2x2"):
         build_model(ModelConfig(base=str(root)))
 
 

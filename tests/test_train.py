@@ -36,6 +36,7 @@ def test_training_lowers_the_loss_and_logs_it(trained_checkpoint):
 def test_checkpoint_loads_with_weights_only(trained_checkpoint):
     checkpoint = torch.load(trained_checkpoint, map_location="cpu", weights_only=True)
     assert checkpoint["hyper_parameters"]["net"]["vision"] == {"type": "hf", "layer": -1}
+    assert checkpoint["datamodule_hyper_parameters"]["image_resize"] == "pad"  # the tiny base prescribes none
     assert any(key.startswith("model.fusion.") for key in checkpoint["state_dict"])
 
 

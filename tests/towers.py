@@ -27,7 +27,8 @@ def write_siglip(out: Path, seed: int = 0) -> SiglipVisionModel:
     model.save_pretrained(out)
     (out / "preprocessor_config.json").write_text(json.dumps({
         "image_processor_type": "SiglipImageProcessor", "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
-        "size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        "size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE}, "resample": 3, "do_resize": True, "do_rescale": True,
+        "rescale_factor": 1 / 255, "do_normalize": True,
     }))
     return model
 
