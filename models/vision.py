@@ -147,7 +147,10 @@ class HFVisionTower(nn.Module):
         return getattr(self.model.get_submodule(parent_path), name)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        hidden = self.model.encoder(self.model.embeddings(images)).last_hidden_state  # (B, prefix + N, C)
+        embedded = self.model.embeddings(images)
+        if hasattr(self.model, "pre_layrnorm"):  # CLIP normalises its embeddings before the encoder
+            embedded = self.model.pre_layrnorm(embedded)
+        hidden = self.model.encoder(embedded).last_hidden_state  # (B, prefix + N, C)
         return hidden[:, hidden.shape[1] - self.grid[0] * self.grid[1]:]
 
     def save(self, out: Path) -> None:

@@ -20,7 +20,7 @@ def reference_tokens(kind: str, model: torch.nn.Module, layer: int) -> torch.Ten
     with torch.no_grad():
         if kind == "siglip":
             return model(IMAGES, output_hidden_states=True).hidden_states[layer]
-        if kind == "dinov2":
+        if kind in ("dinov2", "clip"):
             return model(IMAGES, output_hidden_states=True).hidden_states[layer][:, 1:]  # drop CLS
         if kind == "timm":
             return model.forward_intermediates(IMAGES, indices=[layer % towers.DEPTH], norm=False,
@@ -33,6 +33,7 @@ def reference_tokens(kind: str, model: torch.nn.Module, layer: int) -> torch.Ten
 TOWERS = [
     ("siglip", "hf", towers.write_siglip),
     ("dinov2", "hf", towers.write_dinov2),
+    ("clip", "hf", towers.write_clip),
     ("timm", "timm", towers.write_timm),
     ("open_clip", "open_clip", towers.write_open_clip),
 ]

@@ -9,7 +9,9 @@ import timm
 import torch
 from safetensors.torch import save_file
 from timm.models import save_for_hf
-from transformers import Dinov2Config, Dinov2Model, SiglipVisionConfig, SiglipVisionModel
+from transformers import (
+    CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model, SiglipVisionConfig, SiglipVisionModel,
+)
 
 IMAGE_SIZE = 32
 PATCH = 8
@@ -30,6 +32,20 @@ def write_siglip(out: Path, seed: int = 0) -> SiglipVisionModel:
         "size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE}, "resample": 3, "do_resize": True, "do_rescale": True,
         "rescale_factor": 1 / 255, "do_normalize": True,
     }))
+    return model
+
+
+def write_clip(out: Path, seed: int = 0) -> CLIPVisionModel:
+    """A CLIP vision tower (``CLIPVisionModel``): a CLS token, and a norm before its encoder."""
+    torch.manual_seed(seed)
+    model = CLIPVisionModel(CLIPVisionConfig(
+        hidden_size=WIDTH, intermediate_size=2 * WIDTH, num_hidden_layers=DEPTH, num_attention_heads=2,
+        image_size=IMAGE_SIZE, patch_size=PATCH,
+    )).eval()
+    with torch.no_grad():  # a pre-encoder norm that is not the identity, so that skipping it shows
+        model.pre_layrnorm.weight.uniform_(0.5, 1.5)
+        model.pre_layrnorm.bias.normal_(0, 0.5)
+    model.save_pretrained(out)
     return model
 
 
