@@ -1,6 +1,7 @@
 """What lumen takes from an NVILA directory's top-level ``config.json`` (``model_type: llava_llama``, the file
 NVILA's own code builds its model from). Every value is checked against what lumen implements; one it does
-not implement is refused, naming the file, the field, the value and what is supported.
+not implement is refused (a ``ConfigError``: the entry points print it without a traceback), naming the
+file, the field, the value and what is supported.
 
 Followed:
 
@@ -33,6 +34,7 @@ from pathlib import Path
 
 from transformers import AutoConfig
 
+from common.errors import ConfigError
 from models.vision import HFVisionTower
 
 NVILA_MODEL_TYPE = "llava_llama"
@@ -74,7 +76,7 @@ class NvilaConfig:
         this one's tokens."""
         layer = self.vision_layer % self.tower_layers
         if configured is not None and configured not in (layer, layer - self.tower_layers):
-            raise ValueError(
+            raise ConfigError(
                 f"model.net.vision.layer={configured} but {self.path} has mm_vision_select_layer={self.select_layer} "
                 f"(lumen's layer {self.vision_layer}), the layer whose tokens NVILA's projector was trained on: set "
                 "model.net.vision.layer=null to follow the base"
@@ -86,7 +88,7 @@ class NvilaConfig:
         tokens it concatenates."""
         expected = self.scales * self.tower_width * merge * merge
         if in_features != expected:
-            raise ValueError(
+            raise ConfigError(
                 f"{weights}: the projector's first Linear (layers.2.weight) takes {in_features} input channels, but "
                 f"{self.path} says {self.scales_from}: {self.scales} x the tower's {self.tower_width} channels x "
                 f"{merge}x{merge} merged tokens = {expected}. The config.json and mm_projector/ are not of one model"
@@ -104,18 +106,18 @@ def read_nvila_config(base: str | Path, tower_type: str) -> NvilaConfig | None:
     if model_type == EXPORT_MODEL_TYPE:
         return None
     if model_type != NVILA_MODEL_TYPE:
-        raise ValueError(
+        raise ConfigError(
             f"{path}: model_type {model_type!r}: the config.json of a base directory is NVILA's "
             f"({NVILA_MODEL_TYPE!r}) or a lumen export's ({EXPORT_MODEL_TYPE!r}); point model.net.base at such a "
             "directory, or at one without a top-level config.json"
         )
     if tower_type != "hf":
-        raise ValueError(f"model.net.vision.type={tower_type} but {path} is NVILA's, whose vision tower is a Hugging "
+        raise ConfigError(f"model.net.vision.type={tower_type} but {path} is NVILA's, whose vision tower is a Hugging "
                          "Face model: set model.net.vision.type=hf")
     for name, what in (("s2", "the S2 tower runs every image at every one of s2_scales and merges the tiles"),
                        ("ps3", "PS3 selects high-resolution patches")):
         if stored.get(name):
-            raise ValueError(f"{path}: {name}={stored[name]!r}: {what}, which lumen does not implement; lumen runs the "
+            raise ConfigError(f"{path}: {name}={stored[name]!r}: {what}, which lumen does not implement; lumen runs the "
                              f"tower once per image at its own resolution (supported: {name}=false)")
     tower_dir = Path(base) / "vision_tower"
     tower = AutoConfig.from_pretrained(tower_dir)
@@ -125,16 +127,16 @@ def read_nvila_config(base: str | Path, tower_type: str) -> NvilaConfig | None:
     if aspect not in ASPECT_RATIOS:
         why = {"pad": "NVILA pads an image to a square at full resolution and then resizes it, while lumen's "
                       "data.image_resize=pad resizes and then pads, which gives other pixels at the border"}
-        raise ValueError(f"{path}: image_aspect_ratio={aspect!r}: {why.get(aspect, 'not a policy lumen implements')}; "
+        raise ConfigError(f"{path}: image_aspect_ratio={aspect!r}: {why.get(aspect, 'not a policy lumen implements')}; "
                          f"supported: {', '.join(ASPECT_RATIOS)} (each image one untiled tile, stretched to the "
                          "tower's square)")
     scales, scales_from = _check_scales(stored, path, tower.image_size, tower_dir, aspect)
     resolution = stored.get("vision_resolution")
     if resolution not in (None, -1, tower.image_size):
-        raise ValueError(f"{path}: vision_resolution={resolution}: NVILA would interpolate the tower's position "
+        raise ConfigError(f"{path}: vision_resolution={resolution}: NVILA would interpolate the tower's position "
                          f"embeddings to it, which lumen does not; supported: -1 or the tower's {tower.image_size}")
     if stored.get("mm_hidden_size") not in (None, scales * tower.hidden_size):
-        raise ValueError(f"{path}: mm_hidden_size={stored['mm_hidden_size']} but {scales_from}: {scales} x the tower's "
+        raise ConfigError(f"{path}: mm_hidden_size={stored['mm_hidden_size']} but {scales_from}: {scales} x the tower's "
                          f"{tower.hidden_size} channels = {scales * tower.hidden_size}")
     return NvilaConfig(
         path=path,
@@ -152,9 +154,9 @@ def _tower_layer(select_layer, depth: int, path: Path) -> int:
     """NVILA's index into ``hidden_states`` as lumen's index of a tower layer (0: the first layer's output):
     the same for a negative index, one less for a positive one."""
     if isinstance(select_layer, bool) or not isinstance(select_layer, int):
-        raise ValueError(f"{path}: mm_vision_select_layer={select_layer!r}: expected an integer (NVILA-8B: -2)")
+        raise ConfigError(f"{path}: mm_vision_select_layer={select_layer!r}: expected an integer (NVILA-8B: -2)")
     if not (-depth <= select_layer < 0 or 1 <= select_layer <= depth):
-        raise ValueError(
+        raise ConfigError(
             f"{path}: mm_vision_select_layer={select_layer} is no layer of the {depth}-layer tower: as an index into "
             f"hidden_states, lumen supports -{depth}..-1 and 1..{depth} (0 and -{depth + 1} are the embeddings, before "
             "any layer)"
@@ -165,12 +167,12 @@ def _tower_layer(select_layer, depth: int, path: Path) -> int:
 def _check_feature(feature, path: Path, model_type: str, tower_dir: Path) -> None:
     """lumen feeds a layer's patch tokens alone: the selection must drop exactly the tower's prefix tokens."""
     if feature not in DROPPED_TOKENS:
-        raise ValueError(f"{path}: mm_vision_select_feature={feature!r}: expected one of {', '.join(DROPPED_TOKENS)}")
+        raise ConfigError(f"{path}: mm_vision_select_feature={feature!r}: expected one of {', '.join(DROPPED_TOKENS)}")
     prefix = HFVisionTower.PREFIX_TOKENS[model_type]
     if DROPPED_TOKENS[feature] != prefix:
         fits = next(name for name, dropped in DROPPED_TOKENS.items() if dropped == prefix)
         kept = "drops the first token" if DROPPED_TOKENS[feature] else "keeps every token"
-        raise ValueError(
+        raise ConfigError(
             f"{path}: mm_vision_select_feature={feature!r} {kept} of the layer, but the {model_type} tower in "
             f"{tower_dir} has {prefix} token(s) before its patch tokens. lumen feeds the patch tokens alone, which "
             f"for this tower is mm_vision_select_feature={fits!r}, the one value supported with it"
@@ -183,22 +185,22 @@ def _check_scales(stored: dict, path: Path, image_size: int, tower_dir: Path, as
     processor_path = tower_dir / "preprocessor_config.json"
     processor = json.loads(processor_path.read_text()) if processor_path.is_file() else {}
     if aspect in TILING and processor.get("resample", BICUBIC) != BICUBIC:
-        raise ValueError(f"{processor_path}: resample={processor['resample']}: NVILA resizes untiled images with it, "
+        raise ConfigError(f"{processor_path}: resample={processor['resample']}: NVILA resizes untiled images with it, "
                          f"lumen bicubically; supported: {BICUBIC} (bicubic)")
     if stored.get("dynamic_s2"):
         value = stored.get("s2_scales")
         try:
             sizes = sorted(int(size) for size in (value.split(",") if isinstance(value, str) else value))
         except (AttributeError, TypeError, ValueError):
-            raise ValueError(f"{path}: s2_scales={value!r}: expected image sizes such as \"448,896,1344\"") from None
+            raise ConfigError(f"{path}: s2_scales={value!r}: expected image sizes such as \"448,896,1344\"") from None
         if not sizes or sizes[0] != image_size:
-            raise ValueError(f"{path}: s2_scales={value!r}: NVILA stretches an untiled image to the first scale, but "
+            raise ConfigError(f"{path}: s2_scales={value!r}: NVILA stretches an untiled image to the first scale, but "
                              f"the tower in {tower_dir} takes {image_size} px; supported: scales starting at "
                              f"{image_size}")
         return len(sizes), f"dynamic_s2 with s2_scales={value}"
     # Without dynamic S2 the processor's own size is the untiled image's (with it, NVILA overrides the size).
     size = processor.get("size", {"height": image_size, "width": image_size})
     if size != {"height": image_size, "width": image_size}:
-        raise ValueError(f"{processor_path}: size={size}: lumen stretches images to the tower's square; supported: "
+        raise ConfigError(f"{processor_path}: size={size}: lumen stretches images to the tower's square; supported: "
                          f"{{'height': {image_size}, 'width': {image_size}}}")
     return 1, "no dynamic_s2, one scale"
