@@ -3,7 +3,7 @@ problem is an ``InputError`` that names the file, the line as a person opens it 
 of a CSV being line 1), the field, what was found and what to do.
 
 Loaders take an optional ``Problems``: without one, the first problem raises (training stops on bad
-data); with one, each problem of a row is recorded, the row is left out, and reading goes on, so
+data); with one, a row's (first) problem is recorded, the row is left out, and reading goes on, so
 ``python -m datamodules.validate`` can report every problem of a copy in one run.
 """
 
@@ -47,8 +47,13 @@ class Problems:
 
     examples: dict[tuple[str, str], list[InputError]] = field(default_factory=dict)
     counts: Counter = field(default_factory=Counter)
+    seen: set[str] = field(default_factory=set)
 
     def add(self, error: InputError) -> None:
+        """Records ``error`` once: the same message again (a file read for each split) is not a new problem."""
+        if str(error) in self.seen:
+            return
+        self.seen.add(str(error))
         key = (error.source, error.kind)
         self.counts[key] += 1
         if len(self.examples.setdefault(key, [])) < EXAMPLES:
@@ -71,11 +76,28 @@ class Problems:
         return lines
 
 
-def report(problems: Problems | None, error: InputError) -> None:
+def raise_or_record(problems: Problems | None, error: InputError) -> None:
     """Raises ``error``, or records it when the caller collects problems (the row is then left out)."""
     if problems is None:
         raise error
     problems.add(error)
+
+
+def read_all(problems: Problems | None, *reads):
+    """Each ``read()``'s result. With ``problems``, every read is tried and each failure recorded
+    before the first is raised, so that one unreadable file does not hide the problems of another."""
+    results, failures = [], []
+    for read in reads:
+        try:
+            results.append(read())
+        except InputError as error:
+            if problems is None:
+                raise
+            problems.add(error)
+            failures.append(error)
+    if failures:
+        raise failures[0]
+    return results
 
 
 def read_text(path: str | Path, what: str) -> str:
@@ -124,16 +146,7 @@ class Table:
 
     @cached_property
     def _starts(self) -> list[int]:
-        # Read with csv rather than counted: a quoted value may span lines, and blank lines (which
-        # pandas skips) give no row.
-        starts, reader = [], csv.reader(io.StringIO(self.text))
-        next(reader, None)
-        previous_end = reader.line_num
-        for row in reader:
-            if row:
-                starts.append(previous_end + 1)
-            previous_end = reader.line_num
-        return starts
+        return _row_starts(self.text)
 
     def line(self, row: int) -> int:
         """The 1-based line of the file where data row ``row`` (0-based, as in ``frame``) starts."""
@@ -148,9 +161,34 @@ class Table:
         for column in columns:
             for row in self.frame.index[self.frame[column].isna()]:
                 if row not in bad:
-                    report(problems, self.error(row, column, "empty", fix=fix, kind=f"empty {column}"))
+                    raise_or_record(problems, self.error(row, column, "empty", fix=fix, kind=f"empty {column}"))
                     bad.add(row)
         return bad
+
+
+def _csv_rows(text: str):
+    """(first line, fields) of each row after the header, as ``csv`` reads them: a quoted value may
+    span lines. A blank or whitespace-only line, which pandas skips, gives no row."""
+    reader = csv.reader(io.StringIO(text, newline=""))
+    next(reader, None)
+    previous_end = reader.line_num
+    for row in reader:
+        if row and not (len(row) == 1 and not row[0].strip()):
+            yield previous_end + 1, row
+        previous_end = reader.line_num
+
+
+def _row_starts(text: str) -> list[int]:
+    return [line for line, _ in _csv_rows(text)]
+
+
+def _malformed_line(text: str) -> int | None:
+    """The line of the first row with more fields than the header (what pandas refuses), if any."""
+    header = next(csv.reader(io.StringIO(text, newline="")), [])
+    try:
+        return next((line for line, row in _csv_rows(text) if len(row) > len(header)), None)
+    except csv.Error:
+        return None
 
 
 def read_csv(path: str | Path, columns: list[str], what: str, dtype: dict | None = None) -> Table:
@@ -164,8 +202,9 @@ def read_csv(path: str | Path, columns: list[str], what: str, dtype: dict | None
     try:
         frame = pd.read_csv(io.StringIO(text), dtype=dtype, keep_default_na=False, na_values=[""])
     except pd.errors.ParserError as error:
-        # pandas counts lines from 1, the header included, as a person does.
-        raise InputError(path, f"malformed CSV ({str(error).strip()})") from None
+        # pandas' own line numbers miscount after a value that spans lines: the line is found with csv.
+        raise InputError(path, f"malformed CSV ({str(error).strip()})", line=_malformed_line(text),
+                         fix="each row needs the header's fields; quote a value holding a comma") from None
     missing = [name for name in columns if name not in frame.columns]
     if missing:
         raise InputError(path, f"missing columns {missing} (found {list(frame.columns)})",

@@ -24,7 +24,7 @@ from pathlib import Path
 import pandas as pd
 
 from common.errors import ConfigError
-from common.readers import Problems, Table, read_csv, report
+from common.readers import InputError, Problems, Table, read_all, read_csv, raise_or_record
 from datamodules.mimic import RESTORE, image_path, parse_study_date, whole_number
 from datamodules.records import Sample
 
@@ -58,25 +58,30 @@ class Study:
     study_date: date
 
 
-def read_studies(diffvqa_dir: str | Path, problems: Problems | None = None) -> dict[int, Study]:
+def read_studies(diffvqa_dir: str | Path, problems: Problems | None = None) -> dict[int, Study | None]:
     """study_id -> its row of ``mimic_all.csv``; a row with an empty or malformed value, or a
-    repeated study, is an error (with ``problems``: recorded and left out)."""
+    repeated study, is an error (with ``problems``: recorded and left out, its study mapped to None
+    where its id could be read, so that questions about it are not reported as about a missing study)."""
     table = read_csv(Path(diffvqa_dir) / "mimic_all.csv", STUDY_COLUMNS, "Medical-Diff-VQA's mimic_all.csv "
                      "(set paths.diffvqa to the Medical-Diff-VQA directory)", dtype={"dicom_id": str})
     skip = table.missing_values(STUDY_COLUMNS, problems, fix=RESTORE)
     columns = {name: table.frame[name].tolist() for name in STUDY_COLUMNS}
-    studies: dict[int, Study] = {}
+    studies: dict[int, Study | None] = {}
     first_row: dict[int, int] = {}
     for row, dicom_id in enumerate(columns["dicom_id"]):
-        if row in skip:
-            continue
-        parsed = _parsed(table, row, {name: columns[name][row] for name in STUDY_PARSERS}, problems)
+        parsed = None if row in skip else _parsed(table, row, {name: columns[name][row] for name in STUDY_PARSERS},
+                                                  problems)
         if parsed is None:
+            try:
+                studies.setdefault(whole_number(columns["study_id"][row]), None)
+            except ValueError:
+                pass  # no id to name it by; its row is reported
             continue
         study_id = parsed["study_id"]
         if study_id in first_row:
-            report(problems, table.error(row, "study_id", f"study {study_id} repeats line {table.line(first_row[study_id])}",
-                                         fix="each study has one row", kind="repeated study"))
+            raise_or_record(problems, table.error(
+                row, "study_id", f"study {study_id} repeats line {table.line(first_row[study_id])}",
+                fix="each study has one row", kind="repeated study"))
             continue
         first_row[study_id] = row
         studies[study_id] = Study(dicom_id=dicom_id, **parsed)
@@ -93,7 +98,7 @@ def _parsed(table: Table, row: int, values: dict, problems: Problems | None) -> 
         try:
             parsed[column] = STUDY_PARSERS[column](value)
         except ValueError as error:
-            report(problems, table.error(row, column, str(error), fix=RESTORE, kind=f"malformed {column}"))
+            raise_or_record(problems, table.error(row, column, str(error), fix=RESTORE, kind=f"malformed {column}"))
             return None
     return parsed
 
@@ -112,10 +117,9 @@ def read_diffvqa(diffvqa_dir: str | Path, problems: Problems | None = None) -> D
     """Both tables of a Medical-Diff-VQA directory. A question row with an empty required value, an
     unknown split or question type, or a study that ``mimic_all.csv`` lacks is an error (with
     ``problems``: recorded and left out)."""
-    studies = read_studies(diffvqa_dir, problems)
-    questions = read_csv(Path(diffvqa_dir) / "mimic_pair_questions.csv", PAIR_COLUMNS,
-                         "Medical-Diff-VQA's mimic_pair_questions.csv (set paths.diffvqa to the Medical-Diff-VQA "
-                         "directory)")
+    studies, questions = read_all(problems, lambda: read_studies(diffvqa_dir, problems), lambda: read_csv(
+        Path(diffvqa_dir) / "mimic_pair_questions.csv", PAIR_COLUMNS,
+        "Medical-Diff-VQA's mimic_pair_questions.csv (set paths.diffvqa to the Medical-Diff-VQA directory)"))
     frame = questions.frame
     skip = questions.missing_values([c for c in PAIR_COLUMNS if c != "ref_id"], problems,
                                     fix=RESTORE)
@@ -131,7 +135,7 @@ def read_diffvqa(diffvqa_dir: str | Path, problems: Problems | None = None) -> D
             problem = ("question_type", f"unknown value {question_type!r}", f"expected one of {list(QUESTION_TYPES)}",
                        "unknown question_type")
         if problem:
-            report(problems, questions.error(row, problem[0], problem[1], fix=problem[2], kind=problem[3]))
+            raise_or_record(problems, questions.error(row, problem[0], problem[1], fix=problem[2], kind=problem[3]))
             continue
         current = _question_study(questions, row, "study_id", study_id, studies, problems)
         reference = None
@@ -150,15 +154,24 @@ def _question_study(questions: Table, row: int, column: str, value, studies: dic
     try:
         study_id = whole_number(value)
     except ValueError as error:
-        report(problems, questions.error(row, column, "empty" if pd.isna(value) else str(error), fix=RESTORE,
+        raise_or_record(problems, questions.error(row, column, "empty" if pd.isna(value) else str(error), fix=RESTORE,
                                          kind=f"malformed {column}"))
         return None
-    if study_id not in studies:
-        report(problems, questions.error(
-            row, column, f"study {study_id} is not in {questions.path.parent / 'mimic_all.csv'}",
-            fix="use the two tables of the same Medical-Diff-VQA release", kind=f"{column} not in mimic_all.csv"))
+    if studies.get(study_id) is None:
+        raise_or_record(problems, study_error(questions.path, questions.line(row), column, study_id, studies,
+                                              questions.path.parent / "mimic_all.csv"))
         return None
     return studies[study_id]
+
+
+def study_error(path: Path, line: int | None, column: str, study_id, studies: dict[int, Study | None],
+                studies_path: Path) -> InputError:
+    """A question names a study that ``studies`` lacks, or whose row was rejected (and reported)."""
+    if study_id in studies:
+        return InputError(path, f"study {study_id}'s row in {studies_path} has a problem (reported on its own)",
+                          line=line, field=column, kind=f"{column} with a rejected mimic_all.csv row")
+    return InputError(path, f"study {study_id} is not in {studies_path}", line=line, field=column,
+                      fix="use the tables of the same Medical-Diff-VQA release", kind=f"{column} not in mimic_all.csv")
 
 
 def one_study_per_subject(table: pd.DataFrame, seed: int) -> set[int]:

@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 
 from common.llm import LLMClient
-from common.readers import InputError, Problems, read_csv, read_jsonl, report
+from common.readers import InputError, Problems, read_csv, read_jsonl, raise_or_record
 
 PROMPT_VERSION = "enhance-v1"
 TEMPLATE_VERSION = "template-v1"
@@ -130,7 +130,7 @@ def load_enhanced(path: str | Path, problems: Problems | None = None) -> dict[st
                 raise InputError(path, f"{record['sample_id']} repeats line {first_line[record['sample_id']]}",
                                  line=line, field="sample_id", kind="repeated sample_id")
         except InputError as error:
-            report(problems, error)
+            raise_or_record(problems, error)
             continue
         records[record["sample_id"]] = record
         first_line[record["sample_id"]] = line

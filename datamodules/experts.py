@@ -24,7 +24,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.readers import InputError, Problems, read_text, report
+from common.readers import InputError, Problems, read_text, raise_or_record
 
 SCHEMA_VERSION = 1  # raise it when COLUMNS or their meaning change
 # densenet121-res224-all's outputs, in its order.
@@ -155,7 +155,7 @@ def load_experts(path: str | Path, problems: Problems | None = None) -> dict[str
                 raise InputError(path, f"{prediction.dicom_id} repeats line {first_line[prediction.dicom_id]}",
                                  line=line, field="dicom_id", kind="repeated dicom_id")
         except InputError as error:
-            report(problems, error)
+            raise_or_record(problems, error)
             continue
         predictions[prediction.dicom_id] = prediction
         first_line[prediction.dicom_id] = line

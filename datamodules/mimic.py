@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from common.readers import InputError, Problems, Table, read_csv, report
+from common.readers import InputError, Problems, Table, read_all, read_csv, raise_or_record
 
 # The 14 labels of mimic-cxr-2.0.0-chexpert.csv (and -negbio.csv), in the file's column order.
 CHEXPERT_LABELS = (
@@ -119,31 +119,41 @@ def _whole_numbers(table: Table, column: str, skip: set[int], problems: Problems
     values = pd.to_numeric(table.frame[column], errors="coerce")
     for row in table.frame.index[values.isna() | (values % 1 != 0)]:
         if row not in skip:
-            report(problems, table.error(row, column, f"{table.frame.at[row, column]!r} is not a whole number",
+            raise_or_record(problems, table.error(row, column, f"{table.frame.at[row, column]!r} is not a whole number",
                                          fix=RESTORE, kind=f"malformed {column}"))
             skip.add(row)
     return values.fillna(-1).astype("int64")
 
 
-def _split_of(table: Table, problems: Problems | None) -> dict[str, str]:
-    """dicom_id -> ``train``/``val``/``test`` from the split table; an unknown value is reported."""
-    split_of = {}
+def _split_of(table: Table, problems: Problems | None) -> tuple[dict[str, str], set[str]]:
+    """dicom_id -> ``train``/``val``/``test`` from the split table, and the dicom_ids whose split row
+    was rejected (an empty, unknown or repeated value, each reported)."""
+    split_of, first_row, rejected = {}, {}, set()
     for row, (dicom_id, split) in enumerate(zip(table.frame["dicom_id"].tolist(), table.frame["split"].tolist())):
-        if split not in SPLITS:
-            found = "empty" if pd.isna(split) else f"unknown value {split!r}"
-            report(problems, table.error(row, "split", found, fix=f"expected one of {list(SPLITS)}",
-                                         kind="unknown split"))
+        if pd.isna(dicom_id):
+            problem = ("dicom_id", "empty", RESTORE, "empty dicom_id")
+        elif dicom_id in first_row:
+            problem = ("dicom_id", f"{dicom_id} repeats line {table.line(first_row[dicom_id])}", "each image has one row",
+                       "repeated dicom_id")
+        elif split not in SPLITS:
+            problem = ("split", "empty" if pd.isna(split) else f"unknown value {split!r}",
+                       f"expected one of {list(SPLITS)}", "unknown split")
+        else:
+            first_row[dicom_id], split_of[dicom_id] = row, SPLITS[split]
             continue
-        split_of[dicom_id] = SPLITS[split]
-    return split_of
+        raise_or_record(problems, table.error(row, problem[0], problem[1], fix=problem[2], kind=problem[3]))
+        rejected.add(dicom_id)
+        split_of.pop(dicom_id, None)
+    return split_of, rejected
 
 
 def load_images(root: str | Path, problems: Problems | None = None) -> pd.DataFrame:
     """One row per image of the metadata table, with its split, view, study date-time and path.
     A row with a missing or malformed value, a repeated ``dicom_id`` or no split is an error (with
-    ``problems``: recorded and left out)."""
-    metadata = read_table(root, "mimic-cxr-2.0.0-metadata", METADATA_COLUMNS)
-    split_of = _split_of(read_table(root, "mimic-cxr-2.0.0-split", ["dicom_id", "split"]), problems)
+    ``problems``: recorded and left out, its dicom_id in ``attrs["rejected"]``)."""
+    metadata, splits = read_all(problems, lambda: read_table(root, "mimic-cxr-2.0.0-metadata", METADATA_COLUMNS),
+                                lambda: read_table(root, "mimic-cxr-2.0.0-split", ["dicom_id", "split"]))
+    split_of, rejected = _split_of(splits, problems)
     frame = metadata.frame
     skip = metadata.missing_values(["dicom_id", "subject_id", "study_id", "StudyDate", "StudyTime"], problems,
                                    fix=RESTORE)
@@ -155,30 +165,32 @@ def load_images(root: str | Path, problems: Problems | None = None) -> pd.DataFr
         if row in skip:
             continue
         if dicom_id in first_row:
-            report(problems, metadata.error(row, "dicom_id", f"{dicom_id} repeats line {metadata.line(first_row[dicom_id])}",
+            raise_or_record(problems, metadata.error(row, "dicom_id", f"{dicom_id} repeats line {metadata.line(first_row[dicom_id])}",
                                             fix="each image has one row", kind="repeated dicom_id"))
             continue
         first_row[dicom_id] = row
+        if dicom_id in rejected:  # its split row was reported
+            continue
         if dicom_id not in split_of:
-            report(problems, metadata.error(row, "dicom_id", f"{dicom_id} has no row in the split table",
+            raise_or_record(problems, metadata.error(row, "dicom_id", f"{dicom_id} has no row in the split table",
                                             fix="use the split table of the same MIMIC-CXR-JPG release",
                                             kind="no split"))
             continue
         try:
             day = parse_study_date(study_date)
         except ValueError as error:
-            report(problems, metadata.error(row, "StudyDate", str(error), fix=RESTORE, kind="malformed StudyDate"))
+            raise_or_record(problems, metadata.error(row, "StudyDate", str(error), fix=RESTORE, kind="malformed StudyDate"))
             continue
         try:
             moment = parse_study_time(study_time)
         except ValueError as error:
-            report(problems, metadata.error(row, "StudyTime", str(error), fix=RESTORE, kind="malformed StudyTime"))
+            raise_or_record(problems, metadata.error(row, "StudyTime", str(error), fix=RESTORE, kind="malformed StudyTime"))
             continue
         rows.append(row)
         times.append(datetime.combine(day, moment))
     kept = frame.loc[rows]
     dicom_ids, subjects, studies = kept["dicom_id"].tolist(), subject_ids[rows].tolist(), study_ids[rows].tolist()
-    return pd.DataFrame({
+    images = pd.DataFrame({
         "dicom_id": dicom_ids,
         "subject_id": subjects,
         "study_id": studies,
@@ -187,6 +199,9 @@ def load_images(root: str | Path, problems: Problems | None = None) -> pd.DataFr
         "study_datetime": times,
         "path": [image_path(root, s, t, d) for s, t, d in zip(subjects, studies, dicom_ids)],
     })
+    # Images whose row was reported and left out: a cross-check names them as such, not as missing.
+    images.attrs["rejected"] = (set(frame["dicom_id"].dropna()) - set(dicom_ids)) | rejected
+    return images
 
 
 def load_chexpert(root: str | Path, labeler: str = "chexpert") -> pd.DataFrame:

@@ -26,12 +26,13 @@ and the dev schema (``prior_image_path`` a list, ``prior_report``, ``related_reg
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from common.errors import ConfigError
-from common.readers import InputError, Problems, read_jsonl, read_text, report
+from common.readers import InputError, Problems, read_jsonl, read_text, raise_or_record
 from datamodules.diffvqa import LoadReport
 from datamodules.mimic import load_images
 from datamodules.records import Sample
@@ -149,11 +150,18 @@ def _check_row(row: dict, fail) -> None:
     missing = [key for key in REQUIRED_KEYS if key not in row]
     if missing:
         raise fail(missing[0], f"missing (every MMXU row needs {list(REQUIRED_KEYS)})")
+    if isinstance(row["id"], bool) or not isinstance(row["id"], (int, str)) or row["id"] == "":
+        raise fail("id", f"{row['id']!r} is not a number or a non-empty string")
+    for key in ("question", "cur_image_path"):
+        if not isinstance(row[key], str) or not row[key].strip():
+            raise fail(key, f"{row[key]!r} is not a non-empty string")
     options = row["options"]
     if not isinstance(options, dict) or sorted(options) != list(LETTERS):
         found = sorted(options) if isinstance(options, dict) else type(options).__name__
         raise fail("options", f"expected an object with exactly the keys A, B, C, D, found {found}")
-    if row["answer"] not in options:
+    if not all(isinstance(text, str) and text.strip() for text in options.values()):
+        raise fail("options", "every option needs a non-empty text")
+    if not isinstance(row["answer"], str) or row["answer"] not in options:
         raise fail("answer", f"{row['answer']!r} is not a letter of the options {list(LETTERS)}")
     if row["content_type"] not in CONTENT_TYPES:
         raise fail("content_type", f"unknown value {row['content_type']!r} (expected one of {CONTENT_TYPES})")
@@ -161,6 +169,10 @@ def _check_row(row: dict, fail) -> None:
     if not (isinstance(priors, str) or (isinstance(priors, list) and priors
                                         and all(isinstance(prior, str) for prior in priors))):
         raise fail("prior_image_path", "expected a path or a non-empty list of paths")
+    reports = row.get("prior_report")
+    if reports is not None and not (isinstance(reports, str) or (
+            isinstance(reports, list) and all(isinstance(report, str) for report in reports))):
+        raise fail("prior_report", "expected a report or a list of reports (strings)")
 
 
 def _prior_report(row: dict, chosen: int, prior, reports_root: Path | None, history: str, fail) -> str:
@@ -173,6 +185,8 @@ def _prior_report(row: dict, chosen: int, prior, reports_root: Path | None, hist
                                        "prior images: expected one report per prior image")
         prior_report = prior_report[chosen]
     if prior_report is not None:
+        if not prior_report.strip():
+            raise fail("prior_report", "empty: the prior study's report has no text")
         return prior_report
     if reports_root is None:
         raise fail("prior_report", f"absent, and no reports_root was given: pass the MIMIC-CXR reports "
@@ -181,7 +195,10 @@ def _prior_report(row: dict, chosen: int, prior, reports_root: Path | None, hist
     if not report_file.is_file():
         raise fail("prior_image_path", f"the prior study's report {report_file} does not exist: is reports_root "
                                        "the MIMIC-CXR reports directory (the one holding files/)?")
-    return read_text(report_file, "the prior study's MIMIC-CXR report")
+    text = read_text(report_file, "the prior study's MIMIC-CXR report")
+    if not text.strip():
+        raise InputError(report_file, "the file is empty: expected the prior study's MIMIC-CXR report")
+    return text
 
 
 def load_mmxu(
@@ -202,40 +219,75 @@ def load_mmxu(
     path, mimic_root = Path(path), Path(mimic_root)
     reports_root = Path(reports_root) if reports_root is not None else None
     lines = read_jsonl(path, "an MMXU JSONL file (e.g. MMXU-test.jsonl)")
-    images = (load_images(mimic_root) if images is None else images).set_index("dicom_id")
-    report_ = LoadReport()
+    images = load_images(mimic_root) if images is None else images
+    metadata = _Metadata(dict(zip(images["dicom_id"].tolist(), images.itertuples(index=False))),
+                         images.attrs.get("rejected", set()), mimic_root)
+    load_report, first_line = LoadReport(), {}
     samples: list[Sample] = []
     for number, row in lines:
         try:
-            sample = _sample(path, number, row, images, mimic_root, history, reports_root, report_)
+            _check_line(path, number, row, first_line)
+            sample = _sample(path, number, row, metadata, history, reports_root, load_report)
         except InputError as error:
-            report(problems, error)
+            raise_or_record(problems, error)
             continue
         if sample is not None:
             samples.append(sample)
-            report_.loaded["mmxu"] += 1
-    return samples, report_
+            load_report.loaded["mmxu"] += 1
+    return samples, load_report
 
 
-def _sample(path: Path, number: int, row: dict | InputError, images: pd.DataFrame, mimic_root: Path, history: str,
-            reports_root: Path | None, report_: LoadReport) -> Sample | None:
-    """The line's sample, or None when its prior is later than its current image (counted in
-    ``report_``, as are regional histories that fall back to the global one)."""
+def check_mmxu_lines(path: str | Path, problems: Problems) -> int:
+    """The checks of ``load_mmxu`` that need no MIMIC metadata (each line's JSON, keys, values and
+    id), for ``validate`` when the metadata cannot be read; returns how many lines passed."""
+    passed, first_line = 0, {}
+    for number, row in read_jsonl(path, "an MMXU JSONL file (e.g. MMXU-test.jsonl)"):
+        try:
+            _check_line(Path(path), number, row, first_line)
+        except InputError as error:
+            problems.add(error)
+            continue
+        passed += 1
+    return passed
+
+
+def _check_line(path: Path, number: int, row: dict | InputError, first_line: dict) -> None:
+    """A line is a row of the MMXU schema whose id no earlier line has (``first_line``: id -> line)."""
     if isinstance(row, InputError):
         raise row
+    _check_row(row, lambda field, problem: InputError(path, problem, line=number, field=field))
+    if row["id"] in first_line:
+        raise InputError(path, f"{row['id']!r} repeats line {first_line[row['id']]}", line=number, field="id",
+                         kind="repeated id", fix="each question needs its own id (it makes the sample_id)")
+    first_line[row["id"]] = number
 
+
+@dataclass(frozen=True)
+class _Metadata:
+    """The MIMIC images by dicom_id, the dicom_ids whose metadata row was rejected, and the root."""
+
+    images: dict
+    rejected: set
+    root: Path
+
+
+def _sample(path: Path, number: int, row: dict, metadata: _Metadata, history: str, reports_root: Path | None,
+            load_report: LoadReport) -> Sample | None:
+    """The line's sample, or None when its prior is later than its current image (counted in
+    ``load_report``, as are regional histories that fall back to the global one)."""
     def fail(field: str, problem: str) -> InputError:
         return InputError(path, problem, line=number, field=field)
 
-    _check_row(row, fail)
-
     def image(relative: str, field: str):
         dicom_id = Path(relative).stem
-        if dicom_id not in images.index:
-            raise InputError(path, f"{relative!r} is not in {mimic_root}/mimic-cxr-2.0.0-metadata.csv[.gz]",
+        if dicom_id in metadata.rejected:
+            raise InputError(path, f"the metadata row of {relative!r} has a problem (reported on its own)",
+                             line=number, field=field, kind="image with a rejected metadata row")
+        if dicom_id not in metadata.images:
+            raise InputError(path, f"{relative!r} is not in {metadata.root}/mimic-cxr-2.0.0-metadata.csv[.gz]",
                              line=number, field=field, kind="image not in the MIMIC metadata",
                              fix="is mimic_root the MIMIC-CXR-JPG root this file refers to?")
-        return images.loc[dicom_id]
+        return metadata.images[dicom_id]
 
     current = image(row["cur_image_path"], "cur_image_path")
     priors = row["prior_image_path"]
@@ -243,7 +295,7 @@ def _sample(path: Path, number: int, row: dict | InputError, images: pd.DataFram
     chosen = max(range(len(prior_rows)), key=lambda index: prior_rows[index].study_datetime)
     prior = prior_rows[chosen]
     if prior.study_datetime > current.study_datetime:
-        report_.skipped["prior_later"] += 1
+        load_report.skipped["prior_later"] += 1
         return None
     history_lines = None
     if history != "none":
@@ -252,7 +304,7 @@ def _sample(path: Path, number: int, row: dict | InputError, images: pd.DataFram
             region = _region(row, fail)
             if region is None:
                 mode = "global"
-                report_.fell_back["regional history to global (the question names no region)"] += 1
+                load_report.fell_back["regional history to global (the question names no region)"] += 1
         history_lines = history_text(_prior_report(row, chosen, prior, reports_root, history, fail), mode, region)
     return Sample(
         sample_id=f"{path.stem}-{row['id']}",

@@ -14,8 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from common.errors import ConfigError
-from common.readers import InputError, Problems, read_jsonl, report
-from datamodules.diffvqa import SPLITS, LoadReport, Study, read_studies
+from common.readers import InputError, Problems, read_jsonl, raise_or_record
+from datamodules.diffvqa import SPLITS, LoadReport, Study, read_studies, study_error
 from datamodules.mimic import image_path
 from datamodules.records import Sample
 
@@ -38,41 +38,61 @@ def load_prognostic(path: str | Path, diffvqa_dir: str | Path, mimic_root: str |
         raise ConfigError(f"unknown prognostic split {split!r}: expected one of {SPLITS}")
     studies = read_studies(diffvqa_dir, problems) if studies is None else studies
     studies_path = Path(diffvqa_dir) / "mimic_all.csv"
-    report_, samples = LoadReport(), []
+    load_report, samples, first_line = LoadReport(), [], {}
     for line, record in read_jsonl(path, "prognostic questions: build them with `python -m datamodules.build "
                                          "prognostic`"):
-        sample = _sample(path, line, record, split, studies, studies_path, mimic_root, problems)
+        try:
+            sample = _sample(path, line, record, split, studies, studies_path, mimic_root, first_line)
+        except InputError as error:
+            raise_or_record(problems, error)
+            continue
         if sample is not None:
             samples.append(sample)
-            report_.loaded["prognostic"] += 1
-    return samples, report_
+            load_report.loaded["prognostic"] += 1
+    return samples, load_report
 
 
-def _sample(path, line: int, record, split: str, studies: dict[int, Study], studies_path: Path,
-            mimic_root: str | Path, problems: Problems | None) -> Sample | None:
-    """The record's sample when it belongs to ``split``; None when it does not, or after reporting
-    its problem."""
-    def fail(field: str | None, problem: str, kind: str) -> None:
-        report(problems, InputError(path, problem, line=line, field=field, kind=kind))
+# Required fields whose value must be of a type: (types, what a person reads in the message).
+TYPED_FIELDS = {
+    "id": (str, "a non-empty string"), "split": (str, "a string"), "study_id": (int, "a whole number"),
+    "ref_id": (int, "a whole number"), "interval_days": ((int, float), "a number"),
+    "question": (str, "a non-empty string"), "answer": (str, "a non-empty string"),
+}
+
+
+def _sample(path: Path, line: int, record, split: str, studies: dict[int, Study | None], studies_path: Path,
+            mimic_root: str | Path, first_line: dict[str, int]) -> Sample | None:
+    """The record's sample when it belongs to ``split``, None when it does not; an ``InputError`` for
+    a problem (checked on every line, whatever its split). ``first_line`` maps the ids seen so far to
+    their line."""
+    def fail(field: str | None, problem: str, kind: str) -> InputError:
+        return InputError(path, problem, line=line, field=field, kind=kind,
+                          fix="rebuild the file with `python -m datamodules.build prognostic`")
 
     if isinstance(record, InputError):
-        return report(problems, record)
+        raise record
     missing = [key for key in RECORD_KEYS if key not in record]
     if missing:
-        return fail(None, f"missing field(s) {missing}: rebuild the file with `python -m datamodules.build prognostic`",
-                    "missing fields")
+        raise fail(None, f"missing field(s) {missing}", "missing fields")
+    for key, (types, what) in TYPED_FIELDS.items():
+        value = record[key]
+        if isinstance(value, bool) or not isinstance(value, types) or value == "":
+            raise fail(key, f"{value!r} is not {what}", f"malformed {key}")
+    if record["id"] in first_line:
+        raise fail("id", f"{record['id']} repeats line {first_line[record['id']]}", "repeated id")
+    first_line[record["id"]] = line
     if record["split"] not in SPLITS:
-        return fail("split", f"unknown value {record['split']!r}; expected one of {SPLITS}", "unknown split")
-    if record["split"] != split:
-        return None
+        raise fail("split", f"unknown value {record['split']!r}; expected one of {SPLITS}", "unknown split")
     current, prior = (studies.get(record[key]) for key in ("study_id", "ref_id"))
     for key, study in (("study_id", current), ("ref_id", prior)):
         if study is None:
-            return fail(key, f"study {record[key]} is not in {studies_path}", f"{key} not in mimic_all.csv")
+            raise study_error(path, line, key, record[key], studies, studies_path)
     interval = (current.study_date - prior.study_date).days
     if interval != record["interval_days"]:
-        return fail("interval_days", f"{record['interval_days']} but {studies_path} gives {interval} days between "
-                    f"studies {record['ref_id']} and {record['study_id']}", "interval_days")
+        raise fail("interval_days", f"{record['interval_days']} but {studies_path} gives {interval} days between "
+                   f"studies {record['ref_id']} and {record['study_id']}", "interval_days")
+    if record["split"] != split:
+        return None
     return Sample(
         sample_id=record["id"], task="prognostic", question_type="prognostic", question=record["question"],
         answer=record["answer"],

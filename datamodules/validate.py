@@ -10,7 +10,7 @@ examples): unreadable, truncated or non-UTF-8 files, empty files, missing or mal
 or images that are not where the other tables say. Cross-checks: every question's images are in the
 MIMIC-CXR-JPG metadata under the question's study, on disk (decoded, with ``--read-images``), in the
 question's split (Medical-Diff-VQA and prognostic questions), and the interval from the MIMIC dates
-is the question's and is not negative; every question image has expert predictions; every
+is the question's and is not negative; every question's current image has expert predictions; every
 Medical-Diff-VQA question has its enhanced answer. Prints what loaded (per split, task and question
 type; MMXU per content type, answer letter and MIMIC split), what the documented policies skipped or
 fell back on, and interval anomalies. Exits 1 when there is any problem, 0 otherwise.
@@ -22,17 +22,19 @@ import argparse
 import sys
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
 
 import pandas as pd
 from PIL import Image
 
 from common.readers import InputError, Problems
-from datamodules.diffvqa import SPLITS, DiffVQA, load_diffvqa, read_diffvqa
+from datamodules.diffvqa import SPLITS, DiffVQA, load_diffvqa, read_diffvqa, read_studies
 from datamodules.enhance import load_enhanced
 from datamodules.experts import load_experts
 from datamodules.mimic import load_images
-from datamodules.mmxu import HISTORY_MODES, LETTERS, load_mmxu
+from datamodules.mmxu import HISTORY_MODES, LETTERS, check_mmxu_lines, load_mmxu
 from datamodules.prognostic import load_prognostic
 from datamodules.records import Sample
 
@@ -73,10 +75,25 @@ def _intervals(samples: list[Sample]) -> str | None:
     return f"  intervals: {min(intervals):g}-{max(intervals):g} days; {same_day} same-day pairs, {long} over ten years"
 
 
-def _cross_check(samples: list[Sample], split: str | None, images: pd.DataFrame,
+@dataclass(frozen=True)
+class _Image:
+    study_id: int
+    split: str
+    day: date
+
+
+def _metadata_index(images: pd.DataFrame) -> dict[str, _Image]:
+    """dicom_id -> what the cross-checks compare, built once (a pandas lookup per image is slow at 377k)."""
+    days = [moment.date() for moment in images["study_datetime"].tolist()]
+    return {dicom_id: _Image(study_id, split, day) for dicom_id, study_id, split, day in
+            zip(images["dicom_id"].tolist(), images["study_id"].tolist(), images["split"].tolist(), days)}
+
+
+def _cross_check(samples: list[Sample], split: str | None, index: dict[str, _Image], rejected: set[str],
                  locate: Callable[[Sample], tuple[Path, int | None]], problems: Problems) -> None:
     """Each sample's images are in the MIMIC metadata under its study (and, with ``split``, in that
-    split), and the interval between their MIMIC study dates is the sample's and not negative."""
+    split), and the interval between their MIMIC study dates is the sample's and not negative. An
+    image whose metadata row was rejected (and reported) is not checked."""
     for sample in samples:
         path, line = locate(sample)
 
@@ -86,12 +103,12 @@ def _cross_check(samples: list[Sample], split: str | None, images: pd.DataFrame,
         found = {}
         for field, image, study_id in (("image", sample.image, sample.study_id),
                                        ("prior_image", sample.prior_image, sample.prior_study_id)):
-            if image is None:
+            if image is None or image.stem in rejected:
                 continue
-            if image.stem not in images.index:
+            if image.stem not in index:
                 fail(field, f"image {image.stem} is not in the MIMIC-CXR-JPG metadata", "image not in MIMIC metadata")
                 continue
-            row = found[field] = images.loc[image.stem]
+            row = found[field] = index[image.stem]
             if study_id is not None and row.study_id != study_id:
                 fail(field, f"image {image.stem} belongs to study {row.study_id} in the MIMIC-CXR-JPG metadata, "
                             f"not {study_id}", "image of another study")
@@ -99,7 +116,7 @@ def _cross_check(samples: list[Sample], split: str | None, images: pd.DataFrame,
                 fail(field, f"a {split} question, but MIMIC-CXR-JPG puts image {image.stem} in {row.split}",
                      "split differs from MIMIC's")
         if len(found) == 2:
-            days = (found["image"].study_datetime.date() - found["prior_image"].study_datetime.date()).days
+            days = (found["image"].day - found["prior_image"].day).days
             if days < 0:
                 fail("prior_image", f"the prior study is {-days} days after the current one by the MIMIC dates",
                      "negative interval")
@@ -113,7 +130,8 @@ class _Validation:
 
     def __init__(self, read_images: bool) -> None:
         self.read_images, self.lines, self.problems = read_images, [], Problems()
-        self.images: pd.DataFrame | None = None
+        self.index: dict[str, _Image] | None = None  # the MIMIC metadata, when it could be read
+        self.rejected: set[str] = set()
         self.checked: list[Sample] = []
 
     def attempt(self, what: str, load: Callable):
@@ -132,8 +150,8 @@ class _Validation:
         if interval:
             self.lines.append(interval)
         _check_images(samples, self.read_images, self.problems)
-        if self.images is not None:
-            _cross_check(samples, split, self.images, locate, self.problems)
+        if self.index is not None:
+            _cross_check(samples, split, self.index, self.rejected, locate, self.problems)
         self.checked += samples
         return samples
 
@@ -146,7 +164,7 @@ def validate(mimic_cxr_jpg: Path, diffvqa: Path | None = None, read_images: bool
     run = _Validation(read_images)
     images = run.attempt("MIMIC-CXR-JPG tables", lambda: load_images(mimic_cxr_jpg, run.problems))
     if images is not None:
-        run.images = images.set_index("dicom_id")
+        run.index, run.rejected = _metadata_index(images), images.attrs.get("rejected", set())
         run.lines.append(
             f"MIMIC-CXR-JPG: {len(images)} images, {images['study_id'].nunique()} studies, "
             f"{images['subject_id'].nunique()} subjects; "
@@ -162,18 +180,25 @@ def validate(mimic_cxr_jpg: Path, diffvqa: Path | None = None, read_images: bool
         types = Counter(f"{s.task}/{s.question_type}" for s in samples)
         run.lines.append("  " + ", ".join(f"{n} {name}" for name, n in sorted(types.items())))
         diffvqa_samples += samples
-    if prognostic is not None and data is not None:
-        for split in SPLITS:
+    if prognostic is not None:
+        studies = data.studies if data is not None else run.attempt(
+            "Medical-Diff-VQA studies", lambda: read_studies(diffvqa, run.problems))
+        if studies is None:
+            run.lines.append(f"prognostic {prognostic}: not checked: its studies are looked up in mimic_all.csv")
+        for split in SPLITS if studies is not None else ():
             loaded = run.attempt(f"prognostic {prognostic}", lambda: load_prognostic(
-                prognostic, diffvqa, mimic_cxr_jpg, split, run.problems, data.studies))
+                prognostic, diffvqa, mimic_cxr_jpg, split, run.problems, studies))
             if loaded is None:
                 break
             run.samples(f"prognostic {split}", split, loaded, lambda s: (prognostic, None))
     if enhanced is not None:
         _check_enhanced(run, enhanced, diffvqa_samples)
     for path in mmxu:
-        if run.images is None:
-            run.lines.append(f"MMXU {path}: not checked: its images are looked up in the MIMIC-CXR-JPG metadata")
+        if run.index is None:
+            passed = run.attempt(f"MMXU {path}", lambda: check_mmxu_lines(path, run.problems))
+            if passed is not None:
+                run.lines.append(f"MMXU {path}: {passed} lines well-formed; images and intervals not checked: they "
+                                 "are looked up in the MIMIC-CXR-JPG metadata")
             continue
         loaded = run.attempt(f"MMXU {path}", lambda: load_mmxu(path, mimic_cxr_jpg, history, reports_root,
                                                                run.problems, images))
@@ -181,7 +206,7 @@ def validate(mimic_cxr_jpg: Path, diffvqa: Path | None = None, read_images: bool
             continue
         samples = run.samples(f"MMXU {path}", None, loaded, lambda s, path=path: (path, None))
         types, letters = Counter(s.question_type for s in samples), Counter(s.answer for s in samples)
-        splits = Counter(run.images.loc[s.image.stem, "split"] for s in samples)
+        splits = Counter(run.index[s.image.stem].split for s in samples)
         run.lines.append("  content types: " + ", ".join(f"{n} {name}" for name, n in sorted(types.items()))
                          + "; answers: " + ", ".join(f"{letters[letter]} {letter}" for letter in LETTERS)
                          + "; MIMIC splits of the current images: "

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -271,11 +272,18 @@ def test_csv_lines_are_the_lines_a_person_opens_even_with_multiline_values_and_b
     assert [table.line(row) for row in range(3)] == [2, 5, 6]
 
 
-def test_a_row_with_too_many_fields_is_named_by_its_line(tmp_path):
+def test_a_row_with_too_many_fields_is_named_by_its_line_even_after_a_multiline_value(tmp_path):
     path = tmp_path / "t.csv"
-    path.write_text("a,b\n1,2\n3,4,5\n")
-    with pytest.raises(InputError, match=r"t.csv: malformed CSV \(.*line 3, saw 3"):
+    path.write_text('a,b\n1,"two\nlines"\n3,4,5\n')
+    with pytest.raises(InputError, match=r"t.csv line 4: malformed CSV \("):
         read_csv(path, ["a", "b"], "a test table")
+
+
+def test_a_whitespace_only_line_is_not_a_row(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_text("a,b\n1,2\n   \n3,\n")
+    table = read_csv(path, ["a", "b"], "a test table")
+    assert len(table.frame) == 2 and table.line(1) == 4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,3 +350,82 @@ def test_an_empty_required_value_is_named_by_line_and_field(copy, capsys, name, 
     assert code == 1 and f"{path} line 3, field {column}: " in err
     if name != "experts":  # the expert CSV says what a probability must be
         assert f"{path} line 3, field {column}: empty" in err
+
+
+def test_a_problem_met_once_per_split_is_reported_once(copy, capsys):
+    edit_lines(copy / FILES["prognostic"], lambda lines: lines.__setitem__(0, b"{not json"))
+    code, _, err = validate(copy, capsys, "--prognostic", str(copy / FILES["prognostic"]))
+    assert code == 1 and err.count("line 1: not JSON") == 1
+
+
+def test_each_file_is_read_when_another_cannot_be(copy, capsys):
+    (copy / METADATA).write_bytes(b"")
+    (copy / STUDIES).write_bytes(b"")
+    edit_lines(copy / FILES["split"], lambda lines: latin1(lines, 2))
+    edit_lines(copy / QUESTIONS, lambda lines: latin1(lines, 3))
+    edit_lines(copy / MMXU, lambda lines: lines.__setitem__(1, b"{not json"))
+    code, out, err = validate(copy, capsys, "--mmxu", str(copy / MMXU), "--prognostic", str(copy / FILES["prognostic"]))
+    assert code == 1
+    for path, problem in ((METADATA, ": the file is empty"), (STUDIES, ": the file is empty"),
+                          (FILES["split"], " line 3: byte 0xe9"), (QUESTIONS, " line 4: byte 0xe9"),
+                          (MMXU, " line 2: not JSON")):
+        assert f"{copy / path}{problem}" in err
+    assert "lines well-formed; images and intervals not checked" in out
+    assert "prognostic" in out and "not checked: its studies are looked up in mimic_all.csv" in out
+
+
+def test_a_rejected_metadata_row_is_reported_once_not_as_missing_images(copy, capsys):
+    table = pd.read_csv(copy / METADATA, dtype={"dicom_id": str})
+    questions, studies = pd.read_csv(copy / QUESTIONS), pd.read_csv(copy / STUDIES, dtype={"dicom_id": str})
+    dicom_id = studies.set_index("study_id").loc[questions.loc[first_question_row(copy), "study_id"], "dicom_id"]
+    table["StudyTime"] = table["StudyTime"].astype(object)
+    table.loc[table["dicom_id"] == dicom_id, "StudyTime"] = "noon"
+    table.to_csv(copy / METADATA, index=False)
+    code, _, err = validate(copy, capsys, "--mmxu", str(copy / MMXU))
+    assert code == 1 and "field StudyTime: StudyTime 'noon'" in err
+    assert f"image {dicom_id} is not in the MIMIC-CXR-JPG metadata" not in err
+
+
+@pytest.mark.parametrize(("change", "field", "problem"), [
+    ({"cur_image_path": None}, "cur_image_path", "None is not a non-empty string"),
+    ({"answer": ["A"]}, "answer", "['A'] is not a letter"),
+    ({"question": 5}, "question", "5 is not a non-empty string"),
+    ({"id": None}, "id", "None is not a number or a non-empty string"),
+    ({"prior_report": [1]}, "prior_report", "expected a report or a list of reports"),
+])
+def test_an_mmxu_value_of_the_wrong_type_is_named(copy, change, field, problem):
+    rows = [json.loads(line) for line in (copy / MMXU).read_text().splitlines()]
+    rows[1] |= change
+    (copy / MMXU).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(InputError, match=re.escape(f"line 2, field {field}: {problem}")):
+        load_mmxu(copy / MMXU, copy / "mimic-cxr-jpg")
+
+
+def test_a_repeated_mmxu_id_is_an_error(copy):
+    lines = (copy / MMXU).read_text().splitlines()
+    (copy / MMXU).write_text("\n".join([lines[0], lines[0], *lines[2:]]) + "\n")
+    with pytest.raises(InputError, match="line 2, field id: .* repeats line 1"):
+        load_mmxu(copy / MMXU, copy / "mimic-cxr-jpg")
+
+
+@pytest.mark.parametrize(("change", "field", "problem"), [
+    ({"study_id": [1]}, "study_id", "[1] is not a whole number"),
+    ({"question": None}, "question", "None is not a non-empty string"),
+    ({"answer": ""}, "answer", "'' is not a non-empty string"),
+])
+def test_a_prognostic_value_of_the_wrong_type_is_named(copy, change, field, problem):
+    path = copy / FILES["prognostic"]
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows[0] |= change
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(InputError, match=re.escape(f"line 1, field {field}: {problem}")):
+        load_prognostic(path, copy / "medical-diff-vqa", copy / "mimic-cxr-jpg", rows[0]["split"])
+
+
+def test_an_empty_prior_report_is_an_error(copy):
+    rows = [json.loads(line) for line in (copy / MMXU).read_text().splitlines()]
+    rows[0]["prior_report"] = "" if isinstance(rows[0].get("prior_report"), str) else [""] * len(
+        rows[0]["prior_image_path"])
+    (copy / MMXU).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(InputError, match="line 1, field prior_report: empty"):
+        load_mmxu(copy / MMXU, copy / "mimic-cxr-jpg", history="global")
