@@ -22,11 +22,6 @@ class LoadedSample:
     prior_image: Image.Image | None
 
 
-# How an image becomes a square: pad (keeps all anatomy and the aspect ratio; our default), squash
-# (resize, as SigLIP's own processor does) or crop (the centre square, as torchxrayvision does).
-RESIZE_POLICIES = ("pad", "squash", "crop")
-
-
 def image_transform(image: Image.Image, size: int, mean: Sequence[float], std: Sequence[float],
                     resize: str = "pad") -> torch.Tensor:
     """Grayscale to 3 channels, a square of ``size`` px by the ``resize`` policy, normalised:

@@ -144,7 +144,8 @@ _NEGATIONS = frozenset({"no", "not", "none", "nothing", "without", "absent", "ne
 _HEDGE = re.compile(r"\b(?:maybe|possibl[ey]|perhaps|probabl[ey]|(?:un)?likely|uncertain|unclear|unsure"
                     r"|not sure|not certain|not clear|questionable|equivocal|indeterminate|undetermined"
                     r"|inconclusive|unknown|not known|(?:do not|don't|dont|does not|doesn't) know"
-                    r"|cannot|can't|cant|unable|impossible|difficult to|hard to|insufficient|not enough"
+                    r"|cannot|can not|can't|cant|unable|not able|impossible|difficult to|hard to|insufficient"
+                    r"|not enough|no idea|no way to|not (?:determinable|assessable|evaluable|possible)"
                     r"|excluded)\b")
 _AFFIRMATIONS = frozenset({"yes", "present", "seen", "visible", "evident", "noted", "identified",
                            "shows", "showing", "demonstrates", "positive", "evidence"})
@@ -231,7 +232,16 @@ _LETTER_MENTION = re.compile(r"\(([A-Za-z])\)|(?<![\w-])([A-Z])(?![\w-]|['\u2019
 # "A" before a word is the article ("A small effusion", "A CT is advised"), unless the word cannot
 # follow an article ("A or B", "A is correct") or "option"/"choice" comes just before ("Option A is
 # correct").
-_ARTICLE_NEXT = re.compile(r"\s+(?!(?:or|and|nor|is|was|because|since)\b)[A-Za-z]")
+_ARTICLE_NEXT = re.compile(r"[ \t]+(?!(?:or|and|nor|is|was|because|since)\b)[A-Za-z]")
+# An upper-case letter outside parentheses counts only where it cannot be a word of the sentence
+# ("type B dissection", "Hepatitis C"): followed by punctuation or the end, after a cue ("the answer
+# is B because ..."), before a verdict ("A is correct"), or listed with another letter ("B or C",
+# read so that the two make the answer unparsed).
+_CLOSED_AFTER = re.compile(r"[ \t]*(?:[^\w\s-]|$)")
+_CUE_BEFORE = re.compile(r"\b(?i:answer|option|choice|pick|choose|select)\w*(?:\s+(?:is|would be))?\s*[:=(]?\s*['\"*]*$")
+_VERDICT_AFTER = re.compile(r"\s+(?:is|was)\s+(?:correct|right|the (?:answer|best))\b")
+_LISTED_AFTER = re.compile(r"\s*(?:,|/|\bor\b|\band\b|\bnor\b)\s*\(?[A-Z](?![\w-])")
+_LISTED_BEFORE = re.compile(r"(?<![\w-])\(?[A-Z]\)?\s*(?:,|/|\bor|\band|\bnor)\s*\(?$")
 _OPTION_WORD_BEFORE = re.compile(r"\b(?i:option|choice)\s*:?\s*$")
 # A letter ruled out rather than chosen: "not A", "B rather than A", "neither A nor B", and the
 # letters listed after such a word ("not A or B", "not A, B").
@@ -248,8 +258,13 @@ def _named_letters(prediction: str, letters: list[str]) -> set[str]:
     named = set()
     for match in _LETTER_MENTION.finditer(prediction):
         letter, before = (match[1] or match[2]).upper(), prediction[:match.start()]
+        cue = _CUE_BEFORE.search(before)
+        if match[2] and not (cue or _CLOSED_AFTER.match(prediction, match.end())
+                             or _VERDICT_AFTER.match(prediction, match.end())
+                             or _LISTED_AFTER.match(prediction, match.end()) or _LISTED_BEFORE.search(before)):
+            continue
         article = (match[2] == "A" and _ARTICLE_NEXT.match(prediction, match.end())
-                   and not _OPTION_WORD_BEFORE.search(before))
+                   and not (cue or _OPTION_WORD_BEFORE.search(before)))
         ruled_out = _NEGATED_LETTER.search(before) or _RULED_OUT_AFTER.match(prediction, match.end())
         if letter in letters and not article and not ruled_out:
             named.add(letter)
@@ -282,10 +297,12 @@ def extract_choice(prediction: str, options: dict[str, str] | None = None) -> tu
     - ``letter``: the whole answer is one letter, in either case (``C``, ``c``, ``C.``, ``(C)``,
       ``C:``, ``C)``): alone, even "a" cannot be the article.
     - ``mention``: the answer names exactly one option letter, and any option text in it is that
-      option's (the others it may rule out). A letter counts in parentheses in either case, or upper case standing
-      alone ("The answer is B.", "Option D", "B: improved"); "a" inside a sentence, and "A" before
-      a word ("A small effusion"), is the article. Ruled-out letters do not count ("B, not A", "A is
-      wrong").
+      option's (the others it may rule out). A letter counts in parentheses in either case, or in
+      upper case where it cannot be a word of the sentence: followed by punctuation or the end ("B:
+      improved", "Option D"), after a cue ("The answer is B because ..."), before a verdict ("A is
+      correct"), or listed with another letter ("B or C", then unparsed); not in "type B
+      dissection". "a" inside a sentence, and "A" before a word ("A small effusion"), is the
+      article. Ruled-out letters do not count ("B, not A", "A is wrong").
     - ``text``: no letter, and exactly one option's own text, not negated ("It has resolved").
     - ``(None, "unparsed")``: anything else, e.g. two different letters ("B or C"), a letter and
       another option's text, two options' texts, or nothing.

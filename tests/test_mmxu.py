@@ -99,7 +99,7 @@ def test_a_prior_taken_after_the_current_image_is_skipped_and_counted(world, sub
     ({"content_type": "better"}, "content_type", "unknown value 'better'"),
 ])
 def test_a_malformed_row_is_an_error_naming_file_line_and_field(world, subject, tmp_path, change, field, message):
-    path = write_rows(tmp_path / "bad.jsonl", [mmxu_row(subject), mmxu_row(subject, **change)])
+    path = write_rows(tmp_path / "bad.jsonl", [mmxu_row(subject), mmxu_row(subject, **({"id": 8} | change))])
     with pytest.raises(ValueError, match=f"line 2, field {field}: .*{message}".replace("[", r"\[").replace("(", r"\(")):
         load_mmxu(path, world / "mimic-cxr-jpg")
 
@@ -297,7 +297,7 @@ CHOICE_READINGS = [
     ("The answer is A.", "A", "mention"), ("Option A is correct.", "A", "mention"),
     ("A is correct.", "A", "mention"), ("The answer is A because it grew.", "A", "mention"),
     ("It is B, not A.", "B", "mention"), ("Not A; the answer is C.", "C", "mention"),
-    ("B rather than A", "B", "mention"), ("C is wrong; the answer is D.", "D", "mention"),
+    ("B rather than A", None, "unparsed"), ("C is wrong; the answer is D.", "D", "mention"),
     ("Neither A nor B; it is D.", "D", "mention"),
     ("D. It is new since the previous image", "D", "mention"), ("A) It has increased", "A", "mention"),
     ("It has resolved.", "C", "text"), ("it has increased", "A", "text"),
@@ -314,6 +314,9 @@ CHOICE_READINGS = [
     ("It has not increased.", None, "unparsed"), ("The B-lines suggest edema", None, "unparsed"),
     ("A chest CT is advised", None, "unparsed"), ("E", None, "unparsed"),
     ("The effusion got bigger", None, "unparsed"), ("", None, "unparsed"),
+    ("There is a type B aortic dissection", None, "unparsed"), ("Hepatitis C history", None, "unparsed"),
+    ("Answer: A\nExplanation: the effusion grew.", "A", "mention"), ("A, B or C", None, "unparsed"),
+    ("B and C are likely; D is not", None, "unparsed"),
 ]
 # Short option texts, as models echo them: a text counts as whole words and not after a negation.
 SHORT_OPTIONS = {"A": "improved", "B": "worsened", "C": "no change", "D": "new"}
