@@ -115,8 +115,8 @@ class DiffVQA:
 
 def read_diffvqa(diffvqa_dir: str | Path, problems: Problems | None = None) -> DiffVQA:
     """Both tables of a Medical-Diff-VQA directory. A question row with an empty required value, an
-    unknown split or question type, or a study that ``mimic_all.csv`` lacks is an error (with
-    ``problems``: recorded and left out)."""
+    unknown split or question type, a study that ``mimic_all.csv`` lacks or gives another subject is
+    an error (with ``problems``: recorded and left out)."""
     studies, questions = read_all(problems, lambda: read_studies(diffvqa_dir, problems), lambda: read_csv(
         Path(diffvqa_dir) / "mimic_pair_questions.csv", PAIR_COLUMNS,
         "Medical-Diff-VQA's mimic_pair_questions.csv (set paths.diffvqa to the Medical-Diff-VQA directory)"))
@@ -124,8 +124,8 @@ def read_diffvqa(diffvqa_dir: str | Path, problems: Problems | None = None) -> D
     skip = questions.missing_values([c for c in PAIR_COLUMNS if c != "ref_id"], problems,
                                     fix=RESTORE)
     usable = []
-    for row, (split, question_type, study_id, ref_id) in enumerate(
-            zip(*(frame[name].tolist() for name in ("split", "question_type", "study_id", "ref_id")))):
+    columns = (frame[name].tolist() for name in ("split", "question_type", "subject_id", "study_id", "ref_id"))
+    for row, (split, question_type, subject_id, study_id, ref_id) in enumerate(zip(*columns)):
         if row in skip:
             continue
         problem = None
@@ -138,14 +138,28 @@ def read_diffvqa(diffvqa_dir: str | Path, problems: Problems | None = None) -> D
             raise_or_record(problems, questions.error(row, problem[0], problem[1], fix=problem[2], kind=problem[3]))
             continue
         current = _question_study(questions, row, "study_id", study_id, studies, problems)
+        if current is None:
+            continue
+        if not _same_number(subject_id, current.subject_id):
+            raise_or_record(problems, questions.error(
+                row, "subject_id", f"{subject_id}, but {questions.path.parent / 'mimic_all.csv'} gives study "
+                f"{current.study_id} to subject {current.subject_id}", fix="use the tables of the same release",
+                kind="subject differs from mimic_all.csv"))
+            continue
         reference = None
-        if current is not None and question_type == "difference":
+        if question_type == "difference":
             reference = _question_study(questions, row, "ref_id", ref_id, studies, problems)
             if reference is None:
                 continue
-        if current is not None:
-            usable.append((row, current, reference))
+        usable.append((row, current, reference))
     return DiffVQA(questions, studies, usable)
+
+
+def _same_number(value, number: int) -> bool:
+    try:
+        return whole_number(value) == number
+    except ValueError:
+        return False
 
 
 def _question_study(questions: Table, row: int, column: str, value, studies: dict[int, Study],

@@ -429,3 +429,11 @@ def test_an_empty_prior_report_is_an_error(copy):
     (copy / MMXU).write_text("".join(json.dumps(row) + "\n" for row in rows))
     with pytest.raises(InputError, match="line 1, field prior_report: empty"):
         load_mmxu(copy / MMXU, copy / "mimic-cxr-jpg", history="global")
+
+
+def test_a_question_whose_subject_is_not_its_studys_is_named(copy, capsys):
+    questions = pd.read_csv(copy / QUESTIONS)
+    questions.loc[2, "subject_id"] = 19999999
+    questions.to_csv(copy / QUESTIONS, index=False)
+    code, _, err = validate(copy, capsys)
+    assert code == 1 and f"{copy / QUESTIONS} line 4, field subject_id: 19999999, but " in err

@@ -17,7 +17,7 @@ from datamodules.datamodule import LumenDataModule
 from datamodules.records import Sample
 from datamodules.sources import DiffVQASource
 from models.config import ModelConfig
-from models.factory import build_model, input_spec, load_tokenizer, nvila_config
+from models.factory import build_model, input_spec, load_tokenizer, nvila_config, vision_layer
 from tests import towers
 from tests.nvila_base import nvila_visual_tokens, projector_weights, variant, write_nvila, write_projector
 
@@ -65,7 +65,9 @@ def test_the_tower_is_read_at_mm_vision_select_layer_as_an_index_into_hidden_sta
 
 def test_model_net_vision_layer_may_name_the_configs_layer_in_either_sign(nvila):
     for layer in (None, -2, towers.DEPTH - 2):
-        assert input_spec(config(nvila["root"], vision={"type": "hf", "layer": layer})).tokens_per_image == 4
+        chosen = config(nvila["root"], vision={"type": "hf", "layer": layer})
+        assert vision_layer(chosen, nvila_config(chosen)) == -2
+        assert input_spec(chosen).tokens_per_image == 4
 
 
 def test_a_model_net_vision_layer_other_than_the_configs_is_refused(nvila):
