@@ -17,6 +17,7 @@ error; ``python -m datamodules.validate`` lists every such row.
 from __future__ import annotations
 
 from collections import Counter
+from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -72,10 +73,8 @@ def read_studies(diffvqa_dir: str | Path, problems: Problems | None = None) -> d
         parsed = None if row in skip else _parsed(table, row, {name: columns[name][row] for name in STUDY_PARSERS},
                                                   problems)
         if parsed is None:
-            try:
+            with suppress(ValueError):  # a row whose id cannot be read names no study; its problem is reported
                 studies.setdefault(whole_number(columns["study_id"][row]), None)
-            except ValueError:
-                pass  # no id to name it by; its row is reported
             continue
         study_id = parsed["study_id"]
         if study_id in first_row:
