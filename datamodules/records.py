@@ -24,7 +24,7 @@ class Sample:
     task: str
     question_type: str
     question: str
-    answer: str
+    answer: str | None  # None for a question asked of a trained model (predict.py): it has no reference
     image: Path
     prior_image: Path | None = None
     interval_days: float | None = None
@@ -43,7 +43,7 @@ class Sample:
             raise ValueError(
                 f"sample {self.sample_id}: prior_image and interval_days must be given together"
             )
-        if self.options is not None and self.answer not in self.options:
+        if self.options is not None and self.answer is not None and self.answer not in self.options:
             raise ValueError(
                 f"sample {self.sample_id}: answer {self.answer!r} is not one of the options {sorted(self.options)}"
             )

@@ -32,17 +32,18 @@ PREDICTIONS = "predictions.jsonl"
 PARTIAL = "predictions.partial.jsonl"
 FINGERPRINT = "generation.json"
 # What generation wrote; everything else in a finished record is a score, computed again.
-RECORD_FIELDS = ("sample_id", "task", "question_type", "question", "has_prior", "prediction", "reference", "answer",
-                 "options")
+RECORD_FIELDS = ("sample_id", "task", "question_type", "question", "has_prior", "interval_days", "prediction", "reference",
+                 "answer", "options")
 
 
 def record(sample: Sample, prediction: str) -> dict:
-    """One prediction record: ids, the question, the model's answer, the reference it is scored
-    against and, when it differs, the training target (an enhanced full sentence)."""
+    """One prediction record: ids, the question, the days between the studies, the model's answer, the
+    reference it is scored against (None for a person's own question, ``predict.py``) and, when it
+    differs, the training target (an enhanced full sentence)."""
     out = {
         "sample_id": sample.sample_id, "task": sample.task, "question_type": sample.question_type,
-        "question": sample.question, "has_prior": sample.has_prior, "prediction": prediction.strip(),
-        "reference": sample.reference,
+        "question": sample.question, "has_prior": sample.has_prior, "interval_days": sample.interval_days,
+        "prediction": prediction.strip(), "reference": sample.reference,
     }
     if sample.answer != sample.reference:
         out["answer"] = sample.answer
@@ -84,8 +85,10 @@ class _AppendRecords(BasePredictionWriter):
             os.fsync(handle.fileno())
 
 
-def generate_records(module, datamodule, split: str, accelerator: str, out: Path, fingerprint: dict) -> list[dict]:
-    """Every sample's record for ``split``, generating only those not already in ``out``'s partial file."""
+def generate_records(module, samples: list[Sample], collator, batch_size: int, num_workers: int, accelerator: str,
+                     out: Path, fingerprint: dict) -> list[dict]:
+    """Every sample's record, in order, generating only those not already in ``out``'s partial file,
+    in batches of ``collator``'s (a generation ``LumenCollator``) left-padded prompts."""
     out.mkdir(parents=True, exist_ok=True)
     partial, fingerprint_path = out / PARTIAL, out / FINGERPRINT
     if partial.is_file() or (out / PREDICTIONS).is_file():
@@ -96,18 +99,16 @@ def generate_records(module, datamodule, split: str, accelerator: str, out: Path
                 f"now: {fingerprint}. Evaluate into another directory, or delete both files to start over"
             )
     write_json_atomic(fingerprint_path, fingerprint)
-    samples = datamodule.dataset(split).samples
     done = _finished(out / PREDICTIONS) | _done(partial)
     pending = [sample for sample in samples if sample.sample_id not in done]
     if done:
         log.info("resuming %s: %d of %d answers already generated", partial, len(samples) - len(pending), len(samples))
     if pending:
-        writer = _AppendRecords(partial, {sample.sample_id: sample for sample in pending}, datamodule.tokenizer)
+        writer = _AppendRecords(partial, {sample.sample_id: sample for sample in pending}, collator.tokenizer)
         # tqdm rather than Lightning's default Rich bar, which reaches a log file only when generation ends.
         trainer = L.Trainer(accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,
                             enable_model_summary=False, callbacks=[writer, TQDMProgressBar()])
-        loader = DataLoader(SampleDataset(pending), batch_size=datamodule.eval_batch_size,
-                            collate_fn=datamodule.generation_collator, num_workers=datamodule.num_workers)
+        loader = DataLoader(SampleDataset(pending), batch_size=batch_size, collate_fn=collator, num_workers=num_workers)
         trainer.predict(module, dataloaders=loader, return_predictions=False)
         done |= _done(partial)
     return [done[sample.sample_id] for sample in samples]

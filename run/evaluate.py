@@ -83,7 +83,8 @@ def evaluate(cfg: DictConfig) -> dict:
         "sources": OmegaConf.to_container(cfg.data.sources, resolve=True),
         "limit": OmegaConf.to_container(cfg.data.limit, resolve=True),
     }
-    generated = generate_records(module, datamodule, cfg.split, cfg.accelerator, out, fingerprint)
+    generated = generate_records(module, datamodule.dataset(cfg.split).samples, datamodule.generation_collator,
+                                 datamodule.eval_batch_size, datamodule.num_workers, cfg.accelerator, out, fingerprint)
     records = [record | score_sample(record) for record in generated]
     judge = judge_open_answers(records, cfg.judge, out) if cfg.get("judge") else None
     results = aggregate(records)

@@ -1,0 +1,255 @@
+"""predict.py: a person's own studies asked about as eval.py asks a dataset's samples: presets in the
+training data's words, the interval from the dates, the checks a radiologist would make, one pair or a
+resumable manifest, and nothing of the patient's identity in what it prints or writes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from datamodules.pairs import make_pair, read_manifest
+from datamodules.presets import AskError, resolve_question
+from common.readers import InputError, Problems
+from datamodules.dicom import read_study_file
+from evaluation.generation import FINGERPRINT, PARTIAL
+from run.cli import compose_config
+from run.evaluate import evaluate
+from run.predict import Predictor, predict
+from tests.helpers import WORLD_SUBJECTS, read_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+TEST_SAMPLES = 12
+
+
+# --- presets: the questions in the training data's own words ----------------------------------------------------
+
+
+def test_the_difference_preset_is_medical_diff_vqas_question():
+    asked = resolve_question("difference", has_prior=True)
+    assert (asked.text, asked.task, asked.question_type) == (
+        "what has changed compared to the reference image?", "difference", "difference")
+
+
+def test_the_prognosis_preset_asks_about_the_days_given_in_the_builders_words():
+    asked = resolve_question("prognosis", has_prior=True, days=30)
+    assert (asked.text, asked.task) == ("What changes can be expected in this patient's chest X-ray in 30 days?",
+                                        "prognostic")
+    assert resolve_question("prognosis", has_prior=True, days=1).text.endswith("in 1 day?")
+
+
+@pytest.mark.parametrize("days", [None, 0, 366, "30"])
+def test_the_prognosis_preset_needs_whole_days_the_model_was_trained_on(days):
+    with pytest.raises(AskError, match="days=<whole days ahead, 1 to 365>") as error:
+        resolve_question("prognosis", has_prior=True, days=days)
+    assert error.value.field == "days"
+
+
+@pytest.mark.parametrize(("preset", "question"), [
+    ("presence", "is there pleural effusion?"), ("location", "where is the pleural effusion?"),
+    ("level", "what level is the pleural effusion?"), ("type", "what type is the pleural effusion?"),
+])
+def test_a_finding_preset_names_the_finding_in_lower_case(preset, question):
+    asked = resolve_question(preset, has_prior=False, finding="Pleural Effusion")
+    assert (asked.text, asked.task, asked.question_type) == (question, "diagnostic", preset)
+
+
+def test_a_finding_preset_without_a_finding_says_to_add_one():
+    with pytest.raises(AskError, match="add finding="):
+        resolve_question("presence", has_prior=False)
+
+
+def test_a_two_study_preset_without_a_prior_is_refused():
+    with pytest.raises(AskError, match="give a prior study too"):
+        resolve_question("difference", has_prior=False)
+
+
+def test_any_other_text_is_a_free_question_of_the_task_the_studies_make():
+    assert resolve_question("is the heart bigger?", has_prior=True).task == "difference"
+    assert resolve_question("is the heart big?", has_prior=False).task == "diagnostic"
+
+
+def test_options_make_a_single_choice_question_lettered_from_a():
+    asked = resolve_question("How has the left lung changed?", has_prior=True, options=["worse", "better", "same"])
+    assert (asked.task, asked.options) == ("mmxu", {"A": "worse", "B": "better", "C": "same"})
+    with pytest.raises(AskError, match="2 to 4"):
+        resolve_question("Which?", has_prior=True, options=["one"])
+
+
+# --- one pair from image files --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def jpeg_pair(world):
+    """A current and prior JPEG of one subject of the world, with the days between them."""
+    from datamodules.mimic import load_images
+
+    images = load_images(world / "mimic-cxr-jpg")
+    followed = images.groupby("subject_id").filter(lambda rows: rows["study_id"].nunique() > 1)
+    studies = followed[followed["subject_id"] == followed["subject_id"].iloc[0]]
+    first, second = studies.sort_values("study_datetime").drop_duplicates("study_id").iloc[:2].itertuples()
+    return Path(second.path), Path(first.path), (second.study_datetime.date() - first.study_datetime.date()).days
+
+
+def test_images_take_their_interval_from_the_dates_given(jpeg_pair):
+    current, prior, _ = jpeg_pair
+    pair = make_pair("p", read_study_file(current), read_study_file(prior), "difference",
+                     current_date="2026-03-01", prior_date="20260115")
+    assert (pair.interval.days, pair.interval.source) == (45.0, "current_date and prior_date")
+    assert pair.sample.interval_days == 45.0 and pair.sample.prior_image == prior
+
+
+def test_images_without_dates_ask_for_them_or_for_the_interval(jpeg_pair):
+    current, prior, _ = jpeg_pair
+    with pytest.raises(AskError, match=r"give current_date=YYYY-MM-DD, or interval_days="):
+        make_pair("p", read_study_file(current), read_study_file(prior), "difference")
+    pair = make_pair("p", read_study_file(current), read_study_file(prior), "difference", interval_days=12)
+    assert (pair.interval.days, pair.interval.source) == (12.0, "interval_days as given")
+
+
+def test_a_prior_dated_after_the_current_study_is_refused_without_showing_the_dates(jpeg_pair):
+    current, prior, _ = jpeg_pair
+    with pytest.raises(AskError, match="the prior study is 10 days after the current one") as error:
+        make_pair("p", read_study_file(current), read_study_file(prior), "difference",
+                  current_date="2026-01-01", prior_date="2026-01-11")
+    assert "2026" not in str(error.value) and error.value.kind == "prior after current"
+
+
+def test_interval_days_and_dates_together_are_refused(jpeg_pair):
+    current, prior, _ = jpeg_pair
+    with pytest.raises(AskError, match="not both"):
+        make_pair("p", read_study_file(current), read_study_file(prior), "difference", interval_days=3,
+                  current_date="2026-01-01")
+
+
+def test_without_a_prior_the_question_is_about_one_image(jpeg_pair):
+    pair = make_pair("p", read_study_file(jpeg_pair[0]), None, "view")
+    assert not pair.sample.has_prior and pair.interval is None and pair.sample.question_type == "view"
+
+
+# --- predict.py answers as eval.py does ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def evaluated(trained_checkpoint, world, tmp_path_factory):
+    """eval.py's records for the first test samples, and those samples."""
+    out = tmp_path_factory.mktemp("eval") / "run"
+    evaluate(compose_config("eval", [
+        f"ckpt={trained_checkpoint}", f"paths.output_dir={out}", f"paths.cache_dir={out}-cache",
+        f"paths.world_dir={world}", f"prepare.world.subjects={WORLD_SUBJECTS}", f"data.limit.test={TEST_SAMPLES}",
+        "accelerator=cpu", "data.eval_batch_size=4",
+    ]))
+    records = {record["sample_id"]: record for record in read_jsonl(out / "predictions.jsonl")}
+    from datamodules.diffvqa import load_diffvqa
+
+    samples = [sample for sample in load_diffvqa(world / "medical-diff-vqa", world / "mimic-cxr-jpg", "test")[0]
+               if sample.sample_id in records]
+    return records, samples
+
+
+def write_manifest(path: Path, samples, extra_rows=()) -> Path:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "current", "prior", "question", "interval_days"])
+        for sample in samples:
+            writer.writerow([sample.sample_id, sample.image, sample.prior_image or "", sample.question,
+                             "" if sample.interval_days is None else sample.interval_days])
+        writer.writerows(extra_rows)
+    return path
+
+
+def predict_config(checkpoint, *overrides):
+    return compose_config("predict", [f"ckpt={checkpoint}", "accelerator=cpu", *overrides])
+
+
+def test_a_manifest_of_evals_samples_gets_evals_answers(evaluated, trained_checkpoint, tmp_path):
+    records, samples = evaluated
+    manifest = write_manifest(tmp_path / "pairs.csv", samples)
+    predicted = predict(predict_config(trained_checkpoint, f"manifest={manifest}", "batch_size=4"))
+    assert [r["sample_id"] for r in predicted] == [s.sample_id for s in samples]
+    assert {r["sample_id"]: r["prediction"] for r in predicted} == {
+        sample_id: record["prediction"] for sample_id, record in records.items()}
+    written = read_jsonl(tmp_path / "pairs-predictions" / "predictions.jsonl")
+    assert written == predicted and all(record["reference"] is None for record in written)
+    assert set(written[0]) >= {"sample_id", "task", "question_type", "question", "has_prior", "interval_days",
+                               "prediction", "reference"}
+
+
+def test_one_pair_is_prompted_with_evals_tokens_and_gets_evals_answer(evaluated, trained_checkpoint):
+    records, samples = evaluated
+    predictor = Predictor(trained_checkpoint, accelerator="cpu")
+    for sample in samples[:4]:
+        pair = make_pair(sample.sample_id, read_study_file(sample.image),
+                         read_study_file(sample.prior_image) if sample.has_prior else None, sample.question,
+                         interval_days=sample.interval_days)
+        answer = predictor.ask(pair)
+        assert predictor.collator.tokenize(answer.sample) == predictor.collator.tokenize(sample)
+        assert answer.prediction == records[sample.sample_id]["prediction"]
+
+
+def test_a_bad_row_is_named_by_line_and_the_others_are_answered(evaluated, trained_checkpoint, tmp_path):
+    _, samples = evaluated
+    good = samples[:2]
+    manifest = write_manifest(tmp_path / "pairs.csv", good, extra_rows=[
+        ["missing", "no-such-image.jpg", "", "view", ""],
+        ["later", good[0].image, good[0].image, "difference", "-3"],
+    ])
+    problems = Problems()
+    read = read_manifest(manifest, problems)
+    assert [pair.sample.sample_id for pair in read.pairs] == [s.sample_id for s in good] and read.rows == 4
+    messages = "\n".join(problems.lines())
+    assert f"{manifest} line 4, field current" in messages and "not found" in messages
+    assert f"{manifest} line 5, field interval_days" in messages
+    with pytest.raises(InputError, match="2 of 4 rows could not be asked"):
+        predict(predict_config(trained_checkpoint, f"manifest={manifest}"))
+    assert len(read_jsonl(tmp_path / "pairs-predictions" / "predictions.jsonl")) == 2
+
+
+def test_an_interrupted_manifest_run_generates_only_the_missing_rows(evaluated, trained_checkpoint, tmp_path):
+    _, samples = evaluated
+    manifest = write_manifest(tmp_path / "pairs.csv", samples[:6])
+    out = tmp_path / "answers"
+    first = predict(predict_config(trained_checkpoint, f"manifest={manifest}", f"out={out}"))
+    kept = [record | {"prediction": "ANSWER FROM BEFORE THE KILL"} for record in first[:3]]
+    (out / "predictions.jsonl").unlink()
+    (out / PARTIAL).write_text("".join(json.dumps(record) + "\n" for record in kept))
+    assert (out / FINGERPRINT).is_file()
+    again = predict(predict_config(trained_checkpoint, f"manifest={manifest}", f"out={out}"))
+    assert [r["prediction"] for r in again] == ["ANSWER FROM BEFORE THE KILL"] * 3 + [r["prediction"] for r in first[3:]]
+    assert not (out / PARTIAL).exists()
+
+
+# --- the command line -----------------------------------------------------------------------------------------
+
+
+def run_predict(*overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "predict.py", *overrides], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_missing_inputs_are_named_together_with_exit_code_2(tmp_path, trained_checkpoint):
+    result = run_predict(f"ckpt={trained_checkpoint}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "missing current=<the current study's DICOM or image file> and question=" in result.stderr
+
+
+def test_one_pair_prints_the_answer_the_interval_and_the_settings_and_json_on_request(jpeg_pair, trained_checkpoint,
+                                                                                     tmp_path):
+    current, prior, days = jpeg_pair
+    args = [f"ckpt={trained_checkpoint}", f"current={current}", f"prior={prior}", "question=difference",
+            f"interval_days={days}", "accelerator=cpu"]
+    text = run_predict(*args)
+    assert text.returncode == 0, text.stderr
+    assert f"interval: {days} days (interval_days as given)" in text.stdout
+    assert "prompt settings (from the checkpoint): use_prior=True, interval_in_prompt=True" in text.stdout
+    assert "question: what has changed compared to the reference image?" in text.stdout
+    answer = text.stdout.split("answer: ", 1)[1].strip()
+    as_json = run_predict(*args, "output=json")
+    assert as_json.returncode == 0, as_json.stderr
+    parsed = json.loads(as_json.stdout.strip().splitlines()[-1])
+    assert parsed["answer"] == answer and parsed["interval"] == {"days": float(days), "source": "interval_days as given"}
+    assert parsed["prompt_settings"]["fusion_mode"] == "difference"
