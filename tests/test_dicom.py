@@ -17,7 +17,9 @@ from pydicom.uid import MPEG2MPML
 
 from common.readers import InputError
 from datamodules import dicom
+from datamodules.datamodule import SampleDataset
 from datamodules.dicom import is_dicom, read_study_file
+from datamodules.records import Sample
 from datamodules.synthetic.dicoms import main, write_dicom
 
 PATIENT_ID, PATIENT_NAME = "PID-7731-SECRET", "Doe^Jane"
@@ -263,6 +265,26 @@ def test_a_missing_file_or_one_that_is_no_image_is_an_input_error_naming_it(tmp_
     with pytest.raises(InputError) as error:
         read_study_file(path)
     assert str(error.value).startswith(f"{path}: {expected}")
+
+
+def test_the_datamodule_reads_a_dicom_sample_through_the_dicom_pipeline(radiograph, tmp_path):
+    current = write_dicom(radiograph, tmp_path / "current", study_date="20260101", photometric="MONOCHROME1",
+                          bits_stored=12)
+    prior = tmp_path / "prior.jpg"
+    Image.fromarray(radiograph).save(prior)
+    sample = Sample("own-1", "difference", "difference", "what has changed?", "nothing has changed.",
+                    image=current, prior_image=prior, interval_days=30.0)
+    loaded = SampleDataset([sample])[0]
+    assert np.array_equal(np.asarray(loaded.image), pixels(current))
+    with Image.open(prior) as image:
+        assert np.array_equal(np.asarray(loaded.prior_image), np.asarray(image.convert("L")))
+
+
+def test_the_datamodule_names_the_sample_and_field_of_a_bad_dicom(radiograph, tmp_path):
+    bad = rewritten(write_dicom(radiograph, tmp_path / "good.dcm"), tmp_path / "bad.dcm", _without_pixels)
+    sample = Sample("own-2", "diagnostic", "view", "which view is this image taken?", "PA view", image=bad)
+    with pytest.raises(InputError, match=r"field PixelData: no pixel data: .* \(image of sample own-2\); export"):
+        SampleDataset([sample])[0]
 
 
 def test_the_command_writes_a_dicom_and_prints_no_patient_identifier(world, tmp_path, capsys):
