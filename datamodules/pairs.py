@@ -100,10 +100,18 @@ def check_same_patient(current: StudyFile, prior: StudyFile, allow_different_pat
                        "different patients")
 
 
-def view_warnings(studies: dict[str, StudyFile]) -> list[str]:
-    return [f"the {role} study ({study.path.name}) is a lateral view (ViewPosition {study.view}): the model was "
-            "trained on frontal (PA/AP) views, so its answer may not mean much"
-            for role, study in studies.items() if study is not None and study.is_lateral]
+def study_warnings(studies: dict[str, StudyFile | None]) -> list[str]:
+    """A lateral view (the models are trained on frontal ones), and what reading each file found (a
+    malformed date that fell back to another tag)."""
+    warnings = []
+    for role, study in studies.items():
+        if study is None:
+            continue
+        if study.is_lateral:
+            warnings.append(f"the {role} study ({study.path.name}) is a lateral view (ViewPosition {study.view}): the "
+                            "model was trained on frontal (PA/AP) views, so its answer may not mean much")
+        warnings += list(study.warnings)
+    return warnings
 
 
 def make_pair(sample_id: str, current: StudyFile, prior: StudyFile | None, question: str, *, days: int | None = None,
@@ -125,7 +133,7 @@ def make_pair(sample_id: str, current: StudyFile, prior: StudyFile | None, quest
         image=current.path, prior_image=prior.path if prior is not None else None,
         interval_days=interval.days if interval is not None else None, options=asked.options, history=history,
     )
-    return Pair(sample, interval, tuple(view_warnings({"current": current, "prior": prior})))
+    return Pair(sample, interval, tuple(study_warnings({"current": current, "prior": prior})))
 
 
 @dataclass
