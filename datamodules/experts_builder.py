@@ -2,10 +2,11 @@
 expert CSV of ``datamodules.experts``.
 
 Weights are read only from a local directory holding xrv's files under xrv's own names (a copy of
-``~/.torchxrayvision/models_data/`` will do); nothing is downloaded. Each image is read and scaled
-as xrv does (first channel, ``(2x/255 - 1)·1024``), centre-cropped to a square and resized to each
-model's native resolution: 224 px for the pathology and view models, 320 px for the age and race
-models (given 224 px they would upsample it).
+``~/.torchxrayvision/models_data/`` will do); nothing is downloaded. Each image is 8-bit and is
+scaled as xrv's ``load_image`` scales an image file (first channel, ``(2x/255 - 1)·1024``), to the
+same float32 values, centre-cropped to a square and resized to each model's native resolution:
+224 px for the pathology and view models, 320 px for the age and race models (given 224 px they
+would upsample it).
 
 Resuming: rows are appended batch by batch to ``<out>.partial`` (flushed and fsynced). A rerun cuts
 that file back to its last whole line and skips the images it holds. When every image is done the
@@ -27,6 +28,7 @@ import pandas as pd
 import torch
 import torchvision
 import torchxrayvision as xrv
+from PIL import Image
 from torch import nn
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 from torch.utils.data import DataLoader, Dataset
@@ -109,18 +111,39 @@ def load_expert_models(weights_dir: str | Path) -> ExpertModels:
     )
 
 
+def preprocess_image(image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
+    """An 8-bit image as xrv's ``load_image`` reads an image file (its first channel, a palette
+    applied first, scaled to [-1024, 1024]), centre-cropped: (1, 224, 224) and (1, 320, 320) float32.
+    For a grayscale JPEG or PNG file, its ``L`` image gives the arrays ``load_image`` gives for the file."""
+    if image.mode == "P":
+        image = image.convert(image.palette.mode)  # imageio applies the palette when xrv reads the file
+    pixels = np.asarray(image)
+    if pixels.dtype != np.uint8:
+        raise ValueError(f"mode {image.mode}: the expert models take 8-bit images (Pillow's L, RGB or RGBA)")
+    if pixels.ndim == 3:
+        pixels = pixels[:, :, 0]  # xrv's choice of channel, not a conversion to gray
+    scaled = xrv.utils.normalize(pixels, 255)[None]  # (H, W) -> (1, H, W)
+    square = xrv.datasets.XRayCenterCrop()(scaled)
+    return (xrv.datasets.XRayResizer(PATHOLOGY_RESOLUTION)(square),
+            xrv.datasets.XRayResizer(DEMOGRAPHY_RESOLUTION)(square))
+
+
 def preprocess(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """The image at ``path`` as xrv reads it, centre-cropped: (1, 224, 224) and (1, 320, 320) float32."""
+    """The 8-bit image file at ``path`` (JPEG, PNG), as ``preprocess_image``. It is read with Pillow,
+    which decodes it as xrv's reader (imageio's Pillow plugin) does, without the format probing that
+    makes imageio warn about its legacy DICOM plugin."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: image not found; check the MIMIC-CXR-JPG root or restore the file")
     try:
-        image = xrv.utils.load_image(str(path))  # (1, H, W) in [-1024, 1024]
-    except Exception as error:  # the image readers raise many types for a damaged file
+        with Image.open(path) as file:
+            image = file.copy()  # decodes now, so that a damaged file fails here; outlives the closed file
+    except Exception as error:  # Pillow raises many types for a damaged file
         raise ValueError(f"{path}: unreadable image ({error}); download it again") from error
-    square = xrv.datasets.XRayCenterCrop()(image)
-    return (xrv.datasets.XRayResizer(PATHOLOGY_RESOLUTION)(square),
-            xrv.datasets.XRayResizer(DEMOGRAPHY_RESOLUTION)(square))
+    try:
+        return preprocess_image(image)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
 
 
 class _Images(Dataset):
