@@ -1,5 +1,6 @@
 """TorchXRayVision's expert models run over chest X-ray images, offline and resumably, into the
-expert CSV of ``datamodules.experts``.
+expert CSV of ``datamodules.experts`` (``run_experts``), or over images in memory into the
+predictions that CSV would hold for them (``predict_experts``: a person's own studies).
 
 Weights are read only from a local directory holding xrv's files under xrv's own names (a copy of
 ``~/.torchxrayvision/models_data/`` will do); nothing is downloaded. Each image is 8-bit and is
@@ -31,11 +32,11 @@ import torchxrayvision as xrv
 from PIL import Image
 from torch import nn
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm import tqdm
 
 from common.files import whole_lines, write_text_atomic
-from datamodules.experts import COLUMNS, RACES, SCHEMA_VERSION, VIEWS
+from datamodules.experts import COLUMNS, RACES, SCHEMA_VERSION, VIEWS, ExpertPrediction
 
 PATHOLOGY_WEIGHTS = "densenet121-res224-all"
 _RELEASE = "https://github.com/mlmed/torchxrayvision/releases/download/v1"
@@ -49,6 +50,8 @@ WEIGHT_URLS = {
 PATHOLOGY_RESOLUTION = 224  # also the view model's
 DEMOGRAPHY_RESOLUTION = 320  # the age and race models'
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+PROBABILITY_DECIMALS, AGE_DECIMALS = 6, 2  # what the CSV keeps, and so what a prompt is made from
+USER_IMAGE_ID = 0  # the subject_id and study_id of an image that is not MIMIC's (whose ids are 8 digits)
 
 
 def weight_file(weights_dir: str | Path, model: str) -> Path:
@@ -187,19 +190,61 @@ def _finished_rows(partial: Path) -> dict[str, str]:
     return {next(csv.reader([line]))[0]: line for line in lines}
 
 
-def _rows(images: pd.DataFrame, outputs: dict[str, torch.Tensor]) -> list[list]:
+def _as_kept(value: float, decimals: int) -> float:
+    """``value`` as the CSV keeps it and ``load_experts`` reads it back."""
+    return float(f"{value:.{decimals}f}")
+
+
+def _predict(models: ExpertModels, image_224: torch.Tensor, image_320: torch.Tensor, device: str,
+             identifiers: list[tuple[str, int, int]]) -> list[ExpertPrediction]:
+    """One batch's predictions, rounded as the CSV keeps them; ``identifiers``: each image's dicom_id,
+    subject_id and study_id."""
+    with torch.inference_mode():
+        outputs = models(image_224.to(device), image_320.to(device))
     outputs = {name: value.cpu().tolist() for name, value in outputs.items()}
-    rows = []
-    for index, image in enumerate(images.itertuples()):
-        race = outputs["race"][index]
-        rows.append([
-            image.dicom_id, image.subject_id, image.study_id,
-            *(f"{probability:.6f}" for probability in outputs["pathology"][index]),
-            f"{outputs['age'][index]:.2f}",
-            RACES[int(np.argmax(race))], *(f"{probability:.6f}" for probability in race),
-            VIEWS[outputs["view"][index]],
-        ])
-    return rows
+    return [
+        ExpertPrediction(
+            dicom_id=dicom_id, subject_id=subject_id, study_id=study_id,
+            probabilities=tuple(_as_kept(probability, PROBABILITY_DECIMALS)
+                                for probability in outputs["pathology"][index]),
+            age_years=_as_kept(outputs["age"][index], AGE_DECIMALS),
+            race=RACES[int(np.argmax(outputs["race"][index]))],
+            race_probabilities=tuple(_as_kept(probability, PROBABILITY_DECIMALS)
+                                     for probability in outputs["race"][index]),
+            view=VIEWS[outputs["view"][index]],
+        )
+        for index, (dicom_id, subject_id, study_id) in enumerate(identifiers)
+    ]
+
+
+def _csv_row(prediction: ExpertPrediction) -> list:
+    """The CSV's fields; a kept value formatted again gives back the digits it was kept from."""
+    return [
+        prediction.dicom_id, prediction.subject_id, prediction.study_id,
+        *(f"{probability:.{PROBABILITY_DECIMALS}f}" for probability in prediction.probabilities),
+        f"{prediction.age_years:.{AGE_DECIMALS}f}",
+        prediction.race, *(f"{probability:.{PROBABILITY_DECIMALS}f}" for probability in prediction.race_probabilities),
+        prediction.view,
+    ]
+
+
+def predict_experts(models: ExpertModels, images: dict[str, Image.Image],
+                    device: str = "cpu") -> dict[str, ExpertPrediction]:
+    """name -> the predictions for the image, in one batch: what ``load_experts`` reads from the CSV
+    ``run_experts`` writes for the image's file (the name as its dicom_id), but with subject_id and
+    study_id ``USER_IMAGE_ID``, for a person's own image belongs to no MIMIC subject or study. Each
+    image is 8-bit, as ``preprocess_image`` takes it.
+
+    Run in a batch of other images or on another device, the models' sums round differently, which
+    can move a probability's last kept digit (as between runs of ``run_experts`` with other batch
+    sizes); the prompt text changes only if that crosses a level's bound."""
+    if not images:
+        return {}
+    # Batched as run_experts' DataLoader batches: (B, 1, 224, 224) and (B, 1, 320, 320).
+    image_224, image_320 = default_collate([preprocess_image(image) for image in images.values()])
+    identifiers = [(name, USER_IMAGE_ID, USER_IMAGE_ID) for name in images]
+    predictions = _predict(models.to(device).eval(), image_224, image_320, device, identifiers)
+    return {prediction.dicom_id: prediction for prediction in predictions}
 
 
 @dataclass(frozen=True)
@@ -227,9 +272,10 @@ def run_experts(images: pd.DataFrame, models: ExpertModels, out: str | Path, bat
     with partial.open("a", encoding="utf-8", newline="") as side, \
             tqdm(total=len(images), initial=int(finished.sum()), unit="image", desc="experts") as progress:
         for start, (image_224, image_320) in zip(range(0, len(pending), batch_size), loader):
-            with torch.inference_mode():
-                outputs = models(image_224.to(device), image_320.to(device))
-            batch = {row[0]: _csv_lines([row]) for row in _rows(pending.iloc[start:start + batch_size], outputs)}
+            identifiers = list(pending[["dicom_id", "subject_id", "study_id"]].iloc[start:start + batch_size]
+                               .itertuples(index=False, name=None))
+            batch = {prediction.dicom_id: _csv_lines([_csv_row(prediction)])
+                     for prediction in _predict(models, image_224, image_320, device, identifiers)}
             side.write("".join(batch.values()))
             side.flush()
             os.fsync(side.fileno())

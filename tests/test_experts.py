@@ -4,6 +4,7 @@ synthetic world's expert CSV."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -20,8 +21,8 @@ from torch import nn
 from common.readers import InputError
 from datamodules.build import main as build_main
 from datamodules.experts_builder import (
-    WEIGHT_URLS, ExpertRun, load_expert_models, partial_path, preprocess, preprocess_image, run_experts,
-    weight_file,
+    USER_IMAGE_ID, WEIGHT_URLS, ExpertRun, load_expert_models, partial_path, predict_experts, preprocess,
+    preprocess_image, run_experts, weight_file,
 )
 from datamodules.experts import (
     COLUMNS, PATHOLOGIES, RACE_COLUMNS, RACES, ExpertPrediction, expert_text, level, load_experts,
@@ -320,6 +321,20 @@ def test_an_image_of_more_than_8_bits_is_refused_naming_the_file(tmp_path):
     Image.fromarray(np.full((8, 8), 1000, np.uint16)).save(tmp_path / "deep.png")
     with pytest.raises(ValueError, match=r"deep\.png: mode I.*: the expert models take 8-bit images"):
         preprocess(tmp_path / "deep.png")
+
+
+def test_predictions_in_memory_are_the_rows_load_experts_reads_from_the_csv(models, images, clean_csv):
+    first_batch = images.head(BATCH)  # the images of the CSV's first batch, so the models' sums round alike
+    predicted = predict_experts(models, {image.dicom_id: gray_image(image.path) for image in first_batch.itertuples()})
+    loaded = load_experts(clean_csv)
+    assert list(predicted) == list(first_batch["dicom_id"])
+    for dicom_id, prediction in predicted.items():
+        assert expert_text(prediction) == expert_text(loaded[dicom_id])
+        assert prediction == dataclasses.replace(loaded[dicom_id], subject_id=USER_IMAGE_ID, study_id=USER_IMAGE_ID)
+
+
+def test_no_images_give_no_predictions(models):
+    assert predict_experts(models, {}) == {}
 
 
 def test_build_experts_writes_the_csv_and_prints_counts(world, weights_dir, tmp_path, capsys):
