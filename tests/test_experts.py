@@ -337,6 +337,14 @@ def test_no_images_give_no_predictions(models):
     assert predict_experts(models, {}) == {}
 
 
+def test_a_missing_weights_directory_is_an_error_naming_every_weight_file(tmp_path):
+    absent = tmp_path / "xrv-weights"
+    with pytest.raises(FileNotFoundError) as error:
+        load_expert_models(absent)
+    assert all(str(weight_file(absent, model)) in str(error.value) for model in WEIGHT_URLS)
+    assert f"into {absent}" in str(error.value)
+
+
 def test_build_experts_writes_the_csv_and_prints_counts(world, weights_dir, tmp_path, capsys):
     out = tmp_path / "experts.csv"
     build_main(["experts", "--mimic-cxr-jpg", str(world / "mimic-cxr-jpg"), "--weights-dir", str(weights_dir),
