@@ -19,7 +19,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -51,9 +50,13 @@ def write_manifest(path: Path, rows: list[tuple]) -> Path:
 def as_dicoms(samples, directory: Path) -> dict[Path, Path]:
     """Each image of the samples written once as a 16-bit JPEG 2000 DICOM."""
     images = {path for sample in samples for path in (sample.image, sample.prior_image) if path is not None}
-    return {image: write_dicom(np.asarray(Image.open(image)) * 16, directory / f"{image.stem}.dcm", bits_stored=16,
-                              compression="jpeg2000-lossless")
-            for image in sorted(images)}
+    directory.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for image in sorted(images):
+        with Image.open(image) as grey:
+            written[image] = write_dicom(grey, directory / f"{image.stem}.dcm", bits_stored=16,
+                                         compression="jpeg2000-lossless")
+    return written
 
 
 def main() -> None:

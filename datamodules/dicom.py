@@ -75,7 +75,7 @@ class StudyFile:
     an ``InputError``. The repr shows no ``patient_key`` and no pixels."""
 
     path: Path
-    image: Image.Image
+    image: Image.Image | None  # None once dropped: a manifest keeps what it checks, not every image's pixels
     date: date | None = None
     date_source: str | None = None
     patient_key: str | None = None
@@ -94,7 +94,8 @@ class StudyFile:
         return self.view in LATERAL_VIEWS
 
     def __repr__(self) -> str:
-        details = [f"path={str(self.path)!r}", f"size={self.image.width}x{self.image.height}",
+        size = f"{self.image.width}x{self.image.height}" if self.image is not None else None
+        details = [f"path={str(self.path)!r}", f"size={size}",
                    f"date={self.date.isoformat() if self.date else None}", f"date_source={self.date_source}",
                    f"view={self.view}"]
         if self.is_dicom:

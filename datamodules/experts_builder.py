@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,7 +99,10 @@ def load_expert_models(weights_dir: str | Path) -> ExpertModels:
             "~/.torchxrayvision/models_data/ or download them from the URLs named")
     # With the file present, xrv's own constructor loads it (and sets the calibration) without downloading.
     pathology = xrv.models.DenseNet(weights=PATHOLOGY_WEIGHTS, cache_dir=str(weights_dir))
-    age = torch.jit.load(weight_file(weights_dir, "age"), map_location="cpu")  # the whole network, TorchScript
+    with warnings.catch_warnings():
+        # The riken age weights are a TorchScript file, which torch now marks deprecated; xrv ships no other format.
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.load` is deprecated", category=FutureWarning)
+        age = torch.jit.load(weight_file(weights_dir, "age"), map_location="cpu")  # the whole network
     race = torchvision.models.resnet34(weights=None)
     race.fc = nn.Sequential(nn.Linear(race.fc.in_features, len(RACES)), nn.LogSoftmax(dim=1))
     race_state = torch.load(weight_file(weights_dir, "race"), map_location="cpu", weights_only=True)

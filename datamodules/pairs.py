@@ -19,7 +19,7 @@ manifest's directory. A row's sample id is its ``id``, else ``line-<its line>``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date
 from pathlib import Path
 
@@ -170,12 +170,9 @@ def read_manifest(path: str | Path, problems: Problems | None = None, allow_diff
     current study, a bad value) is an ``InputError`` naming the line and the field: raised, or with
     ``problems`` recorded and the row left out. ``studies`` caches files read once (a study asked
     several questions is read once)."""
-    table = read_csv(path, "a manifest CSV of the pairs to ask about (columns current, question, ...)")
+    table = read_csv(path, list(MANIFEST_COLUMNS), "a manifest CSV of the pairs to ask about: columns "
+                     f"{', '.join(MANIFEST_COLUMNS)} and any of {', '.join(OPTIONAL_COLUMNS)}", dtype=str)
     path = table.path
-    missing = [column for column in MANIFEST_COLUMNS if column not in table.frame.columns]
-    if missing:
-        raise InputError(path, f"missing columns {missing}; a manifest has {list(MANIFEST_COLUMNS)} and may have "
-                         f"{list(OPTIONAL_COLUMNS)}")
     studies = {} if studies is None else studies
     pairs, ids = [], {}
     for row_index, row in enumerate(table.frame.to_dict("records")):
@@ -195,7 +192,9 @@ def read_manifest(path: str | Path, problems: Problems | None = None, allow_diff
                 file = (path.parent / name).resolve()
                 if file not in studies:
                     try:
-                        studies[file] = read_study_file(file)
+                        # Read whole, so that an unreadable file is this row's problem; the pixels are
+                        # read again when the sample is, rather than all of them held at once.
+                        studies[file] = replace(read_study_file(file), image=None)
                     except InputError as error:
                         raise fail(role, error.problem + (f"; {error.fix}" if error.fix else ""),
                                    "missing file" if not file.exists() else "unreadable file") from None

@@ -101,7 +101,7 @@ class Predictor:
                          "not shown to it",)
         if self.experts is not None:
             image = read_image(sample.image, sample, "image")
-            prediction = predict_experts(self.experts, [image])[0]
+            prediction = predict_experts(self.experts, {sample.sample_id: image})[sample.sample_id]
             sample = replace(sample, expert=expert_text(prediction, self.settings["expert_demographics"]))
         return sample, warnings
 

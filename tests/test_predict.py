@@ -21,6 +21,7 @@ from run.cli import compose_config
 from run.evaluate import evaluate
 from run.predict import Predictor, predict
 from tests.helpers import WORLD_SUBJECTS, read_jsonl
+from tests.test_experts import weights_dir  # noqa: F401  (random TorchXRayVision weights, a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_SAMPLES = 12
@@ -253,3 +254,117 @@ def test_one_pair_prints_the_answer_the_interval_and_the_settings_and_json_on_re
     parsed = json.loads(as_json.stdout.strip().splitlines()[-1])
     assert parsed["answer"] == answer and parsed["interval"] == {"days": float(days), "source": "interval_days as given"}
     assert parsed["prompt_settings"]["fusion_mode"] == "difference"
+
+
+# --- DICOM pairs --------------------------------------------------------------------------------------------------
+
+PATIENT_NAME, PATIENT_ID = "Doe^Jane", "MRN-0042-XYZ"
+
+
+@pytest.fixture(scope="module")
+def dicom_pair(jpeg_pair, tmp_path_factory):
+    """The JPEG pair written as a 16-bit JPEG 2000 MONOCHROME1 current and an uncompressed MONOCHROME2 prior
+    (no extension), 40 days apart by StudyDate, of one (made-up) patient."""
+    from PIL import Image
+
+    from datamodules.synthetic.dicoms import write_dicom
+
+    directory = tmp_path_factory.mktemp("dicoms")
+    current, prior, _ = jpeg_pair
+    with Image.open(current) as image:
+        write_dicom(image, directory / "current.dcm", study_date="20260310", patient_id=PATIENT_ID,
+                    patient_name=PATIENT_NAME, photometric="MONOCHROME1", bits_stored=16,
+                    compression="jpeg2000-lossless")
+    with Image.open(prior) as image:
+        write_dicom(image, directory / "prior", study_date="20260129", patient_id=PATIENT_ID, patient_name=PATIENT_NAME)
+    return directory / "current.dcm", directory / "prior"
+
+
+def test_dicoms_take_their_interval_from_their_study_dates(dicom_pair):
+    pair = make_pair("p", *map(read_study_file, dicom_pair), "difference")
+    assert (pair.interval.days, pair.interval.source) == (40.0, "StudyDate of both studies")
+    assert pair.warnings == ()
+
+
+def test_a_dicom_without_study_date_falls_back_to_its_acquisition_date_and_says_so(jpeg_pair, dicom_pair, tmp_path):
+    from PIL import Image
+
+    from datamodules.synthetic.dicoms import write_dicom
+
+    with Image.open(jpeg_pair[0]) as image:
+        current = write_dicom(image, tmp_path / "current.dcm", acquisition_date="20260301", patient_id=PATIENT_ID)
+    pair = make_pair("p", read_study_file(current), read_study_file(dicom_pair[1]), "difference")
+    assert (pair.interval.days, pair.interval.source) == (31.0, "AcquisitionDate and StudyDate")
+
+
+def test_dicoms_of_different_patients_are_refused_unless_allowed(jpeg_pair, dicom_pair, tmp_path):
+    from PIL import Image
+
+    from datamodules.synthetic.dicoms import write_dicom
+
+    with Image.open(jpeg_pair[1]) as image:
+        other = write_dicom(image, tmp_path / "other.dcm", study_date="20260101", patient_id="MRN-9999")
+    current, other = read_study_file(dicom_pair[0]), read_study_file(other)
+    with pytest.raises(AskError, match="different PatientIDs") as error:
+        make_pair("p", current, other, "difference")
+    assert "MRN" not in str(error.value)
+    assert make_pair("p", current, other, "difference", allow_different_patients=True).interval.days == 68.0
+
+
+def test_a_lateral_view_is_warned_about(jpeg_pair, tmp_path):
+    from PIL import Image
+
+    from datamodules.synthetic.dicoms import write_dicom
+
+    with Image.open(jpeg_pair[0]) as image:
+        lateral = write_dicom(image, tmp_path / "lateral.dcm", study_date="20260101", view="LL")
+    (warning,) = make_pair("p", read_study_file(lateral), None, "view").warnings
+    assert "lateral view (ViewPosition LL)" in warning
+
+
+def test_no_identifier_or_study_date_of_the_patient_is_printed_or_written(dicom_pair, trained_checkpoint, tmp_path):
+    current, prior = dicom_pair
+    one = run_predict(f"ckpt={trained_checkpoint}", f"current={current}", f"prior={prior}", "question=difference",
+                      "accelerator=cpu")
+    assert one.returncode == 0, one.stderr
+    assert "interval: 40 days (StudyDate of both studies)" in one.stdout
+    manifest = tmp_path / "pairs.csv"
+    manifest.write_text(f"current,prior,question\n{current},{prior},difference\n{current},,view\n")
+    many = run_predict(f"ckpt={trained_checkpoint}", f"manifest={manifest}", "accelerator=cpu")
+    assert many.returncode == 0, many.stderr
+    written = "".join(path.read_text() for path in (tmp_path / "pairs-predictions").iterdir())
+    for text in (one.stdout, one.stderr, many.stdout, many.stderr, written):
+        for secret in ("Doe", "Jane", PATIENT_ID, "0042", "20260310", "20260129", "2026-03-10", "2026-01-29"):
+            assert secret not in text
+    assert sorted(path.name for path in (tmp_path / "pairs-predictions").iterdir()) == [
+        FINGERPRINT, "predictions.jsonl"]
+
+
+# --- expert predictions ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def experts_checkpoint(trained_checkpoint, tmp_path_factory):
+    """The trained checkpoint, saying it was trained with expert predictions in its prompts."""
+    import torch
+
+    checkpoint = torch.load(trained_checkpoint, map_location="cpu", weights_only=True)
+    checkpoint["datamodule_hyper_parameters"]["experts_in_prompt"] = True
+    path = tmp_path_factory.mktemp("experts-ckpt") / "last.ckpt"
+    torch.save(checkpoint, path)
+    return path
+
+
+def test_a_model_trained_with_expert_predictions_is_refused_without_their_weights(experts_checkpoint):
+    with pytest.raises(Exception, match=r"set experts.weights_dir=<the directory of TorchXRayVision's weight files>"):
+        Predictor(experts_checkpoint, accelerator="cpu")
+
+
+# The weights fixture writes the riken age network as TorchScript, as xrv ships it (torch marks that deprecated).
+@pytest.mark.filterwarnings("ignore:`torch.jit.:FutureWarning")
+def test_a_model_trained_with_expert_predictions_gets_them_computed_from_the_image(experts_checkpoint, weights_dir,
+                                                                                 dicom_pair):
+    predictor = Predictor(experts_checkpoint, accelerator="cpu", experts_weights_dir=weights_dir)
+    answer = predictor.ask(make_pair("p", *map(read_study_file, dicom_pair), "difference"))
+    assert answer.sample.expert.startswith("Expert models' findings on the current image: atelectasis: ")
+    assert answer.sample.expert in answer.prompt and "Estimated age:" in answer.sample.expert
