@@ -53,13 +53,14 @@ class Answer:
     sample: Sample
     prediction: str
     interval: dict | None  # {"days", "source"}
-    prompt: str  # the user turn as the model saw it, the visual tokens shown as one <image> each
+    prompt: str  # the chat text the model was given, each image's visual tokens shown as one <image>
     warnings: tuple[str, ...]
 
     def as_json(self, settings: dict) -> dict:
         return {"question": self.sample.question, "task": self.sample.task, "question_type": self.sample.question_type,
                 "options": self.sample.options, "has_prior": self.sample.has_prior, "interval": self.interval,
-                "answer": self.prediction, "prompt_settings": settings, "warnings": list(self.warnings)}
+                "answer": self.prediction, "prompt_settings": settings, "prompt": self.prompt,
+                "warnings": list(self.warnings)}
 
 
 class Predictor:
@@ -86,6 +87,7 @@ class Predictor:
         self.device = torch.device("cuda" if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
                                    else "cpu")
         self.accelerator = "gpu" if self.device.type == "cuda" else "cpu"
+        self.module.to(self.device).eval()
         spec = input_spec(loaded.config)
         self.collator = LumenCollator(load_tokenizer(loaded.config.llm_dir, spec.image_token),
                                       interval_in_prompt=self.settings["interval_in_prompt"],
@@ -117,9 +119,8 @@ class Predictor:
         """One pair answered greedily, as ``eval.py`` answers a dataset's sample."""
         sample, warnings = self.as_trained(pair)
         batch = self.collator([SampleDataset([sample])[0]])
-        model = self.module.to(self.device).eval()
-        inputs = {key: value.to(self.device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
-        tokens = model.predict_step({key: inputs[key] for key in (*BATCH_INPUTS, "sample_ids")}, 0)["tokens"]
+        inputs = {key: batch[key].to(self.device) for key in BATCH_INPUTS}
+        tokens = self.module.predict_step(inputs | {"sample_ids": batch["sample_ids"]}, 0)["tokens"]
         prediction = self.collator.tokenizer.batch_decode(tokens, skip_special_tokens=True)[0].strip()
         interval = None if pair.interval is None or not sample.has_prior else \
             {"days": pair.interval.days, "source": pair.interval.source}
