@@ -83,8 +83,9 @@ def interval_between(current: StudyFile, prior: StudyFile, current_date: str | N
                              f"give {name}=YYYY-MM-DD, or interval_days=<days between the studies>", "no date")
     days = (dates[0] - dates[1]).days
     if days < 0:
-        raise AskError("prior", f"the prior study is {-days} days after the current one ({sources[1]} against "
-                       f"{sources[0]}): swap current and prior", "prior after current")
+        by = f"by {sources[0]}" if sources[0] == sources[1] else f"by its {sources[1]} and the current's {sources[0]}"
+        raise AskError("prior", f"the prior study is {-days} days after the current one ({by}): swap current and "
+                       "prior", "prior after current")
     source = f"{sources[0]} of both studies" if sources[0] == sources[1] else f"{sources[0]} and {sources[1]}"
     return Interval(float(days), source)
 

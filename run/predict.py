@@ -71,9 +71,13 @@ class Predictor:
         loaded = load_checkpoint(ckpt)
         self.ckpt = Path(ckpt)
         # What the checkpoint was trained with; a setting an older checkpoint does not record is its default then.
-        self.settings = {key: loaded.prompt.get(key, unrecorded) for key, unrecorded in PROMPT_SETTINGS.items()}
-        self.settings["experts_in_prompt"] = bool(loaded.prompt.get("experts_in_prompt"))
-        self.settings["fusion_mode"] = loaded.model.fusion.mode
+        recorded = {key: loaded.prompt.get(key, unrecorded) for key, unrecorded in PROMPT_SETTINGS.items()}
+        experts_in_prompt = bool(loaded.prompt.get("experts_in_prompt"))
+        self.settings = {"fusion_mode": loaded.model.fusion.mode, "use_prior": recorded["use_prior"],
+                         "interval_in_prompt": recorded["interval_in_prompt"], "image_resize": recorded["image_resize"],
+                         "experts_in_prompt": experts_in_prompt}
+        if experts_in_prompt:
+            self.settings["expert_demographics"] = recorded["expert_demographics"]
         self.experts = None
         if self.settings["experts_in_prompt"]:
             if experts_weights_dir is None:

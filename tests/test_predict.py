@@ -246,7 +246,8 @@ def test_one_pair_prints_the_answer_the_interval_and_the_settings_and_json_on_re
     text = run_predict(*args)
     assert text.returncode == 0, text.stderr
     assert f"interval: {days} days (interval_days as given)" in text.stdout
-    assert "prompt settings (from the checkpoint): use_prior=True, interval_in_prompt=True" in text.stdout
+    assert ("prompt settings (from the checkpoint): fusion_mode=difference, use_prior=True, interval_in_prompt=True, "
+            "image_resize=pad, experts_in_prompt=False\n") in text.stdout
     assert "question: what has changed compared to the reference image?" in text.stdout
     answer = text.stdout.split("answer: ", 1)[1].strip()
     as_json = run_predict(*args, "output=json")

@@ -130,7 +130,7 @@ def _compress_jpeg_baseline(dataset: Dataset, stored: np.ndarray, quality: int) 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m datamodules.synthetic.dicoms",
-                                     description=__doc__.splitlines()[0])
+                                     description=__doc__.split(". ", 1)[0].replace("\n", " ") + ".")
     parser.add_argument("image", type=Path, help="a grayscale image (JPEG or PNG), e.g. one of the synthetic world's")
     parser.add_argument("out", type=Path, help="the DICOM file to write (.dcm, or no extension)")
     parser.add_argument("--study-date", help="StudyDate, YYYYMMDD (default: empty)")
