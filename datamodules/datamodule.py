@@ -14,7 +14,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from common.contract import DEFAULT_RESIZE, InputSpec
 from common.tokenizer import load_tokenizer
+from common.readers import InputError
 from datamodules.collate import LoadedSample, LumenCollator
+from datamodules.dicom import IMAGE_SUFFIXES, is_dicom, read_study_file
 from datamodules.experts import expert_text, load_experts
 from datamodules.records import Sample
 from datamodules.sampling import MixtureBatchSampler, ResumableLoader
@@ -26,6 +28,15 @@ CHARS_PER_TOKEN = 4
 
 
 def read_image(path: Path, sample: Sample, field: str) -> Image.Image:
+    """The sample's image at ``path`` as 8-bit grayscale. A DICOM file goes through
+    ``datamodules.dicom`` (the pixel pipeline training, evaluation and prediction share); any other
+    file is opened directly, without a DICOM parse."""
+    if Path(path).suffix.lower() not in IMAGE_SUFFIXES and is_dicom(path):
+        try:
+            return read_study_file(path).image
+        except InputError as error:
+            raise InputError(error.path, f"{error.problem} ({field} of sample {sample.sample_id})", field=error.field,
+                             fix=error.fix) from None
     try:
         with Image.open(path) as image:
             return image.convert("L")

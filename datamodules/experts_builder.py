@@ -1,11 +1,13 @@
 """TorchXRayVision's expert models run over chest X-ray images, offline and resumably, into the
-expert CSV of ``datamodules.experts``.
+expert CSV of ``datamodules.experts`` (``run_experts``), or over images in memory into the
+predictions that CSV would hold for them (``predict_experts``: a person's own studies).
 
 Weights are read only from a local directory holding xrv's files under xrv's own names (a copy of
-``~/.torchxrayvision/models_data/`` will do); nothing is downloaded. Each image is read and scaled
-as xrv does (first channel, ``(2x/255 - 1)·1024``), centre-cropped to a square and resized to each
-model's native resolution: 224 px for the pathology and view models, 320 px for the age and race
-models (given 224 px they would upsample it).
+``~/.torchxrayvision/models_data/`` will do); nothing is downloaded. Each image is 8-bit and is
+scaled as xrv's ``load_image`` scales an image file (first channel, ``(2x/255 - 1)·1024``), to the
+same float32 values, centre-cropped to a square and resized to each model's native resolution:
+224 px for the pathology and view models, 320 px for the age and race models (given 224 px they
+would upsample it).
 
 Resuming: rows are appended batch by batch to ``<out>.partial`` (flushed and fsynced). A rerun cuts
 that file back to its last whole line and skips the images it holds. When every image is done the
@@ -27,13 +29,14 @@ import pandas as pd
 import torch
 import torchvision
 import torchxrayvision as xrv
+from PIL import Image
 from torch import nn
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm import tqdm
 
 from common.files import whole_lines, write_text_atomic
-from datamodules.experts import COLUMNS, RACES, SCHEMA_VERSION, VIEWS
+from datamodules.experts import COLUMNS, RACES, SCHEMA_VERSION, VIEWS, ExpertPrediction
 
 PATHOLOGY_WEIGHTS = "densenet121-res224-all"
 _RELEASE = "https://github.com/mlmed/torchxrayvision/releases/download/v1"
@@ -47,6 +50,8 @@ WEIGHT_URLS = {
 PATHOLOGY_RESOLUTION = 224  # also the view model's
 DEMOGRAPHY_RESOLUTION = 320  # the age and race models'
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+PROBABILITY_DECIMALS, AGE_DECIMALS = 6, 2  # what the CSV keeps, and so what a prompt is made from
+USER_IMAGE_ID = 0  # the subject_id and study_id of an image that is not MIMIC's (whose ids are 8 digits)
 
 
 def weight_file(weights_dir: str | Path, model: str) -> Path:
@@ -109,18 +114,39 @@ def load_expert_models(weights_dir: str | Path) -> ExpertModels:
     )
 
 
+def preprocess_image(image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
+    """An 8-bit image as xrv's ``load_image`` reads an image file (its first channel, a palette
+    applied first, scaled to [-1024, 1024]), centre-cropped: (1, 224, 224) and (1, 320, 320) float32.
+    For a grayscale JPEG or PNG file, its ``L`` image gives the arrays ``load_image`` gives for the file."""
+    if image.mode == "P":
+        image = image.convert(image.palette.mode)  # imageio applies the palette when xrv reads the file
+    pixels = np.asarray(image)
+    if pixels.dtype != np.uint8:
+        raise ValueError(f"mode {image.mode}: the expert models take 8-bit images (Pillow's L, RGB or RGBA)")
+    if pixels.ndim == 3:
+        pixels = pixels[:, :, 0]  # xrv's choice of channel, not a conversion to gray
+    scaled = xrv.utils.normalize(pixels, 255)[None]  # (H, W) -> (1, H, W)
+    square = xrv.datasets.XRayCenterCrop()(scaled)
+    return (xrv.datasets.XRayResizer(PATHOLOGY_RESOLUTION)(square),
+            xrv.datasets.XRayResizer(DEMOGRAPHY_RESOLUTION)(square))
+
+
 def preprocess(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """The image at ``path`` as xrv reads it, centre-cropped: (1, 224, 224) and (1, 320, 320) float32."""
+    """The 8-bit image file at ``path`` (JPEG, PNG), as ``preprocess_image``. It is read with Pillow,
+    which decodes it as xrv's reader (imageio's Pillow plugin) does, without the format probing that
+    makes imageio warn about its legacy DICOM plugin."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: image not found; check the MIMIC-CXR-JPG root or restore the file")
     try:
-        image = xrv.utils.load_image(str(path))  # (1, H, W) in [-1024, 1024]
-    except Exception as error:  # the image readers raise many types for a damaged file
+        with Image.open(path) as file:
+            image = file.copy()  # decodes now, so that a damaged file fails here; outlives the closed file
+    except Exception as error:  # Pillow raises many types for a damaged file
         raise ValueError(f"{path}: unreadable image ({error}); download it again") from error
-    square = xrv.datasets.XRayCenterCrop()(image)
-    return (xrv.datasets.XRayResizer(PATHOLOGY_RESOLUTION)(square),
-            xrv.datasets.XRayResizer(DEMOGRAPHY_RESOLUTION)(square))
+    try:
+        return preprocess_image(image)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
 
 
 class _Images(Dataset):
@@ -164,19 +190,61 @@ def _finished_rows(partial: Path) -> dict[str, str]:
     return {next(csv.reader([line]))[0]: line for line in lines}
 
 
-def _rows(images: pd.DataFrame, outputs: dict[str, torch.Tensor]) -> list[list]:
+def _as_kept(value: float, decimals: int) -> float:
+    """``value`` as the CSV keeps it and ``load_experts`` reads it back."""
+    return float(f"{value:.{decimals}f}")
+
+
+def _predict(models: ExpertModels, image_224: torch.Tensor, image_320: torch.Tensor, device: str,
+             identifiers: list[tuple[str, int, int]]) -> list[ExpertPrediction]:
+    """One batch's predictions, rounded as the CSV keeps them; ``identifiers``: each image's dicom_id,
+    subject_id and study_id."""
+    with torch.inference_mode():
+        outputs = models(image_224.to(device), image_320.to(device))
     outputs = {name: value.cpu().tolist() for name, value in outputs.items()}
-    rows = []
-    for index, image in enumerate(images.itertuples()):
-        race = outputs["race"][index]
-        rows.append([
-            image.dicom_id, image.subject_id, image.study_id,
-            *(f"{probability:.6f}" for probability in outputs["pathology"][index]),
-            f"{outputs['age'][index]:.2f}",
-            RACES[int(np.argmax(race))], *(f"{probability:.6f}" for probability in race),
-            VIEWS[outputs["view"][index]],
-        ])
-    return rows
+    return [
+        ExpertPrediction(
+            dicom_id=dicom_id, subject_id=subject_id, study_id=study_id,
+            probabilities=tuple(_as_kept(probability, PROBABILITY_DECIMALS)
+                                for probability in outputs["pathology"][index]),
+            age_years=_as_kept(outputs["age"][index], AGE_DECIMALS),
+            race=RACES[int(np.argmax(outputs["race"][index]))],
+            race_probabilities=tuple(_as_kept(probability, PROBABILITY_DECIMALS)
+                                     for probability in outputs["race"][index]),
+            view=VIEWS[outputs["view"][index]],
+        )
+        for index, (dicom_id, subject_id, study_id) in enumerate(identifiers)
+    ]
+
+
+def _csv_row(prediction: ExpertPrediction) -> list:
+    """The CSV's fields; a kept value formatted again gives back the digits it was kept from."""
+    return [
+        prediction.dicom_id, prediction.subject_id, prediction.study_id,
+        *(f"{probability:.{PROBABILITY_DECIMALS}f}" for probability in prediction.probabilities),
+        f"{prediction.age_years:.{AGE_DECIMALS}f}",
+        prediction.race, *(f"{probability:.{PROBABILITY_DECIMALS}f}" for probability in prediction.race_probabilities),
+        prediction.view,
+    ]
+
+
+def predict_experts(models: ExpertModels, images: dict[str, Image.Image],
+                    device: str = "cpu") -> dict[str, ExpertPrediction]:
+    """name -> the predictions for the image, in one batch: what ``load_experts`` reads from the CSV
+    ``run_experts`` writes for the image's file (the name as its dicom_id), but with subject_id and
+    study_id ``USER_IMAGE_ID``, for a person's own image belongs to no MIMIC subject or study. Each
+    image is 8-bit, as ``preprocess_image`` takes it.
+
+    Run in a batch of other images or on another device, the models' sums round differently, which
+    can move a probability's last kept digit (as between runs of ``run_experts`` with other batch
+    sizes); the prompt text changes only if that crosses a level's bound."""
+    if not images:
+        return {}
+    # Batched as run_experts' DataLoader batches: (B, 1, 224, 224) and (B, 1, 320, 320).
+    image_224, image_320 = default_collate([preprocess_image(image) for image in images.values()])
+    identifiers = [(name, USER_IMAGE_ID, USER_IMAGE_ID) for name in images]
+    predictions = _predict(models.to(device).eval(), image_224, image_320, device, identifiers)
+    return {prediction.dicom_id: prediction for prediction in predictions}
 
 
 @dataclass(frozen=True)
@@ -204,9 +272,10 @@ def run_experts(images: pd.DataFrame, models: ExpertModels, out: str | Path, bat
     with partial.open("a", encoding="utf-8", newline="") as side, \
             tqdm(total=len(images), initial=int(finished.sum()), unit="image", desc="experts") as progress:
         for start, (image_224, image_320) in zip(range(0, len(pending), batch_size), loader):
-            with torch.inference_mode():
-                outputs = models(image_224.to(device), image_320.to(device))
-            batch = {row[0]: _csv_lines([row]) for row in _rows(pending.iloc[start:start + batch_size], outputs)}
+            identifiers = list(pending[["dicom_id", "subject_id", "study_id"]].iloc[start:start + batch_size]
+                               .itertuples(index=False, name=None))
+            batch = {prediction.dicom_id: _csv_lines([_csv_row(prediction)])
+                     for prediction in _predict(models, image_224, image_320, device, identifiers)}
             side.write("".join(batch.values()))
             side.flush()
             os.fsync(side.fileno())

@@ -4,6 +4,7 @@ synthetic world's expert CSV."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -14,12 +15,14 @@ import pytest
 import torch
 import torchvision
 import torchxrayvision as xrv
+from PIL import Image, ImageOps
 from torch import nn
 
 from common.readers import InputError
 from datamodules.build import main as build_main
 from datamodules.experts_builder import (
-    WEIGHT_URLS, ExpertRun, load_expert_models, partial_path, preprocess, run_experts, weight_file,
+    USER_IMAGE_ID, WEIGHT_URLS, ExpertRun, load_expert_models, partial_path, predict_experts, preprocess,
+    preprocess_image, run_experts, weight_file,
 )
 from datamodules.experts import (
     COLUMNS, PATHOLOGIES, RACE_COLUMNS, RACES, ExpertPrediction, expert_text, level, load_experts,
@@ -85,6 +88,18 @@ def clean_csv(models, images, tmp_path_factory):
     out = tmp_path_factory.mktemp("clean") / "experts.csv"
     assert run_experts(images, models, out, batch_size=BATCH) == ExpertRun(images=IMAGES, computed=IMAGES, resumed=0)
     return out
+
+
+def xrv_preprocessing(path) -> tuple[np.ndarray, np.ndarray]:
+    """xrv's own reading of an image file, centre-cropped and resized to 224 and 320 px."""
+    square = xrv.datasets.XRayCenterCrop()(xrv.utils.load_image(str(path)))
+    return xrv.datasets.XRayResizer(224)(square), xrv.datasets.XRayResizer(320)(square)
+
+
+def gray_image(path) -> Image.Image:
+    """The image file read as the data module reads it: Pillow's 8-bit grayscale."""
+    with Image.open(path) as file:
+        return file.convert("L")
 
 
 def prediction(probability: float = 0.1, **fields) -> ExpertPrediction:
@@ -228,9 +243,7 @@ def test_rows_equal_xrvs_own_models_on_xrvs_own_preprocessing(weights_dir, clean
     rows = pd.read_csv(clean_csv, dtype={"dicom_id": str})
     assert list(rows["dicom_id"]) == list(images["dicom_id"])
     for path, (_, row) in zip(images["path"], rows.iterrows()):
-        square = xrv.datasets.XRayCenterCrop()(xrv.utils.load_image(str(path)))
-        image_224 = torch.from_numpy(xrv.datasets.XRayResizer(224)(square))[None]
-        image_320 = torch.from_numpy(xrv.datasets.XRayResizer(320)(square))[None]
+        image_224, image_320 = (torch.from_numpy(image)[None] for image in xrv_preprocessing(path))
         with torch.inference_mode():
             np.testing.assert_allclose(row[list(PATHOLOGIES)].to_numpy(float), pathology(image_224)[0], atol=1e-5)
             assert row["age_years"] == pytest.approx(age(image_320)[0, 0].item(), abs=0.006)
@@ -270,10 +283,66 @@ def test_a_side_file_with_another_header_is_refused(models, images, tmp_path):
         run_experts(images, models, out)
 
 
+@pytest.mark.filterwarnings("error")  # imageio warned of its legacy DICOM plugin when xrv probed the file
 def test_an_unreadable_image_is_an_error_naming_it(tmp_path):
     (tmp_path / "damaged.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(ValueError, match="damaged.jpg: unreadable image"):
         preprocess(tmp_path / "damaged.jpg")
+
+
+# A world image saved again as another kind of file, from its grayscale pixels.
+RESAVED = {
+    "grayscale PNG": lambda gray: gray,
+    # The channels differ so that taking the first (as xrv does) is told apart from converting to gray.
+    "RGB PNG": lambda gray: Image.merge("RGB", (ImageOps.invert(gray), gray, gray)),
+    "palette PNG": lambda gray: gray.quantize(64),
+}
+
+
+@pytest.mark.parametrize("kind", ["grayscale JPEG", *RESAVED])
+def test_a_file_is_preprocessed_bit_for_bit_as_xrvs_load_image_reads_it(kind, images, tmp_path):
+    path = images["path"].iloc[0]
+    if kind in RESAVED:
+        path = tmp_path / "image.png"
+        RESAVED[kind](gray_image(images["path"].iloc[0])).save(path)
+    for ours, xrvs in zip(preprocess(path), xrv_preprocessing(path)):
+        assert ours.dtype == xrvs.dtype == np.float32
+        np.testing.assert_array_equal(ours, xrvs)
+
+
+def test_an_l_image_in_memory_is_preprocessed_bit_for_bit_as_its_file(images):
+    for path in images["path"].head(2):
+        for in_memory, from_file in zip(preprocess_image(gray_image(path)), xrv_preprocessing(path)):
+            assert in_memory.shape in ((1, 224, 224), (1, 320, 320))
+            np.testing.assert_array_equal(in_memory, from_file)
+
+
+def test_an_image_of_more_than_8_bits_is_refused_naming_the_file(tmp_path):
+    Image.fromarray(np.full((8, 8), 1000, np.uint16)).save(tmp_path / "deep.png")
+    with pytest.raises(ValueError, match=r"deep\.png: mode I.*: the expert models take 8-bit images"):
+        preprocess(tmp_path / "deep.png")
+
+
+def test_predictions_in_memory_are_the_rows_load_experts_reads_from_the_csv(models, images, clean_csv):
+    first_batch = images.head(BATCH)  # the images of the CSV's first batch, so the models' sums round alike
+    predicted = predict_experts(models, {image.dicom_id: gray_image(image.path) for image in first_batch.itertuples()})
+    loaded = load_experts(clean_csv)
+    assert list(predicted) == list(first_batch["dicom_id"])
+    for dicom_id, prediction in predicted.items():
+        assert expert_text(prediction) == expert_text(loaded[dicom_id])
+        assert prediction == dataclasses.replace(loaded[dicom_id], subject_id=USER_IMAGE_ID, study_id=USER_IMAGE_ID)
+
+
+def test_no_images_give_no_predictions(models):
+    assert predict_experts(models, {}) == {}
+
+
+def test_a_missing_weights_directory_is_an_error_naming_every_weight_file(tmp_path):
+    absent = tmp_path / "xrv-weights"
+    with pytest.raises(FileNotFoundError) as error:
+        load_expert_models(absent)
+    assert all(str(weight_file(absent, model)) in str(error.value) for model in WEIGHT_URLS)
+    assert f"into {absent}" in str(error.value)
 
 
 def test_build_experts_writes_the_csv_and_prints_counts(world, weights_dir, tmp_path, capsys):

@@ -1,0 +1,251 @@
+"""A chest X-ray file (DICOM, JPEG or PNG) read into what the model and the prompt need: an 8-bit
+grayscale image, the study date and where it came from, the view, and a key that tells whether two
+files are of one patient without holding the patient's identifier.
+
+A JPEG or PNG is taken as it is (``Image.open(path).convert("L")``): it is assumed to be processed
+already, as MIMIC-CXR-JPG's images are. A DICOM file's pixels go through the steps by which
+MIMIC-CXR-JPG made its JPEGs from MIMIC-CXR's DICOM files (Johnson et al., "MIMIC-CXR-JPG, a large
+publicly available database of labeled chest radiographs", arXiv:1901.07042, 2019, Methods), so that
+our MIMIC-CXR-JPG-trained models see a DICOM as they saw their training images:
+
+1. the stored pixel array, decoded (pydicom, with the pylibjpeg plugins for JPEG, JPEG-LS and
+   JPEG 2000 transfer syntaxes);
+2. the Modality LUT: RescaleSlope and RescaleIntercept (``pydicom.pixels.apply_modality_lut``);
+3. the VOI LUT, or the first window (WindowCenter/WindowWidth) when there are several, where the file
+   has one (``apply_voi_lut``): the display the acquiring site chose. MIMIC-CXR-JPG lists no such
+   step; we take it because a file from another site may store far more range than the radiograph
+   uses (a 16-bit container for 12 bits of signal, collimator edges), which min-max alone would
+   keep and the window removes;
+4. min-max scaling of the values to [0, 255] (MIMIC-CXR-JPG: normalised to the 8-bit range);
+5. inversion when PhotometricInterpretation is MONOCHROME1 (its lowest value is white), so that
+   bone is always bright as in MONOCHROME2 (MIMIC-CXR-JPG inverted such images too);
+6. histogram equalisation, which MIMIC-CXR-JPG applied with OpenCV's ``equalizeHist``; Pillow's
+   ``ImageOps.equalize`` stands in for it here (the same mapping of each grey level through the
+   cumulative histogram; the rounding of a level can differ by a unit or so);
+7. an 8-bit "L" image. MIMIC-CXR-JPG then wrote JPEGs at quality 95; we keep the pixels lossless.
+
+The model's own preprocessing (resizing, normalisation) happens afterwards, in the collator.
+
+Nothing identifying leaves this module: the PatientID becomes ``patient_key``, a keyed BLAKE2b hash
+whose key is drawn anew in every process, so two files can be compared for the same patient while the
+key cannot be traced back to the identifier or linked across runs. Names, IDs and birth dates appear
+in no field, repr, log line or error message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from PIL import Image, ImageOps, UnidentifiedImageError
+from pydicom import config, uid
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
+
+from common.readers import InputError
+
+DATE_TAGS = ("StudyDate", "AcquisitionDate", "ContentDate")  # in the order a study's date is taken
+LATERAL_VIEWS = frozenset({"LATERAL", "LAT", "LL", "RL", "XTABLE LATERAL"})
+MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})  # read without looking for a DICOM marker
+EXPECTED = "a chest X-ray as DICOM (.dcm or no extension), JPEG or PNG"
+# The PyPI packages through which pydicom decodes each compressed transfer syntax.
+ALL_DECODERS = "pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg"
+DECODERS = {
+    **dict.fromkeys((uid.JPEGBaseline8Bit, uid.JPEGExtended12Bit, uid.JPEGLossless, uid.JPEGLosslessSV1,
+                     uid.JPEGLSLossless, uid.JPEGLSNearLossless), "pylibjpeg pylibjpeg-libjpeg"),
+    **dict.fromkeys((uid.JPEG2000Lossless, uid.JPEG2000, uid.HTJ2KLossless, uid.HTJ2KLosslessRPCL, uid.HTJ2K),
+                    "pylibjpeg pylibjpeg-openjpeg"),
+}
+# Drawn once per process: the same PatientID gives the same key within a run, and a key means nothing
+# outside it.
+_PATIENT_KEY_SECRET = secrets.token_bytes(32)
+
+
+@dataclass(frozen=True)
+class StudyFile:
+    """One chest X-ray file, read. ``date`` is the first valid one of ``DATE_TAGS`` (``date_source``
+    names it); both are None for a JPEG or PNG. ``view`` is ViewPosition as written (upper case).
+    ``warnings`` are problems read past (a malformed date that another tag replaced), each worded as
+    an ``InputError``. The repr shows no ``patient_key`` and no pixels."""
+
+    path: Path
+    image: Image.Image
+    date: date | None = None
+    date_source: str | None = None
+    patient_key: str | None = None
+    view: str | None = None
+    photometric: str | None = None
+    transfer_syntax: str | None = None
+    bits_stored: int | None = None
+    warnings: tuple[str, ...] = field(default=())
+
+    @property
+    def is_dicom(self) -> bool:
+        return self.transfer_syntax is not None
+
+    @property
+    def is_lateral(self) -> bool:
+        return self.view in LATERAL_VIEWS
+
+    def __repr__(self) -> str:
+        details = [f"path={str(self.path)!r}", f"size={self.image.width}x{self.image.height}",
+                   f"date={self.date.isoformat() if self.date else None}", f"date_source={self.date_source}",
+                   f"view={self.view}"]
+        if self.is_dicom:
+            details += [f"photometric={self.photometric}", f"transfer_syntax={self.transfer_syntax!r}",
+                        f"bits_stored={self.bits_stored}"]
+        return f"StudyFile({', '.join(details)})"
+
+
+def is_dicom(path: str | Path) -> bool:
+    """A DICOM file by its 'DICM' marker after the 128-byte preamble (files from an archive often have
+    no extension), or by a ``.dcm`` name."""
+    path = Path(path)
+    if path.suffix.lower() == ".dcm":
+        return True
+    try:
+        with path.open("rb") as file:
+            return file.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def read_study_file(path: str | Path) -> StudyFile:
+    """The file at ``path`` read as a chest X-ray (see the module docstring); every problem is an
+    ``InputError`` naming the file, the attribute and what to do."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, f"not found: expected {EXPECTED}", fix="check the path")
+    if is_dicom(path):
+        return _read_dicom(path)
+    try:
+        with Image.open(path) as image:
+            return StudyFile(path, image.convert("L"))
+    except (UnidentifiedImageError, OSError) as error:
+        raise InputError(path, f"neither a DICOM file (no 'DICM' marker at byte 128) nor an image ({error})",
+                         fix=f"give {EXPECTED}") from None
+
+
+def _read_dicom(path: Path) -> StudyFile:
+    # pydicom warns of an invalid value by quoting it, and a PatientName or PatientID can be one: nothing
+    # read here may put an identifier in a log.
+    with config.disable_value_validation():
+        return _read_dataset(path)
+
+
+def _read_dataset(path: Path) -> StudyFile:
+    try:
+        dataset = pydicom.dcmread(path)
+    except (InvalidDicomError, OSError, ValueError, EOFError) as error:
+        raise InputError(path, f"not a readable DICOM file ({type(error).__name__}: {error})",
+                         fix=f"give {EXPECTED}; a DICOM file without its 128-byte preamble can be rewritten "
+                             "with `dcmconv` (DCMTK) or `gdcmconv` (GDCM)") from None
+    _check_radiograph(path, dataset)
+    transfer_syntax = uid.UID(dataset.file_meta.get("TransferSyntaxUID", uid.ImplicitVRLittleEndian))
+    warnings: list[str] = []
+    found_date, date_source = _study_date(path, dataset, warnings)
+    patient_id = str(dataset.get("PatientID", "") or "").strip()
+    bits_stored = dataset.get("BitsStored")
+    return StudyFile(
+        path, _pixels(path, dataset, transfer_syntax), date=found_date, date_source=date_source,
+        patient_key=_patient_key(patient_id) if patient_id else None,
+        view=str(dataset.get("ViewPosition", "") or "").strip().upper() or None,
+        photometric=dataset.PhotometricInterpretation, transfer_syntax=transfer_syntax.name,
+        bits_stored=int(bits_stored) if bits_stored is not None else None, warnings=tuple(warnings),
+    )
+
+
+def _check_radiograph(path: Path, dataset: pydicom.Dataset) -> None:
+    """A single grayscale frame with pixels: a projection radiograph, not a report, a series or a screenshot."""
+    if "PixelData" not in dataset:
+        modality = dataset.get("Modality", "unknown")
+        raise InputError(path, f"no pixel data: this DICOM (Modality {modality}) holds no image, as a structured "
+                               "report, a presentation state or a key object does", field="PixelData",
+                         fix="export the radiograph itself (Modality CR or DX) from the archive")
+    photometric = str(dataset.get("PhotometricInterpretation", "")).strip()
+    samples = int(dataset.get("SamplesPerPixel", 1))
+    if photometric not in MONOCHROME or samples != 1:
+        raise InputError(path, f"a colour image ({photometric or 'no photometric interpretation'}, "
+                               f"{samples} samples per pixel), not a chest X-ray radiograph, which is "
+                               f"{' or '.join(MONOCHROME)}", field="PhotometricInterpretation",
+                         fix="export the original radiograph (Modality CR or DX), not a screen capture "
+                             "or a secondary capture of it")
+    frames = int(dataset.get("NumberOfFrames", 1) or 1)
+    if frames != 1:
+        raise InputError(path, f"{frames} frames: a chest X-ray radiograph has one (this looks like a "
+                               "fluoroscopy or a multi-frame series)", field="NumberOfFrames",
+                         fix="export the single radiograph of the study as its own DICOM file")
+
+
+def _study_date(path: Path, dataset: pydicom.Dataset, warnings: list[str]) -> tuple[date | None, str | None]:
+    """The first of ``DATE_TAGS`` that holds a valid date, and its tag; each malformed one before it is
+    recorded in ``warnings``, saying which tag the date came from instead."""
+    found, malformed = (None, None), []
+    for tag in DATE_TAGS:
+        value = str(dataset.get(tag, "") or "").strip()
+        if not value:
+            continue
+        try:
+            found = (_date(value), tag)
+            break
+        except ValueError:
+            malformed.append((tag, value))
+    instead = f"the date is taken from {found[1]} instead" if found[1] else "no other date tag holds one: no date"
+    for tag, value in malformed:
+        warnings.append(str(InputError(path, f"{value!r} is not a date (DICOM DA: YYYYMMDD); {instead}", field=tag,
+                                       fix=f"correct {tag} in the file, or give the date yourself")))
+    return found
+
+
+def _date(value: str) -> date:
+    """A DA value, ``YYYYMMDD``: eight digits exactly (``strptime`` would take '2026013' as 3 January)."""
+    if not (len(value) == 8 and value.isascii() and value.isdigit()):
+        raise ValueError(value)
+    return date(int(value[:4]), int(value[4:6]), int(value[6:]))
+
+
+def _patient_key(patient_id: str) -> str:
+    return hashlib.blake2b(patient_id.encode("utf-8"), key=_PATIENT_KEY_SECRET, digest_size=16).hexdigest()
+
+
+def _pixels(path: Path, dataset: pydicom.Dataset, transfer_syntax: uid.UID) -> Image.Image:
+    """Steps 1-7 of the module docstring."""
+    stored = _decoded(path, dataset, transfer_syntax)
+    # apply_voi_lut leaves the values as they are where the file has neither a VOI LUT nor a window.
+    values = apply_voi_lut(apply_modality_lut(stored, dataset), dataset, index=0).astype(np.float64)
+    low, high = values.min(), values.max()
+    if high == low:
+        raise InputError(path, f"every pixel has the value {low:g} after the rescale and window: a blank image",
+                         field="PixelData", fix="check that the file holds the radiograph, and its WindowWidth")
+    # Scaled as (high - v) for MONOCHROME1 rather than 255 minus the scaled value: the same radiograph
+    # stored either way then gives the same bytes, not values a rounding apart.
+    offsets = high - values if dataset.PhotometricInterpretation == "MONOCHROME1" else values - low
+    scaled = np.rint(offsets * (255.0 / (high - low))).astype(np.uint8)
+    return ImageOps.equalize(Image.fromarray(scaled, mode="L"))
+
+
+def _decoded(path: Path, dataset: pydicom.Dataset, transfer_syntax: uid.UID) -> np.ndarray:
+    """The stored pixel values (Rows, Columns); a transfer syntax nothing here decodes names the package that would."""
+    if transfer_syntax.is_compressed:
+        try:
+            decoder = get_decoder(transfer_syntax)
+        except NotImplementedError:
+            raise InputError(path, f"pixel data in transfer syntax {transfer_syntax.name} ({transfer_syntax}), "
+                                   "which pydicom cannot decode", field="TransferSyntaxUID",
+                             fix="convert it to an uncompressed DICOM, e.g. `gdcmconv --raw IN OUT` (GDCM) or "
+                                 "`dcmdjpeg IN OUT` (DCMTK)") from None
+        if not decoder.is_available:
+            raise InputError(path, f"pixel data in transfer syntax {transfer_syntax.name} ({transfer_syntax}), "
+                                   "which no installed package decodes", field="TransferSyntaxUID",
+                             fix=f"pip install {DECODERS.get(transfer_syntax, ALL_DECODERS)}") from None
+    try:
+        return dataset.pixel_array
+    except Exception as error:  # the decoders raise many types for damaged pixel data
+        raise InputError(path, f"the pixel data cannot be decoded ({type(error).__name__}: {error})",
+                         field="PixelData", fix="export the radiograph again from the archive") from None

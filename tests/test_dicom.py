@@ -1,0 +1,299 @@
+"""Reading a chest X-ray file, DICOM or image (``datamodules.dicom``), checked on synthetic DICOM files
+written from a world radiograph (``datamodules.synthetic.dicoms``) in the forms archives produce."""
+
+from __future__ import annotations
+
+import io
+from datetime import date
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image, ImageOps
+from pydicom.encaps import encapsulate
+from pydicom.uid import MPEG2MPML
+
+from common.readers import InputError
+from datamodules import dicom
+from datamodules.datamodule import SampleDataset
+from datamodules.dicom import is_dicom, read_study_file
+from datamodules.records import Sample
+from datamodules.synthetic.dicoms import main, write_dicom
+
+PATIENT_ID, PATIENT_NAME = "PID-7731-SECRET", "Doe^Jane"
+
+
+@pytest.fixture(scope="module")
+def radiograph(world) -> np.ndarray:
+    """One of the synthetic world's chest radiographs, as 8-bit grey levels."""
+    first = sorted((world / "mimic-cxr-jpg" / "files").rglob("*.jpg"))[0]
+    with Image.open(first) as image:
+        return np.asarray(image.convert("L"))
+
+
+def pixels(path: Path) -> np.ndarray:
+    return np.asarray(read_study_file(path).image)
+
+
+def rewritten(path: Path, out: Path, change) -> Path:
+    """A copy of the DICOM at ``path`` with ``change(dataset)`` applied: the malformed files a reader meets."""
+    dataset = pydicom.dcmread(path)
+    change(dataset)
+    dataset.save_as(out, enforce_file_format=True)
+    return out
+
+
+@pytest.mark.parametrize("bits", [8, 12, 16])
+def test_a_monochrome1_file_is_inverted_back_to_its_monochrome2_twin(radiograph, tmp_path, bits):
+    monochrome2 = write_dicom(radiograph, tmp_path / "m2.dcm", bits_stored=bits, photometric="MONOCHROME2")
+    monochrome1 = write_dicom(radiograph, tmp_path / "m1.dcm", bits_stored=bits, photometric="MONOCHROME1")
+    assert not np.array_equal(pydicom.dcmread(monochrome1).pixel_array, pydicom.dcmread(monochrome2).pixel_array)
+    assert np.array_equal(pixels(monochrome1), pixels(monochrome2))
+
+
+def test_a_16_bit_file_is_rescaled_windowed_scaled_and_equalised_as_computed_by_hand(radiograph, tmp_path):
+    slope, intercept, center, width = 0.25, -1024.0, 5000.0, 9000.0
+    path = write_dicom(radiograph, tmp_path / "16bit.dcm", bits_stored=16, rescale=(slope, intercept),
+                       window=(center, width))
+    stored = np.rint(radiograph.astype(np.float64) * 65535 / 255)
+    assert np.array_equal(pydicom.dcmread(path).pixel_array, stored)
+    modality = stored * slope + intercept
+    # DICOM PS3.3 C.11.2.1.2.1, the linear window, to [0, 1].
+    windowed = np.clip((modality - (center - 0.5)) / (width - 1) + 0.5, 0, 1)
+    scaled = np.rint((windowed - windowed.min()) / (windowed.max() - windowed.min()) * 255).astype(np.uint8)
+    expected = np.asarray(ImageOps.equalize(Image.fromarray(scaled)))
+    assert np.array_equal(pixels(path), expected)
+    # The window matters: the values it clips would otherwise stretch the scale.
+    unwindowed = np.rint((modality - modality.min()) / (modality.max() - modality.min()) * 255).astype(np.uint8)
+    assert not np.array_equal(np.asarray(ImageOps.equalize(Image.fromarray(unwindowed))), expected)
+
+
+def test_a_file_with_several_windows_is_shown_through_its_first(radiograph, tmp_path):
+    first = write_dicom(radiograph, tmp_path / "first.dcm", bits_stored=12, window=(1500.0, 2000.0))
+
+    def two_windows(dataset):
+        dataset.WindowCenter, dataset.WindowWidth = [1500.0, 3000.0], [2000.0, 500.0]
+
+    both = rewritten(first, tmp_path / "both.dcm", two_windows)
+    second = write_dicom(radiograph, tmp_path / "second.dcm", bits_stored=12, window=(3000.0, 500.0))
+    assert np.array_equal(pixels(both), pixels(first))
+    assert not np.array_equal(pixels(both), pixels(second))
+
+
+@pytest.mark.parametrize("bits", [8, 12, 16])
+def test_jpeg_2000_lossless_reads_exactly_as_uncompressed(radiograph, tmp_path, bits):
+    uncompressed = write_dicom(radiograph, tmp_path / "raw.dcm", bits_stored=bits)
+    compressed = write_dicom(radiograph, tmp_path / "j2k.dcm", bits_stored=bits, compression="jpeg2000-lossless")
+    assert read_study_file(compressed).transfer_syntax == "JPEG 2000 Image Compression (Lossless Only)"
+    assert compressed.stat().st_size < uncompressed.stat().st_size
+    assert np.array_equal(pixels(compressed), pixels(uncompressed))
+
+
+def test_lossy_jpeg_baseline_stays_within_its_quantisation_error(tmp_path):
+    """Each row a permutation of the 256 grey levels: a uniform histogram, so min-max and equalisation
+    leave the exact image as it is and pass JPEG's error through unstretched, and every frequency
+    present, so the error is not trivially small. Baseline JPEG rounds each coefficient of the
+    orthonormal 8x8 DCT to a multiple of its quantiser q, an error of at most q/2; by Parseval a block's
+    pixel error energy equals its coefficients', so the RMS pixel error is at most sqrt(mean(q^2) / 4).
+    One grey level more covers the decoder's rounding to integers and the equalisation of the lossy
+    image's slightly uneven histogram."""
+    rng = np.random.default_rng(0)
+    phantom = np.stack([rng.permutation(256) for _ in range(64)]).astype(np.uint8)
+    quality = 90
+    exact = write_dicom(phantom, tmp_path / "exact.dcm")
+    lossy = write_dicom(phantom, tmp_path / "lossy.dcm", compression="jpeg-baseline", jpeg_quality=quality)
+    assert np.array_equal(pixels(exact), phantom)
+    encoded = io.BytesIO()
+    Image.fromarray(phantom).save(encoded, format="JPEG", quality=quality)
+    quantisers = np.array(Image.open(encoded).quantization[0], dtype=np.float64)
+    bound = np.sqrt(np.mean(quantisers ** 2) / 4) + 1
+    error = np.sqrt(np.mean((pixels(lossy).astype(np.float64) - phantom) ** 2))
+    assert read_study_file(lossy).transfer_syntax == "JPEG Baseline (Process 1)"
+    assert 0 < error <= bound
+
+
+@pytest.mark.parametrize(("dates", "expected", "source"), [
+    ({"study_date": "20260103", "acquisition_date": "20260102", "content_date": "20260101"}, date(2026, 1, 3),
+     "StudyDate"),
+    ({"acquisition_date": "20260102", "content_date": "20260101"}, date(2026, 1, 2), "AcquisitionDate"),
+    ({"content_date": "20260101"}, date(2026, 1, 1), "ContentDate"),
+    ({}, None, None),
+])
+def test_the_date_is_the_study_date_else_the_acquisition_date_else_the_content_date(radiograph, tmp_path, dates,
+                                                                                    expected, source):
+    study = read_study_file(write_dicom(radiograph, tmp_path / "dated.dcm", **dates))
+    assert (study.date, study.date_source, study.warnings) == (expected, source, ())
+
+
+def test_a_malformed_study_date_falls_back_to_the_acquisition_date_and_says_so(radiograph, tmp_path):
+    path = write_dicom(radiograph, tmp_path / "bad-date.dcm", study_date="20261345", acquisition_date="20260102")
+    study = read_study_file(path)
+    assert (study.date, study.date_source) == (date(2026, 1, 2), "AcquisitionDate")
+    assert study.warnings == (
+        f"{path}, field StudyDate: '20261345' is not a date (DICOM DA: YYYYMMDD); the date is taken from "
+        "AcquisitionDate instead; correct StudyDate in the file, or give the date yourself",
+    )
+
+
+def test_malformed_dates_with_nothing_to_fall_back_on_give_no_date_and_say_so(radiograph, tmp_path):
+    study = read_study_file(write_dicom(radiograph, tmp_path / "bad.dcm", study_date="2026-01-01",
+                                        content_date="yesterday"))
+    assert (study.date, study.date_source) == (None, None)
+    assert [warning.split(": ", 1)[0] for warning in study.warnings] == [
+        f"{tmp_path / 'bad.dcm'}, field StudyDate", f"{tmp_path / 'bad.dcm'}, field ContentDate"]
+    assert all("no other date tag holds one: no date" in warning for warning in study.warnings)
+
+
+def test_a_dicom_file_without_an_extension_is_read_as_dicom(radiograph, tmp_path):
+    named = write_dicom(radiograph, tmp_path / "named.dcm", study_date="20260101")
+    bare = write_dicom(radiograph, tmp_path / "1.2.840.99999.1", study_date="20260101")
+    assert is_dicom(bare) and bare.suffix != ".dcm"
+    study = read_study_file(bare)
+    assert (study.is_dicom, study.date) == (True, date(2026, 1, 1))
+    assert np.array_equal(pixels(bare), pixels(named))
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".png"])
+def test_a_jpeg_or_png_is_read_as_it_is_with_no_date(radiograph, tmp_path, suffix):
+    path = tmp_path / f"study{suffix}"
+    Image.fromarray(radiograph).save(path)
+    study = read_study_file(path)
+    assert not is_dicom(path)
+    assert (study.is_dicom, study.date, study.date_source, study.patient_key, study.view) == (
+        False, None, None, None, None)
+    with Image.open(path) as image:
+        assert np.array_equal(np.asarray(study.image), np.asarray(image.convert("L")))
+
+
+@pytest.mark.parametrize(("view", "lateral"), [("PA", False), ("AP", False), ("LL", True), ("LATERAL", True),
+                                               ("lateral", True)])
+def test_the_view_says_whether_the_image_is_lateral(radiograph, tmp_path, view, lateral):
+    study = read_study_file(write_dicom(radiograph, tmp_path / "view.dcm", view=view))
+    assert (study.view, study.is_lateral) == (view.upper(), lateral)
+
+
+def test_the_patient_key_matches_files_of_one_patient_and_is_not_the_patient_id(radiograph, tmp_path):
+    first = read_study_file(write_dicom(radiograph, tmp_path / "a.dcm", patient_id=PATIENT_ID))
+    second = read_study_file(write_dicom(radiograph, tmp_path / "b.dcm", patient_id=PATIENT_ID))
+    other = read_study_file(write_dicom(radiograph, tmp_path / "c.dcm", patient_id="PID-0002"))
+    anonymous = read_study_file(write_dicom(radiograph, tmp_path / "d.dcm", patient_id=""))
+    assert first.patient_key == second.patient_key != other.patient_key
+    assert anonymous.patient_key is None
+    assert PATIENT_ID not in first.patient_key and len(first.patient_key) == 32
+
+
+def test_no_patient_name_or_id_appears_in_a_repr_a_warning_or_an_error(radiograph, tmp_path):
+    path = write_dicom(radiograph, tmp_path / "named.dcm", patient_id=PATIENT_ID, patient_name=PATIENT_NAME,
+                       study_date="2026013")
+    study = read_study_file(path)
+    no_pixels = rewritten(path, tmp_path / "no-pixels.dcm", lambda dataset: dataset.pop("PixelData"))
+    colour = rewritten(path, tmp_path / "colour.dcm",
+                       lambda dataset: dataset.set_pixel_data(np.stack([radiograph] * 3, axis=-1), "RGB", 8))
+    texts = [repr(study), str(study), *study.warnings]
+    for bad in (no_pixels, colour):
+        with pytest.raises(InputError) as error:
+            read_study_file(bad)
+        texts.append(str(error.value))
+    assert study.warnings
+    for text in texts:
+        assert PATIENT_ID not in text and "Doe" not in text and "Jane" not in text, text
+
+
+def _without_pixels(dataset):
+    del dataset.PixelData
+
+
+def _colour(dataset):
+    dataset.set_pixel_data(np.zeros((8, 8, 3), dtype=np.uint8), "RGB", 8)
+
+
+def _two_frames(dataset):
+    dataset.set_pixel_data(np.stack([np.arange(64, dtype=np.uint8).reshape(8, 8)] * 2), "MONOCHROME2", 8)
+
+
+def _mpeg2(dataset):
+    dataset.PixelData = encapsulate([bytes(16)])
+    dataset["PixelData"].VR = "OB"
+    dataset.file_meta.TransferSyntaxUID = MPEG2MPML
+
+
+def _blank(dataset):
+    dataset.set_pixel_data(np.full((8, 8), 7, dtype=np.uint8), "MONOCHROME2", 8)
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    (_without_pixels, "field PixelData: no pixel data: this DICOM (Modality CR) holds no image"),
+    (_colour, "field PhotometricInterpretation: a colour image (RGB, 3 samples per pixel), not a chest X-ray "
+              "radiograph"),
+    (_two_frames, "field NumberOfFrames: 2 frames: a chest X-ray radiograph has one"),
+    (_mpeg2, "field TransferSyntaxUID: pixel data in transfer syntax MPEG2 Main Profile / Main Level "
+             "(1.2.840.10008.1.2.4.100), which pydicom cannot decode; convert it to an uncompressed DICOM"),
+    (_blank, "field PixelData: every pixel has the value 7 after the rescale and window: a blank image"),
+])
+def test_a_dicom_that_is_no_chest_radiograph_is_an_input_error_naming_the_file_and_field(radiograph, tmp_path,
+                                                                                         change, expected):
+    path = rewritten(write_dicom(radiograph, tmp_path / "good.dcm"), tmp_path / "bad.dcm", change)
+    with pytest.raises(InputError) as error:
+        read_study_file(path)
+    assert str(error.value).startswith(f"{path}, {expected}")
+    assert error.value.fix
+
+
+def test_a_transfer_syntax_whose_decoder_is_not_installed_names_the_package_to_install(radiograph, tmp_path,
+                                                                                       monkeypatch):
+    path = write_dicom(radiograph, tmp_path / "j2k.dcm", compression="jpeg2000-lossless")
+    # The decoders are installed here: their absence is what a person without pylibjpeg-openjpeg meets.
+    monkeypatch.setattr(dicom, "get_decoder", lambda transfer_syntax: SimpleNamespace(is_available=False))
+    with pytest.raises(InputError, match=r"field TransferSyntaxUID: pixel data in transfer syntax JPEG 2000 Image "
+                                         r"Compression \(Lossless Only\) .*which no installed package decodes; "
+                                         r"pip install pylibjpeg pylibjpeg-openjpeg$"):
+        read_study_file(path)
+
+
+@pytest.mark.parametrize(("name", "content", "expected"), [
+    ("gone.dcm", None, "not found: expected a chest X-ray as DICOM (.dcm or no extension), JPEG or PNG"),
+    ("gone.png", None, "not found: expected a chest X-ray as DICOM (.dcm or no extension), JPEG or PNG"),
+    ("notes.txt", b"the patient is fine\n", "neither a DICOM file (no 'DICM' marker at byte 128) nor an image"),
+    ("notes.dcm", b"the patient is fine\n", "not a readable DICOM file (InvalidDicomError"),
+])
+def test_a_missing_file_or_one_that_is_no_image_is_an_input_error_naming_it(tmp_path, name, content, expected):
+    path = tmp_path / name
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(InputError) as error:
+        read_study_file(path)
+    assert str(error.value).startswith(f"{path}: {expected}")
+
+
+def test_the_datamodule_reads_a_dicom_sample_through_the_dicom_pipeline(radiograph, tmp_path):
+    current = write_dicom(radiograph, tmp_path / "current", study_date="20260101", photometric="MONOCHROME1",
+                          bits_stored=12)
+    prior = tmp_path / "prior.jpg"
+    Image.fromarray(radiograph).save(prior)
+    sample = Sample("own-1", "difference", "difference", "what has changed?", "nothing has changed.",
+                    image=current, prior_image=prior, interval_days=30.0)
+    loaded = SampleDataset([sample])[0]
+    assert np.array_equal(np.asarray(loaded.image), pixels(current))
+    with Image.open(prior) as image:
+        assert np.array_equal(np.asarray(loaded.prior_image), np.asarray(image.convert("L")))
+
+
+def test_the_datamodule_names_the_sample_and_field_of_a_bad_dicom(radiograph, tmp_path):
+    bad = rewritten(write_dicom(radiograph, tmp_path / "good.dcm"), tmp_path / "bad.dcm", _without_pixels)
+    sample = Sample("own-2", "diagnostic", "view", "which view is this image taken?", "PA view", image=bad)
+    with pytest.raises(InputError, match=r"field PixelData: no pixel data: .* \(image of sample own-2\); export"):
+        SampleDataset([sample])[0]
+
+
+def test_the_command_writes_a_dicom_and_prints_no_patient_identifier(world, tmp_path, capsys):
+    image = sorted((world / "mimic-cxr-jpg" / "files").rglob("*.jpg"))[0]
+    out = tmp_path / "study"
+    main([str(image), str(out), "--study-date", "20260101", "--view", "AP", "--patient-id", PATIENT_ID,
+          "--patient-name", PATIENT_NAME, "--bits", "12", "--window", "2048", "4096",
+          "--compression", "jpeg2000-lossless"])
+    printed = capsys.readouterr().out
+    assert printed == f"wrote {out}: StudyDate 20260101, view AP, JPEG 2000 Image Compression (Lossless Only)\n"
+    study = read_study_file(out)
+    assert (study.date, study.view, study.bits_stored) == (date(2026, 1, 1), "AP", 12)
