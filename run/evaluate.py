@@ -46,10 +46,10 @@ def checkpoint_version(path: Path) -> dict[str, int]:
     return {"bytes": sum(stat.st_size for stat in stats), "modified_ns": max(stat.st_mtime_ns for stat in stats)}
 
 
-def require_checkpoint(cfg: DictConfig) -> None:
-    """Fails before anything is prepared when ``ckpt`` is unset or names nothing."""
+def require_checkpoint(cfg: DictConfig, command: str = "evaluate with python eval.py") -> None:
+    """Fails before anything is prepared when ``ckpt`` is unset or names nothing; ``command`` is what to run."""
     if OmegaConf.is_missing(cfg, "ckpt") or cfg.ckpt is None:
-        raise MissingInputs("ckpt is not set: evaluate with python eval.py ckpt=<a checkpoint from train.py, "
+        raise MissingInputs(f"ckpt is not set: {command} ckpt=<a checkpoint from train.py, "
                             "a sharded checkpoint directory, or an exported model directory>")
     if not Path(cfg.ckpt).exists():
         raise MissingInputs(f"ckpt = {cfg.ckpt} does not exist: give the checkpoint train.py printed "

@@ -5,7 +5,8 @@
     models, datamodules              import common (and themselves), not each other
     evaluation                       imports datamodules and common
     run                              the entry points' shared helpers: any of the above
-    train.py, eval.py, predict.py, demo.py, bench, tests  anything but an entry point
+    train.py, eval.py, predict.py,   anything but an entry point
+    demo.py, bench, tests
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def python_files() -> list[Path]:
 
 
 def layer(path: Path) -> str:
-    """The layer of a file: its top-level package, or ``entry point`` for the entry points (ENTRY_POINTS)."""
+    """The layer of a file: its top-level package, or ``entry point`` for a top-level script (``ENTRY_POINTS``)."""
     parts = path.relative_to(ROOT).parts
     if len(parts) == 1:
         if path.stem in ENTRY_POINTS:
