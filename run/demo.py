@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import html
 import os
+import warnings
 
 import gradio as gr
 from omegaconf import DictConfig
+from pandas.errors import Pandas4Warning
 
 from common.readers import InputError
 from datamodules.dicom import StudyFile, read_study_file
@@ -133,14 +135,17 @@ def build_app(predictor: Predictor, host: str = "127.0.0.1") -> gr.Blocks:
             answer, change = predictor.ask(pair), None
         interval = (f"{answer.interval['days']:g} days ({answer.interval['source']})" if answer.interval is not None
                     else "none (no prior study shown to the model)")
-        warnings = "\n".join(f"- {html.escape(warning)}" for warning in answer.warnings)  # they name the files
+        cautions = "\n".join(f"- {html.escape(warning)}" for warning in answer.warnings)  # they name the files
         # An empty box would look like no answer yet, or a page that failed.
         status = "" if answer.prediction else "**The model's answer is empty:** it generated no text."
         shown_change = gr.Image(change, visible=change is not None)
-        return status, answer.prediction, interval, warnings, answer.prompt, shown_change
+        return status, answer.prediction, interval, cautions, answer.prompt, shown_change
 
     # Gradio's telemetry calls read this variable whatever the page's own setting says.
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    # Gradio's queue uses pandas options that pandas 3 deprecates, warning on every question asked: noise
+    # about Gradio's code, not about the person's studies.
+    warnings.filterwarnings("ignore", category=Pandas4Warning, module=r"gradio\.queueing")
     with gr.Blocks(title="lumen: ask about two chest X-rays", analytics_enabled=False,
                    delete_cache=DELETE_CACHE) as app:
         gr.Markdown("# Ask about two chest X-rays\nUpload the current study and, to ask what changed, a prior one "
@@ -178,7 +183,7 @@ def build_app(predictor: Predictor, host: str = "127.0.0.1") -> gr.Blocks:
             with gr.Column():
                 answer = gr.Textbox(label="Answer", lines=3, interactive=False, elem_id="answer")
                 interval = gr.Textbox(label="Interval used", interactive=False, elem_id="interval")
-                warnings = gr.Markdown(elem_id="warnings")
+                cautions = gr.Markdown(elem_id="warnings")
             change = gr.Image(label="Where the model sees change (current study as the model saw it)",
                               interactive=False, visible=False, height=360, buttons=IMAGE_BUTTONS, elem_id="change")
         with gr.Accordion("Prompt settings from the checkpoint, and the prompt", open=False):
@@ -189,7 +194,7 @@ def build_app(predictor: Predictor, host: str = "127.0.0.1") -> gr.Blocks:
         gr.Markdown(footer(host), elem_id="footer")
         ask_button.click(ask, [studies["current"][0], studies["prior"][0], studies["current"][1], studies["prior"][1],
                                interval_days, preset, question, finding, days, options, show_change],
-                         [status, answer, interval, warnings, prompt, change], preprocess=False,
+                         [status, answer, interval, cautions, prompt, change], preprocess=False,
                          concurrency_limit=1)  # one question at a time: every visitor asks the same model
     return app
 
