@@ -2,9 +2,12 @@
 against eval.py's on the same samples (the baseline; the goal is at least 0.9x its samples/s).
 
 The samples are the first ``--samples`` of the world's test split. Both runs load the checkpoint,
-read the images, generate greedily in batches of ``--batch-size`` and write their records; eval.py
-also scores them. Manifest mode runs twice: on the world's JPEGs, as eval.py reads them, and on the
-same images written as 16-bit JPEG 2000 DICOMs, which it must decode and convert first.
+read the images, generate greedily in batches of ``--batch-size`` (``evaluation.generation``) and
+write their records; eval.py also loads the dataset's tables and scores, tabulates and plots, and
+predict.py reads and checks the manifest's files. Each is timed end to end and in its generation
+stage alone, the like-for-like part. Manifest mode runs twice: on the world's JPEGs, as eval.py reads
+them, and on the same images written as 16-bit JPEG 2000 DICOMs, which it decodes and converts
+(twice: once to check each row, once to answer it).
 
     python train.py                                                    # the demo checkpoint
     python -m bench.predict --ckpt outputs/<date>/<time>/checkpoints/last.ckpt
@@ -26,6 +29,8 @@ from datamodules.diffvqa import load_diffvqa
 from datamodules.dicom import read_study_file
 from datamodules.pairs import make_pair
 from datamodules.synthetic.dicoms import write_dicom
+import run.evaluate
+import run.predict
 from run.cli import compose_config, quiet_library_noise
 from run.evaluate import evaluate
 from run.predict import Predictor, predict
@@ -37,6 +42,29 @@ def timed(run) -> float:
     start = time.perf_counter()
     run()
     return time.perf_counter() - start
+
+
+class GenerationClock:
+    """Times the generation stage of eval.py and predict.py: both call ``generate_records``, each by the
+    name its module imported, which this wraps while the benchmark runs."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self.original = run.evaluate.generate_records
+
+    def __enter__(self):
+        def timed_generation(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return self.original(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
+
+        run.evaluate.generate_records = run.predict.generate_records = timed_generation
+        return self
+
+    def __exit__(self, *error):
+        run.evaluate.generate_records = run.predict.generate_records = self.original
 
 
 def write_manifest(path: Path, rows: list[tuple]) -> Path:
@@ -62,7 +90,7 @@ def as_dicoms(samples, directory: Path) -> dict[Path, Path]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", type=Path, required=True, help="a checkpoint from train.py (or an export)")
-    parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5, help="single-pair latency: the median of this many")
     args = parser.parse_args()
@@ -88,9 +116,12 @@ def main() -> None:
 
     evaluate(eval_cfg)  # warm-up: files cached, libraries loaded; then every run starts from an empty directory
     eval_cfg.paths.output_dir = str(work / "eval-timed")
-    seconds = {"eval.py (baseline)": timed(lambda: evaluate(eval_cfg)),
-               "predict.py manifest=, JPEGs": timed(manifest(jpegs, "jpegs")),
-               "predict.py manifest=, DICOMs": timed(manifest(dicoms, "dicoms"))}
+    runs = {"eval.py (baseline)": lambda: evaluate(eval_cfg), "predict.py manifest=, JPEGs": manifest(jpegs, "jpegs"),
+            "predict.py manifest=, DICOMs": manifest(dicoms, "dicoms")}
+    seconds = {}
+    for name, run_it in runs.items():
+        with GenerationClock() as generation:
+            seconds[name] = (timed(run_it), generation.seconds)
 
     predictor = Predictor(args.ckpt, accelerator="cpu")
     two = next(s for s in samples if s.has_prior)
@@ -105,10 +136,12 @@ def main() -> None:
 
     print(f"\n{len(samples)} test samples, batches of {args.batch_size}, {torch.get_num_threads()} CPU threads, "
           f"checkpoint {args.ckpt}\n")
-    print("| run | seconds | samples/s | vs eval.py |\n| --- | ---: | ---: | ---: |")
-    baseline = seconds["eval.py (baseline)"]
-    for name, spent in seconds.items():
-        print(f"| {name} | {spent:.1f} | {len(samples) / spent:.2f} | {baseline / spent:.2f}x |")
+    print("| run | end to end (s) | samples/s | vs eval.py | generation (s) | samples/s | vs eval.py |\n"
+          "| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    whole, generating = seconds["eval.py (baseline)"]
+    for name, (spent, generated) in seconds.items():
+        print(f"| {name} | {spent:.1f} | {len(samples) / spent:.1f} | {whole / spent:.2f}x | {generated:.1f} | "
+              f"{len(samples) / generated:.1f} | {generating / generated:.2f}x |")
     print("\n| one pair, model loaded (files read, prompt, generation) | median seconds |\n| --- | ---: |")
     for name, spent in latencies.items():
         print(f"| {name} | {spent:.3f} |")
