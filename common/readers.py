@@ -43,11 +43,12 @@ class InputError(UsageError, ValueError):
 
 @dataclass
 class Problems:
-    """Input problems collected instead of raised, each kind listed up to ``EXAMPLES`` times."""
+    """Input problems collected instead of raised, each kind listed up to ``listed`` times (None: all)."""
 
     examples: dict[tuple[str, str], list[InputError]] = field(default_factory=dict)
     counts: Counter = field(default_factory=Counter)
     seen: set[str] = field(default_factory=set)
+    listed: int | None = EXAMPLES
 
     def add(self, error: InputError) -> None:
         """Records ``error`` once: the same message again (a file read for each split) is not a new problem."""
@@ -56,8 +57,9 @@ class Problems:
         self.seen.add(str(error))
         key = (error.source, error.kind)
         self.counts[key] += 1
-        if len(self.examples.setdefault(key, [])) < EXAMPLES:
-            self.examples[key].append(error)
+        examples = self.examples.setdefault(key, [])
+        if self.listed is None or len(examples) < self.listed:
+            examples.append(error)
 
     def __len__(self) -> int:
         return sum(self.counts.values())

@@ -116,13 +116,17 @@ class LumenCollator:
         """The image slots a two-image prompt shows."""
         return IMAGE_SLOTS[self.fusion_mode]
 
-    def tokenize(self, sample: Sample) -> tuple[list[int], list[int]]:
-        """Returns (input ids, labels) for one sample; labels are empty for generation."""
+    def chat_text(self, sample: Sample) -> str:
+        """The chat-formatted prompt of one sample, each image shown as one image token (``tokenize``
+        gives each its ``tokens_per_image``)."""
         prompt = user_prompt(sample, self.image_token, self.interval_in_prompt, self.fusion_mode)
-        text = self.tokenizer.apply_chat_template(
+        return self.tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
         )
-        text = text.replace(self.image_token, self.image_token * self.tokens_per_image)
+
+    def tokenize(self, sample: Sample) -> tuple[list[int], list[int]]:
+        """Returns (input ids, labels) for one sample; labels are empty for generation."""
+        text = self.chat_text(sample).replace(self.image_token, self.image_token * self.tokens_per_image)
         prompt_ids = self.tokenizer(text, add_special_tokens=False).input_ids
         if self.for_generation:
             return prompt_ids, []

@@ -120,7 +120,9 @@ class LumenDataModule(L.LightningDataModule):
             {"tasks": tasks, "use_prior": use_prior, "interval_in_prompt": interval_in_prompt, "batch_size": batch_size,
              "global_batch_size": global_batch_size, "image_resize": image_resize,
              "sources": {name: type(source).__name__ for name, source in sources.items()},
-             "experts_in_prompt": experts is not None, "expert_demographics": expert_demographics},
+             "experts_in_prompt": experts is not None, "expert_demographics": expert_demographics,
+             # How MMXU's questions showed the prior report (none, global, regional); None without MMXU.
+             "history": next((source.history for source in sources.values() if hasattr(source, "history")), None)},
             logger=False,
         )
         self.sources, self.use_prior = dict(sources), use_prior

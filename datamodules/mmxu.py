@@ -141,6 +141,14 @@ def history_text(report: str, mode: str, region: str | None = None) -> str | Non
     return f"What the report of the previous image says about the {region}: {' '.join(sentences)}"
 
 
+def history_for_question(report: str, mode: str, question: str) -> str | None:
+    """The history lines for a question asked outside the dataset (``predict.py``'s ``prior_report``):
+    ``regional`` takes the region the question names, and falls back to ``global`` as the loader does
+    for a question that names none."""
+    region = _named_region(question) if mode == "regional" else None
+    return history_text(report, "global" if mode == "regional" and region is None else mode, region)
+
+
 def _report_path(reports_root: Path, subject_id: int, study_id: int) -> Path:
     subject = str(subject_id)
     return reports_root / "files" / f"p{subject[:2]}" / f"p{subject}" / f"s{study_id}.txt"

@@ -12,24 +12,26 @@ which tag a date came from and how many days apart the studies are, never the da
 
 The manifest is a CSV with a header: ``current`` and ``question`` are required; ``prior``,
 ``days``, ``finding``, ``options`` (choices separated by ``|``), ``current_date``, ``prior_date``,
-``interval_days`` and ``id`` may be given (empty cells mean not given). Paths are relative to the
-manifest's directory. A row's sample id is its ``id``, else ``line-<its line>``.
+``interval_days``, ``prior_report`` (a text file) and ``id`` may be given (empty cells mean not given).
+Paths are relative to the manifest's directory. A row's sample id is its ``id``, else ``line-<its line>``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field, replace
 from datetime import date
 from pathlib import Path
 
-from common.readers import InputError, Problems, raise_or_record, read_csv
+from common.readers import InputError, Problems, raise_or_record, read_csv, read_text
 from datamodules.dicom import StudyFile, read_study_file
-from datamodules.presets import AskError, resolve_question
+from datamodules.presets import LETTERS, AskError, resolve_question
 from datamodules.records import Sample
 
 MANIFEST_COLUMNS = ("current", "question")
-OPTIONAL_COLUMNS = ("id", "prior", "days", "finding", "options", "current_date", "prior_date", "interval_days")
+OPTIONAL_COLUMNS = ("id", "prior", "days", "finding", "options", "current_date", "prior_date", "interval_days",
+                    "prior_report")
 OPTION_SEPARATOR = "|"
 
 
@@ -46,6 +48,7 @@ class Pair:
     sample: Sample
     interval: Interval | None
     warnings: tuple[str, ...] = field(default=())
+    prior_report: str | None = None  # the prior study's report, shown as the checkpoint's history mode shows it
 
 
 def parse_date(text: str, name: str) -> date:
@@ -90,15 +93,24 @@ def interval_between(current: StudyFile, prior: StudyFile, current_date: str | N
     return Interval(float(days), source)
 
 
-def check_same_patient(current: StudyFile, prior: StudyFile, allow_different_patients: bool) -> None:
+def check_same_patient(current: StudyFile, prior: StudyFile, allow_different_patients: bool) -> list[str]:
     """Two DICOMs whose PatientIDs differ are refused unless allowed (a key of the ID is compared, never
-    the ID itself); an image file has no PatientID to compare."""
-    if current.patient_key is None or prior.patient_key is None or current.patient_key == prior.patient_key:
-        return
-    if not allow_different_patients:
+    the ID itself). A pair that cannot be checked (an image file, a DICOM without PatientID) is warned
+    about when one of its files is a DICOM, and so is a prior that is the current study's own file."""
+    if current.path.resolve() == prior.path.resolve():
+        return [f"current and prior are the same file ({current.path.name}): the model is asked to compare a "
+                "study with itself"]
+    if current.patient_key is None or prior.patient_key is None:
+        if not (current.is_dicom or prior.is_dicom):
+            return []
+        unchecked = [study.path.name for study in (current, prior) if study.patient_key is None]
+        return [f"could not check that both studies are the same patient's: {' and '.join(unchecked)} "
+                f"{'has' if len(unchecked) == 1 else 'have'} no PatientID"]
+    if current.patient_key != prior.patient_key and not allow_different_patients:
         raise AskError("prior", f"{current.path.name} and {prior.path.name} have different PatientIDs: a prior "
                        "study must be the same patient's; set allow_different_patients=true if they are",
                        "different patients")
+    return []
 
 
 def study_warnings(studies: dict[str, StudyFile | None]) -> list[str]:
@@ -118,29 +130,52 @@ def study_warnings(studies: dict[str, StudyFile | None]) -> list[str]:
 def make_pair(sample_id: str, current: StudyFile, prior: StudyFile | None, question: str, *, days: int | None = None,
               finding: str | None = None, options: list[str] | None = None, current_date: str | None = None,
               prior_date: str | None = None, interval_days: float | None = None,
-              allow_different_patients: bool = False, history: str | None = None) -> Pair:
-    """One question about ``current`` (and ``prior``) as a ``Sample`` with no reference answer.
-    Anything wrong is an ``AskError`` naming the setting to change."""
-    if prior is None and (prior_date or interval_days is not None):
-        raise AskError("prior", "prior_date and interval_days describe a prior study: give prior=<its file> too",
-                       "no prior")
+              allow_different_patients: bool = False, prior_report: str | None = None) -> Pair:
+    """One question about ``current`` (and ``prior``) as a ``Sample`` with no reference answer, as the
+    model was trained on its kind: a diagnostic preset without the prior. Anything wrong is an
+    ``AskError`` naming the setting to change."""
+    if prior is None and (current_date or prior_date or interval_days is not None or prior_report):
+        raise AskError("prior", "current_date, prior_date, interval_days and prior_report are about a prior study: "
+                       "give prior=<its file> too", "no prior")
     asked = resolve_question(question, prior is not None, days=days, finding=finding, options=options)
+    warnings = []
+    if asked.one_image and prior is not None:
+        warnings.append(f"question={question.strip()} is answered from the current study alone, as the model was "
+                        "trained to answer it: the prior study is not shown to it")
+        prior = None
+    if asked.options is not None and len(asked.options) != len(LETTERS):
+        warnings.append(f"{len(asked.options)} options: MMXU's questions, which the model was trained on, have "
+                        f"{len(LETTERS)}")
     interval = None
     if prior is not None:
-        check_same_patient(current, prior, allow_different_patients)
+        warnings += check_same_patient(current, prior, allow_different_patients)
         interval = interval_between(current, prior, current_date, prior_date, interval_days)
     sample = Sample(
         sample_id=sample_id, task=asked.task, question_type=asked.question_type, question=asked.text, answer=None,
         image=current.path, prior_image=prior.path if prior is not None else None,
-        interval_days=interval.days if interval is not None else None, options=asked.options, history=history,
+        interval_days=interval.days if interval is not None else None, options=asked.options,
     )
-    return Pair(sample, interval, tuple(study_warnings({"current": current, "prior": prior})))
+    return Pair(sample, interval, tuple(warnings + study_warnings({"current": current, "prior": prior})),
+                prior_report if prior is not None else None)
 
 
 @dataclass
 class Manifest:
     pairs: list[Pair]
     rows: int  # data rows in the file
+    lines: dict[str, int]  # each row's sample id to its line
+    failed: dict[str, int]  # the sample id of each row left out, to its line
+    files: dict[str, str]  # each pair's sample id to a digest of its files as they are now (``files_digest``)
+
+
+def files_digest(*studies: StudyFile | None) -> str:
+    """A digest of where the files are and of their size and last change, to tell a row whose files
+    were replaced or renamed from one whose files are as they were (the digest, not the path, is stored)."""
+    parts = []
+    for study in studies:
+        stat = study.path.stat() if study is not None else None
+        parts.append("" if study is None else f"{study.path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
 def _cell(row: dict, name: str) -> str | None:
@@ -148,17 +183,15 @@ def _cell(row: dict, name: str) -> str | None:
     return value.strip() if isinstance(value, str) and value.strip() else None
 
 
-def _whole(text: str | None, name: str) -> int | None:
-    if text is None:
+def parse_days(text: str | None, name: str, whole: bool = False) -> float | int | None:
+    """A number of days written in a manifest's cell or a page's box; None when empty."""
+    text = text.strip() if text else None
+    if not text:
         return None
-    if not text.isdigit():
-        raise AskError(name, f"{text!r} is not a whole number of days")
-    return int(text)
-
-
-def _number(text: str | None, name: str) -> float | None:
-    if text is None:
-        return None
+    if whole:
+        if not text.isdigit():
+            raise AskError(name, f"{text!r} is not a whole number of days")
+        return int(text)
     try:
         return float(text)
     except ValueError:
@@ -169,21 +202,31 @@ def read_manifest(path: str | Path, problems: Problems | None = None, allow_diff
                   studies: dict[Path, StudyFile] | None = None) -> Manifest:
     """The manifest's rows as pairs. A row's problem (a missing or unreadable file, a prior after the
     current study, a bad value) is an ``InputError`` naming the line and the field: raised, or with
-    ``problems`` recorded and the row left out. ``studies`` caches files read once (a study asked
-    several questions is read once)."""
+    ``problems`` recorded and the row left out. A column the manifest does not know is refused (a
+    misspelt ``id`` would otherwise number the rows by line). ``studies`` caches files read once (a
+    study asked several questions is read once)."""
     table = read_csv(path, list(MANIFEST_COLUMNS), "a manifest CSV of the pairs to ask about: columns "
                      f"{', '.join(MANIFEST_COLUMNS)} and any of {', '.join(OPTIONAL_COLUMNS)}", dtype=str)
     path = table.path
+    unknown = [str(name) for name in table.frame.columns if name not in MANIFEST_COLUMNS + OPTIONAL_COLUMNS]
+    if unknown:
+        raise InputError(path, f"unknown column{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}",
+                         line=1, fix=f"the columns are {', '.join(MANIFEST_COLUMNS)} and any of "
+                         f"{', '.join(OPTIONAL_COLUMNS)}")
     studies = {} if studies is None else studies
-    pairs, ids = [], {}
+    pairs, ids, failed, files = [], {}, {}, {}
     for row_index, row in enumerate(table.frame.to_dict("records")):
         line = table.line(row_index)
+        sample_id = _cell(row, "id") or f"line-{line}"
 
         def fail(field_name: str, problem: str, kind: str | None = None) -> InputError:
             return InputError(path, problem, line=line, field=field_name, kind=kind or f"field {field_name}")
 
         try:
-            files = {}
+            if sample_id in ids:
+                raise fail("id", f"{sample_id} repeats line {ids[sample_id]}", "repeated id")
+            ids[sample_id] = line
+            read = {}
             for role in ("current", "prior"):
                 name = _cell(row, role)
                 if name is None:
@@ -197,27 +240,31 @@ def read_manifest(path: str | Path, problems: Problems | None = None, allow_diff
                         # read again when the sample is, rather than all of them held at once.
                         studies[file] = replace(read_study_file(file), image=None)
                     except InputError as error:
-                        raise fail(role, error.problem + (f"; {error.fix}" if error.fix else ""),
+                        raise fail(role, f"{file}: {error.problem}" + (f"; {error.fix}" if error.fix else ""),
                                    "missing file" if not file.exists() else "unreadable file") from None
-                files[role] = studies[file]
-            sample_id = _cell(row, "id") or f"line-{line}"
-            if sample_id in ids:
-                raise fail("id", f"{sample_id} repeats line {ids[sample_id]}", "repeated id")
-            options = _cell(row, "options")
+                read[role] = studies[file]
+            options, report = _cell(row, "options"), _cell(row, "prior_report")
+            if report is not None:
+                report_path = (path.parent / report).resolve()
+                try:
+                    report = read_text(report_path, "the prior study's report as a text file")
+                except InputError as error:
+                    raise fail("prior_report", f"{report_path}: {error.problem}") from None
             try:
                 pair = make_pair(
-                    sample_id, files["current"], files.get("prior"), _cell(row, "question") or "",
-                    days=_whole(_cell(row, "days"), "days"), finding=_cell(row, "finding"),
+                    sample_id, read["current"], read.get("prior"), _cell(row, "question") or "",
+                    days=parse_days(_cell(row, "days"), "days", whole=True), finding=_cell(row, "finding"),
                     options=options.split(OPTION_SEPARATOR) if options else None,
                     current_date=_cell(row, "current_date"), prior_date=_cell(row, "prior_date"),
-                    interval_days=_number(_cell(row, "interval_days"), "interval_days"), allow_different_patients=allow_different_patients,
+                    interval_days=parse_days(_cell(row, "interval_days"), "interval_days"),
+                    allow_different_patients=allow_different_patients, prior_report=report,
                 )
             except AskError as error:
                 raise fail(error.field, str(error), error.kind) from None
         except InputError as error:
             raise_or_record(problems, error)
+            failed.setdefault(sample_id, line)
             continue
-        ids[sample_id] = line
         pairs.append(pair)
-    return Manifest(pairs, len(table.frame))
-
+        files[sample_id] = files_digest(read["current"], read.get("prior") if pair.sample.has_prior else None)
+    return Manifest(pairs, len(table.frame), ids, failed, files)

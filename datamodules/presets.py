@@ -14,19 +14,20 @@ data words it, so that a person asking about their own studies prompts the model
 
 The difference and diagnostic wordings are Medical-Diff-VQA's templates (the synthetic world writes
 the same ones, ``datamodules.synthetic.questions``); the prognostic one is the first of the prognostic
-builder's templates (``datamodules.prognostic_builder.TEMPLATES``). Any other text is asked as it is: a
-``free`` question, of the difference task when there is a prior and of the diagnostic task without one.
-With ``options`` (2 to 4 texts, lettered A, B, ...) a question is a single-choice question as MMXU asks
-them, and the collator adds MMXU's instruction after the options.
+builder's templates (``datamodules.prognostic_builder.TEMPLATES``). The diagnostic presets are asked of
+one image, as Medical-Diff-VQA asks them (``Question.one_image``: a prior given with them is not shown
+to the model). Any other text is asked as it is: a ``free`` question, of the difference task when there
+is a prior and of the diagnostic task without one. With ``options`` (2 to 4 texts, lettered A, B, ...;
+MMXU's have four) a question is a single-choice question about two visits as MMXU asks them, and the
+collator adds MMXU's instruction after the options.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from datamodules.mmxu import LETTERS
 from datamodules.prognostic_builder import MAX_DAYS, ask
-
-LETTERS = ("A", "B", "C", "D")
 
 
 class AskError(ValueError):
@@ -46,6 +47,11 @@ class Preset:
     @property
     def needs_finding(self) -> bool:
         return "{finding}" in self.template
+
+    @property
+    def one_image(self) -> bool:
+        """Asked of the current image alone, as the dataset's diagnostic questions are."""
+        return self.task == "diagnostic"
 
 
 PRESETS = {
@@ -69,6 +75,7 @@ class Question:
     task: str
     question_type: str
     options: dict[str, str] | None = None
+    one_image: bool = False  # a preset the model was trained to answer from the current image alone
 
 
 def resolve_question(question: str, has_prior: bool, days: int | None = None, finding: str | None = None,
@@ -79,6 +86,9 @@ def resolve_question(question: str, has_prior: bool, days: int | None = None, fi
     if not question:
         raise AskError("question", "question is empty: give a preset (" + ", ".join(PRESETS) + ") or a question's text")
     if options is not None:
+        if not has_prior:
+            raise AskError("prior", "a question with options is a single-choice question about two visits, as "
+                           "MMXU asks them: give a prior study too", "no prior")
         return Question(question, "mmxu", "choice", _lettered(options))
     preset = PRESETS.get(question)
     if preset is None:
@@ -94,8 +104,9 @@ def resolve_question(question: str, has_prior: bool, days: int | None = None, fi
         if not (finding or "").strip():
             raise AskError("finding", f"question={question} asks about one finding: add finding=<its name, "
                              "e.g. 'pleural effusion'>")
-        return Question(preset.template.format(finding=finding.strip().lower()), preset.task, question)
-    return Question(preset.template, preset.task, question)
+        return Question(preset.template.format(finding=finding.strip().lower()), preset.task, question,
+                        one_image=preset.one_image)
+    return Question(preset.template, preset.task, question, one_image=preset.one_image)
 
 
 def _lettered(options: list[str]) -> dict[str, str]:

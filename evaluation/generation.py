@@ -68,6 +68,11 @@ def _done(partial: Path) -> dict[str, dict]:
     return {item["sample_id"]: item for item in map(json.loads, whole.decode("utf-8").splitlines())}
 
 
+def stored_records(out: Path) -> dict[str, dict]:
+    """The records a run into ``out`` already holds, finished or appended, by sample id."""
+    return _finished(out / PREDICTIONS) | _done(out / PARTIAL)
+
+
 class _AppendRecords(BasePredictionWriter):
     """Appends each predicted batch's records to the partial file as soon as it is decoded."""
 
@@ -96,10 +101,11 @@ def generate_records(module, samples: list[Sample], collator, batch_size: int, n
         if previous != fingerprint:
             raise ConfigError(
                 f"{out} holds answers generated with other settings ({fingerprint_path}: {previous}); "
-                f"now: {fingerprint}. Evaluate into another directory, or delete both files to start over"
+                f"now: {fingerprint}. Write into another directory, or delete {PREDICTIONS}, {PARTIAL} and "
+                f"{FINGERPRINT} there to start over"
             )
     write_json_atomic(fingerprint_path, fingerprint)
-    done = _finished(out / PREDICTIONS) | _done(partial)
+    done = stored_records(out)
     pending = [sample for sample in samples if sample.sample_id not in done]
     if done:
         log.info("resuming %s: %d of %d answers already generated", partial, len(samples) - len(pending), len(samples))

@@ -37,7 +37,8 @@ from models.lumen import LumenModel
 from models.vision import WEIGHTS
 
 # The datamodule settings that shape a prompt and its images, carried from training into evaluation and exports.
-PROMPT_KEYS = ("use_prior", "interval_in_prompt", "tasks", "experts_in_prompt", "expert_demographics", "image_resize")
+PROMPT_KEYS = ("use_prior", "interval_in_prompt", "tasks", "experts_in_prompt", "expert_demographics", "image_resize",
+               "history")
 
 
 @dataclass

@@ -6,25 +6,28 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from datamodules.pairs import make_pair, read_manifest
 from datamodules.presets import AskError, resolve_question
+from common.errors import ConfigError
 from common.readers import InputError, Problems
 from datamodules.dicom import read_study_file
 from evaluation.generation import FINGERPRINT, PARTIAL
 from run.cli import compose_config
 from run.evaluate import evaluate
-from run.predict import Predictor, predict
+from run.predict import ROWS, Predictor, predict
 from tests.helpers import WORLD_SUBJECTS, read_jsonl
 from tests.test_experts import weights_dir  # noqa: F401  (random TorchXRayVision weights, a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
-TEST_SAMPLES = 12
+TEST_SAMPLES = 8  # of each task
 
 
 # --- presets: the questions in the training data's own words ----------------------------------------------------
@@ -81,6 +84,11 @@ def test_options_make_a_single_choice_question_lettered_from_a():
         resolve_question("Which?", has_prior=True, options=["one"])
 
 
+def test_options_ask_about_two_visits_as_mmxu_does():
+    with pytest.raises(AskError, match="about two visits, as MMXU asks them: give a prior study too"):
+        resolve_question("How has the left lung changed?", has_prior=False, options=["worse", "better"])
+
+
 # --- one pair from image files --------------------------------------------------------------------------------
 
 
@@ -135,20 +143,47 @@ def test_without_a_prior_the_question_is_about_one_image(jpeg_pair):
 # --- predict.py answers as eval.py does ------------------------------------------------------------------------
 
 
+def test_a_diagnostic_preset_is_asked_of_the_current_image_alone_and_says_so(jpeg_pair):
+    current, prior, days = jpeg_pair
+    pair = make_pair("p", read_study_file(current), read_study_file(prior), "abnormality", interval_days=days)
+    assert (pair.sample.has_prior, pair.sample.interval_days, pair.interval) == (False, None, None)
+    assert pair.warnings == ("question=abnormality is answered from the current study alone, as the model was trained "
+                             "to answer it: the prior study is not shown to it",)
+
+
+def test_fewer_than_four_options_are_asked_and_warned_about(jpeg_pair):
+    current, prior, days = jpeg_pair
+    pair = make_pair("p", read_study_file(current), read_study_file(prior), "How is the effusion?",
+                     options=["worse", "better", "same"], interval_days=days)
+    assert pair.sample.options == {"A": "worse", "B": "better", "C": "same"}
+    assert pair.warnings == ("3 options: MMXU's questions, which the model was trained on, have 4",)
+
+
+def test_a_prior_that_is_the_current_file_is_warned_about(jpeg_pair):
+    current, _, _ = jpeg_pair
+    pair = make_pair("p", read_study_file(current), read_study_file(current), "difference", interval_days=0)
+    assert pair.warnings == (f"current and prior are the same file ({current.name}): the model is asked to compare a "
+                             "study with itself",)
+
+
 @pytest.fixture(scope="module")
 def evaluated(trained_checkpoint, world, tmp_path_factory):
-    """eval.py's records for the first test samples, and those samples."""
-    out = tmp_path_factory.mktemp("eval") / "run"
-    evaluate(compose_config("eval", [
-        f"ckpt={trained_checkpoint}", f"paths.output_dir={out}", f"paths.cache_dir={out}-cache",
-        f"paths.world_dir={world}", f"prepare.world.subjects={WORLD_SUBJECTS}", f"data.limit.test={TEST_SAMPLES}",
-        "accelerator=cpu", "data.eval_batch_size=4",
-    ]))
-    records = {record["sample_id"]: record for record in read_jsonl(out / "predictions.jsonl")}
+    """eval.py's records for the first test samples of each task (the diagnostic questions come first in
+    the split, so they are evaluated apart from the difference ones), and those samples."""
     from datamodules.diffvqa import load_diffvqa
 
+    records = {}
+    for task in ("diagnostic", "difference"):
+        out = tmp_path_factory.mktemp("eval") / task
+        evaluate(compose_config("eval", [
+            f"ckpt={trained_checkpoint}", f"paths.output_dir={out}", f"paths.cache_dir={out}-cache",
+            f"paths.world_dir={world}", f"prepare.world.subjects={WORLD_SUBJECTS}", f"data.limit.test={TEST_SAMPLES}",
+            f"data.sources.diffvqa.tasks=[{task}]", "accelerator=cpu", "data.eval_batch_size=4",
+        ]))
+        records |= {record["sample_id"]: record for record in read_jsonl(out / "predictions.jsonl")}
     samples = [sample for sample in load_diffvqa(world / "medical-diff-vqa", world / "mimic-cxr-jpg", "test")[0]
                if sample.sample_id in records]
+    assert {sample.task for sample in samples} == {"diagnostic", "difference"}
     return records, samples
 
 
@@ -183,7 +218,7 @@ def test_a_manifest_of_evals_samples_gets_evals_answers(evaluated, trained_check
 def test_one_pair_is_prompted_with_evals_tokens_and_gets_evals_answer(evaluated, trained_checkpoint):
     records, samples = evaluated
     predictor = Predictor(trained_checkpoint, accelerator="cpu")
-    for sample in samples[:4]:
+    for sample in [s for s in samples if not s.has_prior][:2] + [s for s in samples if s.has_prior][:2]:
         pair = make_pair(sample.sample_id, read_study_file(sample.image),
                          read_study_file(sample.prior_image) if sample.has_prior else None, sample.question,
                          interval_days=sample.interval_days)
@@ -224,6 +259,103 @@ def test_an_interrupted_manifest_run_generates_only_the_missing_rows(evaluated, 
     assert not (out / PARTIAL).exists()
 
 
+def test_every_preset_with_a_prior_prompts_as_the_datasets_one_image_question(evaluated, trained_checkpoint,
+                                                                             jpeg_pair):
+    from datamodules.presets import PRESETS
+
+    _, samples = evaluated
+    predictor = Predictor(trained_checkpoint, accelerator="cpu")
+    asked = 0
+    for sample in (sample for sample in samples if sample.task == "diagnostic"):
+        for name, preset in PRESETS.items():
+            pattern = re.escape(preset.template).replace(re.escape("{finding}"), "(.+)")
+            match = re.fullmatch(pattern, sample.question) if preset.template else None
+            if match is None:
+                continue
+            pair = make_pair(sample.sample_id, read_study_file(sample.image), read_study_file(jpeg_pair[1]), name,
+                             finding=match.group(1) if preset.needs_finding else None, interval_days=3)
+            assert predictor.collator.tokenize(predictor.as_trained(pair)[0]) == predictor.collator.tokenize(sample)
+            asked += 1
+    assert asked >= 3
+
+
+def test_a_manifest_column_it_does_not_know_is_refused(tmp_path, jpeg_pair):
+    manifest = tmp_path / "pairs.csv"
+    manifest.write_text(f"ID,current,question\n1,{jpeg_pair[0]},view\n")
+    with pytest.raises(InputError, match=r"pairs.csv line 1: unknown column 'ID'; the columns are current, question"):
+        read_manifest(manifest)
+
+
+def test_every_bad_row_is_listed_by_its_line(trained_checkpoint, tmp_path, capsys):
+    manifest = tmp_path / "pairs.csv"
+    manifest.write_text("current,question\n" + "".join(f"missing-{n}.jpg,view\n" for n in range(7)))
+    with pytest.raises(InputError, match="7 of 7 rows could not be asked"):
+        predict(predict_config(trained_checkpoint, f"manifest={manifest}"))
+    printed = capsys.readouterr().out
+    assert all(f"pairs.csv line {line}, field current: {tmp_path / f'missing-{line - 2}.jpg'}: not found" in printed
+               for line in range(2, 9))
+
+
+def test_one_pair_settings_beside_a_manifest_are_refused(trained_checkpoint, tmp_path):
+    manifest = write_manifest(tmp_path / "pairs.csv", [])
+    with pytest.raises(ConfigError, match="question, days describe one pair, and manifest= many"):
+        predict(predict_config(trained_checkpoint, f"manifest={manifest}", "question=prognosis", "days=30"))
+
+
+def test_a_row_that_cannot_be_asked_again_keeps_its_answer(evaluated, trained_checkpoint, tmp_path, capsys):
+    _, samples = evaluated
+    copies = tmp_path / "studies"
+    copies.mkdir()
+    distinct = list({sample.image: sample for sample in reversed(samples)}.values())[:2]  # two images
+    moved = [replace(sample, image=copies / sample.image.name) for sample in distinct]
+    for sample, copy in zip(distinct, moved):
+        copy.image.write_bytes(sample.image.read_bytes())
+    manifest = write_manifest(tmp_path / "pairs.csv", moved)
+    first = predict(predict_config(trained_checkpoint, f"manifest={manifest}"))
+    moved[1].image.unlink()  # its drive is not mounted, say
+    with pytest.raises(InputError, match="1 of 2 rows could not be asked"):
+        predict(predict_config(trained_checkpoint, f"manifest={manifest}"))
+    assert read_jsonl(tmp_path / "pairs-predictions" / "predictions.jsonl") == first
+    assert f"kept the earlier answer of line 3 ({moved[1].sample_id}), which could not be asked again" in \
+        capsys.readouterr().out
+    for sample in moved:
+        sample.image.unlink(missing_ok=True)
+    with pytest.raises(InputError, match="2 of 2 rows could not be asked"):
+        predict(predict_config(trained_checkpoint, f"manifest={manifest}"))
+    assert read_jsonl(tmp_path / "pairs-predictions" / "predictions.jsonl") == first
+
+
+def test_a_row_whose_files_changed_is_refused_before_anything_is_generated(evaluated, trained_checkpoint, tmp_path):
+    _, samples = evaluated
+    two = [sample for sample in samples if sample.has_prior][:1] + [sample for sample in samples if
+                                                                    not sample.has_prior][:1]
+    manifest = write_manifest(tmp_path / "pairs.csv", two)
+    predict(predict_config(trained_checkpoint, f"manifest={manifest}"))
+    swapped = [replace(two[0], image=two[0].prior_image, prior_image=two[0].image), two[1]]
+    write_manifest(manifest, swapped)
+    before = (tmp_path / "pairs-predictions" / "predictions.jsonl").read_bytes()
+    with pytest.raises(ConfigError, match=f"holds answers to other questions or files for {two[0].sample_id}:"):
+        predict(predict_config(trained_checkpoint, f"manifest={manifest}"))
+    assert (tmp_path / "pairs-predictions" / "predictions.jsonl").read_bytes() == before
+
+
+def test_a_prior_report_is_shown_as_the_models_mmxu_questions_showed_it(trained_checkpoint, jpeg_pair):
+    current, prior, days = jpeg_pair
+    report = "FINDINGS: Small left pleural effusion. The heart is normal.\nIMPRESSION: Left effusion."
+    pair = make_pair("p", read_study_file(current), read_study_file(prior), "How has the left lung changed?",
+                     options=["worse", "better", "same", "cannot tell"], interval_days=days, prior_report=report)
+    predictor = Predictor(trained_checkpoint, accelerator="cpu")
+    assert "history" not in predictor.settings  # trained without MMXU
+    sample, warnings = predictor.as_trained(pair)
+    assert sample.history is None and warnings[-1] == ("this model was trained without MMXU questions: the prior "
+                                                       "report is not shown to it")
+    predictor.settings["history"] = "global"
+    sample, _ = predictor.as_trained(pair)
+    assert sample.history == ("Report of the previous image: Small left pleural effusion. The heart is normal. "
+                              "Left effusion.")
+    assert sample.history in predictor.prompt(sample)
+
+
 # --- the command line -----------------------------------------------------------------------------------------
 
 
@@ -252,7 +384,7 @@ def test_one_pair_prints_the_answer_the_interval_and_the_settings_and_json_on_re
     answer = text.stdout.split("answer: ", 1)[1].strip()
     as_json = run_predict(*args, "output=json")
     assert as_json.returncode == 0, as_json.stderr
-    parsed = json.loads(as_json.stdout.strip().splitlines()[-1])
+    parsed = json.loads(as_json.stdout)  # the whole output: log lines go to standard error
     assert parsed["answer"] == answer and parsed["interval"] == {"days": float(days), "source": "interval_days as given"}
     assert parsed["prompt_settings"]["fusion_mode"] == "difference"
 
@@ -338,7 +470,7 @@ def test_no_identifier_or_study_date_of_the_patient_is_printed_or_written(dicom_
         for secret in ("Doe", "Jane", PATIENT_ID, "0042", "20260310", "20260129", "2026-03-10", "2026-01-29"):
             assert secret not in text
     assert sorted(path.name for path in (tmp_path / "pairs-predictions").iterdir()) == [
-        FINGERPRINT, "predictions.jsonl"]
+        FINGERPRINT, ROWS, "predictions.jsonl"]
 
 
 # --- expert predictions ---------------------------------------------------------------------------------------------
@@ -357,7 +489,7 @@ def experts_checkpoint(trained_checkpoint, tmp_path_factory):
 
 
 def test_a_model_trained_with_expert_predictions_is_refused_without_their_weights(experts_checkpoint):
-    with pytest.raises(Exception, match=r"set experts.weights_dir=<the directory of TorchXRayVision's weight files>"):
+    with pytest.raises(ConfigError, match=r"set experts.weights_dir=<the directory of TorchXRayVision's weight files>"):
         Predictor(experts_checkpoint, accelerator="cpu")
 
 
