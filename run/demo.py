@@ -7,23 +7,28 @@ prompted as ``predict.py`` and ``eval.py`` prompt it. A mistake a person can fix
 missing date, a preset without its finding) is a message in the page, naming the box to change.
 
 Nothing leaves the machine: the server listens on ``host`` (127.0.0.1 unless set otherwise), with no
-share link and Gradio's analytics off; Gradio keeps uploads in its temporary folder, from which they are
-deleted about an hour after upload and when the demo stops.
+share link and Gradio's analytics off. Gradio keeps the uploads, and the images it serves, in a folder of
+this run's own (``local_gradio``: readable by this user alone), from which they are deleted about fifteen
+minutes after upload and, with the folder, when the demo stops; a demo killed outright (SIGKILL) leaves
+the folder behind in the system's temporary directory.
 """
 
 from __future__ import annotations
 
 import html
 import os
+import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import gradio as gr
 from omegaconf import DictConfig
-from pandas.errors import Pandas4Warning
 
 from common.readers import InputError
 from datamodules.dicom import StudyFile, read_study_file
-from datamodules.pairs import make_pair
+from datamodules.pairs import make_pair, parse_days
 from datamodules.presets import PRESETS, AskError
 from datamodules.prognostic_builder import MAX_DAYS
 from run.change_map import ask_showing_change
@@ -31,8 +36,8 @@ from run.evaluate import require_checkpoint
 from run.predict import Predictor
 
 FREE_QUESTION = "free question"
-# Every ten minutes Gradio deletes the files this page received or made more than an hour before.
-DELETE_CACHE = (600, 3600)
+# Every five minutes Gradio deletes the files this page received or made more than fifteen minutes before.
+DELETE_CACHE = (300, 900)
 # The boxes of the page by the names make_pair's errors use for the settings to change.
 BOX_LABELS = {
     "prior": "Prior study", "current_date": "Current study's date", "prior_date": "Prior study's date",
@@ -48,9 +53,9 @@ def footer(host: str) -> str:
     """What the page tells a person about where their files go."""
     where = ("Nothing leaves this machine: the page is served to it alone" if host in LOOPBACK_NAMES else
              f"The page is served on {host}, where other machines can reach it")
-    return (f"{where}, with no share link and no analytics. Uploaded files are kept only in Gradio's temporary "
-            "folder and deleted about an hour after upload and when the demo stops; no question, answer or file is "
-            "stored or logged.")
+    return (f"{where}, with no share link and no analytics. Uploaded files are kept only in this demo's own "
+            "temporary folder, deleted about fifteen minutes after upload and when the demo stops; no question, "
+            "answer or file is stored or logged.")
 
 
 def date_label(study: StudyFile) -> str:
@@ -88,17 +93,6 @@ def _given(text: str | None) -> str | None:
     return text.strip() if text and text.strip() else None
 
 
-def _days(text: str | None, field: str, whole: bool = False) -> float | int | None:
-    """A box's number of days; None when empty. (Gradio's number box sends 0 when empty, so these are text.)"""
-    text = _given(text)
-    if text is None:
-        return None
-    try:
-        return int(text) if whole else float(text)
-    except ValueError:
-        raise AskError(field, f"{text!r} is not a {'whole ' if whole else ''}number of days") from None
-
-
 def _shown(error: Exception) -> str:
     """An error's message as Markdown shows it: its ``<placeholders>`` (and the file names) as text, not HTML."""
     return html.escape(str(error))
@@ -108,8 +102,30 @@ def settings_text(settings: dict) -> str:
     return "\n".join(f"- `{key}`: {value}" for key, value in settings.items())
 
 
-def build_app(predictor: Predictor, host: str = "127.0.0.1") -> gr.Blocks:
-    """The page, asking ``predictor`` (loaded once, shared by every visitor's questions)."""
+@contextmanager
+def local_gradio() -> Iterator[Path]:
+    """Gradio kept to this run while the page is built and served: its analytics off, and its uploads
+    and served images in a new folder readable by this user alone (``tempfile.mkdtemp``'s mode 0700),
+    removed on leaving; Gradio's own deprecation warnings from pandas (noise about Gradio's code, on
+    every question) silenced."""
+    names = ("GRADIO_TEMP_DIR", "GRADIO_ANALYTICS_ENABLED")  # Gradio's telemetry reads the latter itself
+    before = {name: os.environ.get(name) for name in names}
+    with tempfile.TemporaryDirectory(prefix="lumen-demo-") as folder, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"gradio\.queueing")
+        os.environ.update(GRADIO_TEMP_DIR=folder, GRADIO_ANALYTICS_ENABLED="False")
+        try:
+            yield Path(folder)
+        finally:
+            for name, value in before.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+
+
+def build_app(predictor: Predictor, host: str = "127.0.0.1", allow_different_patients: bool = False) -> gr.Blocks:
+    """The page, asking ``predictor`` (loaded once, shared by every visitor's questions); built and
+    served within ``local_gradio``."""
 
     def ask(current_file, prior_file, current_date, prior_date, interval_days, preset, question, finding, days,
             options, show_change):
@@ -121,10 +137,13 @@ def build_app(predictor: Predictor, host: str = "127.0.0.1") -> gr.Blocks:
             current = read_study_file(current_file)
             prior = read_study_file(prior_file) if prior_file is not None else None
             free = preset == FREE_QUESTION
-            pair = make_pair("demo", current, prior, question if free else preset, days=_days(days, "days", whole=True),
+            # The days are text boxes: Gradio's number box sends 0 when empty.
+            pair = make_pair("demo", current, prior, question if free else preset,
+                             days=parse_days(days, "days", whole=True),
                              finding=_given(finding), options=options.split("|") if free and _given(options) else None,
                              current_date=_given(current_date), prior_date=_given(prior_date),
-                             interval_days=_days(interval_days, "interval_days"))
+                             interval_days=parse_days(interval_days, "interval_days"),
+                             allow_different_patients=allow_different_patients)
         except InputError as error:
             return f"**Cannot read a file.** {_shown(error)}", *blank
         except AskError as error:
@@ -141,11 +160,6 @@ def build_app(predictor: Predictor, host: str = "127.0.0.1") -> gr.Blocks:
         shown_change = gr.Image(change, visible=change is not None)
         return status, answer.prediction, interval, cautions, answer.prompt, shown_change
 
-    # Gradio's telemetry calls read this variable whatever the page's own setting says.
-    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
-    # Gradio's queue uses pandas options that pandas 3 deprecates, warning on every question asked: noise
-    # about Gradio's code, not about the person's studies.
-    warnings.filterwarnings("ignore", category=Pandas4Warning, module=r"gradio\.queueing")
     with gr.Blocks(title="lumen: ask about two chest X-rays", analytics_enabled=False,
                    delete_cache=DELETE_CACHE) as app:
         gr.Markdown("# Ask about two chest X-rays\nUpload the current study and, to ask what changed, a prior one "
@@ -186,7 +200,7 @@ def build_app(predictor: Predictor, host: str = "127.0.0.1") -> gr.Blocks:
                 cautions = gr.Markdown(elem_id="warnings")
             change = gr.Image(label="Where the model sees change (current study as the model saw it)",
                               interactive=False, visible=False, height=360, buttons=IMAGE_BUTTONS, elem_id="change")
-        with gr.Accordion("Prompt settings from the checkpoint, and the prompt", open=False):
+        with gr.Accordion("Prompt settings from the checkpoint, and the prompt", open=False, elem_id="prompt-details"):
             gr.Markdown(f"Prompt settings, from the checkpoint ({predictor.ckpt.name}):\n\n"
                         f"{settings_text(predictor.settings)}")
             prompt = gr.Textbox(label="Prompt (each image's visual tokens shown as one <image>)", lines=4,
@@ -202,7 +216,8 @@ def build_app(predictor: Predictor, host: str = "127.0.0.1") -> gr.Blocks:
 def demo(cfg: DictConfig) -> None:
     require_checkpoint(cfg, "start the demo with python demo.py")
     predictor = Predictor(cfg.ckpt, cfg.accelerator, cfg.max_new_tokens, cfg.experts.weights_dir)
-    serve(build_app(predictor, cfg.host), cfg.host, cfg.port)
+    with local_gradio():
+        serve(build_app(predictor, cfg.host, cfg.allow_different_patients), cfg.host, cfg.port)
 
 
 def serve(app: gr.Blocks, host: str, port: int, **launch) -> None:

@@ -29,7 +29,7 @@ from models.config import FusionConfig, ModelConfig
 from models.factory import build_model
 from models.projector import TokenMerge
 from run.change_map import DISPLAY_SIZE, ask_showing_change, token_heat
-from run.demo import build_app, serve
+from run.demo import build_app, local_gradio, serve
 from run.predict import Predictor
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
@@ -120,18 +120,21 @@ def browser():
 
 
 @pytest.fixture
-def page(predictor, tmp_path, monkeypatch) -> gr.Blocks:
-    """The demo served on a free port of 127.0.0.1 by this process, keeping its files in ``tmp_path/gradio``."""
-    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    app = build_app(predictor)
-    serve(app, "127.0.0.1", port, prevent_thread_lock=True, quiet=True)
-    try:
-        yield app
-    finally:
-        app.close()
+def page(predictor) -> gr.Blocks:
+    """The demo served on a free port of 127.0.0.1 by this process, as ``demo.py`` serves it; its folder
+    is the app's ``files``."""
+    with local_gradio() as files:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        app = build_app(predictor)
+        app.files = files
+        serve(app, "127.0.0.1", port, prevent_thread_lock=True, quiet=True)
+        try:
+            yield app
+        finally:
+            app.close()
+    assert not files.exists()
 
 
 def upload(wait: WebDriverWait, role: str, file: Path) -> None:
@@ -164,6 +167,10 @@ def test_the_page_answers_two_uploaded_studies_as_predict_does_asking_nothing_of
     expected = Predictor(trained_checkpoint, "cpu").ask(
         make_pair("pair", read_study_file(current), read_study_file(prior), "difference", interval_days=days))
     assert browser.find_element(By.CSS_SELECTOR, "#answer textarea").get_property("value") == expected.prediction
+    # The prompt too (the answer of a tiny model may be empty, and so equal whatever it was asked).
+    browser.find_element(By.CSS_SELECTOR, "#prompt-details button").click()  # opened, as a person would
+    prompt = wait.until(shown.visibility_of_element_located((By.CSS_SELECTOR, "#prompt textarea")))
+    assert prompt.get_property("value") == expected.prompt
     assert interval == f"{days} days (interval_days as given)"
     status = browser.find_element(By.CSS_SELECTOR, "#status").text.strip()
     assert status == ("" if expected.prediction else "The model's answer is empty: it generated no text.")
@@ -204,10 +211,10 @@ def test_the_page_says_which_box_to_change_when_a_question_cannot_be_asked(brows
     assert browser.find_element(By.CSS_SELECTOR, "#answer textarea").get_property("value") == ""
 
 
-def test_the_uploads_are_deleted_when_the_demo_stops(browser, page, studies, tmp_path):
+def test_the_uploads_are_kept_in_the_demos_own_folder_and_deleted_when_it_stops(browser, page, studies):
     browser.get(page.local_url)
     upload(WebDriverWait(browser, PAGE_TIMEOUT_S), "current", studies[0])
-    cache = tmp_path / "gradio"
-    assert [path.name for path in cache.rglob(studies[0].name)] == [studies[0].name]
+    assert [path.name for path in page.files.rglob(studies[0].name)] == [studies[0].name]
+    assert page.files.stat().st_mode & 0o777 == 0o700  # this user's alone
     page.close()
-    assert not [path for path in cache.rglob("*") if path.is_file()]
+    assert not [path for path in page.files.rglob("*") if path.is_file()]
