@@ -110,14 +110,16 @@ def main() -> None:
         (s.sample_id, dicom_of[s.image], dicom_of.get(s.prior_image, ""), s.question,
          "" if s.interval_days is None else s.interval_days) for s in samples])
 
-    def manifest(path: Path, out: str):
+    def manifest(path: Path, out: str, workers: int = 0):
         return lambda: predict(compose_config("predict", [f"ckpt={args.ckpt}", f"manifest={path}", f"out={work / out}",
-                                                          f"batch_size={args.batch_size}", "accelerator=cpu"]))
+                                                          f"batch_size={args.batch_size}", f"num_workers={workers}",
+                                                          "accelerator=cpu"]))
 
     evaluate(eval_cfg)  # warm-up: files cached, libraries loaded; then every run starts from an empty directory
     eval_cfg.paths.output_dir = str(work / "eval-timed")
     runs = {"eval.py (baseline)": lambda: evaluate(eval_cfg), "predict.py manifest=, JPEGs": manifest(jpegs, "jpegs"),
-            "predict.py manifest=, DICOMs": manifest(dicoms, "dicoms")}
+            "predict.py manifest=, DICOMs": manifest(dicoms, "dicoms"),
+            "predict.py manifest=, DICOMs, num_workers=2": manifest(dicoms, "dicoms-workers", workers=2)}
     seconds = {}
     for name, run_it in runs.items():
         with GenerationClock() as generation:
