@@ -28,7 +28,7 @@ from evaluation.judge import judge_client, judge_records, judge_summary
 from evaluation.metrics import is_closed, score_sample
 from evaluation.plots import plot_by_question_type, plot_distributions
 from evaluation.report import aggregate, difference_headline, markdown_report, markdown_table
-from models.checkpoints import load_checkpoint
+from models.checkpoints import LoadedCheckpoint, load_checkpoint
 from models.factory import input_spec
 from models.lit_module import LumenLitModule
 from run.cli import check_config, prepare
@@ -56,6 +56,15 @@ def require_checkpoint(cfg: DictConfig, command: str = "evaluate with python eva
                             "(checkpoint: ...), or a directory from python -m models.checkpoints export")
 
 
+def generation_module(loaded: LoadedCheckpoint, max_new_tokens: int | None = None) -> LumenLitModule:
+    """The loaded model in a module that generates, at most ``max_new_tokens`` tokens (by default as it
+    was trained to); what eval.py and predict.py both generate with."""
+    module = LumenLitModule(net=loaded.config.to_dict(), optimizer={}, scheduler={},
+                            max_new_tokens=max_new_tokens or loaded.max_new_tokens or 64)
+    module.model = loaded.model
+    return module
+
+
 def evaluate(cfg: DictConfig) -> dict:
     check_config(cfg)
     require_checkpoint(cfg)
@@ -63,9 +72,7 @@ def evaluate(cfg: DictConfig) -> dict:
     # Seeded after preparation, which draws random numbers only when it has to build something.
     L.seed_everything(cfg.seed)
     loaded = load_checkpoint(cfg.ckpt)
-    module = LumenLitModule(net=loaded.config.to_dict(), optimizer={}, scheduler={},
-                         max_new_tokens=cfg.max_new_tokens or loaded.max_new_tokens or 64)
-    module.model = loaded.model
+    module = generation_module(loaded, cfg.max_new_tokens)
     as_trained = {key: loaded.prompt.get(key, unrecorded) for key, unrecorded in PROMPT_SETTINGS.items()
                   if cfg.data[key] is None}
     if loaded.prompt.get("experts_in_prompt") and cfg.data.experts is None:

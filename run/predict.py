@@ -41,8 +41,8 @@ from datamodules.records import Sample
 from evaluation.generation import PARTIAL, PREDICTIONS, generate_records, stored_records
 from models.checkpoints import load_checkpoint
 from models.factory import input_spec
-from models.lit_module import BATCH_INPUTS, LumenLitModule
-from run.evaluate import PROMPT_SETTINGS, checkpoint_version, require_checkpoint
+from models.lit_module import BATCH_INPUTS
+from run.evaluate import PROMPT_SETTINGS, checkpoint_version, generation_module, require_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +89,7 @@ class Predictor:
                                   "<the directory of TorchXRayVision's weight files> to compute them for your images "
                                   "(python -m datamodules.build experts reads the same directory)")
             self.experts = load_expert_models(experts_weights_dir)
-        self.module = LumenLitModule(net=loaded.config.to_dict(), optimizer={}, scheduler={},
-                                     max_new_tokens=max_new_tokens or loaded.max_new_tokens or 64)
-        self.module.model = loaded.model
+        self.module = generation_module(loaded, max_new_tokens)
         self.device = torch.device("cuda" if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
                                    else "cpu")
         self.accelerator = "gpu" if self.device.type == "cuda" else "cpu"
