@@ -419,6 +419,22 @@ def test_dicoms_take_their_interval_from_their_study_dates(dicom_pair):
     assert pair.warnings == ()
 
 
+def test_a_manifest_names_an_unreadable_dicom_and_a_prior_after_the_current_by_their_dates(dicom_pair, tmp_path):
+    current, prior = dicom_pair
+    broken = tmp_path / "broken.dcm"
+    broken.write_bytes(bytes(128) + b"DICM" + b"\x02\x00\x10\x00UI\xff\xff" + bytes(64))  # a tag longer than the file
+    manifest = tmp_path / "pairs.csv"
+    manifest.write_text(f"current,prior,question\n{current},{prior},difference\n{broken},,view\n"
+                        f"{prior},{current},difference\n")
+    problems = Problems()
+    read = read_manifest(manifest, problems)
+    assert [pair.sample.sample_id for pair in read.pairs] == ["line-2"] and read.failed == {"line-3": 3, "line-4": 4}
+    messages = "\n".join(problems.lines())
+    assert f"{manifest} line 3, field current: {broken}: not a readable DICOM file" in messages
+    assert (f"{manifest} line 4, field prior: the prior study is 40 days after the current one (by StudyDate): swap "
+            "current and prior") in messages
+
+
 def test_a_dicom_without_study_date_falls_back_to_its_acquisition_date_and_says_so(jpeg_pair, dicom_pair, tmp_path):
     from PIL import Image
 
