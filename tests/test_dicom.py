@@ -45,10 +45,18 @@ def rewritten(path: Path, out: Path, change) -> Path:
     return out
 
 
-@pytest.mark.parametrize("bits", [8, 12, 16])
-def test_a_monochrome1_file_is_inverted_back_to_its_monochrome2_twin(radiograph, tmp_path, bits):
-    monochrome2 = write_dicom(radiograph, tmp_path / "m2.dcm", bits_stored=bits, photometric="MONOCHROME2")
-    monochrome1 = write_dicom(radiograph, tmp_path / "m1.dcm", bits_stored=bits, photometric="MONOCHROME1")
+@pytest.mark.parametrize(("bits", "rescale", "window"), [
+    (8, (1.0, 0.0), None),
+    (12, (1.0, 0.0), None),
+    (16, (1.0, 0.0), None),
+    (8, (1.0, 0.0), (100.0, 120.0)),
+    (16, (0.25, -1024.0), (5000.0, 9000.0)),
+])
+def test_a_monochrome1_file_is_inverted_back_to_its_monochrome2_twin(radiograph, tmp_path, bits, rescale, window):
+    monochrome2 = write_dicom(radiograph, tmp_path / "m2.dcm", bits_stored=bits, rescale=rescale, window=window,
+                              photometric="MONOCHROME2")
+    monochrome1 = write_dicom(radiograph, tmp_path / "m1.dcm", bits_stored=bits, rescale=rescale, window=window,
+                              photometric="MONOCHROME1")
     assert not np.array_equal(pydicom.dcmread(monochrome1).pixel_array, pydicom.dcmread(monochrome2).pixel_array)
     assert np.array_equal(pixels(monochrome1), pixels(monochrome2))
 

@@ -70,7 +70,11 @@ def write_dicom(image: Image.Image | np.ndarray, path: str | Path, *, study_date
     if photometric == "MONOCHROME1":
         stored = largest - stored
         if window is not None:
-            window = (slope * largest + 2 * intercept - window[0], window[1])
+            # A stored s rescales to m = slope*s + intercept, its inverse to slope*largest + 2*intercept - m.
+            # DICOM's LINEAR window (PS3.3 C.11.2.1.2.1) shows m at ((m - (c - 0.5)) / (w - 1) + 0.5) of
+            # the range, clipped; the inverse shows at 1 minus that, boundaries included, exactly when its
+            # centre is slope*largest + 2*intercept - c + 1.
+            window = (slope * largest + 2 * intercept - window[0] + 1, window[1])
 
     # Malformed dates are written on purpose (to test readers): pydicom is not to warn of them.
     with config.disable_value_validation():
