@@ -4,9 +4,14 @@ files are of one patient without holding the patient's identifier.
 
 A JPEG or PNG is taken as it is (``Image.open(path).convert("L")``): it is assumed to be processed
 already, as MIMIC-CXR-JPG's images are. A DICOM file's pixels go through the steps by which
-MIMIC-CXR-JPG made its JPEGs from MIMIC-CXR's DICOM files (Johnson et al., "MIMIC-CXR-JPG, a large
-publicly available database of labeled chest radiographs", arXiv:1901.07042, 2019, Methods), so that
-our MIMIC-CXR-JPG-trained models see a DICOM as they saw their training images:
+MIMIC-CXR-JPG made its JPEGs from MIMIC-CXR's DICOM files, so that our MIMIC-CXR-JPG-trained models see
+a DICOM as they saw their training images. Those steps are described in the Methods ("Chest
+radiographs") of MIMIC-CXR-JPG's PhysioNet page (https://physionet.org/content/mimic-cxr-jpg/2.1.0/;
+Johnson et al., arXiv:1901.07042): pixels extracted with pydicom, "normalized to the range [0, 255] by
+subtracting the lowest value in the image, dividing by the highest value in the shifted image,
+truncating values, and converting the result to an unsigned integer", inverted according to
+PhotometricInterpretation, histogram-equalised with OpenCV, and written by OpenCV as JPEG at quality 95.
+Here:
 
 1. the stored pixel array, decoded (pydicom, with the pylibjpeg plugins for JPEG, JPEG-LS and
    JPEG 2000 transfer syntaxes);
@@ -16,12 +21,11 @@ our MIMIC-CXR-JPG-trained models see a DICOM as they saw their training images:
    step; we take it because a file from another site may store far more range than the radiograph
    uses (a 16-bit container for 12 bits of signal, collimator edges), which min-max alone would
    keep and the window removes;
-4. min-max scaling of the values to [0, 255] (MIMIC-CXR-JPG: normalised to the 8-bit range);
+4. min-max scaling of the values to [0, 255], rounded to the nearest level (MIMIC-CXR-JPG's text says
+   "truncating"; the two differ by at most one level before equalisation);
 5. inversion when PhotometricInterpretation is MONOCHROME1 (its lowest value is white), so that
    bone is always bright as in MONOCHROME2 (MIMIC-CXR-JPG inverted such images too);
-6. histogram equalisation, which MIMIC-CXR-JPG applied with OpenCV's ``equalizeHist``; Pillow's
-   ``ImageOps.equalize`` stands in for it here (the same mapping of each grey level through the
-   cumulative histogram; the rounding of a level can differ by a unit or so);
+6. histogram equalisation exactly as OpenCV's ``cv::equalizeHist`` (``equalize_histogram``);
 7. an 8-bit "L" image. MIMIC-CXR-JPG then wrote JPEGs at quality 95; we keep the pixels lossless.
 
 The model's own preprocessing (resizing, normalisation) happens afterwards, in the collator.
@@ -42,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from pydicom import config, uid
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
@@ -228,7 +232,26 @@ def _pixels(path: Path, dataset: pydicom.Dataset, transfer_syntax: uid.UID) -> I
     # stored either way then gives the same bytes, not values a rounding apart.
     offsets = high - values if dataset.PhotometricInterpretation == "MONOCHROME1" else values - low
     scaled = np.rint(offsets * (255.0 / (high - low))).astype(np.uint8)
-    return ImageOps.equalize(Image.fromarray(scaled, mode="L"))
+    return Image.fromarray(equalize_histogram(scaled), mode="L")
+
+
+def equalize_histogram(grey: np.ndarray) -> np.ndarray:
+    """OpenCV's ``cv::equalizeHist`` (imgproc/src/histogram.cpp) for an 8-bit array, level for level:
+    the lowest level present goes to 0, and each level to 255 times the count of pixels at or below it
+    less the lowest level's count, over the count of pixels above the lowest level, rounded to nearest.
+    An image of one level is returned as it is. (Pillow's ``ImageOps.equalize`` is not this: it maps a
+    level by the count below it and leaves the top level's count out, tens of levels apart where a black
+    border or saturated pixels hold many of the pixels.)"""
+    histogram = np.bincount(grey.ravel(), minlength=256)
+    lowest = int(np.flatnonzero(histogram)[0])
+    if histogram[lowest] == grey.size:
+        return grey.copy()
+    # In single precision, as OpenCV: scale = 255.f / (total - lowest count); lut = cvRound(count * scale).
+    # Levels below the lowest come out negative and are clipped; no pixel has them.
+    scale = np.float32(255) / np.float32(grey.size - histogram[lowest])
+    counts_above_lowest = (np.cumsum(histogram) - histogram[lowest]).astype(np.float32)
+    lookup = np.clip(np.rint(counts_above_lowest * scale), 0, 255).astype(np.uint8)
+    return lookup[grey]
 
 
 def _decoded(path: Path, dataset: pydicom.Dataset, transfer_syntax: uid.UID) -> np.ndarray:
