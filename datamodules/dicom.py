@@ -33,7 +33,8 @@ The model's own preprocessing (resizing, normalisation) happens afterwards, in t
 Nothing identifying leaves this module: the PatientID becomes ``patient_key``, a keyed BLAKE2b hash
 whose key is drawn anew in every process, so two files can be compared for the same patient while the
 key cannot be traced back to the identifier or linked across runs. Names, IDs and birth dates appear
-in no field, repr, log line or error message.
+in no field, repr, log line or error message; the study's date only as ``StudyFile.date``, never a
+malformed date's text in a warning.
 """
 
 from __future__ import annotations
@@ -200,10 +201,11 @@ def _study_date(path: Path, dataset: pydicom.Dataset, warnings: list[str]) -> tu
             found = (_date(value), tag)
             break
         except ValueError:
-            malformed.append((tag, value))
+            malformed.append(tag)
     instead = f"the date is taken from {found[1]} instead" if found[1] else "no other date tag holds one: no date"
-    for tag, value in malformed:
-        warnings.append(str(InputError(path, f"{value!r} is not a date (DICOM DA: YYYYMMDD); {instead}", field=tag,
+    # The malformed value is not quoted: it is still a patient's date.
+    for tag in malformed:
+        warnings.append(str(InputError(path, f"not a valid date (DICOM DA: YYYYMMDD); {instead}", field=tag,
                                        fix=f"correct {tag} in the file, or give the date yourself")))
     return found
 

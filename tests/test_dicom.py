@@ -168,14 +168,17 @@ def test_the_date_is_the_study_date_else_the_acquisition_date_else_the_content_d
     assert (study.date, study.date_source, study.warnings) == (expected, source, ())
 
 
-def test_a_malformed_study_date_falls_back_to_the_acquisition_date_and_says_so(radiograph, tmp_path):
-    path = write_dicom(radiograph, tmp_path / "bad-date.dcm", study_date="20261345", acquisition_date="20260102")
+@pytest.mark.parametrize("malformed", ["2026.03.10", "20261345"])
+def test_a_malformed_study_date_falls_back_to_the_acquisition_date_and_says_so_without_quoting_it(
+        radiograph, tmp_path, malformed):
+    path = write_dicom(radiograph, tmp_path / "bad-date.dcm", study_date=malformed, acquisition_date="20260102")
     study = read_study_file(path)
     assert (study.date, study.date_source) == (date(2026, 1, 2), "AcquisitionDate")
     assert study.warnings == (
-        f"{path}, field StudyDate: '20261345' is not a date (DICOM DA: YYYYMMDD); the date is taken from "
+        f"{path}, field StudyDate: not a valid date (DICOM DA: YYYYMMDD); the date is taken from "
         "AcquisitionDate instead; correct StudyDate in the file, or give the date yourself",
     )
+    assert malformed not in study.warnings[0]
 
 
 def test_malformed_dates_with_nothing_to_fall_back_on_give_no_date_and_say_so(radiograph, tmp_path):
