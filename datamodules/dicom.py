@@ -15,12 +15,14 @@ Here:
 
 1. the stored pixel array, decoded (pydicom, with the pylibjpeg plugins for JPEG, JPEG-LS and
    JPEG 2000 transfer syntaxes);
-2. the Modality LUT: RescaleSlope and RescaleIntercept (``pydicom.pixels.apply_modality_lut``);
-3. the VOI LUT, or the first window (WindowCenter/WindowWidth) when there are several, where the file
-   has one (``apply_voi_lut``): the display the acquiring site chose. MIMIC-CXR-JPG lists no such
-   step; we take it because a file from another site may store far more range than the radiograph
-   uses (a 16-bit container for 12 bits of signal, collimator edges), which min-max alone would
-   keep and the window removes;
+2. the Modality LUT: RescaleSlope and RescaleIntercept, or a ModalityLUTSequence. MIMIC-CXR-JPG
+   lists no such step; without a window, a rescale with a positive slope changes nothing after
+   step 4's min-max;
+3. the VOI LUT (pydicom's ``apply_voi``), or the first window (WindowCenter/WindowWidth, by
+   VOILUTFunction) when there are several, where the file has one: the display the acquiring site chose.
+   MIMIC-CXR-JPG lists no such step; we take it because a file from another site may store far more
+   range than the radiograph uses (a 16-bit container for 12 bits of signal, collimator edges), which
+   min-max alone would keep and the window removes;
 4. min-max scaling of the values to [0, 255], rounded to the nearest level (MIMIC-CXR-JPG's text says
    "truncating"; the two differ by at most one level before equalisation);
 5. inversion when PhotometricInterpretation is MONOCHROME1 (its lowest value is white), so that
@@ -40,6 +42,7 @@ malformed date's text in a warning.
 from __future__ import annotations
 
 import hashlib
+import math
 import secrets
 from dataclasses import dataclass, field
 from datetime import date
@@ -50,13 +53,17 @@ import pydicom
 from PIL import Image, UnidentifiedImageError
 from pydicom import config, uid
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
+from pydicom.multival import MultiValue
+from pydicom.pixels import apply_modality_lut, apply_voi, get_decoder
 
 from common.readers import InputError
 
 DATE_TAGS = ("StudyDate", "AcquisitionDate", "ContentDate")  # in the order a study's date is taken
 LATERAL_VIEWS = frozenset({"LATERAL", "LAT", "LL", "RL", "XTABLE LATERAL"})
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
+# The VOILUTFunction values a window is applied by, each with the narrowest WindowWidth it takes
+# (PS3.3 C.11.2.1.2.1 and C.11.2.1.3): LINEAR subtracts 1 from the width, the others divide by it.
+WINDOW_FUNCTIONS = {"LINEAR": "at least 1", "LINEAR_EXACT": "above 0", "SIGMOID": "above 0"}
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})  # read without looking for a DICOM marker
 EXPECTED = "a chest X-ray as DICOM (.dcm or no extension), JPEG or PNG"
 # The PyPI packages through which pydicom decodes each compressed transfer syntax.
@@ -182,9 +189,9 @@ def _check_radiograph(path: Path, dataset: pydicom.Dataset) -> None:
                                f"{' or '.join(MONOCHROME)}", field="PhotometricInterpretation",
                          fix="export the original radiograph (Modality CR or DX), not a screen capture "
                              "or a secondary capture of it")
-    frames = int(dataset.get("NumberOfFrames", 1) or 1)
+    frames = _number(path, dataset, "NumberOfFrames", 1.0, whole=True) or 1
     if frames != 1:
-        raise InputError(path, f"{frames} frames: a chest X-ray radiograph has one (this looks like a "
+        raise InputError(path, f"{frames:g} frames: a chest X-ray radiograph has one (this looks like a "
                                "fluoroscopy or a multi-frame series)", field="NumberOfFrames",
                          fix="export the single radiograph of the study as its own DICOM file")
 
@@ -224,8 +231,7 @@ def _patient_key(patient_id: str) -> str:
 def _pixels(path: Path, dataset: pydicom.Dataset, transfer_syntax: uid.UID) -> Image.Image:
     """Steps 1-7 of the module docstring."""
     stored = _decoded(path, dataset, transfer_syntax)
-    # apply_voi_lut leaves the values as they are where the file has neither a VOI LUT nor a window.
-    values = apply_voi_lut(apply_modality_lut(stored, dataset), dataset, index=0).astype(np.float64)
+    values = _voi_lut(path, dataset, _modality_lut(path, dataset, stored)).astype(np.float64)
     low, high = values.min(), values.max()
     if high == low:
         raise InputError(path, f"every pixel has the value {low:g} after the rescale and window: a blank image",
@@ -254,6 +260,81 @@ def equalize_histogram(grey: np.ndarray) -> np.ndarray:
     counts_above_lowest = (np.cumsum(histogram) - histogram[lowest]).astype(np.float32)
     lookup = np.clip(np.rint(counts_above_lowest * scale), 0, 255).astype(np.uint8)
     return lookup[grey]
+
+
+def _modality_lut(path: Path, dataset: pydicom.Dataset, stored: np.ndarray) -> np.ndarray:
+    """Step 2: the stored values through the ModalityLUTSequence where the file has one, else through
+    RescaleSlope and RescaleIntercept (1 and 0 where absent)."""
+    slope = _number(path, dataset, "RescaleSlope", 1.0)
+    intercept = _number(path, dataset, "RescaleIntercept", 0.0)
+    if not dataset.get("ModalityLUTSequence"):
+        return stored * slope + intercept
+    try:
+        return apply_modality_lut(stored, dataset)
+    except Exception as error:  # a LUT sequence can be damaged in many ways, each its own exception
+        raise InputError(path, f"the Modality LUT cannot be applied ({type(error).__name__}: {error})",
+                         field="ModalityLUTSequence", fix="export the radiograph again from the archive") from None
+
+
+def _voi_lut(path: Path, dataset: pydicom.Dataset, values: np.ndarray) -> np.ndarray:
+    """Step 3: the values through the first VOI LUT where the file has a complete one, else through its
+    first window where it has one, else as they are (pydicom's ``apply_voi_lut`` chooses alike)."""
+    lut = dataset.get("VOILUTSequence")
+    if lut and "LUTDescriptor" in lut[0] and "LUTData" in lut[0]:
+        try:
+            return apply_voi(values, dataset, index=0)
+        except Exception as error:  # a LUT sequence can be damaged in many ways, each its own exception
+            raise InputError(path, f"the VOI LUT cannot be applied ({type(error).__name__}: {error})",
+                             field="VOILUTSequence", fix="export the radiograph again from the archive") from None
+    center = _number(path, dataset, "WindowCenter", None)
+    width = _number(path, dataset, "WindowWidth", None)
+    if center is None or width is None:
+        return values
+    function = str(dataset.get("VOILUTFunction", "") or "LINEAR").strip().upper()
+    if function not in WINDOW_FUNCTIONS:
+        raise InputError(path, f"not a windowing function: expected one of {', '.join(WINDOW_FUNCTIONS)}",
+                         field="VOILUTFunction", fix="correct VOILUTFunction in the file (LINEAR, if unsure)")
+    if (width < 1) if function == "LINEAR" else (width <= 0):
+        raise InputError(path, f"a window {width:g} wide: a {function} window is {WINDOW_FUNCTIONS[function]} wide",
+                         field="WindowWidth", fix="correct WindowWidth in the file, or remove WindowCenter and "
+                                                  "WindowWidth to read the radiograph without a window")
+    return _window(values, center, width, function)
+
+
+def _window(values: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
+    """``values`` through a window, to [0, 1] rather than to the file's output range, which step 4's
+    min-max makes immaterial: PS3.3 C.11.2.1.2.1 (LINEAR), C.11.2.1.3.2 (LINEAR_EXACT), C.11.2.1.3.1
+    (SIGMOID). Written here rather than taken from pydicom's ``apply_windowing``, which reads the window,
+    the rescale and the bit depth from the file again, unchecked, only to compute that range."""
+    if function == "SIGMOID":
+        with np.errstate(over="ignore"):  # exp overflows far below the centre: the value is then 0
+            return 1 / (1 + np.exp(-4 * (values - center) / width))
+    if function == "LINEAR":  # the standard's window is half a value lower and one narrower than it reads
+        center, width = center - 0.5, width - 1
+    if width == 0:  # a LINEAR window 1 wide: a threshold
+        return (values > center).astype(np.float64)
+    return np.clip((values - center) / width + 0.5, 0, 1)
+
+
+def _number(path: Path, dataset: pydicom.Dataset, keyword: str, default: float | None,
+            whole: bool = False) -> float | None:
+    """The first value of the decimal (DS) or, with ``whole``, integer (IS) attribute ``keyword``;
+    ``default`` where the file leaves it out or empty. Anything else is an ``InputError`` naming it, not
+    quoting it (pydicom, its validation off, hands a malformed value over as the text it read)."""
+    value = dataset.get(keyword)
+    if isinstance(value, MultiValue):
+        value = value[0] if len(value) else None
+    if value is None or value == "":
+        return default
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if math.isfinite(number) and (number.is_integer() or not whole):
+        return number
+    expected = "a whole number (DICOM IS)" if whole else "a finite decimal number (DICOM DS)"
+    raise InputError(path, f"not {expected}", field=keyword,
+                     fix=f"correct {keyword} in the file, or export the radiograph again from the archive")
 
 
 def _decoded(path: Path, dataset: pydicom.Dataset, transfer_syntax: uid.UID) -> np.ndarray:

@@ -13,7 +13,10 @@ import numpy as np
 import pydicom
 import pytest
 from PIL import Image
+from pydicom.dataelem import RawDataElement
 from pydicom.encaps import encapsulate
+from pydicom.pixels import apply_modality_lut, apply_windowing
+from pydicom.tag import Tag
 from pydicom.uid import MPEG2MPML
 
 from common.readers import InputError
@@ -109,6 +112,22 @@ def test_a_16_bit_file_is_rescaled_windowed_scaled_and_equalised_as_computed_by_
     # The window matters: the values it clips would otherwise stretch the scale.
     unwindowed = np.rint((modality - modality.min()) / (modality.max() - modality.min()) * 255).astype(np.uint8)
     assert not np.array_equal(equalized_by_definition(unwindowed), expected)
+
+
+@pytest.mark.parametrize("function", ["LINEAR", "LINEAR_EXACT", "SIGMOID"])
+def test_each_voi_lut_function_windows_as_pydicoms_reference_implementation(radiograph, tmp_path, function):
+    """A window placed where the three differ in the equalised image: LINEAR shows grey level 120 as white
+    (its top edge is c + w/2 - 1 = 119.25), LINEAR_EXACT just below white (its edge is c + w/2 = 120.25),
+    SIGMOID nothing quite white."""
+    def windowed_by(dataset):
+        dataset.VOILUTFunction = function
+
+    path = rewritten(write_dicom(radiograph, tmp_path / "linear.dcm", window=(100.25, 40.0)),
+                     tmp_path / "windowed.dcm", windowed_by)
+    dataset = pydicom.dcmread(path)
+    windowed = apply_windowing(apply_modality_lut(dataset.pixel_array, dataset), dataset)
+    scaled = np.rint((windowed - windowed.min()) / (windowed.max() - windowed.min()) * 255).astype(np.uint8)
+    assert np.array_equal(pixels(path), equalized_by_definition(scaled))
 
 
 def test_a_file_with_several_windows_is_shown_through_its_first(radiograph, tmp_path):
@@ -283,6 +302,36 @@ def test_a_dicom_that_is_no_chest_radiograph_is_an_input_error_naming_the_file_a
         read_study_file(path)
     assert str(error.value).startswith(f"{path}, {expected}")
     assert error.value.fix
+
+
+def malformed(keyword: str, vr: str, text: str):
+    """A change that writes ``text`` as the value of ``keyword`` byte for byte, as a file from a faulty
+    device has it (pydicom would refuse to write it from a value)."""
+    def change(dataset):
+        value = text.encode("ascii") + b" " * (len(text) % 2)
+        dataset[Tag(keyword)] = RawDataElement(Tag(keyword), vr, len(value), value, 0, False, True)
+    return change
+
+
+@pytest.mark.parametrize(("change", "keyword", "expected"), [
+    (malformed("WindowWidth", "DS", "0"), "WindowWidth", "a window 0 wide: a LINEAR window is at least 1 wide"),
+    (malformed("WindowWidth", "DS", "abc"), "WindowWidth", "not a finite decimal number (DICOM DS)"),
+    (malformed("WindowCenter", "DS", "abc"), "WindowCenter", "not a finite decimal number (DICOM DS)"),
+    (malformed("VOILUTFunction", "CS", "CURVY"), "VOILUTFunction", "not a windowing function: expected one of "
+                                                                   "LINEAR, LINEAR_EXACT, SIGMOID"),
+    (malformed("NumberOfFrames", "IS", "x"), "NumberOfFrames", "not a whole number (DICOM IS)"),
+    (malformed("RescaleSlope", "DS", "abc"), "RescaleSlope", "not a finite decimal number (DICOM DS)"),
+    (malformed("RescaleIntercept", "DS", "nan"), "RescaleIntercept", "not a finite decimal number (DICOM DS)"),
+])
+def test_a_malformed_rescale_window_or_frame_count_is_an_input_error_naming_the_attribute(radiograph, tmp_path,
+                                                                                          change, keyword, expected):
+    good = write_dicom(radiograph, tmp_path / "good.dcm", bits_stored=12, window=(1500.0, 2000.0))
+    path = rewritten(good, tmp_path / "bad.dcm", change)
+    with pytest.raises(InputError) as error:
+        read_study_file(path)
+    assert str(error.value).startswith(f"{path}, field {keyword}: {expected}; ")
+    assert (error.value.field, error.value.kind) == (keyword, f"field {keyword}")
+    assert f"correct {keyword} in the file" in error.value.fix
 
 
 def test_a_transfer_syntax_whose_decoder_is_not_installed_names_the_package_to_install(radiograph, tmp_path,
