@@ -25,8 +25,10 @@ Here:
    min-max alone would keep and the window removes;
 4. min-max scaling of the values to [0, 255], rounded to the nearest level (MIMIC-CXR-JPG's text says
    "truncating"; the two differ by at most one level before equalisation);
-5. inversion when PhotometricInterpretation is MONOCHROME1 (its lowest value is white), so that
-   bone is always bright as in MONOCHROME2 (MIMIC-CXR-JPG inverted such images too);
+5. inversion when PhotometricInterpretation is MONOCHROME1 (its lowest value is white), or when
+   PresentationLUTShape is INVERSE, so that bone is always bright as in MONOCHROME2. The standard
+   pairs INVERSE with MONOCHROME1 to say the same thing (PS3.3 C.7.6.1, General Image Module), so
+   the two together invert once, not twice;
 6. histogram equalisation exactly as OpenCV's ``cv::equalizeHist`` (``equalize_histogram``);
 7. an 8-bit "L" image. MIMIC-CXR-JPG then wrote JPEGs at quality 95; we keep the pixels lossless.
 
@@ -236,9 +238,11 @@ def _pixels(path: Path, dataset: pydicom.Dataset, transfer_syntax: uid.UID) -> I
     if high == low:
         raise InputError(path, f"every pixel has the value {low:g} after the rescale and window: a blank image",
                          field="PixelData", fix="check that the file holds the radiograph, and its WindowWidth")
-    # Scaled as (high - v) for MONOCHROME1 rather than 255 minus the scaled value: the same radiograph
+    inverted = (dataset.PhotometricInterpretation == "MONOCHROME1"
+                or str(dataset.get("PresentationLUTShape", "") or "").strip().upper() == "INVERSE")
+    # Scaled as (high - v) when inverted rather than 255 minus the scaled value: the same radiograph
     # stored either way then gives the same bytes, not values a rounding apart.
-    offsets = high - values if dataset.PhotometricInterpretation == "MONOCHROME1" else values - low
+    offsets = high - values if inverted else values - low
     scaled = np.rint(offsets * (255.0 / (high - low))).astype(np.uint8)
     return Image.fromarray(equalize_histogram(scaled), mode="L")
 

@@ -76,6 +76,24 @@ def test_a_monochrome1_file_is_inverted_back_to_its_monochrome2_twin(radiograph,
     assert np.array_equal(pixels(monochrome1), pixels(monochrome2))
 
 
+@pytest.mark.parametrize(("photometric", "bits", "window"), [
+    ("MONOCHROME2", 8, None),
+    ("MONOCHROME2", 12, (1500.0, 2000.0)),
+    ("MONOCHROME1", 12, None),
+])
+def test_an_inverse_presentation_lut_shape_shows_the_stored_values_inverted_once(radiograph, tmp_path, photometric,
+                                                                                 bits, window):
+    """INVERSE on MONOCHROME2 inverts; on MONOCHROME1 it is how the standard says MONOCHROME1 (PS3.3
+    C.7.6.1), not a second inversion."""
+    plain = write_dicom(radiograph, tmp_path / "plain.dcm", bits_stored=bits, window=window)
+    inverse = write_dicom(radiograph, tmp_path / "inverse.dcm", bits_stored=bits, window=window,
+                          photometric=photometric, presentation_lut_shape="INVERSE")
+    written = pydicom.dcmread(inverse)
+    assert (written.PhotometricInterpretation, written.PresentationLUTShape) == (photometric, "INVERSE")
+    assert np.array_equal(written.pixel_array, 2 ** bits - 1 - pydicom.dcmread(plain).pixel_array)
+    assert np.array_equal(pixels(inverse), pixels(plain))
+
+
 @pytest.mark.parametrize(("grey", "expected"), [
     # 16 pixels: 5 black (a border), 3 at 60, 4 at 128, 4 saturated. A level v goes to
     # 255 * (pixels <= v - 5) / (16 - 5): 0 to 0, 60 to 255*3/11 = 69.55 -> 70, 128 to 255*7/11 = 162.27

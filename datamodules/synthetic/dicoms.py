@@ -1,7 +1,8 @@
 """A grayscale image written as a chest X-ray DICOM file (Computed Radiography Image Storage), in the
-forms real scanners and archives produce: MONOCHROME1 or MONOCHROME2, 8, 12 or 16 stored bits with a
-rescale and a window, uncompressed or JPEG-compressed. Tests read these back through
-``datamodules.dicom``, and a person can try ``predict.py`` on the synthetic world's images as DICOM::
+forms real scanners and archives produce: MONOCHROME1 or MONOCHROME2, with or without an INVERSE
+PresentationLUTShape, 8, 12 or 16 stored bits with a rescale and a window, uncompressed or
+JPEG-compressed. Tests read these back through ``datamodules.dicom``, and a person can try
+``predict.py`` on the synthetic world's images as DICOM::
 
     python -m datamodules.synthetic.dicoms IMAGE.jpg OUT.dcm --study-date 20260101 --view PA \\
         --bits 12 --rescale 1 -1024 --window 1024 4096 --compression jpeg2000-lossless
@@ -33,28 +34,33 @@ from pydicom.uid import (
 COMPRESSIONS = {"none": ExplicitVRLittleEndian, "jpeg2000-lossless": JPEG2000Lossless,
                 "jpeg-baseline": JPEGBaseline8Bit}
 PHOTOMETRICS = ("MONOCHROME2", "MONOCHROME1")
+PRESENTATION_LUT_SHAPES = ("IDENTITY", "INVERSE")
 BITS_STORED = (8, 12, 16)
 
 
 def write_dicom(image: Image.Image | np.ndarray, path: str | Path, *, study_date: str | None = None,
                 acquisition_date: str | None = None, content_date: str | None = None,
                 patient_id: str = "SYNTH-0001", patient_name: str = "Synthetic^Patient", view: str = "PA",
-                photometric: str = "MONOCHROME2", bits_stored: int = 8, rescale: tuple[float, float] = (1.0, 0.0),
-                window: tuple[float, float] | None = None, compression: str = "none",
-                jpeg_quality: int = 90) -> Path:
+                photometric: str = "MONOCHROME2", presentation_lut_shape: str | None = None, bits_stored: int = 8,
+                rescale: tuple[float, float] = (1.0, 0.0), window: tuple[float, float] | None = None,
+                compression: str = "none", jpeg_quality: int = 90) -> Path:
     """Writes ``image`` (8-bit grayscale; black is no attenuation) as a DICOM file at ``path`` (any name:
     ``.dcm`` or none) and returns the path.
 
     Dates are DA values written as given (``YYYYMMDD``; anything else is written too, to test readers);
     ``None`` leaves StudyDate empty (it is type 2) and the other two out. The 8-bit grey levels are
-    scaled to ``bits_stored`` bits (``round(g * (2**bits - 1) / 255)``); MONOCHROME1 stores the inverted
-    values, so both photometric interpretations show the same radiograph. ``rescale`` is (RescaleSlope,
+    scaled to ``bits_stored`` bits (``round(g * (2**bits - 1) / 255)``). A file shown inverted (MONOCHROME1,
+    or ``presentation_lut_shape`` INVERSE, written as PresentationLUTShape; None leaves it out) stores the
+    inverted values, so every form shows the same radiograph. ``rescale`` is (RescaleSlope,
     RescaleIntercept); ``window`` is (WindowCenter, WindowWidth) in the rescaled values of the
-    MONOCHROME2 image, mirrored for MONOCHROME1 so both files display alike. ``jpeg-baseline`` takes
+    uninverted image, mirrored for an inverted one so both files display alike. ``jpeg-baseline`` takes
     8 bits only (the standard's baseline process is 8-bit) and is lossy at ``jpeg_quality``.
     """
     if photometric not in PHOTOMETRICS:
         raise ValueError(f"photometric={photometric!r}: expected one of {PHOTOMETRICS}")
+    if presentation_lut_shape not in (None, *PRESENTATION_LUT_SHAPES):
+        raise ValueError(f"presentation_lut_shape={presentation_lut_shape!r}: expected None or one of "
+                         f"{PRESENTATION_LUT_SHAPES}")
     if bits_stored not in BITS_STORED:
         raise ValueError(f"bits_stored={bits_stored}: expected one of {BITS_STORED}")
     if compression not in COMPRESSIONS:
@@ -67,7 +73,7 @@ def write_dicom(image: Image.Image | np.ndarray, path: str | Path, *, study_date
     largest = 2 ** bits_stored - 1
     stored = np.rint(grey.astype(np.float64) * largest / 255).astype(np.uint8 if bits_stored == 8 else np.uint16)
     slope, intercept = rescale
-    if photometric == "MONOCHROME1":
+    if photometric == "MONOCHROME1" or presentation_lut_shape == "INVERSE":
         stored = largest - stored
         if window is not None:
             # A stored s rescales to m = slope*s + intercept, its inverse to slope*largest + 2*intercept - m.
@@ -80,6 +86,8 @@ def write_dicom(image: Image.Image | np.ndarray, path: str | Path, *, study_date
     with config.disable_value_validation():
         dataset = _radiograph(patient_id, patient_name, view, study_date, acquisition_date, content_date)
     dataset.set_pixel_data(stored, photometric, bits_stored)
+    if presentation_lut_shape is not None:
+        dataset.PresentationLUTShape = presentation_lut_shape
     dataset.RescaleSlope, dataset.RescaleIntercept, dataset.RescaleType = slope, intercept, "US"
     if window is not None:
         dataset.WindowCenter, dataset.WindowWidth = window
