@@ -46,6 +46,7 @@ from __future__ import annotations
 import hashlib
 import math
 import secrets
+import threading
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -79,6 +80,8 @@ DECODERS = {
 # Drawn once per process: the same PatientID gives the same key within a run, and a key means nothing
 # outside it.
 _PATIENT_KEY_SECRET = secrets.token_bytes(32)
+# pydicom's value validation is one switch for the whole process: reads that switch it off take turns.
+_VALIDATION_SWITCH = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -148,9 +151,12 @@ def read_study_file(path: str | Path) -> StudyFile:
 
 
 def _read_dicom(path: Path) -> StudyFile:
-    # pydicom warns of an invalid value by quoting it, and a PatientName or PatientID can be one: nothing
-    # read here may put an identifier in a log.
-    with config.disable_value_validation():
+    # pydicom's value validation warns of a malformed value by quoting it (pydicom 3.0 on reading: IS, DS
+    # and UI values; names, IDs and dates it does not quote), and predict.py and the demo show warnings:
+    # nothing read from the file is to reach them but through an InputError worded here. The switch is
+    # one for the whole process and restores what it found on leaving, so two reads in threads (the
+    # demo's) that overlapped could leave it off for good, or on in the middle of a read: they take turns.
+    with _VALIDATION_SWITCH, config.disable_value_validation():
         return _read_dataset(path)
 
 

@@ -4,6 +4,10 @@ written from a world radiograph (``datamodules.synthetic.dicoms``) in the forms 
 from __future__ import annotations
 
 import io
+import logging
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from datetime import date
 from fractions import Fraction
 from pathlib import Path
@@ -13,6 +17,7 @@ import numpy as np
 import pydicom
 import pytest
 from PIL import Image
+from pydicom import config
 from pydicom.dataelem import RawDataElement
 from pydicom.encaps import encapsulate
 from pydicom.pixels import apply_modality_lut, apply_windowing
@@ -265,21 +270,81 @@ def test_the_patient_key_matches_files_of_one_patient_and_is_not_the_patient_id(
     assert PATIENT_ID not in first.patient_key and len(first.patient_key) == 32
 
 
-def test_no_patient_name_or_id_appears_in_a_repr_a_warning_or_an_error(radiograph, tmp_path):
+def test_no_patient_name_id_or_date_appears_in_a_repr_a_warning_a_log_record_or_an_error(radiograph, tmp_path,
+                                                                                         caplog):
+    """Warnings and log records included: pydicom's and the reader's own, for a file with a malformed
+    StudyDate and for two that are no radiograph."""
+    malformed_date = "2026013"
     path = write_dicom(radiograph, tmp_path / "named.dcm", patient_id=PATIENT_ID, patient_name=PATIENT_NAME,
-                       study_date="2026013")
-    study = read_study_file(path)
+                       study_date=malformed_date)
     no_pixels = rewritten(path, tmp_path / "no-pixels.dcm", lambda dataset: dataset.pop("PixelData"))
     colour = rewritten(path, tmp_path / "colour.dcm",
                        lambda dataset: dataset.set_pixel_data(np.stack([radiograph] * 3, axis=-1), "RGB", 8))
-    texts = [repr(study), str(study), *study.warnings]
-    for bad in (no_pixels, colour):
-        with pytest.raises(InputError) as error:
-            read_study_file(bad)
-        texts.append(str(error.value))
+    caplog.set_level(logging.DEBUG)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        study = read_study_file(path)
+        texts = [repr(study), str(study), *study.warnings]
+        for bad in (no_pixels, colour):
+            with pytest.raises(InputError) as error:
+                read_study_file(bad)
+            texts.append(str(error.value))
+    texts += [str(warning.message) for warning in caught] + [record.getMessage() for record in caplog.records]
     assert study.warnings
     for text in texts:
         assert PATIENT_ID not in text and "Doe" not in text and "Jane" not in text, text
+        assert malformed_date not in text, text
+
+
+def test_a_malformed_value_reaches_no_warning_or_log_record_but_only_the_input_error(radiograph, tmp_path, caplog):
+    """pydicom's value validation quotes a malformed IS, DS or UI value it reads in a warning and a log
+    record; the reader switches it off, so the InputError, worded by the reader, is all that is said."""
+    path = rewritten(write_dicom(radiograph, tmp_path / "good.dcm"), tmp_path / "bad.dcm",
+                     malformed("NumberOfFrames", "IS", "2x"))
+    caplog.set_level(logging.DEBUG)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(InputError, match="field NumberOfFrames: not a whole number"):
+            read_study_file(path)
+    assert [str(warning.message) for warning in caught] == []
+    assert [record.getMessage() for record in caplog.records if record.name.startswith("pydicom")] == []
+
+
+def test_dicom_reads_in_threads_take_turns_and_leave_pydicom_validation_as_it_was(radiograph, tmp_path,
+                                                                                  monkeypatch):
+    """pydicom's value validation is one switch for the whole process, which each read turns off (so that
+    no pydicom warning quotes the file) and then restores as it found it: two reads that overlapped could
+    restore each other's "off" for good. Here each read waits (up to half a second) for all the others to
+    be inside theirs at once; taking turns, none is."""
+    paths = [write_dicom(radiograph, tmp_path / f"{index}.dcm") for index in range(3)]
+    before = (config.settings.reading_validation_mode, config.settings.writing_validation_mode)
+    all_inside = threading.Barrier(len(paths))
+    counting = threading.Lock()
+    inside, most_inside, modes_inside = [0], [0], []
+    read_dataset = dicom._read_dataset
+
+    def read_dataset_waiting_for_the_others(path):
+        with counting:
+            inside[0] += 1
+            most_inside[0] = max(most_inside[0], inside[0])
+        try:
+            all_inside.wait(timeout=0.5)
+        except threading.BrokenBarrierError:
+            pass
+        modes_inside.append(config.settings.reading_validation_mode)
+        try:
+            return read_dataset(path)
+        finally:
+            with counting:
+                inside[0] -= 1
+
+    monkeypatch.setattr(dicom, "_read_dataset", read_dataset_waiting_for_the_others)
+    with ThreadPoolExecutor(len(paths)) as pool:
+        studies = list(pool.map(read_study_file, paths))
+    assert [study.path for study in studies] == paths
+    assert most_inside == [1]
+    assert modes_inside == [config.IGNORE] * len(paths)
+    assert (config.settings.reading_validation_mode, config.settings.writing_validation_mode) == before
 
 
 def _without_pixels(dataset):
