@@ -184,6 +184,10 @@ def _read_dataset(path: Path) -> StudyFile:
 
 def _check_radiograph(path: Path, dataset: pydicom.Dataset) -> None:
     """A single grayscale frame with pixels: a projection radiograph, not a report, a series or a screenshot."""
+    if "PixelData" not in dataset and "Modality" not in dataset and "SOPClassUID" not in dataset:
+        raise InputError(path, "not a readable DICOM file: no pixel data, Modality or SOPClassUID could be read from "
+                               "it (a truncated or corrupt file)", field="PixelData",
+                         fix="copy or export the file again from the archive")
     if "PixelData" not in dataset:
         modality = dataset.get("Modality", "unknown")
         raise InputError(path, f"no pixel data: this DICOM (Modality {modality}) holds no image, as a structured "
