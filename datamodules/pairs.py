@@ -19,6 +19,7 @@ Paths are relative to the manifest's directory. A row's sample id is its ``id``,
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from dataclasses import dataclass, field, replace
 from datetime import date
@@ -59,7 +60,7 @@ def parse_date(text: str, name: str) -> date:
             raise ValueError
         return date(int(digits[:4]), int(digits[4:6]), int(digits[6:]))
     except ValueError:
-        raise AskError(name, f"{name}={text!r} is not a date: write YYYY-MM-DD") from None
+        raise AskError(name, f"{name} is not a date: write YYYY-MM-DD") from None
 
 
 def interval_between(current: StudyFile, prior: StudyFile, current_date: str | None = None,
@@ -165,17 +166,18 @@ class Manifest:
     rows: int  # data rows in the file
     lines: dict[str, int]  # each row's sample id to its line
     failed: dict[str, int]  # the sample id of each row left out, to its line
-    files: dict[str, str]  # each pair's sample id to a digest of its files as they are now (``files_digest``)
+    asked: dict[str, str]  # each pair's sample id to a digest of what its row asks now (``row_digest``)
 
 
-def files_digest(*studies: StudyFile | None) -> str:
-    """A digest of where the files are and of their size and last change, to tell a row whose files
-    were replaced or renamed from one whose files are as they were (the digest, not the path, is stored)."""
-    parts = []
-    for study in studies:
-        stat = study.path.stat() if study is not None else None
-        parts.append("" if study is None else f"{study.path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}")
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+def row_digest(sample: Sample, files: list[Path | None]) -> str:
+    """A digest of what a row asks (its question, interval and choices) and of its files (where they
+    are, their size and last change), to tell a row that changed since its answer, or whose files were
+    replaced, from one as it was. The digest is stored, not the paths or the question."""
+    parts = [sample.question, sample.interval_days, sample.options]
+    for file in files:
+        stat = file.stat() if file is not None else None
+        parts.append(None if file is None else [str(file.resolve()), stat.st_size, stat.st_mtime_ns])
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
 def _cell(row: dict, name: str) -> str | None:
@@ -198,13 +200,12 @@ def parse_days(text: str | None, name: str, whole: bool = False) -> float | int 
         raise AskError(name, f"{text!r} is not a number of days") from None
 
 
-def read_manifest(path: str | Path, problems: Problems | None = None, allow_different_patients: bool = False,
-                  studies: dict[Path, StudyFile] | None = None) -> Manifest:
+def read_manifest(path: str | Path, problems: Problems | None = None,
+                  allow_different_patients: bool = False) -> Manifest:
     """The manifest's rows as pairs. A row's problem (a missing or unreadable file, a prior after the
     current study, a bad value) is an ``InputError`` naming the line and the field: raised, or with
     ``problems`` recorded and the row left out. A column the manifest does not know is refused (a
-    misspelt ``id`` would otherwise number the rows by line). ``studies`` caches files read once (a
-    study asked several questions is read once)."""
+    misspelt ``id`` would otherwise number the rows by line). A study asked several questions is read once."""
     table = read_csv(path, list(MANIFEST_COLUMNS), "a manifest CSV of the pairs to ask about: columns "
                      f"{', '.join(MANIFEST_COLUMNS)} and any of {', '.join(OPTIONAL_COLUMNS)}", dtype=str)
     path = table.path
@@ -213,8 +214,8 @@ def read_manifest(path: str | Path, problems: Problems | None = None, allow_diff
         raise InputError(path, f"unknown column{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}",
                          line=1, fix=f"the columns are {', '.join(MANIFEST_COLUMNS)} and any of "
                          f"{', '.join(OPTIONAL_COLUMNS)}")
-    studies = {} if studies is None else studies
-    pairs, ids, failed, files = [], {}, {}, {}
+    studies: dict[Path, StudyFile] = {}
+    pairs, ids, failed, asked = [], {}, {}, {}
     for row_index, row in enumerate(table.frame.to_dict("records")):
         line = table.line(row_index)
         sample_id = _cell(row, "id") or f"line-{line}"
@@ -243,13 +244,14 @@ def read_manifest(path: str | Path, problems: Problems | None = None, allow_diff
                         raise fail(role, f"{file}: {error.problem}" + (f"; {error.fix}" if error.fix else ""),
                                    "missing file" if not file.exists() else "unreadable file") from None
                 read[role] = studies[file]
-            options, report = _cell(row, "options"), _cell(row, "prior_report")
-            if report is not None:
-                report_path = (path.parent / report).resolve()
+            options, report_path, report = _cell(row, "options"), _cell(row, "prior_report"), None
+            if report_path is not None:
+                report_path = (path.parent / report_path).resolve()
                 try:
                     report = read_text(report_path, "the prior study's report as a text file")
                 except InputError as error:
-                    raise fail("prior_report", f"{report_path}: {error.problem}") from None
+                    raise fail("prior_report", f"{report_path}: {error.problem}"
+                               + (f"; {error.fix}" if error.fix else "")) from None
             try:
                 pair = make_pair(
                     sample_id, read["current"], read.get("prior"), _cell(row, "question") or "",
@@ -266,5 +268,7 @@ def read_manifest(path: str | Path, problems: Problems | None = None, allow_diff
             failed.setdefault(sample_id, line)
             continue
         pairs.append(pair)
-        files[sample_id] = files_digest(read["current"], read.get("prior") if pair.sample.has_prior else None)
-    return Manifest(pairs, len(table.frame), ids, failed, files)
+        shown_prior = read["prior"].path if pair.sample.has_prior else None
+        asked[sample_id] = row_digest(pair.sample, [read["current"].path, shown_prior,
+                                                    report_path if pair.prior_report is not None else None])
+    return Manifest(pairs, len(table.frame), ids, failed, asked)

@@ -68,6 +68,19 @@ def _done(partial: Path) -> dict[str, dict]:
     return {item["sample_id"]: item for item in map(json.loads, whole.decode("utf-8").splitlines())}
 
 
+def check_settings(out: Path, fingerprint: dict) -> None:
+    """Refuses to add answers generated with ``fingerprint``'s settings to ``out``'s, generated with others."""
+    fingerprint_path = out / FINGERPRINT
+    if (out / PARTIAL).is_file() or (out / PREDICTIONS).is_file():
+        previous = json.loads(fingerprint_path.read_text()) if fingerprint_path.is_file() else None
+        if previous != fingerprint:
+            raise ConfigError(
+                f"{out} holds answers generated with other settings ({fingerprint_path}: {previous}); "
+                f"now: {fingerprint}. Write into another directory, or delete {PREDICTIONS}, {PARTIAL} and "
+                f"{FINGERPRINT} there to start over"
+            )
+
+
 def stored_records(out: Path) -> dict[str, dict]:
     """The records a run into ``out`` already holds, finished or appended, by sample id."""
     return _finished(out / PREDICTIONS) | _done(out / PARTIAL)
@@ -94,17 +107,10 @@ def generate_records(module, samples: list[Sample], collator, batch_size: int, n
                      out: Path, fingerprint: dict) -> list[dict]:
     """Every sample's record, in order, generating only those not already in ``out``'s partial file,
     in batches of ``collator``'s (a generation ``LumenCollator``) left-padded prompts."""
+    check_settings(out, fingerprint)
+    partial = out / PARTIAL
     out.mkdir(parents=True, exist_ok=True)
-    partial, fingerprint_path = out / PARTIAL, out / FINGERPRINT
-    if partial.is_file() or (out / PREDICTIONS).is_file():
-        previous = json.loads(fingerprint_path.read_text()) if fingerprint_path.is_file() else None
-        if previous != fingerprint:
-            raise ConfigError(
-                f"{out} holds answers generated with other settings ({fingerprint_path}: {previous}); "
-                f"now: {fingerprint}. Write into another directory, or delete {PREDICTIONS}, {PARTIAL} and "
-                f"{FINGERPRINT} there to start over"
-            )
-    write_json_atomic(fingerprint_path, fingerprint)
+    write_json_atomic(out / FINGERPRINT, fingerprint)
     done = stored_records(out)
     pending = [sample for sample in samples if sample.sample_id not in done]
     if done:

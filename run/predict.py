@@ -38,7 +38,7 @@ from datamodules.mmxu import history_for_question
 from datamodules.pairs import OPTIONAL_COLUMNS, Pair, make_pair, read_manifest
 from datamodules.presets import AskError
 from datamodules.records import Sample
-from evaluation.generation import PARTIAL, PREDICTIONS, generate_records, stored_records
+from evaluation.generation import PARTIAL, PREDICTIONS, check_settings, generate_records, stored_records
 from models.checkpoints import load_checkpoint
 from models.factory import input_spec
 from models.lit_module import BATCH_INPUTS
@@ -114,12 +114,13 @@ class Predictor:
         batches = range(0, len(prepared), batch_size)
         for start in tqdm(batches, desc="expert predictions", unit="batch", disable=len(batches) < 2):
             chunk = prepared[start:start + batch_size]
-            images = {sample.sample_id: read_image(sample.image, sample, "image") for sample, _ in chunk}
+            # Keyed by position: pairs asked one after another may share an id (the demo's all do).
+            images = {str(place): read_image(sample.image, sample, "image") for place, (sample, _) in enumerate(chunk)}
             predictions = predict_experts(self.experts, images, device=str(self.device))
             prepared[start:start + batch_size] = [
-                (replace(sample, expert=expert_text(predictions[sample.sample_id],
-                                                    self.settings["expert_demographics"])), warnings)
-                for sample, warnings in chunk]
+                (replace(sample, expert=expert_text(predictions[str(place)], self.settings["expert_demographics"])),
+                 warnings)
+                for place, (sample, warnings) in enumerate(chunk)]
         return prepared
 
     def _prompted_as_trained(self, pair: Pair) -> tuple[Sample, tuple[str, ...]]:
@@ -128,9 +129,12 @@ class Predictor:
             sample = replace(sample, prior_image=None, interval_days=None)
             warnings += ("this model was trained on the current image alone (use_prior=false): the prior study is "
                          "not shown to it",)
-        if pair.prior_report is not None and sample.has_prior:
+        if pair.prior_report is not None:
             history = self.settings.get("history")
-            if history in ("global", "regional"):
+            if sample.task != "mmxu":
+                warnings += ("only MMXU's single-choice questions were trained with the prior report: it is not "
+                             "shown with this question (give options= to ask one)",)
+            elif history in ("global", "regional"):
                 sample = replace(sample, history=history_for_question(pair.prior_report, history, sample.question))
             else:
                 trained = ("without prior reports (its MMXU questions had history=none)" if history == "none" else
@@ -189,7 +193,13 @@ def check_request(cfg: DictConfig) -> None:
     require_checkpoint(cfg, "ask with python predict.py")
     if cfg.output not in ("text", "json"):
         raise ConfigError(f"output={cfg.output!r}: expected text or json")
+    if cfg.manifest is None and cfg.out is not None:
+        raise ConfigError("out= is where a manifest's answers go: one pair's answer is printed (output=json for "
+                          "one JSON object)")
     if cfg.manifest is not None:
+        if cfg.output != "text":
+            raise ConfigError(f"output={cfg.output} is for one pair: a manifest's answers go to "
+                              f"<out>/{PREDICTIONS}, one JSON record per line")
         given = [key for key in ONE_PAIR_KEYS if cfg[key] is not None]
         if given:
             raise ConfigError(f"{', '.join(given)} describe one pair, and manifest= many: give each pair's in the "
@@ -234,59 +244,63 @@ def manifest_out(cfg: DictConfig) -> Path:
     return Path(cfg.out) if cfg.out is not None else manifest.parent / f"{manifest.stem}-predictions"
 
 
-ROWS = "manifest_rows.json"  # each answered row's sample id to a digest of its files (pairs.files_digest)
-
-
-def stale_rows(stored: dict[str, dict], previous_files: dict[str, str], samples: list[Sample],
-               files: dict[str, str]) -> list[str]:
-    """The sample ids whose stored answer was to another question, interval, choices or files than the
-    manifest's row now asks about."""
-    return [sample.sample_id for sample in samples if sample.sample_id in stored and (
-        (stored[sample.sample_id]["question"], stored[sample.sample_id].get("interval_days"),
-         stored[sample.sample_id].get("options"), previous_files.get(sample.sample_id))
-        != (sample.question, sample.interval_days, sample.options, files[sample.sample_id]))]
+ROWS = "manifest_rows.json"  # each answered row's sample id to a digest of what it asked (pairs.row_digest)
 
 
 def predict_manifest(cfg: DictConfig) -> list[dict]:
     """Every good row of the manifest answered into ``<out>/predictions.jsonl``, in the manifest's order.
-    A rerun generates only the rows without an answer; a row whose question or files changed since its
-    answer is refused before anything is generated; a row that cannot be asked now keeps the answer an
-    earlier run gave it (said so), so that no finished answer is lost to a file out of reach."""
+    A rerun generates only the rows without an answer. Refused before anything is generated: other
+    generation settings than the stored answers', and a row whose question, interval, choices or files
+    changed since its answer. A row that cannot be asked now keeps the answer an earlier run gave it
+    (said so), so that no finished answer is lost to a file out of reach; the answers of rows no longer
+    in the manifest are dropped (said so)."""
     problems = Problems(listed=None)  # every bad row by its line, not the first few of a kind
     manifest = read_manifest(cfg.manifest, problems, allow_different_patients=cfg.allow_different_patients)
     out = manifest_out(cfg)
     stored = stored_records(out)
-    previous_files = json.loads((out / ROWS).read_text()) if (out / ROWS).is_file() else {}
-    samples = [pair.sample for pair in manifest.pairs]
-    changed = stale_rows(stored, previous_files, samples, manifest.files)
-    if changed:
-        raise ConfigError(f"{out} holds answers to other questions or files for {', '.join(changed[:5])}"
-                          f"{' and more' if len(changed) > 5 else ''}: their manifest rows changed since. Give those "
-                          "rows new ids, or set out= to another directory")
-    kept = {sample_id: line for sample_id, line in manifest.failed.items()
-            if sample_id in stored and sample_id not in manifest.files}
+    previous = json.loads((out / ROWS).read_text()) if (out / ROWS).is_file() else {}
+    answered = [sample_id for sample_id in manifest.asked if sample_id in stored]
+    unknown = [sample_id for sample_id in answered if sample_id not in previous]
+    changed = [sample_id for sample_id in answered if previous.get(sample_id, manifest.asked[sample_id]) !=
+               manifest.asked[sample_id]]
+    for ids, why in ((unknown, f"no record of what they asked ({ROWS} is missing or lacks them)"),
+                     (changed, "their manifest rows (question, interval, choices or files) changed since")):
+        if ids:
+            raise ConfigError(f"{out} holds answers for {', '.join(ids[:5])}{' and more' if len(ids) > 5 else ''} "
+                              f"but {why}: give those rows new ids, or set out= to another directory")
     predictor = Predictor(cfg.ckpt, cfg.accelerator, cfg.max_new_tokens, cfg.experts.weights_dir)
-    pending = [pair for pair in manifest.pairs if pair.sample.sample_id not in stored]
-    asked = {sample.sample_id: (sample, warnings) for sample, warnings in
-             predictor.as_trained_many(pending, cfg.batch_size)}
-    samples = [asked.get(sample.sample_id, (sample, ()))[0] for sample in samples]
     fingerprint = {
         "checkpoint": str(predictor.ckpt.resolve()), "checkpoint_version": checkpoint_version(predictor.ckpt),
         "max_new_tokens": predictor.module.hparams.max_new_tokens, "prompt": predictor.settings,
     }
-    if samples or kept:
-        write_json_atomic(out / ROWS, {sample_id: previous_files[sample_id] for sample_id in kept if sample_id in
-                                       previous_files} | manifest.files)
+    check_settings(out, fingerprint)
+    kept = {sample_id: line for sample_id, line in manifest.failed.items()
+            if sample_id in stored and sample_id not in manifest.asked}
+    dropped = [sample_id for sample_id in stored if sample_id not in manifest.lines]
+    pending = [index for index, pair in enumerate(manifest.pairs) if pair.sample.sample_id not in stored]
+    asked = predictor.as_trained_many([manifest.pairs[index] for index in pending], cfg.batch_size)
+    samples = [pair.sample for pair in manifest.pairs]
+    for index, (sample, _) in zip(pending, asked):
+        samples[index] = sample
+    if pending:  # what each answer (appended as it is generated) asked, should the run be killed
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / ROWS, previous | manifest.asked)
     records = generate_records(predictor.module, samples, predictor.collator, cfg.batch_size, cfg.num_workers,
                                predictor.accelerator, out, fingerprint) if samples else []
     records = sorted(records + [stored[sample_id] for sample_id in kept],
                      key=lambda record: manifest.lines[record["sample_id"]])
     if records:
         write_jsonl_atomic(out / PREDICTIONS, records)
+        digests = previous | manifest.asked
+        write_json_atomic(out / ROWS, {record["sample_id"]: digests[record["sample_id"]] for record in records
+                                       if record["sample_id"] in digests})
         (out / PARTIAL).unlink(missing_ok=True)
-    for sample_id, (_, warnings) in asked.items():
+    for sample, warnings in asked:
         for warning in warnings:
-            print(f"warning: {sample_id}: {warning}")
+            print(f"warning: {sample.sample_id}: {warning}")
+    if records and dropped:
+        print(f"dropped the earlier answers of {len(dropped)} rows no longer in the manifest "
+              f"({', '.join(dropped[:5])}{' and more' if len(dropped) > 5 else ''})")
     print(f"answered {len(records) - len(kept)} of {manifest.rows} rows of {cfg.manifest}"
           + (f"; {len(problems)} left out:" if problems else ""))
     for line in problems.lines():

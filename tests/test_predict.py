@@ -325,18 +325,62 @@ def test_a_row_that_cannot_be_asked_again_keeps_its_answer(evaluated, trained_ch
     assert read_jsonl(tmp_path / "pairs-predictions" / "predictions.jsonl") == first
 
 
-def test_a_row_whose_files_changed_is_refused_before_anything_is_generated(evaluated, trained_checkpoint, tmp_path):
+def test_a_row_whose_files_changed_is_refused_before_anything_is_generated(evaluated, trained_checkpoint, tmp_path,
+                                                                           monkeypatch):
     _, samples = evaluated
-    two = [sample for sample in samples if sample.has_prior][:1] + [sample for sample in samples if
-                                                                    not sample.has_prior][:1]
-    manifest = write_manifest(tmp_path / "pairs.csv", two)
+    with_prior = [sample for sample in samples if sample.has_prior]
+    manifest = write_manifest(tmp_path / "pairs.csv", with_prior[:1])
     predict(predict_config(trained_checkpoint, f"manifest={manifest}"))
-    swapped = [replace(two[0], image=two[0].prior_image, prior_image=two[0].image), two[1]]
-    write_manifest(manifest, swapped)
-    before = (tmp_path / "pairs-predictions" / "predictions.jsonl").read_bytes()
-    with pytest.raises(ConfigError, match=f"holds answers to other questions or files for {two[0].sample_id}:"):
+    out = tmp_path / "pairs-predictions"
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    swapped = replace(with_prior[0], image=with_prior[0].prior_image, prior_image=with_prior[0].image)
+    write_manifest(manifest, [swapped, with_prior[1]])  # a new row too, which would be generated
+    monkeypatch.setattr("run.predict.Predictor", None)  # nothing may be loaded, let alone generated
+    with pytest.raises(ConfigError, match=f"holds answers for {swapped.sample_id} but their manifest rows "
+                                          r"\(question, interval, choices or files\) changed since"):
         predict(predict_config(trained_checkpoint, f"manifest={manifest}"))
-    assert (tmp_path / "pairs-predictions" / "predictions.jsonl").read_bytes() == before
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+
+
+def test_other_generation_settings_are_refused_before_the_rows_are_recorded(evaluated, trained_checkpoint, tmp_path):
+    _, samples = evaluated
+    manifest = write_manifest(tmp_path / "pairs.csv", samples[:2])
+    predict(predict_config(trained_checkpoint, f"manifest={manifest}"))
+    out = tmp_path / "pairs-predictions"
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    write_manifest(manifest, samples[:3])
+    with pytest.raises(ConfigError, match="holds answers generated with other settings"):
+        predict(predict_config(trained_checkpoint, f"manifest={manifest}", "max_new_tokens=3"))
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+
+
+def test_a_model_trained_on_one_image_answers_a_manifest_again_from_its_answers(evaluated, trained_checkpoint,
+                                                                               tmp_path, capsys):
+    import torch
+
+    checkpoint = torch.load(trained_checkpoint, map_location="cpu", weights_only=True)
+    checkpoint["datamodule_hyper_parameters"]["use_prior"] = False
+    one_image = tmp_path / "one-image.ckpt"
+    torch.save(checkpoint, one_image)
+    _, samples = evaluated
+    manifest = write_manifest(tmp_path / "pairs.csv", [sample for sample in samples if sample.has_prior][:2])
+    first = predict(predict_config(one_image, f"manifest={manifest}"))
+    assert [record["has_prior"] for record in first] == [False, False]
+    assert "use_prior=false): the prior study is not shown to it" in capsys.readouterr().out
+    assert predict(predict_config(one_image, f"manifest={manifest}")) == first
+
+
+def test_answers_of_rows_taken_out_of_the_manifest_are_dropped_and_said_so(evaluated, trained_checkpoint, tmp_path,
+                                                                         capsys):
+    _, samples = evaluated
+    manifest = write_manifest(tmp_path / "pairs.csv", samples[:3])
+    predict(predict_config(trained_checkpoint, f"manifest={manifest}"))
+    write_manifest(manifest, samples[1:3])
+    again = predict(predict_config(trained_checkpoint, f"manifest={manifest}"))
+    assert [record["sample_id"] for record in again] == [sample.sample_id for sample in samples[1:3]]
+    assert f"dropped the earlier answers of 1 rows no longer in the manifest ({samples[0].sample_id})" in \
+        capsys.readouterr().out
+    assert set(json.loads((tmp_path / "pairs-predictions" / ROWS).read_text())) == {s.sample_id for s in samples[1:3]}
 
 
 def test_a_prior_report_is_shown_as_the_models_mmxu_questions_showed_it(trained_checkpoint, jpeg_pair):
@@ -354,6 +398,19 @@ def test_a_prior_report_is_shown_as_the_models_mmxu_questions_showed_it(trained_
     assert sample.history == ("Report of the previous image: Small left pleural effusion. The heart is normal. "
                               "Left effusion.")
     assert sample.history in predictor.prompt(sample)
+    difference = make_pair("p", read_study_file(current), read_study_file(prior), "difference", interval_days=days,
+                           prior_report=report)
+    sample, warnings = predictor.as_trained(difference)
+    assert sample.history is None and warnings[-1].startswith("only MMXU's single-choice questions were trained with "
+                                                              "the prior report")
+
+
+def test_json_output_and_out_are_refused_in_the_mode_they_do_not_belong_to(trained_checkpoint, jpeg_pair, tmp_path):
+    manifest = write_manifest(tmp_path / "pairs.csv", [])
+    with pytest.raises(ConfigError, match="output=json is for one pair"):
+        predict(predict_config(trained_checkpoint, f"manifest={manifest}", "output=json"))
+    with pytest.raises(ConfigError, match="out= is where a manifest's answers go"):
+        predict(predict_config(trained_checkpoint, f"current={jpeg_pair[0]}", "question=view", f"out={tmp_path}"))
 
 
 # --- the command line -----------------------------------------------------------------------------------------
