@@ -30,6 +30,14 @@ def finished(trained_checkpoint, world, tmp_path_factory):
     return out
 
 
+def copy_of(run: Path, tmp_path: Path) -> Path:
+    """An editable copy of a run directory: evaluate writes into the run it is given, and the module's
+    finished run must stay as its first evaluation left it for the other tests."""
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    return copy
+
+
 def test_a_finished_run_leaves_predictions_results_plots_and_no_partial_file(finished):
     assert len(read_jsonl(finished / "predictions.jsonl")) == 20
     assert not (finished / PARTIAL).exists() and (finished / FINGERPRINT).is_file()
@@ -65,13 +73,14 @@ def test_an_interrupted_run_generates_only_what_is_missing(finished, trained_che
     assert not (run / PARTIAL).exists()
 
 
-def test_a_finished_run_is_scored_again_without_generating(finished, trained_checkpoint, world):
-    before = (finished / "predictions.jsonl").read_text()
+def test_a_finished_run_is_scored_again_without_generating(finished, trained_checkpoint, world, tmp_path):
+    run = copy_of(finished, tmp_path)
+    before = (run / "predictions.jsonl").read_text()
     lines = before.splitlines()
     edited = json.loads(lines[0]) | {"prediction": "EDITED"}
-    (finished / "predictions.jsonl").write_text("\n".join([json.dumps(edited), *lines[1:]]) + "\n")
-    evaluate(eval_config(trained_checkpoint, world, finished))
-    assert read_jsonl(finished / "predictions.jsonl")[0]["prediction"] == "EDITED"
+    (run / "predictions.jsonl").write_text("\n".join([json.dumps(edited), *lines[1:]]) + "\n")
+    evaluate(eval_config(trained_checkpoint, world, run))
+    assert read_jsonl(run / "predictions.jsonl")[0]["prediction"] == "EDITED"
 
 
 def test_answers_from_other_settings_are_not_mixed_in(finished, trained_checkpoint, world):
@@ -103,18 +112,19 @@ def test_with_the_wandb_logger_the_table_goes_to_an_offline_run_and_the_plots_on
 
 
 def test_the_judge_scores_open_answers_and_its_summary_goes_into_the_results(finished, trained_checkpoint, world,
-                                                                             monkeypatch):
+                                                                             tmp_path, monkeypatch):
     from tests.test_llm import FakeEndpoint
     monkeypatch.setenv("LUMEN_TEST_KEY", "k")
+    run = copy_of(finished, tmp_path)
     server = FakeEndpoint(answer=lambda messages: "Close to the reference.\nRating: [[7]]")
     try:
-        results = evaluate(eval_config(trained_checkpoint, world, finished, "judge=openai", "judge.model=llama",
+        results = evaluate(eval_config(trained_checkpoint, world, run, "judge=openai", "judge.model=llama",
                                        f"judge.base_url={server.url}", "judge.api_key_env=LUMEN_TEST_KEY"))
     finally:
         server.close()
-    records = read_jsonl(finished / "predictions.jsonl")
+    records = read_jsonl(run / "predictions.jsonl")
     judged = [r for r in records if "judge_score" in r]
     assert judged and 0 < len(server.requests) <= len(judged)  # the same conversation is asked once
     assert all(r["judge_score"] == 7.0 for r in judged) and not any(r["reference"] in ("yes", "no") for r in judged)
     assert results["judge"]["model"] == "llama" and results["overall"]["judge_score"]["mean"] == 7.0
-    assert "| Judge (1-10) |" in (finished / "results.md").read_text()
+    assert "| Judge (1-10) |" in (run / "results.md").read_text()

@@ -481,17 +481,20 @@ def test_extending_by_max_steps_past_a_reached_max_epochs_is_refused_naming_both
     assert checkpoint.stat().st_mtime_ns == modified
 
 
-def test_a_resume_with_nothing_to_train_exits_with_code_2_naming_the_limit(stopped_run, world, tiny_base):
-    command = [sys.executable, "train.py", f"hydra.run.dir={stopped_run}", f"paths.world_dir={world}",
+def test_a_resume_with_nothing_to_train_exits_with_code_2_naming_the_limit(stopped_run, world, tiny_base, tmp_path):
+    # A copy: Hydra writes its .hydra/ into the run directory before the run is refused.
+    run = tmp_path / "run"
+    shutil.copytree(stopped_run, run)
+    command = [sys.executable, "train.py", f"hydra.run.dir={run}", f"paths.world_dir={world}",
                f"paths.tiny_base={tiny_base}", f"prepare.world.subjects={WORLD_SUBJECTS}", "prepare.tiny_base=null",
                *DATA, "trainer.max_steps=3", "ckpt_path=last"]
     result = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
-    assert (f"train.py: error: ckpt_path=last ({stopped_run / 'checkpoints' / 'last.ckpt'}) has trained 3 steps and "
+    assert (f"train.py: error: ckpt_path=last ({run / 'checkpoints' / 'last.ckpt'}) has trained 3 steps and "
             "0 epochs, which reaches trainer.max_steps=3: resuming it would train nothing. To train further, add "
             "trainer.max_steps=<more than 3>") in result.stderr
-    assert sorted(path.name for path in (stopped_run / "csv").iterdir()) == ["version_0"]  # nothing was logged
+    assert sorted(path.name for path in (run / "csv").iterdir()) == ["version_0"]  # nothing was logged
 
 
 @pytest.mark.slow
