@@ -142,11 +142,13 @@ def test_the_validation_loss_is_the_mean_over_all_validation_tokens(tiny_base, s
     assert float(validating.logged_metrics["val/loss"]) == pytest.approx(reference[1], rel=SUMMATION_ORDER_TOLERANCE)
 
 
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
 def test_two_processes_of_two_accumulated_micro_batches_step_as_the_global_batch(world, tiny_base, reference,
-                                                                                tmp_path):
-    """FSDP2 on two processes (tests/loss_worker.py): rank r accumulates micro-batches 2r and 2r + 1."""
+                                                                                tmp_path, strategy):
+    """FSDP2 (trainer=fsdp) and DDP (trainer=ddp) on two processes (tests/loss_worker.py): rank r
+    accumulates micro-batches 2r and 2r + 1."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "tests/loss_worker.py", str(world), str(tiny_base), str(tmp_path)]
+               "tests/loss_worker.py", str(world), str(tiny_base), str(tmp_path), strategy]
     result = subprocess.run(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
