@@ -31,6 +31,12 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+# The sbatch script takes MASTER_PORT from its environment, as SLURM jobs do: the port is found free here and
+# bound by rank 0's store later, so another process may take it in between. Only that failure is retried.
+PORT_TAKEN = "address already in use"
+PORT_TRIES = 3
+
+
 # Overrides that turn the paper's recipe (its data and base paths given) into a few CPU steps.
 CPU_RUN = ["trainer.accelerator=cpu", "model.net.attn_implementation=sdpa", "model.fsdp.param_dtype=null", "logger=csv",
            "data.batch_size=2", "data.num_workers=0", "data.limit.train=16", "data.limit.val=4", "trainer.max_steps=2"]
@@ -50,13 +56,16 @@ def test_the_slurm_script_runs_one_process_per_task_in_one_run_directory(world, 
     run = tmp_path / "run"
     env = {**os.environ, "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
            "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "lumen", "SLURM_NNODES": "1", "SLURM_NTASKS_PER_NODE": "2",
-           "SLURM_NODELIST": "127.0.0.1", "SLURM_SUBMIT_DIR": str(ROOT), "MASTER_PORT": str(free_port()),
-           "RUN_DIR": str(run), "MIMIC_CXR_JPG": str(world / "mimic-cxr-jpg"),
+           "SLURM_NODELIST": "127.0.0.1", "SLURM_SUBMIT_DIR": str(ROOT), "RUN_DIR": str(run), "MIMIC_CXR_JPG": str(world / "mimic-cxr-jpg"),
            "DIFFVQA": str(world / "medical-diff-vqa"), "PROGNOSTIC": str(world / "prognostic" / "prognostic.jsonl"),
            "EXPERTS": str(world / "experts" / "experts.csv"), "NVILA_8B": str(tiny_base)}
-    result = subprocess.run(["bash", str(ROOT / "scripts" / "slurm" / "lumen.sbatch"), *CPU_RUN], cwd=tmp_path,
-                            env=env, capture_output=True, text=True, timeout=900)
-    output = result.stdout + result.stderr
+    for _ in range(PORT_TRIES):
+        result = subprocess.run(["bash", str(ROOT / "scripts" / "slurm" / "lumen.sbatch"), *CPU_RUN], cwd=tmp_path,
+                                env=env | {"MASTER_PORT": str(free_port())}, capture_output=True, text=True,
+                                timeout=900)
+        output = result.stdout + result.stderr
+        if result.returncode == 0 or PORT_TAKEN not in output.lower():
+            break
     assert result.returncode == 0, output[-3000:]
     assert started_ranks(output) == ["1/2", "2/2"]  # two tasks, one process group; nothing re-launched
     assert result.stdout.count("checkpoint: ") == 1  # rank 0 reports
