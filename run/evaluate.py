@@ -4,8 +4,11 @@
 a file written by ``python -m models.checkpoints consolidate`` or a directory written by
 ``python -m models.checkpoints export``.
 
-Generates answers greedily for the split (resumable: rerun with ``hydra.run.dir=<the run
-directory>``, see ``evaluation.generation``), scores them, and writes to the run directory
+Generates answers greedily for the split, on ``trainer.devices`` x ``trainer.num_nodes`` processes
+(resumable with any number: rerun with ``hydra.run.dir=<the run directory>``, see
+``evaluation.generation``); each process loads the whole model, from a sharded checkpoint's shards
+too. The first process then scores the answers (and has the judge score the open ones) and writes to
+the run directory
 ``predictions.jsonl`` (one record per sample, with its scores), ``results.json``, ``results.md`` and
 PNG plots; with ``logger=wandb`` the table goes to a W&B run as well (and the plots with
 ``upload_plots=true``).
@@ -23,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from common.errors import ConfigError, MissingInputs
 from common.files import write_json_atomic, write_jsonl_atomic, write_text_atomic
 from common.llm import LLMConfig
-from evaluation.generation import PARTIAL, generate_records
+from evaluation.generation import generate_records, remove_partials
 from evaluation.judge import judge_client, judge_records, judge_summary
 from evaluation.metrics import is_closed, score_sample
 from evaluation.plots import plot_by_question_type, plot_distributions
@@ -65,7 +68,7 @@ def generation_module(loaded: LoadedCheckpoint, max_new_tokens: int | None = Non
     return module
 
 
-def evaluate(cfg: DictConfig) -> dict:
+def evaluate(cfg: DictConfig) -> dict | None:
     check_config(cfg)
     require_checkpoint(cfg)
     prepare(cfg)
@@ -91,7 +94,10 @@ def evaluate(cfg: DictConfig) -> dict:
         "limit": OmegaConf.to_container(cfg.data.limit, resolve=True),
     }
     generated = generate_records(module, datamodule.dataset(cfg.split).samples, datamodule.generation_collator,
-                                 datamodule.eval_batch_size, datamodule.num_workers, cfg.accelerator, out, fingerprint)
+                                 datamodule.eval_batch_size, datamodule.num_workers, cfg.accelerator, out, fingerprint,
+                                 devices=cfg.trainer.devices, num_nodes=cfg.trainer.num_nodes)
+    if generated is None:  # another process than the first: its share is generated, the first scores them all
+        return None
     records = [record | score_sample(record) for record in generated]
     judge = judge_open_answers(records, cfg.judge, out) if cfg.get("judge") else None
     results = aggregate(records)
@@ -112,7 +118,7 @@ def evaluate(cfg: DictConfig) -> dict:
         "visual_tokens_with_prior": model.fusion.slots * model.tokens_per_image if datamodule.use_prior else None,
     }
     write_jsonl_atomic(out / "predictions.jsonl", records)
-    (out / PARTIAL).unlink(missing_ok=True)
+    remove_partials(out)
     write_json_atomic(out / "results.json", results)
     report = markdown_report(results)
     write_text_atomic(out / "results.md", report)

@@ -38,7 +38,7 @@ from datamodules.mmxu import history_for_question
 from datamodules.pairs import OPTIONAL_COLUMNS, Pair, make_pair, read_manifest
 from datamodules.presets import AskError
 from datamodules.records import Sample
-from evaluation.generation import PARTIAL, PREDICTIONS, check_settings, generate_records, stored_records
+from evaluation.generation import PREDICTIONS, check_settings, generate_records, remove_partials, stored_records
 from models.checkpoints import load_checkpoint
 from models.factory import input_spec
 from models.lit_module import BATCH_INPUTS
@@ -294,7 +294,7 @@ def predict_manifest(cfg: DictConfig) -> list[dict]:
         digests = previous | manifest.asked
         write_json_atomic(out / ROWS, {record["sample_id"]: digests[record["sample_id"]] for record in records
                                        if record["sample_id"] in digests})
-        (out / PARTIAL).unlink(missing_ok=True)
+        remove_partials(out)
     for sample, warnings in asked:
         for warning in warnings:
             print(f"warning: {sample.sample_id}: {warning}")

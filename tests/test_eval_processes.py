@@ -1,0 +1,107 @@
+"""eval.py on several processes (trainer.devices=2 on CPU: Lightning's DDP over gloo): each process
+generates its share of the batches and the first scores them all. The answers and the results are those
+of one process, byte for byte (every process runs one thread, as the one process does, so every sum runs
+in the same order), and a run killed mid-generation is finished by a rerun with another number of
+processes, each sample answered once."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from evaluation import generation
+from evaluation.generation import PREDICTIONS, RankBatches, partial_paths
+from tests.helpers import WORLD_SUBJECTS
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = 16
+# One sample a batch: an answer then does not depend on which samples share its batch, so the answers
+# a resumed run generates for the samples left over are those of an uninterrupted run.
+BATCH = 1
+KILL_TIMEOUT_S = 300
+
+
+def eval_command(checkpoint: Path, world: Path, run_dir: Path, processes: int) -> list[str]:
+    return [sys.executable, "eval.py", f"ckpt={checkpoint}", "accelerator=cpu", f"trainer.devices={processes}",
+            f"paths.world_dir={world}", f"prepare.world.subjects={WORLD_SUBJECTS}", f"data.limit.test={SAMPLES}",
+            f"data.eval_batch_size={BATCH}", f"hydra.run.dir={run_dir}"]
+
+
+def run_eval(checkpoint: Path, world: Path, run_dir: Path, processes: int) -> subprocess.CompletedProcess:
+    result = subprocess.run(eval_command(checkpoint, world, run_dir, processes), cwd=ROOT, capture_output=True,
+                            text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def results_without_config(run_dir: Path) -> dict:
+    """results.json but for the run's own config (its directory, its number of processes)."""
+    results = json.loads((run_dir / "results.json").read_text())
+    del results["config"]
+    return results
+
+
+@pytest.fixture(scope="module")
+def one_process(trained_checkpoint, world, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("eval") / "one"
+    run_eval(trained_checkpoint, world, run_dir, processes=1)
+    return run_dir
+
+
+def test_the_batches_of_one_process_are_dealt_out_in_turn(monkeypatch):
+    def batches(rank: int, size: int) -> list[list[int]]:
+        monkeypatch.setattr(generation, "_rank_and_size", lambda: (rank, size))
+        return list(RankBatches(count=7, batch_size=2))
+
+    assert batches(0, 1) == [[0, 1], [2, 3], [4, 5], [6]]
+    assert batches(0, 2) == [[0, 1], [4, 5]] and batches(1, 2) == [[2, 3], [6]]
+    assert batches(3, 4) == [[6]] and len(RankBatches(count=7, batch_size=2)) == 1
+    assert batches(1, 8) == [[2, 3]]
+    assert batches(5, 8) == [[0, 1]] and RankBatches(count=7, batch_size=2).idle  # more processes than batches
+    assert batches(3, 8) == [[6]] and not RankBatches(count=7, batch_size=2).idle
+
+
+def test_two_processes_answer_and_score_as_one(one_process, trained_checkpoint, world, tmp_path):
+    two = tmp_path / "two"
+    result = run_eval(trained_checkpoint, world, two, processes=2)
+    assert sorted(line.split("MEMBER: ")[1] for line in result.stderr.splitlines()
+                  if "Initializing distributed" in line) == ["1/2", "2/2"]
+    output = result.stdout + result.stderr
+    assert f"generated {SAMPLES} answers in" in output and "on 2 processes" in output and "Warning" not in output
+    assert (two / PREDICTIONS).read_bytes() == (one_process / PREDICTIONS).read_bytes()
+    assert results_without_config(two) == results_without_config(one_process)
+    assert result.stdout.count("results: ") == 1 and not partial_paths(two)  # the first process alone wrote them
+
+
+def test_a_run_killed_mid_generation_is_finished_by_a_rerun_on_another_number_of_processes(
+        one_process, trained_checkpoint, world, tmp_path):
+    run_dir = tmp_path / "killed"
+    started = subprocess.Popen(eval_command(trained_checkpoint, world, run_dir, processes=2), cwd=ROOT,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + KILL_TIMEOUT_S
+        while not any(path.stat().st_size for path in partial_paths(run_dir)):  # the first answer written
+            assert started.poll() is None and time.monotonic() < deadline, "the run ended before answering"
+            time.sleep(0.01)
+        os.killpg(started.pid, signal.SIGKILL)  # every process, as a lost node or a cancelled job would
+    finally:
+        started.wait()
+    assert not (run_dir / PREDICTIONS).exists()
+    written = [json.loads(line)["sample_id"] for path in partial_paths(run_dir)
+               for line in path.read_text().splitlines(keepends=True) if line.endswith("\n")]
+    assert 0 < len(written) < SAMPLES and len(set(written)) == len(written)
+
+    resumed = run_eval(trained_checkpoint, world, run_dir, processes=1)
+    output = resumed.stdout + resumed.stderr
+    assert f"resuming {run_dir}: {len(written)} of {SAMPLES} answers already generated" in output
+    assert f"generated {SAMPLES - len(written)} answer" in output
+    assert (run_dir / PREDICTIONS).read_bytes() == (one_process / PREDICTIONS).read_bytes()
+    assert not partial_paths(run_dir)
