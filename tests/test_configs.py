@@ -29,6 +29,18 @@ def test_eval_config_composes_and_takes_prompt_settings_from_the_checkpoint():
     assert cfg.data.use_prior is None and cfg.data.interval_in_prompt is None
 
 
+@pytest.mark.parametrize("config", ["train", "eval"])
+def test_a_run_on_real_data_resolves_its_whole_config(config):
+    """With prepare=none (real data, a real base) every value still resolves, as the saved config and
+    eval's results.json need: the synthetic world's paths fall back to its defaults."""
+    cfg = compose_config(config, ["ckpt=model.ckpt", "prepare=none", "paths.mimic_cxr_jpg=/data/mimic-cxr-jpg",
+                                  "paths.diffvqa=/data/medical-diff-vqa", "paths.cache_dir=/cache",
+                                  "paths.output_dir=/run"][config == "train":])
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert resolved["paths"]["world_dir"] == "/cache/world-400subjects-seed0"
+    assert resolved["paths"]["mimic_cxr_jpg"] == "/data/mimic-cxr-jpg"
+
+
 def test_default_run_is_the_demo():
     default = compose_config("train", [])
     demo = compose_config("train", ["experiment=demo"])

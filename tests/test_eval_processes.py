@@ -34,9 +34,13 @@ def eval_command(checkpoint: Path, world: Path, run_dir: Path, processes: int) -
             f"data.eval_batch_size={BATCH}", f"hydra.run.dir={run_dir}"]
 
 
-def run_eval(checkpoint: Path, world: Path, run_dir: Path, processes: int) -> subprocess.CompletedProcess:
-    result = subprocess.run(eval_command(checkpoint, world, run_dir, processes), cwd=ROOT, capture_output=True,
-                            text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+def run_eval(checkpoint: Path, world: Path, run_dir: Path, processes: int,
+             torchrun: bool = False) -> subprocess.CompletedProcess:
+    command = eval_command(checkpoint, world, run_dir, processes)
+    if torchrun:
+        command[1:1] = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -68,9 +72,11 @@ def test_the_batches_of_one_process_are_dealt_out_in_turn(monkeypatch):
     assert batches(3, 8) == [[6]] and not RankBatches(count=7, batch_size=2).idle
 
 
-def test_two_processes_answer_and_score_as_one(one_process, trained_checkpoint, world, tmp_path):
+@pytest.mark.parametrize("launcher", ["lightning", "torchrun"])
+def test_two_processes_answer_and_score_as_one(one_process, trained_checkpoint, world, tmp_path, launcher):
+    """Started by Lightning from one command (trainer.devices=2), or by torchrun."""
     two = tmp_path / "two"
-    result = run_eval(trained_checkpoint, world, two, processes=2)
+    result = run_eval(trained_checkpoint, world, two, processes=2, torchrun=launcher == "torchrun")
     assert sorted(line.split("MEMBER: ")[1] for line in result.stderr.splitlines()
                   if "Initializing distributed" in line) == ["1/2", "2/2"]
     output = result.stdout + result.stderr

@@ -72,6 +72,31 @@ def test_the_slurm_script_runs_one_process_per_task_in_one_run_directory(world, 
     assert (run / "checkpoints").is_dir() and (run / ".hydra" / "config.yaml").is_file()
 
 
+@pytest.mark.slow
+def test_the_slurm_eval_script_answers_on_one_process_per_task_and_scores_once(world, trained_checkpoint, tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(FAKE_SRUN)
+    (bin_dir / "srun").chmod(0o755)
+    run = tmp_path / "run"
+    env = {**os.environ, "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "SLURM_JOB_ID": "4243", "SLURM_JOB_NAME": "lumen-eval", "SLURM_NNODES": "1", "SLURM_NTASKS_PER_NODE": "2",
+           "SLURM_NODELIST": "127.0.0.1", "SLURM_SUBMIT_DIR": str(ROOT), "RUN_DIR": str(run),
+           "CKPT": str(trained_checkpoint), "MIMIC_CXR_JPG": str(world / "mimic-cxr-jpg"),
+           "DIFFVQA": str(world / "medical-diff-vqa"), "PROGNOSTIC": str(world / "prognostic" / "prognostic.jsonl")}
+    for _ in range(PORT_TRIES):
+        result = subprocess.run(["bash", str(ROOT / "scripts" / "slurm" / "eval.sbatch"), "accelerator=cpu",
+                                 "data.limit.test=4"], cwd=tmp_path, env=env | {"MASTER_PORT": str(free_port())},
+                                capture_output=True, text=True, timeout=900)
+        output = result.stdout + result.stderr
+        if result.returncode == 0 or PORT_TAKEN not in output.lower():
+            break
+    assert result.returncode == 0, output[-3000:]
+    assert started_ranks(output) == ["1/2", "2/2"]
+    assert result.stdout.count("results: ") == 1  # the first process scores and writes
+    assert len((run / "predictions.jsonl").read_text().splitlines()) == 12  # 4 per source of data=lumen
+
+
 def test_the_slurm_script_names_a_missing_path_before_starting_anything(tmp_path):
     env = {key: value for key, value in os.environ.items()
            if key not in ("MIMIC_CXR_JPG", "DIFFVQA", "PROGNOSTIC", "EXPERTS", "NVILA_8B")}
