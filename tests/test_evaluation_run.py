@@ -4,6 +4,7 @@ and the table and plots sent to W&B (offline)."""
 import json
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -128,3 +129,25 @@ def test_the_judge_scores_open_answers_and_its_summary_goes_into_the_results(fin
     assert all(r["judge_score"] == 7.0 for r in judged) and not any(r["reference"] in ("yes", "no") for r in judged)
     assert results["judge"]["model"] == "llama" and results["overall"]["judge_score"]["mean"] == 7.0
     assert "| Judge (1-10) |" in (run / "results.md").read_text()
+
+
+def test_a_judge_outage_keeps_the_answers_and_the_next_run_judges_them(finished, trained_checkpoint, world, tmp_path,
+                                                                      monkeypatch):
+    from tests.test_llm import FakeEndpoint
+    monkeypatch.setenv("LUMEN_TEST_KEY", "k")
+    run = copy_of(finished, tmp_path)
+    answers = [record["prediction"] for record in read_jsonl(run / "predictions.jsonl")]
+    judge = ["judge=openai", "judge.model=llama", "judge.api_key_env=LUMEN_TEST_KEY", "judge.max_retries=0"]
+    with socket.socket() as down:  # bound and held, never listening: every connection is refused
+        down.bind(("127.0.0.1", 0))
+        results = evaluate(eval_config(trained_checkpoint, world, run, *judge,
+                                       f"judge.base_url=http://127.0.0.1:{down.getsockname()[1]}/v1"))
+    assert [record["prediction"] for record in read_jsonl(run / "predictions.jsonl")] == answers
+    assert results["judge"]["n_request_failures"] == results["judge"]["n"] > 0 and results["judge"]["mean"] is None
+    server = FakeEndpoint(answer=lambda messages: "Close to the reference.\nRating: [[7]]")
+    try:
+        results = evaluate(eval_config(trained_checkpoint, world, run, *judge, f"judge.base_url={server.url}"))
+    finally:
+        server.close()
+    assert results["judge"]["n_request_failures"] == 0 and results["judge"]["mean"] == 7.0
+    assert [record["prediction"] for record in read_jsonl(run / "predictions.jsonl")] == answers
