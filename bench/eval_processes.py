@@ -1,7 +1,7 @@
 """Evaluation on several processes: eval.py's throughput with 1 and 2 processes on this machine's CPU
 (the baseline is 1 process on one core, as one GPU is one device; the goal is at least 1.7x its answers/s
-with 2 processes on a core each), and the per-GPU memory NVILA-8B LUMEN needs to generate in bf16 with the
-KV cache at the evaluation batch size.
+with 2 processes on a core each), and the per-GPU memory NVILA-8B LUMEN needs to generate with the KV
+cache at the evaluation batch size, in bf16 and in float32.
 
     python train.py                                                   # the demo checkpoint
     python -m bench.eval_processes --ckpt outputs/<date>/<time>/checkpoints/last.ckpt
@@ -16,7 +16,8 @@ every answer is written; "end to end" is the command's wall time, start-up, data
 included, which a second process does not shorten.
 
 Memory: NVILA-8B's shapes built on the meta device (``bench.memory.NVILA_8B``), counted for inference
-on one GPU: the bf16 weights; the KV cache (per sample, every layer's keys and values for the prompt, the
+on one GPU in eval.py's two precisions (``precision=bf16-true``, and ``32-true``: the float32 weights
+experiment=lumen trains and saves): the weights; the KV cache (per sample, every layer's keys and values for the prompt, the
 visual tokens of both images as the fusion lays them out, and ``--new-tokens`` answer tokens); and the
 largest transient of the prefill, the decoder layer's SwiGLU MLP (gate, up, their SiLU product) or the
 vision tower's widest layer over the batch's images, whichever is larger, plus the last position's fp32
@@ -77,21 +78,20 @@ def throughput(ckpt: Path, samples: int, batch: int) -> None:
               f"{one_core / generation:.2f}x | {all_cores / generation:.2f}x | {wall:.1f} |")
 
 
-def inference_plan(shapes: Shapes, batch: int, text_tokens: int, new_tokens: int) -> dict[str, float]:
-    """Bytes per GPU of bf16 generation for a batch of two-image samples (module docstring)."""
+def inference_plan(shapes: Shapes, batch: int, text_tokens: int, new_tokens: int, width: int) -> dict[str, float]:
+    """Bytes per GPU of generation in ``width``-byte floats for a batch of two-image samples (module docstring)."""
     with torch.device("meta"):
         model = build_model(shapes, checkpointing=False)
-    bf16 = 2
     llm, vision = Qwen2Config(**shapes.llm), SiglipVisionConfig(**shapes.vision)
     visual = model.tokens_per_image * model.fusion.slots
     prompt = visual + text_tokens
     head_dim = llm.hidden_size // llm.num_attention_heads
-    kv_per_token = 2 * llm.num_hidden_layers * llm.num_key_value_heads * head_dim * bf16
+    kv_per_token = 2 * llm.num_hidden_layers * llm.num_key_value_heads * head_dim * width
     vision_tokens = (vision.image_size // vision.patch_size) ** 2
-    mlp = batch * prompt * (3 * llm.intermediate_size + 2 * llm.hidden_size) * bf16
-    tower = 2 * batch * vision_tokens * (vision.intermediate_size * 2 + vision.hidden_size * 4) * bf16
+    mlp = batch * prompt * (3 * llm.intermediate_size + 2 * llm.hidden_size) * width
+    tower = 2 * batch * vision_tokens * (vision.intermediate_size * 2 + vision.hidden_size * 4) * width
     return {
-        "weights (bf16)": sum(p.numel() for p in model.parameters()) * bf16,
+        "weights": sum(p.numel() for p in model.parameters()) * width,
         "KV cache": batch * (prompt + new_tokens) * kv_per_token,
         "prefill transient": max(mlp, tower) + batch * llm.vocab_size * 4,
         "prompt tokens per sample": prompt,
@@ -99,14 +99,17 @@ def inference_plan(shapes: Shapes, batch: int, text_tokens: int, new_tokens: int
 
 
 def print_plan(batch: int, text_tokens: int, new_tokens: int) -> None:
-    plan = inference_plan(NVILA_8B, batch, text_tokens, new_tokens)
-    tokens = plan.pop("prompt tokens per sample")
-    print(f"\nNVILA-8B LUMEN generating in bf16, per GPU: batch {batch}, {tokens} prompt tokens per sample "
+    plans = {name: inference_plan(NVILA_8B, batch, text_tokens, new_tokens, width)
+             for name, width in (("precision=bf16-true", 2), ("precision=32-true", 4))}
+    tokens = next(iter(plans.values()))["prompt tokens per sample"]
+    for plan in plans.values():
+        del plan["prompt tokens per sample"]
+    print(f"\nNVILA-8B LUMEN generating, per GPU: batch {batch}, {tokens} prompt tokens per sample "
           f"({tokens - text_tokens} visual, both images; {text_tokens} text), up to {new_tokens} new tokens\n")
-    print("| part | GB |\n| --- | ---: |")
-    for name, size in plan.items():
-        print(f"| {name} | {size / GB:.2f} |")
-    print(f"| **total** | **{sum(plan.values()) / GB:.2f}** |")
+    print(f"| part | {' | '.join(plans)} |\n| --- |{' ---: |' * len(plans)}")
+    for part in next(iter(plans.values())):
+        print(f"| {part} | {' | '.join(f'{plan[part] / GB:.2f} GB' for plan in plans.values())} |")
+    print(f"| **total** | {' | '.join(f'**{sum(plan.values()) / GB:.2f} GB**' for plan in plans.values())} |")
 
 
 def main() -> None:

@@ -28,7 +28,7 @@ import warnings
 from pathlib import Path
 
 import lightning as L
-import torch.distributed as dist
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import BasePredictionWriter, TQDMProgressBar
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch.utils.data import DataLoader, Sampler
@@ -116,18 +116,15 @@ def stored_records(out: Path) -> dict[str, dict]:
     return records
 
 
-def _rank_and_size() -> tuple[int, int]:
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
-
-
 class RankBatches(Sampler[list[int]]):
     """The batches of ``count`` samples one process would make (consecutive, ``batch_size`` each), batch
-    b for process b mod N: read when iterated, once the processes are set up. A process left without a
-    batch (more processes than batches) is given the first batch to generate and throw away (``idle``),
-    for Lightning refuses a process an empty loader."""
+    b for process ``rank`` = b mod ``size`` (set by the writer once the processes are set up). A process
+    left without a batch (more processes than batches) is given the first sample to generate and throw
+    away (``idle``), for Lightning refuses a process an empty loader."""
 
     def __init__(self, count: int, batch_size: int):
         self.count, self.batch_size = count, batch_size
+        self.rank, self.size = 0, 1
 
     def _all(self) -> list[list[int]]:
         starts = range(0, self.count, self.batch_size)
@@ -135,13 +132,10 @@ class RankBatches(Sampler[list[int]]):
 
     @property
     def idle(self) -> bool:
-        rank, _ = _rank_and_size()
-        return rank >= len(self._all())
+        return self.rank >= len(self._all())
 
     def _mine(self) -> list[list[int]]:
-        rank, size = _rank_and_size()
-        batches = self._all()
-        return batches[rank::size] or batches[:1]
+        return self._all()[self.rank::self.size] or [[0]]
 
     def __iter__(self):
         return iter(self._mine())
@@ -159,7 +153,9 @@ class _AppendRecords(BasePredictionWriter):
         self.started = 0.0
 
     def setup(self, trainer, pl_module, stage):
-        self.started = time.perf_counter()  # every process started and joined: generation's own time from here
+        # Every process started and joined: generation's own time from here, and each process's share.
+        self.started = time.perf_counter()
+        self.batches.rank, self.batches.size = trainer.global_rank, trainer.world_size
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
         if self.batches.idle:
@@ -174,10 +170,16 @@ class _AppendRecords(BasePredictionWriter):
 
 
 def generate_records(module, samples: list[Sample], collator, batch_size: int, num_workers: int, accelerator: str,
-                     out: Path, fingerprint: dict, devices: int = 1, num_nodes: int = 1) -> list[dict] | None:
+                     out: Path, fingerprint: dict, devices: int = 1, num_nodes: int = 1,
+                     precision: str = "32-true") -> list[dict] | None:
     """Every sample's record, in order, generating only those not already in ``out``, in batches of
     ``collator``'s (a generation ``LumenCollator``) left-padded prompts, on ``devices`` x ``num_nodes``
-    processes. The records are returned in the first process, None in the others."""
+    processes in Lightning's ``precision``. The records are returned in the first process, None in the
+    others.
+
+    Every process computes the same ``pending`` samples: each reads ``out`` before any of them can append
+    to it, which is after Lightning's set-up barrier (with Lightning's own launcher, the first process
+    reads it before starting the others)."""
     check_settings(out, fingerprint)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / FINGERPRINT, fingerprint)
@@ -185,13 +187,12 @@ def generate_records(module, samples: list[Sample], collator, batch_size: int, n
     pending = [sample for sample in samples if sample.sample_id not in done]
     if done:
         log.info("resuming %s: %d of %d answers already generated", out, len(samples) - len(pending), len(samples))
-    rank = 0
     if pending:
         processes = devices * num_nodes
         batches = RankBatches(len(pending), batch_size)
         writer = _AppendRecords(out, {sample.sample_id: sample for sample in pending}, collator.tokenizer, batches)
         # tqdm rather than Lightning's default Rich bar, which reaches a log file only when generation ends.
-        trainer = L.Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes,
+        trainer = L.Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes, precision=precision,
                             strategy="ddp" if processes > 1 else "auto", use_distributed_sampler=False,
                             logger=False, enable_checkpointing=False, enable_model_summary=False,
                             callbacks=[writer, TQDMProgressBar()])
@@ -202,13 +203,22 @@ def generate_records(module, samples: list[Sample], collator, batch_size: int, n
             warnings.filterwarnings("ignore", message="You are using a custom batch sampler `RankBatches`",
                                     category=PossibleUserWarning)
             trainer.predict(module, dataloaders=loader, return_predictions=False)
-        # Every process's answers written (a process without a batch of its own skips prediction's hooks).
-        trainer.strategy.barrier("answers written")
-        rank = trainer.global_rank
-        if rank == 0:
-            seconds = time.perf_counter() - writer.started
-            log.info("generated %d answer%s in %.1f s (%.1f answers/s) on %d process%s", len(pending),
-                     "s" if len(pending) > 1 else "", seconds, len(pending) / seconds, processes,
-                     "es" if processes > 1 else "")
+        trainer.strategy.barrier("answers written")  # by every process
+        if trainer.global_rank != 0:
+            return None  # the first process collects, while the others leave the files alone
+        seconds = time.perf_counter() - writer.started
+        log.info("generated %d answer%s in %.1f s (%.1f answers/s) on %d process%s", len(pending),
+                 "s" if len(pending) > 1 else "", seconds, len(pending) / seconds, processes,
+                 "es" if processes > 1 else "")
+        # Each process's file by name too: a shared filesystem may not list another node's new file yet.
+        for path in {partial_path(out, rank) for rank in range(trainer.world_size)} - set(partial_paths(out)):
+            if path.is_file():
+                done |= _done(path)
         done |= stored_records(out)
-    return [done[sample.sample_id] for sample in samples] if rank == 0 else None
+    elif rank_zero_only.rank != 0:
+        return None  # nothing to generate: the first process scores, the others are done
+    missing = [sample.sample_id for sample in samples if sample.sample_id not in done]
+    if missing:
+        raise RuntimeError(f"{out}: no answer was written for {len(missing)} samples ({', '.join(missing[:5])}"
+                           f"{' and more' if len(missing) > 5 else ''}); run the same command again to generate them")
+    return [done[sample.sample_id] for sample in samples]

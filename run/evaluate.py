@@ -16,9 +16,11 @@ PNG plots; with ``logger=wandb`` the table goes to a W&B run as well (and the pl
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 import lightning as L
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
@@ -68,8 +70,33 @@ def generation_module(loaded: LoadedCheckpoint, max_new_tokens: int | None = Non
     return module
 
 
+PRECISIONS = ("32-true", "bf16-true", "16-true")
+
+
+def check_processes(cfg: DictConfig) -> None:
+    """The processes and precision of generation, refused before anything is prepared: whole numbers of
+    devices and nodes; under torchrun, as many processes as they make, in one run directory."""
+    problems = [f"trainer.{key}={cfg.trainer[key]!r}: expected a whole number, 1 or more"
+                for key in ("devices", "num_nodes")
+                if isinstance(cfg.trainer[key], bool) or not isinstance(cfg.trainer[key], int) or cfg.trainer[key] < 1]
+    if cfg.precision not in PRECISIONS:
+        problems.append(f"precision={cfg.precision!r}: expected one of {PRECISIONS}")
+    started = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun (and by Lightning for its own processes)
+    if not problems and started > 1 and started != cfg.trainer.devices * cfg.trainer.num_nodes:
+        problems.append(f"{started} processes were started but trainer.devices x trainer.num_nodes = "
+                        f"{cfg.trainer.devices * cfg.trainer.num_nodes}: give trainer.devices=<processes per node>"
+                        " (and trainer.num_nodes) to match")
+    if started > 1 and HydraConfig.initialized() and not any(
+            override.startswith("hydra.run.dir=") for override in HydraConfig.get().overrides.hydra):
+        problems.append("each process names its own run directory from the time it started: give them one, "
+                        "hydra.run.dir=<a directory>")
+    if problems:
+        raise ConfigError("\n".join(problems))
+
+
 def evaluate(cfg: DictConfig) -> dict | None:
     check_config(cfg)
+    check_processes(cfg)
     require_checkpoint(cfg)
     prepare(cfg)
     # Seeded after preparation, which draws random numbers only when it has to build something.
@@ -87,7 +114,7 @@ def evaluate(cfg: DictConfig) -> dict | None:
     out = Path(cfg.paths.output_dir)
     fingerprint = {
         "checkpoint": str(Path(cfg.ckpt).resolve()), "checkpoint_version": checkpoint_version(Path(cfg.ckpt)),
-        "split": cfg.split, "max_new_tokens": module.hparams.max_new_tokens,
+        "split": cfg.split, "max_new_tokens": module.hparams.max_new_tokens, "precision": cfg.precision,
         "prompt": {key: datamodule.hparams[key] for key in ("use_prior", "interval_in_prompt", "experts_in_prompt",
                                                             "expert_demographics", "image_resize")},
         "sources": OmegaConf.to_container(cfg.data.sources, resolve=True),
@@ -95,7 +122,8 @@ def evaluate(cfg: DictConfig) -> dict | None:
     }
     generated = generate_records(module, datamodule.dataset(cfg.split).samples, datamodule.generation_collator,
                                  datamodule.eval_batch_size, datamodule.num_workers, cfg.accelerator, out, fingerprint,
-                                 devices=cfg.trainer.devices, num_nodes=cfg.trainer.num_nodes)
+                                 devices=cfg.trainer.devices, num_nodes=cfg.trainer.num_nodes,
+                                 precision=cfg.precision)
     if generated is None:  # another process than the first: its share is generated, the first scores them all
         return None
     records = [record | score_sample(record) for record in generated]

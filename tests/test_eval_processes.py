@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from evaluation import generation
+from common.errors import ConfigError
 from evaluation.generation import PREDICTIONS, RankBatches, partial_paths
 from tests.helpers import WORLD_SUBJECTS
 
@@ -59,17 +61,35 @@ def one_process(trained_checkpoint, world, tmp_path_factory) -> Path:
     return run_dir
 
 
-def test_the_batches_of_one_process_are_dealt_out_in_turn(monkeypatch):
-    def batches(rank: int, size: int) -> list[list[int]]:
-        monkeypatch.setattr(generation, "_rank_and_size", lambda: (rank, size))
-        return list(RankBatches(count=7, batch_size=2))
+def batches_of(rank: int, size: int, count: int = 7, batch_size: int = 2) -> RankBatches:
+    batches = RankBatches(count, batch_size)
+    batches.rank, batches.size = rank, size
+    return batches
 
-    assert batches(0, 1) == [[0, 1], [2, 3], [4, 5], [6]]
-    assert batches(0, 2) == [[0, 1], [4, 5]] and batches(1, 2) == [[2, 3], [6]]
-    assert batches(3, 4) == [[6]] and len(RankBatches(count=7, batch_size=2)) == 1
-    assert batches(1, 8) == [[2, 3]]
-    assert batches(5, 8) == [[0, 1]] and RankBatches(count=7, batch_size=2).idle  # more processes than batches
-    assert batches(3, 8) == [[6]] and not RankBatches(count=7, batch_size=2).idle
+
+def test_the_batches_of_one_process_are_dealt_out_in_turn():
+    assert list(batches_of(0, 1)) == [[0, 1], [2, 3], [4, 5], [6]]
+    assert list(batches_of(0, 2)) == [[0, 1], [4, 5]] and list(batches_of(1, 2)) == [[2, 3], [6]]
+    assert list(batches_of(3, 4)) == [[6]] and len(batches_of(3, 4)) == 1 and not batches_of(3, 4).idle
+
+
+def test_a_process_without_a_batch_of_its_own_is_given_one_sample_to_throw_away():
+    assert list(batches_of(5, 8)) == [[0]] and batches_of(5, 8).idle
+
+
+@pytest.mark.parametrize(("overrides", "world_size", "message"), [
+    (["trainer.devices=0"], None, "trainer.devices=0: expected a whole number, 1 or more"),
+    (["precision=bf16"], None, "precision='bf16': expected one of ('32-true', 'bf16-true', '16-true')"),
+    (["trainer.devices=2"], "4", "4 processes were started but trainer.devices x trainer.num_nodes = 2"),
+])
+def test_processes_that_do_not_add_up_are_refused_naming_the_keys(overrides, world_size, message, monkeypatch):
+    from run.cli import compose_config
+    from run.evaluate import check_processes
+
+    if world_size is not None:
+        monkeypatch.setenv("WORLD_SIZE", world_size)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check_processes(compose_config("eval", ["ckpt=model.ckpt", *overrides]))
 
 
 @pytest.mark.parametrize("launcher", ["lightning", "torchrun"])
@@ -111,3 +131,12 @@ def test_a_run_killed_mid_generation_is_finished_by_a_rerun_on_another_number_of
     assert f"generated {SAMPLES - len(written)} answer" in output
     assert (run_dir / PREDICTIONS).read_bytes() == (one_process / PREDICTIONS).read_bytes()
     assert not partial_paths(run_dir)
+
+
+def test_a_finished_run_scored_again_on_two_processes_is_scored_once(one_process, trained_checkpoint, world, tmp_path):
+    run_dir = tmp_path / "again"
+    shutil.copytree(one_process, run_dir)
+    result = run_eval(trained_checkpoint, world, run_dir, processes=2, torchrun=True)
+    assert "answers in" not in result.stdout + result.stderr  # nothing left to generate
+    assert result.stdout.count("results: ") == 1  # the first process alone scores and writes
+    assert (run_dir / PREDICTIONS).read_bytes() == (one_process / PREDICTIONS).read_bytes()

@@ -90,3 +90,15 @@ def test_greedy_decoding_with_the_cache_equals_decoding_without_it(loaded, datam
                 break
             embeddings = torch.cat([embeddings, loaded.model.llm.get_input_embeddings()(torch.tensor([[token]]))], 1)
     assert cached[: len(recomputed)] == recomputed
+
+
+def test_generation_in_bf16_casts_the_model_and_writes_its_answers(trained_checkpoint, datamodule, tmp_path):
+    from evaluation.generation import generate_records
+    from run.evaluate import generation_module
+
+    module = generation_module(load_checkpoint(trained_checkpoint), max_new_tokens=8)
+    samples = datamodule.dataset("test").samples
+    records = generate_records(module, samples, datamodule.generation_collator, 4, 0, "cpu", tmp_path,
+                               {"precision": "bf16-true"}, precision="bf16-true")
+    assert [record["sample_id"] for record in records] == [sample.sample_id for sample in samples]
+    assert {parameter.dtype for parameter in module.model.llm.parameters()} == {torch.bfloat16}
