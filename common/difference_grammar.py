@@ -11,14 +11,18 @@ from dataclasses import dataclass
 class DifferenceFindings:
     """What a difference answer says changed from the reference (prior) to the main image.
 
-    `level_changes` holds (finding, reference level, main level). `parsed` is False when the text
-    is not entirely in the grammar; the sets are then empty, never a partial guess.
+    `level_changes` holds (finding, reference level, main level). `ambiguous_levels` holds (finding,
+    the levels as written) for a level sentence that reads two ways even with the dataset's level
+    words ("from mild to moderate to severe": mild to moderate-to-severe, or mild-to-moderate to
+    severe); its finding's change is known, its levels are not. `parsed` is False when the text is not
+    entirely in the grammar; the sets are then empty, never a partial guess.
     """
 
     added: frozenset[str]
     missing: frozenset[str]
     level_changes: tuple[tuple[str, str, str], ...]
     parsed: bool
+    ambiguous_levels: frozenset[tuple[str, str]] = frozenset()
 
 
 _UNPARSED = DifferenceFindings(frozenset(), frozenset(), (), parsed=False)
@@ -31,8 +35,10 @@ _LEVEL = re.compile(r"the level of (?P<finding>.+?) has changed from (?P<levels>
 # The generator writes "a, b, and c" and, for two items, "a, and b"; people write "a and b" and
 # "a, b and c". No official finding name contains a comma or the word "and".
 _LIST_SEPARATOR = re.compile(r"\s*,\s*(?:and\s+)?|\s+and\s+")
-# Multi-word levels from Diff-VQA's level_lib.csv: the only ones that contain "to".
-_COMPOUND_LEVELS = ("mild to moderate", "moderate to large", "moderate to severe")
+# Diff-VQA's level words from least to most (level_lib.csv); the multi-word ones are the only ones with "to".
+LEVELS = ("minimal", "trace", "tiny", "small", "mild", "mild to moderate", "moderate", "moderate to large",
+          "moderate to severe", "large", "severe", "massive")
+_COMPOUND_LEVELS = tuple(level for level in LEVELS if " to " in level)
 
 
 def _canonical_finding(name: str) -> str:
@@ -53,13 +59,22 @@ def _is_level(phrase: str) -> bool:
     return "to" not in phrase.split()
 
 
-def split_levels(levels: str) -> tuple[str, str] | None:
-    """Split "A to B" where A or B may be "moderate to large"; None unless exactly one way fits."""
+def level_readings(levels: str) -> list[tuple[str, str]]:
+    """The ways "A to B" splits, where A or B may be "moderate to large": every split whose two sides
+    are levels, narrowed to those whose two sides are both Diff-VQA level words when more than one fits
+    and some are."""
     words = levels.split(" ")
     splits = [(" ".join(words[:i]), " ".join(words[i + 1:]))
               for i, word in enumerate(words) if word == "to" and 0 < i < len(words) - 1]
     valid = [split for split in splits if _is_level(split[0]) and _is_level(split[1])]
-    return valid[0] if len(valid) == 1 else None
+    known = [split for split in valid if split[0] in LEVELS and split[1] in LEVELS]
+    return known if len(valid) > 1 and known else valid
+
+
+def split_levels(levels: str) -> tuple[str, str] | None:
+    """Split "A to B" (``level_readings``); None unless exactly one way fits."""
+    readings = level_readings(levels)
+    return readings[0] if len(readings) == 1 else None
 
 
 def parse_difference(text: str) -> DifferenceFindings:
@@ -71,7 +86,7 @@ def parse_difference(text: str) -> DifferenceFindings:
         return DifferenceFindings(frozenset(), frozenset(), (), parsed=True)
     added: set[str] = set()
     missing: set[str] = set()
-    level_changes = []
+    level_changes, ambiguous = [], set()
     for sentence in sentences:
         listed = _ADDED.fullmatch(sentence) or _MISSING.fullmatch(sentence)
         level = _LEVEL.fullmatch(sentence)
@@ -80,12 +95,16 @@ def parse_difference(text: str) -> DifferenceFindings:
             if findings is None:
                 return _UNPARSED
             (added if listed.re is _ADDED else missing).update(findings)
-        elif level and (levels := split_levels(level["levels"])):
-            level_changes.append((_canonical_finding(level["finding"]), *levels))
+        elif level and (readings := level_readings(level["levels"])):
+            finding = _canonical_finding(level["finding"])
+            if len(readings) == 1:
+                level_changes.append((finding, *readings[0]))
+            else:
+                ambiguous.add((finding, level["levels"]))
         else:
             return _UNPARSED
     return DifferenceFindings(frozenset(added), frozenset(missing), tuple(level_changes),
-                              parsed=bool(sentences))
+                              parsed=bool(sentences), ambiguous_levels=frozenset(ambiguous))
 
 
 def parse_reference_difference(reference: str) -> DifferenceFindings:
@@ -102,7 +121,9 @@ def same_change(predicted: DifferenceFindings, expected: DifferenceFindings,
         return False
     same = predicted.added == expected.added and predicted.missing == expected.missing
     if compare_levels:
-        same = same and set(predicted.level_changes) == set(expected.level_changes)
+        # A level sentence that reads two ways matches the same sentence, as written, and nothing else.
+        same = (same and set(predicted.level_changes) == set(expected.level_changes)
+                and predicted.ambiguous_levels == expected.ambiguous_levels)
     return same
 
 

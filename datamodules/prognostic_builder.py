@@ -19,15 +19,18 @@ The synthetic world also writes ground-truth prognoses computed from its traject
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 
-from common.difference_grammar import parse_difference
+from common.difference_grammar import LEVELS, parse_difference
 from common.llm import LLMClient
 from common.prognosis_grammar import Expectation, days_phrase, describe
 from common.readers import InputError
 from datamodules.diffvqa import SPLITS, LoadReport, load_diffvqa, read_diffvqa
+
+log = logging.getLogger(__name__)
 
 PROMPT_VERSION = "prognostic-v1"
 RULES_VERSION = "rules-v1"
@@ -87,7 +90,9 @@ NEW_FINDING_PERSISTS_DAYS = 30
 
 
 def rules_answer(difference_answer: str, interval_days: float, days: int) -> str:
-    """The offline backend: the trend of the difference answer, carried forward ``days`` days."""
+    """The offline backend: the trend of the difference answer, carried forward ``days`` days. A level
+    sentence that reads two ways (``DifferenceFindings.ambiguous_levels``) gives its finding no
+    expectation: which way its level went is not known."""
     change = parse_difference(difference_answer)
     if not change.parsed:
         raise ValueError(f"difference answer {difference_answer!r} is not in Medical-Diff-VQA's grammar")
@@ -105,13 +110,9 @@ def rules_answer(difference_answer: str, interval_days: float, days: int) -> str
     return describe(days, expectations)
 
 
-# Diff-VQA's level words from least to most (level_lib.csv); unknown words rank in the middle.
-_LEVEL_ORDER = ("minimal", "trace", "tiny", "small", "mild", "mild to moderate", "moderate", "moderate to large",
-                "moderate to severe", "large", "severe", "massive")
-
-
 def _rank(level: str) -> float:
-    return _LEVEL_ORDER.index(level) if level in _LEVEL_ORDER else len(_LEVEL_ORDER) / 2
+    """A Diff-VQA level word's place from least to most; an unknown word ranks in the middle."""
+    return LEVELS.index(level) if level in LEVELS else len(LEVELS) / 2
 
 
 def build_prognostic(diffvqa_dir: str | Path, backend: str, client: LLMClient | None = None,
@@ -155,6 +156,10 @@ def build_prognostic(diffvqa_dir: str | Path, backend: str, client: LLMClient | 
             except ValueError as error:
                 raise InputError(data.questions.path, str(error), line=data.questions.line(record["source_row"]),
                                  field="answer") from None
+        ambiguous = sum(bool(parse_difference(record["difference_answer"]).ambiguous_levels) for record in records)
+        if ambiguous:
+            log.info("%d difference answers have a level sentence that reads two ways (e.g. 'from mild to moderate "
+                     "to severe'): those findings' level changes are left out of their prognostic answers", ambiguous)
         model, version = None, RULES_VERSION
     for record, answer in zip(records, answers):
         record.update(answer=answer, backend=backend, model=model, prompt_version=version)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from common.difference_grammar import micro_scores, parse_difference, parse_reference_difference
+from common.difference_grammar import micro_scores, parse_difference
 
 # (label, phrases), matched as whole words on lower-cased text in this order, each match blanked
 # before the next pattern runs: the specific phrases come first, so "nodular opacity" is a Lung
@@ -126,17 +126,17 @@ def label_changes(text: str) -> LabelChange:
     return _free_text_changes(text)
 
 
-def reference_label_changes(reference: str) -> LabelChange:
-    """`label_changes` of a reference, which must be in the Diff-VQA grammar (ValueError if not)."""
-    findings = parse_reference_difference(reference)
-    return _grammar_changes(findings.added, findings.missing)
+def reference_label_changes(reference: str) -> LabelChange | None:
+    """`label_changes` of a reference in the Diff-VQA grammar; None for one that is not."""
+    findings = parse_difference(reference)
+    return _grammar_changes(findings.added, findings.missing) if findings.parsed else None
 
 
 def label_change_f1(pairs: list[tuple[str, str]]) -> dict[str, dict[str, float]]:
     """Micro precision/recall/F1 of the added and of the missing CheXpert labels over (prediction,
     reference) pairs of difference answers, each label change counted once per sample."""
-    changes = [(label_changes(prediction), reference_label_changes(reference))
-               for prediction, reference in pairs]
+    changes = [(label_changes(prediction), expected) for prediction, reference in pairs
+               if (expected := reference_label_changes(reference)) is not None]  # unparsed references: counted apart
     return {kind: micro_scores([(getattr(predicted, kind), getattr(expected, kind))
                                 for predicted, expected in changes])
             for kind in ("added", "missing")}

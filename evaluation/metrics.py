@@ -16,7 +16,6 @@ from common.difference_grammar import (  # noqa: F401  (re-exported: callers imp
     change_f1,
     difference_correct,
     parse_difference,
-    parse_reference_difference,
     same_change,
 )
 from common.prognosis_grammar import parse_prognosis, prognosis_f1, same_prognosis
@@ -354,6 +353,14 @@ METRIC_SIGNATURES = {
                                       "main level) changes equal as sets",
     "difference_parsed": "difference questions; the prediction parses completely as the "
                          "Medical-Diff-VQA difference grammar",
+    "difference_reference_parsed": "difference questions; 1 when the reference parses as the grammar; "
+                                   "a reference that does not is counted here (mean below 1, n all) "
+                                   "and scored by the overlap metrics alone",
+    "difference_reference_levels_ambiguous": "difference questions with a parsed reference; 1 when one "
+                                             "of its level sentences reads two ways even with the "
+                                             "dataset's level words ('from mild to moderate to "
+                                             "severe'): its added and missing sets are scored, and "
+                                             "with levels it matches only the same sentence as written",
     "choice_accuracy": "mmxu single-choice questions; the letter read by extract_choice, which "
                        "never guesses (the whole answer one letter; else exactly one option named: "
                        "an upper-case letter standing alone or a letter in parentheses, not an "
@@ -423,15 +430,16 @@ def _overlap_scores(record: dict) -> dict[str, float]:
 
 def _difference_scores(record: dict) -> dict[str, float]:
     prediction, reference = record["prediction"], record["reference"]
-    try:
-        expected = parse_reference_difference(reference)
-    except ValueError as error:
-        raise ValueError(f"sample {record['sample_id']}: {error}") from error
+    expected = parse_difference(reference)
+    if not expected.parsed:  # counted (difference_reference_parsed), never a reason to stop a run
+        return {"difference_reference_parsed": 0}
     predicted = parse_difference(prediction)
     scores = {
         "difference_correct": int(same_change(predicted, expected, compare_levels=False)),
         "difference_correct_with_levels": int(same_change(predicted, expected, compare_levels=True)),
         "difference_parsed": int(predicted.parsed),
+        "difference_reference_parsed": 1,
+        "difference_reference_levels_ambiguous": int(bool(expected.ambiguous_levels)),
     }
     # Scored only where the reference names labels of the kind: most references add or remove no
     # CheXpert label, and an empty answer would match all of those.

@@ -8,7 +8,7 @@ import math
 from collections import Counter, defaultdict
 
 from evaluation.metrics import (
-    CORPUS_METRIC_SIGNATURES, METRIC_SIGNATURES, corpus_metrics, parse_reference_difference, same_change,
+    CORPUS_METRIC_SIGNATURES, METRIC_SIGNATURES, corpus_metrics, parse_difference, same_change,
 )
 
 
@@ -169,11 +169,11 @@ def difference_headline(records: list[dict]) -> str | None:
     scored = [record for record in records if record["question_type"] == "difference"]
     if not scored:
         return None
-    right = sum(record["difference_correct"] for record in scored)
+    right = sum(record.get("difference_correct", 0) for record in scored)  # none for an unparsed reference
     common, _ = Counter(record["reference"] for record in scored).most_common(1)[0]
-    expected = parse_reference_difference(common)
-    baseline = sum(same_change(expected, parse_reference_difference(record["reference"]), compare_levels=False)
-                   for record in scored)
+    expected = parse_difference(common)
+    baseline = sum(expected.parsed and same_change(expected, parse_difference(record["reference"]),
+                                                   compare_levels=False) for record in scored)
     n = len(scored)
     return (f"Difference questions: added and missing findings right in {right} of {n} answers ({right / n:.3f}); "
             f"the most common answer alone ({common!r}) is right in {baseline} ({baseline / n:.3f}).")

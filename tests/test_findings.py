@@ -159,9 +159,11 @@ def test_no_answer_ever_changes_no_finding():
 
 # --- references and pooled scores
 
-def test_reference_label_changes_refuses_a_free_text_reference():
-    with pytest.raises(ValueError, match="not a Medical-Diff-VQA difference answer"):
-        reference_label_changes("The effusion has resolved.")
+def test_a_free_text_reference_has_no_label_changes_and_is_left_out_of_the_f1():
+    assert reference_label_changes("The effusion has resolved.") is None
+    grammar = "the main image has an additional finding of pleural effusion than the reference image. "
+    assert label_change_f1([("new pleural effusion", "The effusion has resolved."), (grammar, grammar)]) == \
+        label_change_f1([(grammar, grammar)])
 
 
 def test_label_change_f1_pools_added_and_missing_labels_over_samples():

@@ -385,9 +385,11 @@ def test_parse_difference_level_change_with_compound_level():
     assert findings.level_changes == (("edema", "small", "moderate to large"),)
 
 
-def test_parse_difference_ambiguous_level_split_is_unparsed():
-    assert not parse_difference(
-        "the level of edema has changed from mild to moderate to severe.").parsed
+def test_a_level_sentence_that_reads_two_ways_keeps_the_rest_of_the_answer_and_is_marked():
+    findings = parse_difference("the main image has an additional finding of atelectasis than the reference image. "
+                                "the level of edema has changed from mild to moderate to severe.")
+    assert findings.parsed and findings.added == {"atelectasis"} and findings.level_changes == ()
+    assert findings.ambiguous_levels == {("edema", "mild to moderate to severe")}
 
 
 def test_parse_difference_level_added_and_missing_in_one_answer():
@@ -499,7 +501,8 @@ def test_score_sample_difference_question():
         "difference", "nothing has changed.",
         "the level of edema has changed from mild to moderate. ", task="difference"))
     assert scores == {"difference_correct": 1, "difference_correct_with_levels": 0,
-                      "difference_parsed": 1,
+                      "difference_parsed": 1, "difference_reference_parsed": 1,
+                      "difference_reference_levels_ambiguous": 0,
                       "bleu4": pytest.approx(nltk_bleu4("nothing has changed .",
                                                         "the level of edema has changed from mild to moderate .")),
                       "rougeL": pytest.approx(rouge_score_l("nothing has changed.", EDEMA_LEVEL))}
@@ -610,11 +613,20 @@ def test_prognosis_f1_of_a_no_change_reference(prediction, f1):
     assert scores["prognosis_f1"] == f1
 
 
-def test_score_sample_names_the_sample_of_an_unparseable_difference_reference():
-    bad = {**record("difference", "nothing has changed.", "worse", task="difference"),
-           "sample_id": "d-17"}
-    with pytest.raises(ValueError, match="sample d-17"):
-        score_sample(bad)
+def test_a_reference_outside_the_grammar_is_counted_and_scored_by_overlap_alone():
+    scores = score_sample(record("difference", "nothing has changed.", "worse", task="difference"))
+    assert scores["difference_reference_parsed"] == 0
+    assert "difference_correct" not in scores and "chexpert_added_accuracy" not in scores and "bleu4" in scores
+
+
+def test_an_ambiguous_reference_level_scores_its_sets_and_matches_only_the_same_sentence():
+    reference = ("the main image has an additional finding of atelectasis than the reference image. "
+                 "the level of edema has changed from mild to moderate to severe.")
+    same = score_sample(record("difference", reference, reference, task="difference"))
+    other = score_sample(record("difference", reference.replace("to severe", "to large"), reference,
+                                task="difference"))
+    assert same["difference_reference_levels_ambiguous"] == 1 and same["difference_correct_with_levels"] == 1
+    assert other["difference_correct"] == 1 and other["difference_correct_with_levels"] == 0
 
 
 def test_score_sample_names_missing_record_keys():
