@@ -5,15 +5,30 @@ An answer in the Medical-Diff-VQA grammar is parsed exactly (`parse_difference`)
 name mapped to its label; any other answer is read clause by clause with keyword rules. The rules
 are the offline stand-in for a CheXbert labeler, which needs Hub weights.
 
-Official Diff-VQA finding names and their labels (synonyms as in the CheXpert labeler's mention
-lists): atelectasis; cardiomegaly and enlargement of the cardiac silhouette -> Cardiomegaly;
-consolidation; edema, vascular congestion, hilar congestion and heart failure -> Edema; fracture;
-lung opacity; pleural effusion and blunting of the costophrenic angle -> Pleural Effusion; pleural
-thickening -> Pleural Other; pneumonia (= infection) -> Pneumonia; pneumothorax. Names with no
-CheXpert label are unmapped and their changes not scored: emphysema, hernia, granuloma,
-calcification, scoliosis, tortuosity of the (descending) aorta, hematoma, hypoxemia, contusion, air
-collection, gastric distention, thymoma, hyperaeration. "No Finding" is a property of a whole
-study, never a change between two, so no phrase maps to it.
+Official Diff-VQA finding names and their labels: atelectasis; cardiomegaly and enlargement of the
+cardiac silhouette -> Cardiomegaly; consolidation; edema, vascular congestion, hilar congestion and
+heart failure -> Edema; fracture; lung opacity; pleural effusion and blunting of the costophrenic
+angle -> Pleural Effusion; pleural thickening -> Pleural Other; pneumonia (= infection) -> Pneumonia;
+pneumothorax. Names with no CheXpert label are unmapped and their changes not scored: emphysema,
+hernia, granuloma, calcification, scoliosis, tortuosity of the (descending) aorta, hematoma,
+hypoxemia, contusion, air collection, gastric distention, thymoma, hyperaeration. "No Finding" is a
+property of a whole study, never a change between two, so no phrase maps to it.
+
+The phrases follow the CheXpert labeler's mention lists (stanfordmlgroup/chexpert-labeler,
+``phrases/mention``), with these departures, each for a reason:
+
+- added, as Diff-VQA's own finding names or a radiologist's plain synonyms that a model answering in
+  free text writes: "hilar congestion" and "cardiac decompensation" (Edema: pulmonary venous congestion
+  and failure, which the list names as "vascular congestion" and "heart failure"); "blunting of the
+  (left/right) costophrenic angle(s)" (Pleural Effusion: the sign of a small effusion, a Diff-VQA
+  finding name); "volume loss" (Atelectasis, as the list's "collapse"); "the heart is enlarged"
+  (Cardiomegaly, as the list's "enlarged heart");
+- left out, because the labeler reads them only together with its negation and uncertainty rules,
+  which a change reader does not have, and alone they name an organ rather than a finding: "the
+  heart", "heart size", "cardiac size", "cardiac shadow", "cardiac contour", "cardiac silhouette"
+  (Cardiomegaly), "indistinctness" (Edema), "effusion" inside "pericardial effusion" (not pleural);
+- left out as ambiguous for a change between two studies: "fibrosis" (Pleural Other in the list,
+  but in a chest X-ray report as often the lungs' interstitial fibrosis).
 """
 
 from __future__ import annotations
@@ -30,15 +45,17 @@ _LABEL_PHRASES = (
     ("Enlarged Cardiomediastinum", r"enlarged cardiomediastinum|enlarged mediastinum"
                                    r"|widen(?:ed|ing) (?:of the )?mediastinum|mediastinal widening"),
     ("Cardiomegaly", r"cardiomegaly|cardiac enlargement|enlarged (?:heart|cardiac silhouette)"
-                     r"|enlargement of the (?:heart|cardiac silhouette)"),
-    ("Pleural Other", r"pleural (?:thickening|scarring|plaques?)|fibrothorax"),
+                     r"|enlargement of the (?:heart|cardiac silhouette)|heart is enlarged"),
+    ("Pleural Other", r"pleural (?:thickening|scarring|scars?|plaques?)|fibrothorax"
+                      r"|pleuro-?(?:parenchymal|pericardial) scars?|pleural parenchymal scars?"),
     ("Pleural Effusion", r"pleural effusions?|(?<!pericardial )effusions?|pleural fluid"
-                         r"|blunting of the costophrenic angles?"),
+                         r"|blunting of the (?:(?:left|right|bilateral) )?costophrenic angles?"),
     ("Pneumothorax", r"pneumothora(?:x|ces)"),
-    ("Edema", r"o?edema|(?:pulmonary|vascular|hilar) congestion|heart failure|chf"),
+    ("Edema", r"o?edema|(?:pulmonary|vascular|hilar) congestion|heart failure|chf|vascular prominence"
+              r"|cardiac decompensation"),
     ("Consolidation", r"consolidations?"),
     ("Pneumonia", r"pneumonias?|infections?|infectious process"),
-    ("Atelectasis", r"atelectas[ie]s|atelectatic"),
+    ("Atelectasis", r"atelectas[ie]s|atelectatic|collapsed?|volume loss"),
     ("Lung Lesion", r"nodules?|nodular (?:opacity|opacities|density|densities)|masse?s|mass"
                     r"|lesions?|tumou?rs?|carcinoma|neoplasm"),
     ("Lung Opacity", r"opacit(?:y|ies)|opacification|infiltrates?|infiltration|airspace disease"),

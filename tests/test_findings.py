@@ -65,6 +65,33 @@ def test_free_text_phrase_maps_to_its_chexpert_label(phrase, label):
     assert finding_labels(phrase) == {label}
 
 
+# The CheXpert labeler's mention phrases (phrases/mention/*.txt) that a change reader follows, each with
+# its label, and the departures evaluation/findings.py documents.
+@pytest.mark.parametrize(("phrase", "label"), [
+    ("collapse", "Atelectasis"), ("left lower lobe collapse", "Atelectasis"),
+    ("cardiomegaly", "Cardiomegaly"), ("cardiac enlargement", "Cardiomegaly"), ("enlarged heart", "Cardiomegaly"),
+    ("edema", "Edema"), ("heart failure", "Edema"), ("chf", "Edema"), ("vascular congestion", "Edema"),
+    ("pulmonary congestion", "Edema"), ("vascular prominence", "Edema"),
+    ("pleural fluid", "Pleural Effusion"), ("effusion", "Pleural Effusion"),
+    ("pleural thickening", "Pleural Other"), ("fibrothorax", "Pleural Other"), ("pleural scar", "Pleural Other"),
+    ("pleural parenchymal scar", "Pleural Other"), ("pleuro-parenchymal scar", "Pleural Other"),
+    ("pleuro-pericardial scar", "Pleural Other"),
+    # departures, each for a reason given in the module's docstring
+    ("hilar congestion", "Edema"), ("cardiac decompensation", "Edema"),
+    ("blunting of the costophrenic angle", "Pleural Effusion"),
+    ("blunting of the left costophrenic angle", "Pleural Effusion"),
+    ("blunting of the bilateral costophrenic angles", "Pleural Effusion"),
+    ("volume loss", "Atelectasis"), ("the heart is enlarged", "Cardiomegaly"),
+])
+def test_the_labelers_mention_phrases_and_the_documented_synonyms_map_to_their_label(phrase, label):
+    assert finding_labels(phrase) == {label}
+
+
+@pytest.mark.parametrize("phrase", ["the heart", "heart size", "cardiac silhouette", "indistinctness", "fibrosis"])
+def test_the_labelers_phrases_that_need_its_negation_rules_map_to_no_label(phrase):
+    assert finding_labels(phrase) == frozenset()
+
+
 @pytest.mark.parametrize("phrase", ["pericardial effusion", "Kerley B lines", "normal study"])
 def test_look_alike_phrases_map_to_no_label(phrase):
     assert finding_labels(phrase) == frozenset()
