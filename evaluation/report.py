@@ -165,18 +165,21 @@ def difference_headline(records: list[dict]) -> str | None:
     """One line on the difference questions, what lumen exists for: how many answers name exactly the
     reference's added and missing findings, next to how many the split's most common reference answer
     (in practice "nothing has changed.") would get right if given to every question, a model that reads
-    nothing. None without difference questions."""
-    scored = [record for record in records if record["question_type"] == "difference"]
+    nothing. None without difference questions whose reference is in the grammar; those whose reference
+    is not are said apart."""
+    questions = [record for record in records if record["question_type"] == "difference"]
+    scored = [record for record in questions if "difference_correct" in record]
     if not scored:
         return None
-    right = sum(record.get("difference_correct", 0) for record in scored)  # none for an unparsed reference
+    right = sum(record["difference_correct"] for record in scored)
     common, _ = Counter(record["reference"] for record in scored).most_common(1)[0]
     expected = parse_difference(common)
-    baseline = sum(expected.parsed and same_change(expected, parse_difference(record["reference"]),
-                                                   compare_levels=False) for record in scored)
-    n = len(scored)
+    baseline = sum(same_change(expected, parse_difference(record["reference"]), compare_levels=False)
+                   for record in scored)
+    n, unparsed = len(scored), len(questions) - len(scored)
     return (f"Difference questions: added and missing findings right in {right} of {n} answers ({right / n:.3f}); "
-            f"the most common answer alone ({common!r}) is right in {baseline} ({baseline / n:.3f}).")
+            f"the most common answer alone ({common!r}) is right in {baseline} ({baseline / n:.3f})."
+            + (f" {unparsed} references outside the answer grammar are not scored on findings." if unparsed else ""))
 
 
 def markdown_report(results: dict) -> str:
