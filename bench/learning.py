@@ -103,7 +103,8 @@ def main() -> None:
         rows[name] = {
             "seconds": seconds,
             "tokens": model["visual_tokens_with_prior"] or model["tokens_per_image"],
-            "correct": {r["sample_id"]: r["difference_correct"] for r in records},
+            # Samples whose reference is outside the grammar have no difference_correct (not in the world's).
+            "correct": {r["sample_id"]: r["difference_correct"] for r in records if "difference_correct" in r},
             "f1": change_f1([(r["prediction"], r["reference"]) for r in records]),
         }
 

@@ -101,7 +101,7 @@ SCORED = {"mmxu": "choice_accuracy", "difference": "difference_correct", "progno
 
 def score(name: str, records: list[dict]) -> dict[str, int | float]:
     """Per sample, 0/1: MMXU letters, difference sets, every finding's expected course."""
-    return {r["sample_id"]: r[SCORED[name]] for r in records}
+    return {r["sample_id"]: r[SCORED[name]] for r in records if SCORED[name] in r}
 
 
 def mean_of(records: list[dict], metric: str) -> str:

@@ -61,14 +61,12 @@ def _is_level(phrase: str) -> bool:
 
 def level_readings(levels: str) -> list[tuple[str, str]]:
     """The ways "A to B" splits, where A or B may be "moderate to large": every split whose two sides
-    are levels, narrowed to those whose two sides are both Diff-VQA level words when more than one fits
-    and some are."""
+    are levels. Two fit only where a compound level word meets another ("mild to moderate to severe"),
+    and then both readings are made of Diff-VQA's level words, so the level list cannot choose."""
     words = levels.split(" ")
     splits = [(" ".join(words[:i]), " ".join(words[i + 1:]))
               for i, word in enumerate(words) if word == "to" and 0 < i < len(words) - 1]
-    valid = [split for split in splits if _is_level(split[0]) and _is_level(split[1])]
-    known = [split for split in valid if split[0] in LEVELS and split[1] in LEVELS]
-    return known if len(valid) > 1 and known else valid
+    return [split for split in splits if _is_level(split[0]) and _is_level(split[1])]
 
 
 def split_levels(levels: str) -> tuple[str, str] | None:
@@ -158,9 +156,10 @@ def micro_scores(pairs: list[tuple[frozenset[str], frozenset[str]]]) -> dict[str
 def change_f1(pairs: list[tuple[str, str]]) -> dict[str, dict[str, float]]:
     """Micro precision/recall/F1 of the added and of the missing findings over (prediction,
     reference) pairs of difference answers: partial credit where ``difference_correct`` gives none.
-    Unparseable predictions count as naming no finding."""
-    parsed = [(parse_difference(prediction), parse_reference_difference(reference))
-              for prediction, reference in pairs]
+    Unparseable predictions count as naming no finding; pairs whose reference is not in the grammar
+    are left out."""
+    parsed = [(parse_difference(prediction), expected) for prediction, reference in pairs
+              if (expected := parse_difference(reference)).parsed]
     return {kind: micro_scores([(getattr(predicted, kind), getattr(expected, kind))
                                 for predicted, expected in parsed])
             for kind in ("added", "missing")}

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.difference_grammar import LEVELS, parse_difference
+from common.difference_grammar import LEVELS, level_readings, parse_difference
 from common.llm import LLMClient
 from common.prognosis_grammar import Expectation, days_phrase, describe
 from common.readers import InputError
@@ -91,8 +91,9 @@ NEW_FINDING_PERSISTS_DAYS = 30
 
 def rules_answer(difference_answer: str, interval_days: float, days: int) -> str:
     """The offline backend: the trend of the difference answer, carried forward ``days`` days. A level
-    sentence that reads two ways (``DifferenceFindings.ambiguous_levels``) gives its finding no
-    expectation: which way its level went is not known."""
+    sentence that reads two ways (``DifferenceFindings.ambiguous_levels``, "from mild to moderate to
+    severe") has its finding persist within the interval and, beyond it, keep going the way both
+    readings go (every such sentence of Diff-VQA's level words rises either way); its level is not said."""
     change = parse_difference(difference_answer)
     if not change.parsed:
         raise ValueError(f"difference answer {difference_answer!r} is not in Medical-Diff-VQA's grammar")
@@ -103,6 +104,12 @@ def rules_answer(difference_answer: str, interval_days: float, days: int) -> str
             expectations.append(Expectation(finding, "persist", now))
         else:
             expectations.append(Expectation(finding, "keep_increasing" if _rank(now) > _rank(before) else "keep_decreasing"))
+    for finding, levels in sorted(change.ambiguous_levels):
+        ways = {_rank(now) > _rank(before) for before, now in level_readings(levels)}
+        if days <= interval_days:
+            expectations.append(Expectation(finding, "persist"))
+        elif len(ways) == 1:
+            expectations.append(Expectation(finding, "keep_increasing" if ways.pop() else "keep_decreasing"))
     for finding in sorted(change.added):
         course = "persist" if days <= NEW_FINDING_PERSISTS_DAYS else "resolve"
         expectations.append(Expectation(finding, course))
@@ -159,7 +166,7 @@ def build_prognostic(diffvqa_dir: str | Path, backend: str, client: LLMClient | 
         ambiguous = sum(bool(parse_difference(record["difference_answer"]).ambiguous_levels) for record in records)
         if ambiguous:
             log.info("%d difference answers have a level sentence that reads two ways (e.g. 'from mild to moderate "
-                     "to severe'): those findings' level changes are left out of their prognostic answers", ambiguous)
+                     "to severe'): their prognostic answers give that finding's course without its level", ambiguous)
         model, version = None, RULES_VERSION
     for record, answer in zip(records, answers):
         record.update(answer=answer, backend=backend, model=model, prompt_version=version)

@@ -15,20 +15,27 @@ hypoxemia, contusion, air collection, gastric distention, thymoma, hyperaeration
 property of a whole study, never a change between two, so no phrase maps to it.
 
 The phrases follow the CheXpert labeler's mention lists (stanfordmlgroup/chexpert-labeler,
-``phrases/mention``), with these departures, each for a reason:
+``phrases/mention``) in part: its phrases for the findings Medical-Diff-VQA names (atelectasis,
+cardiomegaly, edema, pleural effusion, pleural other), each one checked by a test, and our own for the
+other labels (lung lesion, lung opacity, support devices and the rest are broader or narrower than its
+lists). For those findings, these departures, each for a reason:
 
-- added, as Diff-VQA's own finding names or a radiologist's plain synonyms that a model answering in
-  free text writes: "hilar congestion" and "cardiac decompensation" (Edema: pulmonary venous congestion
-  and failure, which the list names as "vascular congestion" and "heart failure"); "blunting of the
-  (left/right) costophrenic angle(s)" (Pleural Effusion: the sign of a small effusion, a Diff-VQA
-  finding name); "volume loss" (Atelectasis, as the list's "collapse"); "the heart is enlarged"
-  (Cardiomegaly, as the list's "enlarged heart");
+- mapped though the labeler gives them no label: "hilar congestion" and "cardiac decompensation"
+  (Edema: pulmonary venous congestion and failure, which its list names "vascular congestion" and
+  "heart failure"); "blunting of the (left, right or bilateral) costophrenic angle(s)" (Pleural
+  Effusion: a Diff-VQA finding name, the sign of a small effusion; the labeler lists "blunt" among its
+  no-finding phrases); "volume loss" (Atelectasis: the labeler lists it among its no-finding phrases,
+  but in a change between two studies it is the collapse its atelectasis list names); "the heart is
+  (now, newly, mildly, ...) enlarged" (Cardiomegaly, as its "enlarged heart");
 - left out, because the labeler reads them only together with its negation and uncertainty rules,
   which a change reader does not have, and alone they name an organ rather than a finding: "the
   heart", "heart size", "cardiac size", "cardiac shadow", "cardiac contour", "cardiac silhouette"
-  (Cardiomegaly), "indistinctness" (Edema), "effusion" inside "pericardial effusion" (not pleural);
-- left out as ambiguous for a change between two studies: "fibrosis" (Pleural Other in the list,
-  but in a chest X-ray report as often the lungs' interstitial fibrosis).
+  (Cardiomegaly), "indistinctness" (Edema);
+- left out as ambiguous for a change between two studies: "fibrosis" (Pleural Other in its list, but
+  in a chest X-ray report as often the lungs' interstitial fibrosis).
+
+As with the labeler, "collapse" reads as atelectasis wherever it stands (a vertebral body's
+compression collapse included), and "pericardial effusion" is not a pleural one.
 """
 
 from __future__ import annotations
@@ -45,7 +52,8 @@ _LABEL_PHRASES = (
     ("Enlarged Cardiomediastinum", r"enlarged cardiomediastinum|enlarged mediastinum"
                                    r"|widen(?:ed|ing) (?:of the )?mediastinum|mediastinal widening"),
     ("Cardiomegaly", r"cardiomegaly|cardiac enlargement|enlarged (?:heart|cardiac silhouette)"
-                     r"|enlargement of the (?:heart|cardiac silhouette)|heart is enlarged"),
+                     r"|enlargement of the (?:heart|cardiac silhouette)"
+                     r"|heart is (?:(?:now|newly|mildly|moderately|markedly|no longer) )?enlarged"),
     ("Pleural Other", r"pleural (?:thickening|scarring|scars?|plaques?)|fibrothorax"
                       r"|pleuro-?(?:parenchymal|pericardial) scars?|pleural parenchymal scars?"),
     ("Pleural Effusion", r"pleural effusions?|(?<!pericardial )effusions?|pleural fluid"

@@ -409,6 +409,7 @@ CORPUS_METRIC_SIGNATURES = {
 # these also get McNemar's test, and plots show them as rates, not distributions.
 ZERO_ONE_METRICS = frozenset({"closed_accuracy", "closed_accuracy_llava_med", "exact_match",
                               "difference_correct", "difference_correct_with_levels", "difference_parsed",
+                              "difference_reference_parsed", "difference_reference_levels_ambiguous",
                               "choice_accuracy", "choice_parsed", "judge_parsed",
                               "chexpert_added_accuracy", "chexpert_missing_accuracy",
                               "prognosis_correct", "prognosis_days_correct", "prognosis_parsed"})
@@ -477,9 +478,10 @@ def score_sample(record: dict) -> dict[str, float]:
     """The metrics that apply to one prediction record (keys `RECORD_KEYS`), by name.
 
     - mmxu -> choice_accuracy, choice_parsed (option texts from the optional ``options``);
-    - difference questions -> difference_correct, difference_correct_with_levels,
-      difference_parsed, bleu4, rougeL, and chexpert_added_accuracy / chexpert_missing_accuracy
-      where the reference adds / removes a CheXpert label;
+    - difference questions -> difference_reference_parsed; where the reference is in the grammar,
+      difference_correct, difference_correct_with_levels, difference_parsed,
+      difference_reference_levels_ambiguous, and chexpert_added_accuracy / chexpert_missing_accuracy
+      where the reference adds / removes a CheXpert label; bleu4 and rougeL always;
     - prognostic -> bleu4, rougeL, token_recall, token_recall_clipped, and prognosis_correct,
       prognosis_f1, prognosis_days_correct, prognosis_parsed where the reference is in the offline grammar;
     - other (diagnostic) questions -> closed_accuracy, closed_accuracy_llava_med and exact_match for

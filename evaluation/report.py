@@ -179,7 +179,8 @@ def difference_headline(records: list[dict]) -> str | None:
     n, unparsed = len(scored), len(questions) - len(scored)
     return (f"Difference questions: added and missing findings right in {right} of {n} answers ({right / n:.3f}); "
             f"the most common answer alone ({common!r}) is right in {baseline} ({baseline / n:.3f})."
-            + (f" {unparsed} references outside the answer grammar are not scored on findings." if unparsed else ""))
+            + (f" {unparsed} reference{'s' if unparsed > 1 else ''} outside the answer grammar "
+               f"{'are' if unparsed > 1 else 'is'} not scored on findings." if unparsed else ""))
 
 
 def markdown_report(results: dict) -> str:

@@ -82,6 +82,7 @@ def test_free_text_phrase_maps_to_its_chexpert_label(phrase, label):
     ("blunting of the left costophrenic angle", "Pleural Effusion"),
     ("blunting of the bilateral costophrenic angles", "Pleural Effusion"),
     ("volume loss", "Atelectasis"), ("the heart is enlarged", "Cardiomegaly"),
+    ("the heart is now enlarged", "Cardiomegaly"),
 ])
 def test_the_labelers_mention_phrases_and_the_documented_synonyms_map_to_their_label(phrase, label):
     assert finding_labels(phrase) == {label}

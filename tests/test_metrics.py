@@ -656,6 +656,8 @@ def test_change_f1_counts_added_and_missing_findings_separately():
     scores = change_f1([(prediction, reference), ("nothing has changed.", "nothing has changed.")])
     assert scores["added"] == {"precision": 1.0, "recall": 0.5, "f1": pytest.approx(2 / 3), "support": 2}
     assert scores["missing"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
+    outside = ("the main image has an additional finding of edema than the reference image.", "worse")
+    assert change_f1([(prediction, reference), ("nothing has changed.", "nothing has changed."), outside]) == scores
 
 
 def test_corpus_metrics_pools_bleu_over_text_records_and_labels_over_difference_questions():

@@ -46,10 +46,12 @@ def test_a_rows_question_is_drawn_from_its_row_alone():
      "the main image is missing the finding of atelectasis than the reference image.", 3, 90,
      "In 90 days, the edema is expected to resolve. The pneumonia is expected to resolve. "
      "The atelectasis is not expected to recur."),
-    # A level sentence that reads two ways: its finding gets no expectation, the rest of the answer its own.
+    # A level sentence that reads two ways: its finding persists, then keeps rising as both readings do.
     ("the main image has an additional finding of atelectasis than the reference image. "
      "the level of edema has changed from mild to moderate to severe.", 3, 1,
-     "In 1 day, the atelectasis is expected to persist."),
+     "In 1 day, the edema is expected to persist. The atelectasis is expected to persist."),
+    ("the level of edema has changed from mild to moderate to severe.", 3, 100,
+     "In 100 days, the edema is expected to keep increasing."),
 ])
 def test_rules_carry_the_difference_forward(difference, interval, days, expected):
     assert rules_answer(difference, interval, days) == expected

@@ -210,5 +210,5 @@ def test_the_difference_headline_sets_the_models_hits_beside_the_most_common_ans
     outside = {"question_type": "difference", "reference": "worse", "difference_reference_parsed": 0}
     assert difference_headline([*records, outside]) == (
         "Difference questions: added and missing findings right in 2 of 4 answers (0.500); the most common answer "
-        "alone ('nothing has changed.') is right in 3 (0.750). 1 references outside the answer grammar are not "
+        "alone ('nothing has changed.') is right in 3 (0.750). 1 reference outside the answer grammar is not "
         "scored on findings.")
