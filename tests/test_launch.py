@@ -47,53 +47,53 @@ def started_ranks(output: str) -> list[str]:
     return sorted(line.split("MEMBER: ")[1].strip() for line in output.splitlines() if "Initializing distributed" in line)
 
 
-@pytest.mark.slow
-def test_the_slurm_script_runs_one_process_per_task_in_one_run_directory(world, tiny_base, tmp_path):
+def submit(script: str, tmp_path: Path, variables: dict[str, str], *overrides: str) -> tuple[int, str, str]:
+    """``scripts/slurm/<script>`` run as sbatch would, under an srun that starts two tasks on this node:
+    (exit code, stdout, stdout and stderr). A launch whose MASTER_PORT another process took first is
+    retried with another port."""
     bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
+    bin_dir.mkdir(exist_ok=True)
     (bin_dir / "srun").write_text(FAKE_SRUN)
     (bin_dir / "srun").chmod(0o755)
-    run = tmp_path / "run"
     env = {**os.environ, "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "lumen", "SLURM_NNODES": "1", "SLURM_NTASKS_PER_NODE": "2",
-           "SLURM_NODELIST": "127.0.0.1", "SLURM_SUBMIT_DIR": str(ROOT), "RUN_DIR": str(run), "MIMIC_CXR_JPG": str(world / "mimic-cxr-jpg"),
-           "DIFFVQA": str(world / "medical-diff-vqa"), "PROGNOSTIC": str(world / "prognostic" / "prognostic.jsonl"),
-           "EXPERTS": str(world / "experts" / "experts.csv"), "NVILA_8B": str(tiny_base)}
+           "SLURM_NNODES": "1", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NODELIST": "127.0.0.1",
+           "SLURM_SUBMIT_DIR": str(ROOT), **variables}
     for _ in range(PORT_TRIES):
-        result = subprocess.run(["bash", str(ROOT / "scripts" / "slurm" / "lumen.sbatch"), *CPU_RUN], cwd=tmp_path,
+        result = subprocess.run(["bash", str(ROOT / "scripts" / "slurm" / script), *overrides], cwd=tmp_path,
                                 env=env | {"MASTER_PORT": str(free_port())}, capture_output=True, text=True,
                                 timeout=900)
         output = result.stdout + result.stderr
         if result.returncode == 0 or PORT_TAKEN not in output.lower():
             break
-    assert result.returncode == 0, output[-3000:]
+    return result.returncode, result.stdout, output
+
+
+def world_data(world: Path) -> dict[str, str]:
+    return {"MIMIC_CXR_JPG": str(world / "mimic-cxr-jpg"), "DIFFVQA": str(world / "medical-diff-vqa"),
+            "PROGNOSTIC": str(world / "prognostic" / "prognostic.jsonl")}
+
+
+@pytest.mark.slow
+def test_the_slurm_script_runs_one_process_per_task_in_one_run_directory(world, tiny_base, tmp_path):
+    run = tmp_path / "run"
+    code, stdout, output = submit("lumen.sbatch", tmp_path, {
+        "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "lumen", "RUN_DIR": str(run), **world_data(world),
+        "EXPERTS": str(world / "experts" / "experts.csv"), "NVILA_8B": str(tiny_base)}, *CPU_RUN)
+    assert code == 0, output[-3000:]
     assert started_ranks(output) == ["1/2", "2/2"]  # two tasks, one process group; nothing re-launched
-    assert result.stdout.count("checkpoint: ") == 1  # rank 0 reports
+    assert stdout.count("checkpoint: ") == 1  # rank 0 reports
     assert (run / "checkpoints").is_dir() and (run / ".hydra" / "config.yaml").is_file()
 
 
 @pytest.mark.slow
 def test_the_slurm_eval_script_answers_on_one_process_per_task_and_scores_once(world, trained_checkpoint, tmp_path):
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "srun").write_text(FAKE_SRUN)
-    (bin_dir / "srun").chmod(0o755)
     run = tmp_path / "run"
-    env = {**os.environ, "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "SLURM_JOB_ID": "4243", "SLURM_JOB_NAME": "lumen-eval", "SLURM_NNODES": "1", "SLURM_NTASKS_PER_NODE": "2",
-           "SLURM_NODELIST": "127.0.0.1", "SLURM_SUBMIT_DIR": str(ROOT), "RUN_DIR": str(run),
-           "CKPT": str(trained_checkpoint), "MIMIC_CXR_JPG": str(world / "mimic-cxr-jpg"),
-           "DIFFVQA": str(world / "medical-diff-vqa"), "PROGNOSTIC": str(world / "prognostic" / "prognostic.jsonl")}
-    for _ in range(PORT_TRIES):
-        result = subprocess.run(["bash", str(ROOT / "scripts" / "slurm" / "eval.sbatch"), "accelerator=cpu",
-                                 "data.limit.test=4"], cwd=tmp_path, env=env | {"MASTER_PORT": str(free_port())},
-                                capture_output=True, text=True, timeout=900)
-        output = result.stdout + result.stderr
-        if result.returncode == 0 or PORT_TAKEN not in output.lower():
-            break
-    assert result.returncode == 0, output[-3000:]
+    code, stdout, output = submit("eval.sbatch", tmp_path, {
+        "SLURM_JOB_ID": "4243", "SLURM_JOB_NAME": "lumen-eval", "RUN_DIR": str(run), "CKPT": str(trained_checkpoint),
+        **world_data(world)}, "accelerator=cpu", "data.limit.test=4")
+    assert code == 0, output[-3000:]
     assert started_ranks(output) == ["1/2", "2/2"]
-    assert result.stdout.count("results: ") == 1  # the first process scores and writes
+    assert stdout.count("results: ") == 1  # the first process scores and writes
     assert len((run / "predictions.jsonl").read_text().splitlines()) == 12  # 4 per source of data=lumen
 
 
