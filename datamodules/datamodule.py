@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
+import pandas as pd
+import pyarrow as pa
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
@@ -17,9 +22,12 @@ from common.tokenizer import load_tokenizer
 from common.readers import InputError
 from datamodules.collate import LoadedSample, LumenCollator
 from datamodules.dicom import IMAGE_SUFFIXES, is_dicom, read_study_file
-from datamodules.experts import expert_text, load_experts
+from datamodules.diffvqa import LoadReport
+from datamodules.experts import expert_texts, read_experts
+from datamodules.index_cache import IndexCache, cache_key
 from datamodules.records import Sample
 from datamodules.sampling import MixtureBatchSampler, ResumableLoader
+from datamodules.table import SampleTable
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +55,10 @@ def read_image(path: Path, sample: Sample, field: str) -> Image.Image:
 
 
 class SampleDataset(Dataset):
-    """Reads a sample's image(s); everything else happens in the collator."""
+    """Reads a sample's image(s); everything else happens in the collator. ``samples``: a list, or a
+    ``SampleTable`` (whose sample is made when it is read)."""
 
-    def __init__(self, samples: list[Sample]):
+    def __init__(self, samples: Sequence[Sample]):
         self.samples = samples
 
     def __len__(self) -> int:
@@ -77,10 +86,17 @@ class LumenDataModule(L.LightningDataModule):
     current image goes into every prompt, with age, race and view when ``expert_demographics``.
     ``packing``: training and validation-loss batches are one row of the samples end to end, with
     block-causal attention, instead of padded rows (``LumenCollator``); generation stays left-padded.
-    ``limit`` caps each source's samples of a split (keeps CPU runs short; ``null`` for all). A source
+    ``limit`` caps each source's samples of a split (keeps CPU runs short; ``null`` for all), before
+    anything (expert text) is added to them. A source
     set to ``null`` is left out (``data.sources.prognostic=null``). ``batch_size`` is the per-process
     micro-batch; ``global_batch_size`` (samples per optimizer step over all processes, from which
     train.py derives gradient accumulation) is recorded in checkpoints with the other settings.
+
+    Samples are held as ``SampleTable`` columns, not objects. ``index_cache``: a directory where each
+    source's split is kept once built (``datamodules.index_cache``), keyed by its input files and
+    settings; a launch whose inputs did not change maps it instead of reading the dataset. Under a
+    Trainer, ``prepare_data`` (one process per machine) builds the training and validation tables
+    there before the other ranks look for them. ``null``: built in memory on every launch and rank.
     """
 
     def __init__(
@@ -101,6 +117,7 @@ class LumenDataModule(L.LightningDataModule):
         packing: bool = False,
         seed: int = 0,
         limit: dict[str, int | None] | None = None,
+        index_cache: str | None = None,
     ):
         super().__init__()
         sources = {name: source for name, source in sources.items() if source is not None}
@@ -140,50 +157,110 @@ class LumenDataModule(L.LightningDataModule):
         self.train_collator = LumenCollator(**collator_args, packing=packing)
         self.generation_collator = LumenCollator(**collator_args, for_generation=True)
         self.image_slots = len(self.train_collator.slots)
-        self.datasets: dict[str, list[SampleDataset]] = {}
+        self.index_cache = IndexCache(index_cache) if index_cache is not None else None
+        self.tables: dict[str, list[SampleTable]] = {}
         # Per split and source, the samples loaded and those kept after ``limit``, so that results
         # can say how many of how many were scored.
         self.sample_counts: dict[str, dict[str, dict[str, int]]] = {}
 
-    def source_samples(self, split: str) -> list[list[Sample]]:
+    def prepare_data(self) -> None:
+        """Builds the training and validation tables into the index cache (Lightning runs this in one
+        process per machine, the others waiting), so that every rank then maps them."""
+        if self.index_cache is not None:
+            self._build(["train", "val"])
+
+    def source_tables(self, split: str) -> list[SampleTable]:
         """Each source's samples of a split (after ``limit``), in source order."""
-        per_source, limit = [], self.limit.get(split)
-        for name, source in self.sources.items():
-            samples, report = source.load(split, self.use_prior)
-            kept = samples[:limit]
-            log.info("%s %s: %s; kept %d of %d (data.limit.%s=%s)", name, split, report, len(kept), len(samples),
-                     split, limit)
-            self.sample_counts.setdefault(split, {})[name] = {"loaded": len(samples), "kept": len(kept)}
-            per_source.append(self._with_experts(kept, name) if self.experts else kept)
-        return per_source
+        if split not in self.tables:
+            self._build([split])
+        return self.tables[split]
+
+    def _build(self, splits: list[str]) -> None:
+        """The tables of ``splits`` not yet held: from the index cache, or read (each input file once
+        for all of them) and stored there."""
+        shared: dict = {}  # what the sources read, shared by them while these splits are built
+        for split in splits:
+            if split not in self.tables:
+                self.tables[split] = [self._source_table(name, source, split, shared)
+                                      for name, source in self.sources.items()]
+
+    def _source_table(self, name: str, source, split: str, shared: dict) -> SampleTable:
+        limit = self.limit.get(split)
+        key = self._cache_key(source, split, limit)
+        cached = self.index_cache.load(key) if key is not None else None
+        if cached is None:
+            started = time.perf_counter()
+            log.info("%s %s: reading the source%s", name, split, "" if key is None else " (not in the index cache yet)")
+            table, report = source.load(split, self.use_prior, shared)
+            record = {"source": name, "split": split, "loaded": len(table), "report": report.to_dict()}
+            table = table[:limit]
+            if self.experts:
+                table = self._with_experts(table, name)
+            if key is not None:
+                self.index_cache.store(key, table, record)
+                table = self.index_cache.load(key)[0]  # mapped: its pages shared with the other processes
+            log.info("%s %s: built in %.1f s", name, split, time.perf_counter() - started)
+        else:
+            table, record = cached
+        loaded, report = record["loaded"], LoadReport.from_dict(record["report"])
+        log.info("%s %s: %s; kept %d of %d (data.limit.%s=%s)%s", name, split, report, len(table), loaded, split, limit,
+                 " [index cache]" if cached is not None else "")
+        self.sample_counts.setdefault(split, {})[name] = {"loaded": loaded, "kept": len(table)}
+        return table
+
+    def _cache_key(self, source, split: str, limit: int | None) -> str | None:
+        """The index cache's key of a source's split, or None when it is not cached."""
+        inputs = source.inputs(split) if self.index_cache is not None else None
+        if inputs is None:
+            return None
+        settings = {name: value for name, value in asdict(source).items() if name != "weight"}
+        if self.experts:
+            inputs = [*inputs, Path(self.experts)]
+        return cache_key({"source": type(source).__name__, "settings": settings, "split": split,
+                          "use_prior": self.use_prior, "limit": limit, "experts": self.experts is not None,
+                          "expert_demographics": self.expert_demographics}, inputs)
 
     @cached_property
-    def _expert_predictions(self) -> dict:
-        return load_experts(self.experts)
+    def _expert_texts(self) -> pd.Series:
+        """The expert models' text about each image of the CSV, by dicom_id."""
+        return expert_texts(read_experts(self.experts), self.expert_demographics)
 
-    def _with_experts(self, samples: list[Sample], source: str) -> list[Sample]:
-        """Each sample with the expert models' text about its current image (the file stem is the dicom_id)."""
-        predictions = self._expert_predictions
-        missing = [sample for sample in samples if sample.image.stem not in predictions]
-        if missing:
+    def _with_experts(self, table: SampleTable, source: str) -> SampleTable:
+        """Each sample with the expert models' text about its current image (the file stem is the
+        dicom_id), the text of an image stored once."""
+        images = pd.Series(table.column("image").to_numpy(zero_copy_only=False), dtype=object)
+        stems = images.str.rsplit("/", n=1).str[-1].str.replace(r"(?<=.)\.[^.]*$", "", regex=True)
+        codes, dicom_ids = pd.factorize(stems)
+        texts = self._expert_texts.reindex(dicom_ids)
+        if texts.isna().any():
+            first = int(np.flatnonzero(texts.isna().to_numpy()[codes])[0])
+            missing = int(texts.isna().to_numpy()[codes].sum())
             raise ValueError(
-                f"{self.experts}: no expert predictions for {len(missing)} image(s) of source {source}, e.g. "
-                f"{missing[0].image} ({missing[0].sample_id}); rebuild it with `python -m datamodules.build experts`"
+                f"{self.experts}: no expert predictions for {missing} image(s) of source {source}, e.g. "
+                f"{images[first]} ({table.column('sample_id')[first].as_py()}); rebuild it with "
+                "`python -m datamodules.build experts`"
             )
-        return [replace(sample, expert=expert_text(predictions[sample.image.stem], self.expert_demographics))
-                for sample in samples]
+        expert = pa.DictionaryArray.from_arrays(pa.array(codes, pa.int32()), pa.array(texts.to_numpy(), pa.string()))
+        return table.with_column("expert", expert)
+
+    def table_bytes(self, split: str) -> int:
+        """The bytes of a split's sample tables (held in memory, or mapped from the index cache)."""
+        return sum(table.nbytes for table in self.source_tables(split))
 
     def samples(self, split: str) -> list[Sample]:
-        return [sample for dataset in self.source_datasets(split) for sample in dataset.samples]
+        return [sample for table in self.source_tables(split) for sample in table]
 
     def source_datasets(self, split: str) -> list[SampleDataset]:
-        if split not in self.datasets:
-            self.datasets[split] = [SampleDataset(samples) for samples in self.source_samples(split)]
-        return self.datasets[split]
+        return [SampleDataset(table) for table in self.source_tables(split)]
 
     def dataset(self, split: str) -> SampleDataset:
         """All sources' samples of a split, one after another."""
-        return SampleDataset(self.samples(split))
+        return SampleDataset(SampleTable.concat(self.source_tables(split)))
+
+    def lengths(self, table: SampleTable) -> np.ndarray:
+        """About how many tokens each sample takes: its visual tokens plus its text at CHARS_PER_TOKEN."""
+        images = np.where(table.has_prior(), self.image_slots, 1)
+        return images * self.tokens_per_image + table.text_chars() // CHARS_PER_TOKEN
 
     def length(self, sample: Sample) -> int:
         """About how many tokens a sample takes: its visual tokens plus its text at CHARS_PER_TOKEN."""
@@ -197,14 +274,14 @@ class LumenDataModule(L.LightningDataModule):
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
     def train_dataloader(self) -> DataLoader:
-        datasets = self.source_datasets("train")
-        dataset = SampleDataset([sample for part in datasets for sample in part.samples])
+        tables = self.source_tables("train")
+        table = SampleTable.concat(tables)
         rank, world_size = self._rank()
         sampler = MixtureBatchSampler(
-            [len(part) for part in datasets], [source.weight for source in self.sources.values()],
-            [self.length(sample) for sample in dataset.samples], self.batch_size, self.seed, rank, world_size,
-            self.group_batches,
+            [len(part) for part in tables], [source.weight for source in self.sources.values()],
+            self.lengths(table), self.batch_size, self.seed, rank, world_size, self.group_batches,
         )
+        dataset = SampleDataset(table)
         return ResumableLoader(dataset, batch_sampler=sampler, collate_fn=self.train_collator,
                                num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 

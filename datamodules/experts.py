@@ -24,6 +24,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
+
 from common.readers import InputError, Problems, read_text, raise_or_record
 
 SCHEMA_VERSION = 1  # raise it when COLUMNS or their meaning change
@@ -160,3 +163,65 @@ def load_experts(path: str | Path, problems: Problems | None = None) -> dict[str
         predictions[prediction.dicom_id] = prediction
         first_line[prediction.dicom_id] = line
     return predictions
+
+
+def read_experts(path: str | Path) -> pd.DataFrame:
+    """The CSV as columns, one row per image, indexed by ``dicom_id``: the ``PATHOLOGIES``
+    probabilities, ``age_years``, ``race`` and ``view``. Checked as ``load_experts`` checks it: a
+    file that passes column by column is read so; any other is read row by row by ``load_experts``,
+    which raises its first problem."""
+    path = Path(path)
+    text = read_text(path, "an expert CSV: build it with `python -m datamodules.build experts`")
+    frame = _clean_experts(text)
+    if frame is not None:
+        return frame
+    predictions = load_experts(path)  # raises the first problem, naming its line and field
+    return pd.DataFrame(
+        [(*prediction.probabilities, prediction.age_years, prediction.race, prediction.view)
+         for prediction in predictions.values()], columns=[*PATHOLOGIES, "age_years", "race", "view"],
+        index=pd.Index(list(predictions), name="dicom_id"))
+
+
+def _clean_experts(text: str) -> pd.DataFrame | None:
+    """The table when every row passes the checks of ``load_experts``, else None."""
+    try:
+        frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, na_filter=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeError):
+        return None
+    if any(column not in frame.columns for column in COLUMNS) or frame.empty or frame.isna().any().any():
+        return None
+    raw_lines = text.count("\n") + (not text.endswith("\n"))
+    if raw_lines != len(frame) + 1 or '"' in text:  # blank, quoted or multi-line rows: read row by row
+        return None
+    numbers = {}
+    for columns, low, high in ((PATHOLOGIES + RACE_COLUMNS, 0.0, 1.0), (("age_years",), 0.0, 150.0)):
+        for column in columns:
+            values = pd.to_numeric(frame[column], errors="coerce")
+            if not ((values >= low) & (values <= high)).all():
+                return None
+            numbers[column] = values.to_numpy(dtype=np.float64)
+    identifiers = frame[["subject_id", "study_id"]]
+    if not (identifiers.apply(lambda column: column.str.fullmatch(r"[0-9]+")).all().all()
+            and (frame["dicom_id"] != "").all() and not frame["dicom_id"].duplicated().any()
+            and frame["race"].isin(RACES).all() and frame["view"].isin(VIEWS).all()):
+        return None
+    return pd.DataFrame({**{name: numbers[name] for name in (*PATHOLOGIES, "age_years")},
+                         "race": frame["race"].to_numpy(dtype=object), "view": frame["view"].to_numpy(dtype=object)},
+                        index=pd.Index(frame["dicom_id"].to_numpy(dtype=object), name="dicom_id"))
+
+
+def expert_texts(table: pd.DataFrame, demographics: bool = True) -> pd.Series:
+    """``expert_text`` of every row of ``read_experts``' table, column by column."""
+    bounds = np.array([bound for bound, _ in LEVELS[:-1]])
+    words = np.array([word for _, word in LEVELS], dtype=object)
+    text = pd.Series("Expert models' findings on the current image: ", index=table.index, dtype=object)
+    for number, pathology in enumerate(PATHOLOGIES):
+        chosen = words[np.searchsorted(bounds, table[pathology].to_numpy(), side="right")]
+        text = text + (("; " if number else "") + f"{_pathology_name(pathology)}: ") + chosen
+    text = text + "."
+    if demographics:
+        # numpy rounds halves to even, as Python's round does.
+        ages = pd.Series(np.round(table["age_years"].to_numpy()).astype(np.int64), index=table.index).astype(str)
+        text = (text + " Estimated age: " + ages + " years; race: " + table["race"] + "; view: "
+                + table["view"].str.lower() + ".")
+    return text

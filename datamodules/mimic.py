@@ -13,6 +13,7 @@ import math
 from datetime import date, datetime, time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from common.readers import InputError, Problems, Table, read_all, read_csv, raise_or_record
@@ -30,6 +31,15 @@ def image_path(root: str | Path, subject_id: int, study_id: int, dicom_id: str) 
     subject = str(int(subject_id))
     # One Path from one string: joining five parts costs five parses, which shows at 377k images.
     return Path(f"{root}/files/p{subject[:2]}/p{subject}/s{int(study_id)}/{dicom_id}.jpg")
+
+
+def image_paths(mimic_root: str | Path, subject_ids, study_ids, dicom_ids) -> pd.Series:
+    """``image_path`` of many images at once, as strings (a ``Path`` is made when an image is read)."""
+    subjects = pd.Series(np.asarray(subject_ids, dtype=np.int64)).astype(str)
+    studies = pd.Series(np.asarray(study_ids, dtype=np.int64)).astype(str)
+    files = str(Path(f"{mimic_root}/files"))  # as image_path's Path would write it
+    return (files + "/p" + subjects.str[:2] + "/p" + subjects + "/s" + studies + "/"
+            + pd.Series(np.asarray(dicom_ids, dtype=object)).astype(str) + ".jpg").astype(object)
 
 
 def parse_study_date(value: int | float | str) -> date:
@@ -150,9 +160,58 @@ def _split_of(table: Table, problems: Problems | None) -> tuple[dict[str, str], 
 def load_images(root: str | Path, problems: Problems | None = None) -> pd.DataFrame:
     """One row per image of the metadata table, with its split, view, study date-time and path.
     A row with a missing or malformed value, a repeated ``dicom_id`` or no split is an error (with
-    ``problems``: recorded and left out, its dicom_id in ``attrs["rejected"]``)."""
+    ``problems``: recorded and left out, its dicom_id in ``attrs["rejected"]``). Tables without such
+    a row are read column by column; otherwise row by row, each problem reported as the rows come."""
     metadata, splits = read_all(problems, lambda: read_table(root, "mimic-cxr-2.0.0-metadata", METADATA_COLUMNS),
                                 lambda: read_table(root, "mimic-cxr-2.0.0-split", ["dicom_id", "split"]))
+    images = _clean_images(root, metadata, splits)
+    return images if images is not None else _checked_images(root, metadata, splits, problems)
+
+
+def _images(root, dicom_ids: list, subjects: list, studies: list, split_names: list, views: list,
+            times: list) -> pd.DataFrame:
+    return pd.DataFrame({
+        "dicom_id": dicom_ids, "subject_id": subjects, "study_id": studies, "split": split_names, "view": views,
+        "study_datetime": times,
+        "path": [Path(path) for path in image_paths(root, subjects, studies, dicom_ids).tolist()],
+    })
+
+
+def _clean_images(root, metadata: Table, splits: Table) -> pd.DataFrame | None:
+    """The images read column by column, or None when a row of either table has a problem."""
+    frame, split_frame = metadata.frame, splits.frame
+    required = ["dicom_id", "subject_id", "study_id", "StudyDate", "StudyTime"]
+    if frame[required].isna().any().any() or frame["dicom_id"].duplicated().any():
+        return None
+    if split_frame["dicom_id"].isna().any() or split_frame["dicom_id"].duplicated().any() \
+            or not split_frame["split"].isin(list(SPLITS)).all():
+        return None
+    split_of = pd.Series(split_frame["split"].map(SPLITS).to_numpy(), index=split_frame["dicom_id"].to_numpy())
+    if not frame["dicom_id"].isin(split_of.index).all():
+        return None
+    numbers = {column: pd.to_numeric(frame[column], errors="coerce") for column in ("subject_id", "study_id")}
+    if any(values.isna().any() or (values % 1 != 0).any() for values in numbers.values()):
+        return None
+    try:  # per distinct value: a few thousand dates, and the times of day
+        days = {value: parse_study_date(value) for value in frame["StudyDate"].unique().tolist()}
+        moments = {value: parse_study_time(value) for value in frame["StudyTime"].unique().tolist()}
+    except ValueError:
+        return None
+    views: dict = {}
+    dicom_ids = frame["dicom_id"].tolist()
+    positions, meanings = frame["ViewPosition"].tolist(), frame["ViewCodeSequence_CodeMeaning"].tolist()
+    images = _images(
+        root, dicom_ids, numbers["subject_id"].astype("int64").tolist(), numbers["study_id"].astype("int64").tolist(),
+        split_of.reindex(dicom_ids).tolist(),
+        [views[key] if key in views else views.setdefault(key, _view(*key)) for key in zip(positions, meanings)],
+        [datetime.combine(days[day], moments[moment]) for day, moment in
+         zip(frame["StudyDate"].tolist(), frame["StudyTime"].tolist())])
+    images.attrs["rejected"] = set()
+    return images
+
+
+def _checked_images(root, metadata: Table, splits: Table, problems: Problems | None) -> pd.DataFrame:
+    """The images read row by row: each problem reported as ``load_images`` says."""
     split_of, rejected = _split_of(splits, problems)
     frame = metadata.frame
     skip = metadata.missing_values(["dicom_id", "subject_id", "study_id", "StudyDate", "StudyTime"], problems,
@@ -190,15 +249,9 @@ def load_images(root: str | Path, problems: Problems | None = None) -> pd.DataFr
         times.append(datetime.combine(day, moment))
     kept = frame.loc[rows]
     dicom_ids, subjects, studies = kept["dicom_id"].tolist(), subject_ids[rows].tolist(), study_ids[rows].tolist()
-    images = pd.DataFrame({
-        "dicom_id": dicom_ids,
-        "subject_id": subjects,
-        "study_id": studies,
-        "split": [split_of[dicom_id] for dicom_id in dicom_ids],
-        "view": [_view(p, m) for p, m in zip(kept["ViewPosition"].tolist(), kept["ViewCodeSequence_CodeMeaning"].tolist())],
-        "study_datetime": times,
-        "path": [image_path(root, s, t, d) for s, t, d in zip(subjects, studies, dicom_ids)],
-    })
+    images = _images(root, dicom_ids, subjects, studies, [split_of[dicom_id] for dicom_id in dicom_ids],
+                     [_view(p, m) for p, m in zip(kept["ViewPosition"].tolist(),
+                                                  kept["ViewCodeSequence_CodeMeaning"].tolist())], times)
     # Images whose row was reported and left out: a cross-check names them as such, not as missing.
     images.attrs["rejected"] = (set(frame["dicom_id"].dropna()) - set(dicom_ids)) | rejected
     return images

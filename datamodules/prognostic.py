@@ -13,11 +13,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
+
 from common.errors import ConfigError
 from common.readers import InputError, Problems, read_jsonl, raise_or_record
-from datamodules.diffvqa import SPLITS, LoadReport, Study, read_studies, study_error
-from datamodules.mimic import image_path
-from datamodules.records import Sample
+from datamodules.diffvqa import SPLITS, LoadReport, Studies, read_studies, study_error
+from datamodules.mimic import image_paths
+from datamodules.table import SampleTable
 
 RECORD_KEYS = (
     "id", "source_sample_id", "source_row", "split", "subject_id", "study_id", "ref_id", "interval_days",
@@ -27,31 +30,47 @@ RECORD_KEYS = (
 
 
 def load_prognostic(path: str | Path, diffvqa_dir: str | Path, mimic_root: str | Path, split: str,
-                    problems: Problems | None = None,
-                    studies: dict[int, Study] | None = None) -> tuple[list[Sample], LoadReport]:
+                    problems: Problems | None = None, studies: Studies | None = None,
+                    records: pd.DataFrame | None = None) -> tuple[SampleTable, LoadReport]:
     """Samples of one split of a prognostic JSONL: the current and prior study's images (through
     Diff-VQA's ``mimic_all.csv``, or ``studies`` already read from it) and the interval between them;
-    ``sample_id`` is the record's ``id``. A line that is not a record of ``RECORD_KEYS``, names an
-    unknown split or study, or whose ``interval_days`` disagrees with the studies' dates is an error
-    (with ``problems``: recorded and left out)."""
+    ``sample_id`` is the record's ``id``. ``records``: the file already read (``read_prognostic``)."""
     if split not in SPLITS:
         raise ConfigError(f"unknown prognostic split {split!r}: expected one of {SPLITS}")
     studies = read_studies(diffvqa_dir, problems) if studies is None else studies
-    studies_path = Path(diffvqa_dir) / "mimic_all.csv"
-    load_report, samples, first_line = LoadReport(), [], {}
+    records = read_prognostic(path, studies, problems) if records is None else records
+    chosen = records[records["split"] == split]
+    current, prior = studies.frame.loc[chosen["study_id"].to_numpy()], studies.frame.loc[chosen["ref_id"].to_numpy()]
+    load_report = LoadReport()
+    if len(chosen):
+        load_report.loaded["prognostic"] += len(chosen)
+    table = SampleTable.from_columns(
+        len(chosen), sample_id=chosen["id"], task=["prognostic"] * len(chosen),
+        question_type=["prognostic"] * len(chosen), question=chosen["question"], answer=chosen["answer"],
+        image=image_paths(mimic_root, current["subject_id"], current.index, current["dicom_id"]),
+        prior_image=image_paths(mimic_root, prior["subject_id"], prior.index, prior["dicom_id"]),
+        interval_days=chosen["interval_days"].to_numpy(dtype=np.float64),
+        subject_id=current["subject_id"].to_numpy(), study_id=current.index.to_numpy(), prior_study_id=prior.index.to_numpy(),
+    )
+    return table, load_report
+
+
+def read_prognostic(path: str | Path, studies: Studies, problems: Problems | None = None) -> pd.DataFrame:
+    """Every record of a prognostic JSONL, checked, in file order: columns ``id``, ``split``,
+    ``study_id``, ``ref_id``, ``interval_days``, ``question``, ``answer``. A line that is not a
+    record of ``RECORD_KEYS``, names an unknown split or study, or whose ``interval_days`` disagrees
+    with the studies' dates is an error (with ``problems``: recorded and left out)."""
+    studies_path = studies.path
+    first_line: dict[str, int] = {}
+    rows = []
     for line, record in read_jsonl(path, "prognostic questions: build them with `python -m datamodules.build "
                                          "prognostic`"):
         try:
-            sample = _sample(path, line, record, split, studies, studies_path, mimic_root, first_line)
+            rows.append(_checked(Path(path), line, record, studies, studies_path, first_line))
         except InputError as error:
             raise_or_record(problems, error)
-            continue
-        if sample is not None:
-            samples.append(sample)
-            load_report.loaded["prognostic"] += 1
-    return samples, load_report
-
-
+    frame = pd.DataFrame(rows, columns=["id", "split", "study_id", "ref_id", "interval_days", "question", "answer"])
+    return frame.astype({"study_id": np.int64, "ref_id": np.int64, "interval_days": np.float64})
 # Required fields whose value must be of a type: (types, what a person reads in the message).
 TYPED_FIELDS = {
     "id": (str, "a non-empty string"), "split": (str, "a string"), "study_id": (int, "a whole number"),
@@ -60,11 +79,10 @@ TYPED_FIELDS = {
 }
 
 
-def _sample(path: Path, line: int, record, split: str, studies: dict[int, Study | None], studies_path: Path,
-            mimic_root: str | Path, first_line: dict[str, int]) -> Sample | None:
-    """The record's sample when it belongs to ``split``, None when it does not; an ``InputError`` for
-    a problem (checked on every line, whatever its split). ``first_line`` maps the ids seen so far to
-    their line."""
+def _checked(path: Path, line: int, record, studies: Studies, studies_path: Path,
+             first_line: dict[str, int]) -> tuple:
+    """The record's values (``read_prognostic``'s columns), or an ``InputError`` for its problem.
+    ``first_line`` maps the ids seen so far to their line."""
     def fail(field: str | None, problem: str, kind: str) -> InputError:
         return InputError(path, problem, line=line, field=field, kind=kind,
                           fix="rebuild the file with `python -m datamodules.build prognostic`")
@@ -91,13 +109,5 @@ def _sample(path: Path, line: int, record, split: str, studies: dict[int, Study 
     if interval != record["interval_days"]:
         raise fail("interval_days", f"{record['interval_days']} but {studies_path} gives {interval} days between "
                    f"studies {record['ref_id']} and {record['study_id']}", "interval_days")
-    if record["split"] != split:
-        return None
-    return Sample(
-        sample_id=record["id"], task="prognostic", question_type="prognostic", question=record["question"],
-        answer=record["answer"],
-        image=image_path(mimic_root, current.subject_id, current.study_id, current.dicom_id),
-        prior_image=image_path(mimic_root, prior.subject_id, prior.study_id, prior.dicom_id),
-        interval_days=float(interval), subject_id=current.subject_id, study_id=current.study_id,
-        prior_study_id=prior.study_id,
-    )
+    return (record["id"], record["split"], record["study_id"], record["ref_id"], float(interval), record["question"],
+            record["answer"])

@@ -1,21 +1,31 @@
 """The data sources a run mixes, one small config per source (Hydra instantiates them from
 ``data.sources``). Each turns a split into Samples through its adapter and reports what it loaded
 and skipped; ``weight`` is how many times per epoch each training sample is seen on average
-(``datamodules.sampling``)."""
+(``datamodules.sampling``).
+
+``load(split, use_prior, shared)`` gives a ``SampleTable`` and its ``LoadReport``; ``shared`` is a
+dict in which sources reading the same files (the diagnostic and difference sources of ``data=lumen``,
+the prognostic source's studies) leave what they read, so that each file is read once. ``inputs()``
+names the files a split of the source is read from, for the index cache's key (None: not cached)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pandas as pd
 
-from datamodules.diffvqa import TEST_POLICIES, LoadReport, load_diffvqa, one_study_per_subject
+from datamodules.diffvqa import TEST_POLICIES, LoadReport, load_diffvqa, one_study_per_subject, read_diffvqa, \
+    read_studies
 from datamodules.enhance import load_enhanced
+from datamodules.mimic import table_path
 from datamodules.mmxu import load_mmxu
-from datamodules.prognostic import load_prognostic
-from datamodules.records import Sample
+from datamodules.prognostic import load_prognostic, read_prognostic
+from datamodules.table import SampleTable
 
 
 def _require(path: str | None, what: str, key: str) -> None:
@@ -26,9 +36,24 @@ def _require(path: str | None, what: str, key: str) -> None:
         raise FileNotFoundError(f"{key} {problem}: it must point to {what}; set {key}=<path>")
 
 
-def _single_image(sample: Sample) -> Sample:
+def _single_image(table: SampleTable) -> SampleTable:
     """The control that shows what the current image alone can answer."""
-    return replace(sample, prior_image=None, interval_days=None, prior_study_id=None)
+    nothing = [None] * len(table)
+    return table.with_column("prior_image", nothing).with_column("interval_days", nothing).with_column(
+        "prior_study_id", nothing)
+
+
+def _shared(shared: dict | None, key: tuple, read: Callable[[], Any]) -> Any:
+    """``read()``, or what another source already read under ``key``."""
+    if shared is None:
+        return read()
+    if key not in shared:
+        shared[key] = read()
+    return shared[key]
+
+
+def _studies_key(diffvqa: str) -> tuple:
+    return ("mimic_all.csv", str(Path(diffvqa).resolve()))
 
 
 @dataclass
@@ -56,22 +81,36 @@ class DiffVQASource:
     def _enhanced(self) -> dict[str, dict]:
         return load_enhanced(self.enhanced)
 
-    def load(self, split: str, use_prior: bool) -> tuple[list[Sample], LoadReport]:
-        samples, report = load_diffvqa(self.diffvqa, self.mimic_cxr_jpg, split, tuple(self.tasks), use_prior,
-                                       self.test_policy)
-        if self.enhanced:
-            samples = [self._enhance(sample) for sample in samples]
-        return samples, report
+    def inputs(self, split: str) -> list[Path] | None:
+        tables = [Path(self.diffvqa) / "mimic_pair_questions.csv", Path(self.diffvqa) / "mimic_all.csv"]
+        return tables + ([Path(self.enhanced)] if self.enhanced else [])
 
-    def _enhance(self, sample: Sample) -> Sample:
-        record = self._enhanced.get(sample.sample_id)
-        if record is None or record["short_answer"] != sample.answer:
-            found = "is missing" if record is None else f"has short answer {record['short_answer']!r}"
-            raise ValueError(
-                f"{self.enhanced}: {sample.sample_id} {found}, but {self.diffvqa} gives {sample.answer!r}: the "
-                "file was built from other questions; rebuild it with `python -m datamodules.build enhance`"
-            )
-        return replace(sample, answer=record["answer"], short_answer=sample.answer)
+    def load(self, split: str, use_prior: bool, shared: dict | None = None) -> tuple[SampleTable, LoadReport]:
+        def read():
+            data = read_diffvqa(self.diffvqa)
+            if shared is not None:
+                shared.setdefault(_studies_key(self.diffvqa), data.studies)
+            return data
+
+        data = _shared(shared, ("mimic_pair_questions.csv", str(Path(self.diffvqa).resolve())), read)
+        table, report = load_diffvqa(data, self.mimic_cxr_jpg, split, tuple(self.tasks), use_prior, self.test_policy)
+        return (self._enhance(table) if self.enhanced else table), report
+
+    def _enhance(self, table: SampleTable) -> SampleTable:
+        """The enhanced answers as targets, the short ones kept for metrics."""
+        records = self._enhanced
+        sample_ids, answers = table.column("sample_id").to_pylist(), table.column("answer").to_pylist()
+        enhanced = []
+        for sample_id, answer in zip(sample_ids, answers):
+            record = records.get(sample_id)
+            if record is None or record["short_answer"] != answer:
+                found = "is missing" if record is None else f"has short answer {record['short_answer']!r}"
+                raise ValueError(
+                    f"{self.enhanced}: {sample_id} {found}, but {self.diffvqa} gives {answer!r}: the file was "
+                    "built from other questions; rebuild it with `python -m datamodules.build enhance`"
+                )
+            enhanced.append(record["answer"])
+        return table.with_column("answer", enhanced).with_column("short_answer", answers)
 
 
 @dataclass
@@ -93,14 +132,22 @@ class PrognosticSource:
         if self.test_policy not in TEST_POLICIES:
             raise ValueError(f"test_policy={self.test_policy!r}: expected one of {TEST_POLICIES}")
 
-    def load(self, split: str, use_prior: bool) -> tuple[list[Sample], LoadReport]:
-        samples, report = load_prognostic(self.path, self.diffvqa, self.mimic_cxr_jpg, split)
+    def inputs(self, split: str) -> list[Path] | None:
+        return [Path(self.path), Path(self.diffvqa) / "mimic_all.csv"]
+
+    def load(self, split: str, use_prior: bool, shared: dict | None = None) -> tuple[SampleTable, LoadReport]:
+        studies = _shared(shared, _studies_key(self.diffvqa), lambda: read_studies(self.diffvqa))
+        records = _shared(shared, ("prognostic", str(Path(self.path).resolve())),
+                          lambda: read_prognostic(self.path, studies))
+        table, report = load_prognostic(self.path, self.diffvqa, self.mimic_cxr_jpg, split, studies=studies,
+                                        records=records)
         if split == "test" and self.test_policy == "one_study_per_subject":
-            studies = pd.DataFrame([(s.subject_id, s.study_id) for s in samples], columns=["subject_id", "study_id"])
-            kept = one_study_per_subject(studies, seed=0)
-            report.skipped["other_study_of_subject"] += sum(s.study_id not in kept for s in samples)
-            samples = [s for s in samples if s.study_id in kept]
-        return (samples if use_prior else [_single_image(sample) for sample in samples]), report
+            study_ids = table.column("study_id").to_numpy()
+            subjects = pd.DataFrame({"subject_id": table.column("subject_id").to_numpy(), "study_id": study_ids})
+            kept = np.isin(study_ids, list(one_study_per_subject(subjects, seed=0)))
+            report.skipped["other_study_of_subject"] += int((~kept).sum())
+            table = SampleTable(table.arrow.filter(kept))
+        return (table if use_prior else _single_image(table)), report
 
 
 @dataclass
@@ -124,10 +171,19 @@ class MMXUSource:
             if getattr(self, split) is not None:
                 _require(getattr(self, split), "an MMXU JSONL file", f"data.sources.<name>.{split}")
 
-    def load(self, split: str, use_prior: bool) -> tuple[list[Sample], LoadReport]:
+    def inputs(self, split: str) -> list[Path] | None:
+        """What a split reads: its file and MIMIC-CXR-JPG's metadata and split tables; None (not cached)
+        when the history comes from report files, which are too many to fingerprint."""
+        path = getattr(self, split)
+        if self.history != "none" and self.reports_root is not None:
+            return None
+        tables = [table_path(self.mimic_cxr_jpg, stem) for stem in ("mimic-cxr-2.0.0-metadata", "mimic-cxr-2.0.0-split")]
+        return ([] if path is None else [Path(path)]) + tables
+
+    def load(self, split: str, use_prior: bool, shared: dict | None = None) -> tuple[SampleTable, LoadReport]:
         path = getattr(self, split)
         if path is None:
-            return [], LoadReport()
+            return SampleTable.from_columns(0), LoadReport()
         samples, report = load_mmxu(path, self.mimic_cxr_jpg, self.history, self.reports_root)
-        return (samples if use_prior else [_single_image(sample) for sample in samples]), report
-
+        table = SampleTable.from_samples(samples)
+        return (table if use_prior else _single_image(table)), report
