@@ -186,7 +186,9 @@ def test_view_answers_match_the_frontal_view(world):
     assert (which.answer == views[which.study_id].values + " view").all()
 
 
-LEVEL = r"the level of ([a-z ]+) has changed from ([a-z ]+) to ([a-z ]+)\."
+# A level word may itself hold "to" ("moderate to large"): the levels are read as the world's words.
+LEVEL_WORD = "|".join(sorted({level for finding in synthetic.FINDINGS for level in finding.levels}, key=len, reverse=True))
+LEVEL = rf"the level of ([a-z ]+) has changed from ({LEVEL_WORD}) to ({LEVEL_WORD})\."
 ITEMS = r"( [a-z ]+|(?: [a-z ]+,)+ and [a-z ]+)"
 ADDED = rf"the main image has (?:an additional finding|additional findings) of{ITEMS} than the reference image\."
 MISSING = rf"the main image is missing the findings? of{ITEMS} than the reference image\."
