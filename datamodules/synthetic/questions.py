@@ -50,7 +50,9 @@ def finding_zones(finding: Finding, sites: tuple[str, ...]) -> frozenset[str]:
 def key_location(finding: Finding, sites: tuple[str, ...]) -> tuple[tuple[str, ...] | None, str | None]:
     """(location words, post-location place) of a present finding's key-info record, as the
     generator reads our reports: "small left pleural effusion" gives the words ("left",), "patchy lung
-    opacity in the left upper lung" the place "the left upper lung"; cardiomegaly neither."""
+    opacity in the left upper lung" the place "the left upper lung", atelectasis at both bases "the lung
+    bases"; a finding over zones no place covers gives its side's word or "bilateral"; cardiomegaly
+    neither."""
     if finding.sites == ("",):
         return None, None
     sides = sorted({site.split()[0] for site in sites})
@@ -169,11 +171,11 @@ def _absent_in_place(study: Study, pick) -> tuple[str, str] | None:
     without "lung" ("the right area")."""
     locations = _locations(study)
     elsewhere = {}
-    for finding, (_, sites) in study.findings.items():
-        zones = finding_zones(finding, sites)
-        if finding in locations and locations[finding][1]:
-            elsewhere[finding] = [place for place in PLACES if not PLACES[place] & zones]
-    elsewhere = {finding: places for finding, places in elsewhere.items() if places}
+    for finding, (_, place) in locations.items():
+        zones = finding_zones(finding, study.findings[finding][1])
+        clear = [other for other in PLACES if not PLACES[other] & zones]
+        if place and clear:
+            elsewhere[finding] = clear
     if elsewhere:
         finding = pick(list(elsewhere))
         return f"is there {finding.name} in {pick(elsewhere[finding])}?", "no"
