@@ -72,6 +72,10 @@ def template_answer(question_type: str, question: str, answer: str) -> str:
     if question_type == "abnormality":
         return _sentence(f"the {region.group(1) if region else 'image'} shows {short}")
     if question_type == "location" and subject:
+        # A side is "on the left side"; an area ("left area") or a place the dataset names with its
+        # article ("the lung bases") is "in" it.
+        if short.startswith("the "):
+            return _sentence(f"the {subject.group(1)} is located in {short}")
         return _sentence(f"the {subject.group(1)} is located in the {short}" if short.endswith("area")
                          else f"the {subject.group(1)} is located on the {short}")
     if question_type in ("level", "type") and subject:

@@ -59,7 +59,8 @@ class Finding:
 
 ZONES = ("left upper", "left lower", "right upper", "right lower")
 OTHER_SIDE = {"left": "right", "right": "left"}
-# Medical-Diff-VQA's official order (disease_lib.csv): finding lists in answers follow it.
+# Medical-Diff-VQA's official order (disease_lib.csv): finding lists in answers follow it. Levels
+# are words of its level list (level_lib.csv), from least to most: "large" alone is not one.
 # Rates: an acute episode lasts about ten days and one in a hundred turns chronic, lasting about
 # two years. A finding seen now is then new a little less often than persisting (about 0.4 over a
 # random earlier study), and over most asked horizons (a week to a year) a new finding is expected
@@ -67,12 +68,12 @@ OTHER_SIDE = {"left": "right", "right": "left"}
 # guess from the current study alone.
 _COURSES = dict(resolve=0.1, chronify=0.001, resolve_chronic=0.0015)
 FINDINGS = (
-    Finding("pleural effusion", ("left", "right"), ("small", "moderate", "large"), "layering",
+    Finding("pleural effusion", ("left", "right"), ("small", "moderate", "moderate to large"), "layering",
             appear=0.012, progress=0.02, regress=0.02, **_COURSES),
     Finding("atelectasis", ("left", "right"), (), "plate-like", appear=0.014, **_COURSES),
     Finding("cardiomegaly", ("",), ("mild", "moderate", "severe"), None,
             appear=0.024, progress=0.02, regress=0.02, **_COURSES),
-    Finding("pneumothorax", ("left", "right"), ("small", "moderate", "large"), None,
+    Finding("pneumothorax", ("left", "right"), ("minimal", "small", "moderate"), None,
             appear=0.006, progress=0.02, regress=0.02, **_COURSES),
     Finding("lung opacity", ZONES, (), "patchy", appear=0.008, **_COURSES),
     Finding("consolidation", ZONES, (), "dense", appear=0.006, **_COURSES),

@@ -7,8 +7,6 @@ import numpy as np
 
 from datamodules.mimic import CHEXPERT_LABELS
 from datamodules.synthetic.population import DEVICES, FINDING_BY_NAME, FINDINGS, ZONES, Finding, Study
-from datamodules.synthetic.questions import location
-
 
 
 def _change(before: int | None, now: int) -> str:
@@ -64,12 +62,23 @@ def report_text(study: Study, prior: Study | None) -> str:
     )
 
 
+def _where(finding: Finding, sites: tuple[str, ...]) -> str:
+    """Where the impression places a finding: ``left``, ``left upper``, ``bilateral``, or nothing."""
+    if finding.sites == ("",):
+        return ""
+    sides = {site.split()[0] for site in sites}
+    if len(sides) == 2:
+        return "bilateral"
+    if finding.sites == ZONES and len(sites) == 1:
+        return sites[0]
+    return f"{sides.pop()} lower" if finding.name == "atelectasis" else sides.pop()
+
+
 def _impression(study: Study) -> str:
     present = study.findings
     items = []
     for finding, (level, sites) in present.items():
-        where = (location(finding, sites) or "").removesuffix(" lung")
-        words = (finding.level_name(level) if finding.levels else "", where, finding.name)
+        words = (finding.level_name(level) if finding.levels else "", _where(finding, sites), finding.name)
         items.append(" ".join(word for word in words if word))
     text = "; ".join(items) or "no acute cardiopulmonary process"
     if FINDING_BY_NAME["consolidation"] in present:

@@ -26,7 +26,8 @@ from datamodules.synthetic.questions import _key_info, _pair_questions
 from datamodules.synthetic.reports import _chexpert_labels, _procedure, report_text
 
 GENERATOR = "lumen.datamodules.synthetic"
-GENERATOR_VERSION = "1.2"  # 1.1: prognostic truth, MMXU files, expert CSV; 1.2: acute and chronic courses
+GENERATOR_VERSION = "1.3"  # 1.1: prognostic truth, MMXU files, expert CSV; 1.2: acute and chronic courses;
+# 1.3: the dataset generator's grammar (its level words and places, bilateral only when so, shuffled additions)
 METADATA_COLUMNS = [
     "dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition", "Rows",
     "Columns", "StudyDate", "StudyTime", "ProcedureCodeSequence_CodeMeaning", "ViewCodeSequence_CodeMeaning",
