@@ -195,8 +195,8 @@ def scaled_tables(world: World, scale: float) -> dict[str, pd.DataFrame]:
     want = targets(scale)
     difference = world.questions["question_type"] == "difference"
     in_diffvqa = subjects_reaching(want["difference"], world.per_subject(world.questions[difference]))
-    studies_table = world.chexpert  # one row per study of MIMIC-CXR
-    subjects = max(in_diffvqa, subjects_reaching(want["studies"], world.per_subject(studies_table)))
+    # The chexpert table has one row per MIMIC-CXR study.
+    subjects = max(in_diffvqa, subjects_reaching(want["studies"], world.per_subject(world.chexpert)))
     ids = Ids(np.sort(world.metadata["subject_id"].unique()), np.sort(world.metadata["study_id"].unique()),
               copies=-(-subjects // world.metadata["subject_id"].nunique()))
 
@@ -233,16 +233,18 @@ def scaled_tables(world: World, scale: float) -> dict[str, pd.DataFrame]:
     images, copy = tiled(world.metadata, ids, subjects)
     added = even_counts(len(images), max(want["images"] - len(images), 0))
     repeat = np.repeat(np.arange(len(images)), 1 + added)
+    # 0: the image itself; 1, 2, ...: its added copies.
     number = np.arange(len(repeat)) - np.repeat(np.cumsum(1 + added) - (1 + added), 1 + added)
     images, copy = images.iloc[repeat].reset_index(drop=True), copy[repeat]
     world_dicoms = images["dicom_id"]
     metadata = renumbered(images, copy, ids)
     metadata["dicom_id"] = Ids.dicom(world_dicoms, copy, number)
-    by_dicom = {name: table.set_index("dicom_id").loc[world_dicoms].reset_index() for name, table in
-                (("split", world.split), ("experts", world.experts))}
-    split, experts = (renumbered(by_dicom[name][table.columns], copy, ids) for name, table in
-                      (("split", world.split), ("experts", world.experts)))
-    split["dicom_id"] = experts["dicom_id"] = metadata["dicom_id"]
+
+    def per_image(table: pd.DataFrame) -> pd.DataFrame:
+        """``table``'s row of each image (keyed by the world's dicom_id) under the image's new ids."""
+        rows = renumbered(table.set_index("dicom_id").loc[world_dicoms].reset_index()[table.columns], copy, ids)
+        rows["dicom_id"] = metadata["dicom_id"]
+        return rows
 
     def image_paths(table: pd.DataFrame, root: str) -> pd.Series:
         subject = table["subject_id"].astype(str)
@@ -251,8 +253,8 @@ def scaled_tables(world: World, scale: float) -> dict[str, pd.DataFrame]:
 
     links = pd.DataFrame({"path": image_paths(metadata, ""),
                           "target": image_paths(images, str((world.root / "mimic-cxr-jpg").resolve()))})
-    return {"metadata": metadata, "split": split, "chexpert": chexpert, "mimic_all": mimic_all,
-            "questions": questions, "experts": experts, "prognostic": prognostic, "links": links}
+    return {"metadata": metadata, "split": per_image(world.split), "chexpert": chexpert, "mimic_all": mimic_all,
+            "questions": questions, "experts": per_image(world.experts), "prognostic": prognostic, "links": links}
 
 
 def counts(tables: dict[str, pd.DataFrame]) -> dict[str, int]:
@@ -318,6 +320,8 @@ def scale_world(world: Path, out: Path, scale: float) -> tuple[dict, float | Non
 
 
 # ----------------------------------------------------------------------------------------------- stages
+# Each runs in its own process (``run_stage``) and imports what it needs itself, so that the time its
+# imports take is measured apart from its work.
 
 
 def stage_datamodule(args: argparse.Namespace) -> dict:
@@ -478,7 +482,8 @@ def table_rows(reports: dict[str, dict]) -> list[str]:
             built, kept = sum(c["loaded"] for c in val.values()), sum(c["kept"] for c in val.values())
             row("its validation loader", report, wall_key="val_seconds", rss_key="val_rss", imports=False,
                 note=f" ({built:,} rows built, {kept:,} kept)")
-            rows.append(f"| sample table (train split), host memory per rank ({temperature}) | — | — | "
+            when = f" ({temperature})" if report["index_cache"] else ""
+            rows.append(f"| sample table (train split), host memory per rank{when} | — | — | "
                         f"{gigabytes(report['table_bytes'])} | {TARGETS['sample table']} |")
     if "diffvqa" in reports:
         report = reports["diffvqa"]
@@ -537,7 +542,7 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
 
     made, wanted = marker["counts"], marker["targets"]
-    print(f"\n## Scale bench ({datetime.date.today().isoformat()})\n")
+    print(f"\n## Data loading at the real row counts (`bench/scale.py`, {datetime.date.today().isoformat()})\n")
     print(f"- machine: {machine()}")
     print(f"- code: {code_version()}")
     print(f"- scaled world: {out} ({'written in ' + seconds(written) + ' s' if written is not None else 'reused'}), "
