@@ -302,7 +302,8 @@ def scale_world(world: Path, out: Path, scale: float) -> tuple[dict, float | Non
     if existing is not None and {k: existing.get(k) for k in key} == key:
         return existing, None
     if existing is None and out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} is not empty and holds no {MARKER}: refusing to overwrite it; choose another --out")
+        raise FileExistsError(f"{out} is not empty and holds no {MARKER}: refusing to overwrite it; "
+                              "choose another --out")
     started = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -336,7 +337,8 @@ def stage_datamodule(args: argparse.Namespace) -> dict:
     world = args.world
     overrides = [f"paths.cache_dir={args.cache_dir}", "paths.output_dir=unused", "prepare=none", "data=lumen",
                  f"paths.tiny_base={args.base}", f"paths.mimic_cxr_jpg={world / 'mimic-cxr-jpg'}",
-                 f"paths.diffvqa={world / 'medical-diff-vqa'}", f"paths.prognostic={world / 'prognostic/prognostic.jsonl'}",
+                 f"paths.diffvqa={world / 'medical-diff-vqa'}",
+                 f"paths.prognostic={world / 'prognostic/prognostic.jsonl'}",
                  f"paths.experts={world / 'experts/experts.csv'}", "data.experts=${paths.experts}"]
     index_cache = "index_cache" in inspect.signature(LumenDataModule).parameters
     if index_cache:
@@ -446,7 +448,8 @@ def code_version() -> str:
         result = subprocess.run(["git", *arguments], cwd=ROOT, capture_output=True, text=True)
         return result.stdout.strip() or "unknown"
 
-    return f"{git('describe', '--always', '--dirty')} (commit {git('rev-parse', 'HEAD')}, branch {git('branch', '--show-current')})"
+    return (f"{git('describe', '--always', '--dirty')} (commit {git('rev-parse', 'HEAD')}, "
+            f"branch {git('branch', '--show-current')})")
 
 
 def seconds(value: float | None) -> str:
@@ -465,8 +468,9 @@ def table_rows(reports: dict[str, dict]) -> list[str]:
         if "error" in report:
             rows.append(f"| {stage} | failed: {report['error']} | | | {target} |")
             return
-        rows.append(f"| {stage}{note} | {seconds(report[wall_key])} | {seconds(report['imports']) if imports else '—'} | "
-                    f"{gigabytes(report[rss_key])} | {target} |")
+        imported = seconds(report["imports"]) if imports else "—"
+        rows.append(f"| {stage}{note} | {seconds(report[wall_key])} | {imported} | {gigabytes(report[rss_key])} | "
+                    f"{target} |")
 
     for temperature in ("cold", "warm"):
         report = reports.get(f"datamodule-{temperature}")
@@ -532,9 +536,12 @@ def main() -> None:
             if stage == "datamodule":
                 index_cache = work / "index-cache"
                 index_cache.mkdir()
-                reports["datamodule-cold"] = cold = run_stage(stage, out, work, base, cache, index_cache, "datamodule-cold")
-                if cold.get("index_cache"):
-                    reports["datamodule-warm"] = run_stage(stage, out, work, base, cache, index_cache, "datamodule-warm")
+                # Cold: an empty index cache; warm: a second launch on the cache the first one wrote.
+                for temperature in ("cold", "warm"):
+                    name = f"datamodule-{temperature}"
+                    reports[name] = run_stage(stage, out, work, base, cache, index_cache, name)
+                    if not reports[name].get("index_cache"):
+                        break
             else:
                 reports[stage] = run_stage(stage, out, work, base, cache)
     finally:

@@ -53,7 +53,8 @@ def test_every_image_is_unique_and_in_every_image_table(scaled):
     for name in ("split", "experts"):
         other = tables[name].set_index("dicom_id").loc[metadata.index]
         assert len(tables[name]) == len(metadata)
-        assert (other["study_id"] == metadata["study_id"]).all() and (other["subject_id"] == metadata["subject_id"]).all()
+        for column in ("study_id", "subject_id"):
+            assert (other[column] == metadata[column]).all()
     studies = metadata[["study_id", "subject_id"]].drop_duplicates()
     assert studies["study_id"].is_unique  # a study belongs to one subject
     assert set(tables["chexpert"]["study_id"]) == set(studies["study_id"])
@@ -89,7 +90,7 @@ def test_every_prognostic_record_points_to_its_difference_row(scaled):
 def test_every_image_is_a_link_to_a_world_jpeg_at_the_real_path(scaled, world):
     metadata = read(scaled)["metadata"]
     for subject, study, dicom in zip(metadata["subject_id"], metadata["study_id"], metadata["dicom_id"]):
-        path = scaled / "mimic-cxr-jpg" / "files" / f"p{str(subject)[:2]}" / f"p{subject}" / f"s{study}" / f"{dicom}.jpg"
+        path = scaled / "mimic-cxr-jpg" / f"files/p{str(subject)[:2]}/p{subject}/s{study}/{dicom}.jpg"
         assert path.is_symlink() and path.resolve().is_relative_to((world / "mimic-cxr-jpg" / "files").resolve())
         assert path.is_file()
 
