@@ -28,7 +28,7 @@ its ``scale.json`` (written last) matches the world and the scale. Real counts, 
 Every table is consistent: a copy's subject, study and dicom ids are new (subjects and studies
 numbered in the world's order, spread over the real id ranges; the dicom_id's first group is the
 copy and the added-image number) and the same in the metadata, split, chexpert, ``mimic_all.csv``
-(one row per study with questions), ``mimic_pair_questions.csv``, expert CSV (one row per image) and
+(one row per Diff-VQA study), ``mimic_pair_questions.csv``, expert CSV (one row per image) and
 prognostic JSONL, whose ``id``, ``source_row`` and ``source_sample_id`` are recomputed for the
 thinned question table. Dates and times are the world's. Each image is a link
 ``files/pXX/pSUBJECT/sSTUDY/DICOM.jpg`` to the world's JPEG. Not written: reports, MMXU,
