@@ -27,7 +27,7 @@ from datamodules.experts import expert_texts, read_experts
 from datamodules.index_cache import IndexCache, cache_key
 from datamodules.records import Sample
 from datamodules.sampling import MixtureBatchSampler, ResumableLoader
-from datamodules.table import SampleTable
+from datamodules.table import SampleTable, image_stems
 
 log = logging.getLogger(__name__)
 
@@ -221,25 +221,29 @@ class LumenDataModule(L.LightningDataModule):
                           "expert_demographics": self.expert_demographics}, inputs)
 
     @cached_property
-    def _expert_texts(self) -> pd.Series:
-        """The expert models' text about each image of the CSV, by dicom_id."""
-        return expert_texts(read_experts(self.experts), self.expert_demographics)
+    def _expert_table(self) -> pd.DataFrame:
+        return read_experts(self.experts)
+
+    @cached_property
+    def _expert_index(self) -> pd.Index:
+        """The CSV's dicom_ids, as a hash index of Python strings (the fastest to look many up in)."""
+        return pd.Index(self._expert_table.index.to_numpy(dtype=object))
 
     def _with_experts(self, table: SampleTable, source: str) -> SampleTable:
         """Each sample with the expert models' text about its current image (the file stem is the
-        dicom_id), the text of an image stored once."""
-        images = pd.Series(table.column("image").to_numpy(zero_copy_only=False), dtype=object)
-        stems = images.str.rsplit("/", n=1).str[-1].str.replace(r"(?<=.)\.[^.]*$", "", regex=True)
-        codes, dicom_ids = pd.factorize(stems)
-        texts = self._expert_texts.reindex(dicom_ids)
-        if texts.isna().any():
-            first = int(np.flatnonzero(texts.isna().to_numpy()[codes])[0])
-            missing = int(texts.isna().to_numpy()[codes].sum())
+        dicom_id), the text of an image made and stored once."""
+        stems = image_stems(table.column("image"))
+        codes, dicom_ids = pd.factorize(stems.to_numpy(zero_copy_only=False))
+        rows = self._expert_index.get_indexer(dicom_ids)
+        if (rows < 0).any():
+            absent = (rows < 0)[codes]
+            first = int(np.flatnonzero(absent)[0])
             raise ValueError(
-                f"{self.experts}: no expert predictions for {missing} image(s) of source {source}, e.g. "
-                f"{images[first]} ({table.column('sample_id')[first].as_py()}); rebuild it with "
-                "`python -m datamodules.build experts`"
+                f"{self.experts}: no expert predictions for {int(absent.sum())} image(s) of source {source}, e.g. "
+                f"{table.column('image')[first].as_py()} ({table.column('sample_id')[first].as_py()}); rebuild it "
+                "with `python -m datamodules.build experts`"
             )
+        texts = expert_texts(self._expert_table.iloc[rows], self.expert_demographics)
         expert = pa.DictionaryArray.from_arrays(pa.array(codes, pa.int32()), pa.array(texts.to_numpy(), pa.string()))
         return table.with_column("expert", expert)
 

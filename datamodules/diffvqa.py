@@ -26,11 +26,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from common.errors import ConfigError
 from common.readers import InputError, Problems, Table, read_all, read_csv, raise_or_record
 from datamodules.mimic import RESTORE, image_paths, parse_study_date, whole_number
-from datamodules.table import SampleTable
+from datamodules.table import SampleTable, one_array
 
 SPLITS = ("train", "val", "test")
 TEST_POLICIES = ("all", "one_study_per_subject")
@@ -70,6 +71,7 @@ class Study:
 
 
 EPOCH = date(1970, 1, 1)
+WHITESPACE = "".join(chr(code) for code in range(0x110000) if chr(code).isspace())  # what str.strip() strips
 
 
 class Studies:
@@ -204,6 +206,15 @@ class DiffVQA:
     questions: Table
     studies: Studies
     usable: pd.DataFrame
+
+    @cached_property
+    def text(self) -> dict[str, pa.Array]:
+        """The question table's text columns as Arrow strings; answers stripped as ``str.strip`` strips."""
+        frame = self.questions.frame
+        text = {name: one_array(pa.array(frame[name].astype(str), pa.string()))
+                for name in ("split", "question_type", "question", "answer")}
+        text["answer"] = pc.utf8_trim(text["answer"], characters=WHITESPACE)
+        return text
 
 
 def read_diffvqa(diffvqa_dir: str | Path, problems: Problems | None = None) -> DiffVQA:
@@ -345,11 +356,10 @@ def load_diffvqa(
     if test_policy not in TEST_POLICIES:
         raise ConfigError(f"test_policy={test_policy!r}: expected one of {TEST_POLICIES}")
     data = diffvqa_dir if isinstance(diffvqa_dir, DiffVQA) else read_diffvqa(diffvqa_dir, problems)
-    frame, usable, studies = data.questions.frame, data.usable, data.studies.frame
+    frame, usable, studies, text = data.questions.frame, data.usable, data.studies.frame, data.text
     rows = usable["row"].to_numpy()
-    question_types = frame["question_type"].to_numpy(dtype=object)[rows]
-    difference = question_types == "difference"
-    wanted = frame["split"].to_numpy(dtype=object)[rows] == split
+    difference = _is(text["question_type"], "difference")[rows]
+    wanted = _is(text["split"], split)[rows]
     if "difference" not in tasks:
         wanted &= ~difference
     if "diagnostic" not in tasks:
@@ -362,12 +372,12 @@ def load_diffvqa(
         wanted &= ~other
     picked = usable[wanted]
     rows, difference = picked["row"].to_numpy(), difference[wanted]
-    answers = frame["answer"].astype(str).to_numpy(dtype=object)[rows]
-    answers = pd.Series(answers, dtype=object).str.strip().to_numpy(dtype=object)
+    answers = text["answer"].take(rows)
     # A difference row repeating an earlier one's study, reference and answer is kept once; a kept
     # one whose reference is later than its study is skipped.
+    answer_codes = answers.dictionary_encode().indices.to_numpy(zero_copy_only=False)
     repeated = difference & pd.DataFrame({"study": picked["study_id"].to_numpy(), "ref": picked["ref_id"].to_numpy(),
-                                          "answer": answers, "difference": difference}).duplicated().to_numpy()
+                                          "answer": answer_codes, "difference": difference}).duplicated().to_numpy()
     _count(report.skipped, "duplicate", repeated)
     current = studies.loc[picked["study_id"].to_numpy()]
     days = np.zeros(len(picked), dtype=np.int64)
@@ -376,29 +386,33 @@ def load_diffvqa(
     ref_later = difference & ~repeated & (days < 0)
     _count(report.skipped, "ref_later", ref_later)
     keep = ~(repeated | ref_later)
-    rows, difference, days, answers = rows[keep], difference[keep], days[keep], answers[keep]
+    rows, difference, days, answers = rows[keep], difference[keep], days[keep], answers.filter(keep)
     current, reference = current[keep], reference[keep]
     two_images = difference & use_prior
     subject_ids, study_ids = current["subject_id"].to_numpy(), current.index.to_numpy()
-    prior_images = image_paths(mimic_root, reference["subject_id"], reference.index, reference["dicom_id"])
     tasks_of = np.where(difference, "difference", "diagnostic")
     for task in ("diagnostic", "difference"):
         _count(report.loaded, task, tasks_of == task)
+    prior_images = image_paths(mimic_root, reference["subject_id"], reference.index, reference["dicom_id"])
     table = SampleTable.from_columns(
         len(rows),
-        sample_id=pd.Series(rows).astype(str).radd("diffvqa-").to_numpy(dtype=object),
-        task=tasks_of.astype(object),
-        question_type=frame["question_type"].to_numpy(dtype=object)[rows],
-        question=frame["question"].astype(str).to_numpy(dtype=object)[rows],
+        sample_id=pc.binary_join_element_wise("diffvqa-", pa.array(rows).cast(pa.string()), ""),
+        task=pa.array(tasks_of, pa.string()),
+        question_type=text["question_type"].take(rows),
+        question=text["question"].take(rows),
         answer=answers,
-        image=image_paths(mimic_root, subject_ids, study_ids, current["dicom_id"]).to_numpy(),
-        prior_image=np.where(two_images, prior_images.to_numpy(), None),
-        interval_days=np.where(two_images, days.astype(np.float64), np.nan),
+        image=image_paths(mimic_root, subject_ids, study_ids, current["dicom_id"]),
+        prior_image=pc.if_else(pa.array(two_images), prior_images, pa.scalar(None, pa.string())),
+        interval_days=pa.array(days.astype(np.float64), pa.float64(), mask=~two_images),
         subject_id=subject_ids,
         study_id=study_ids,
         prior_study_id=pa.array(reference.index.to_numpy(), pa.int64(), mask=~two_images),
     )
     return table, report
+
+
+def _is(values: pa.Array, value: str) -> np.ndarray:
+    return pc.equal(values, value).to_numpy(zero_copy_only=False)
 
 
 def _count(counter: Counter, key: str, mask: np.ndarray) -> None:

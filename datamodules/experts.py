@@ -26,6 +26,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+from pyarrow import csv as pa_csv
 
 from common.readers import InputError, Problems, read_text, raise_or_record
 
@@ -165,17 +168,17 @@ def load_experts(path: str | Path, problems: Problems | None = None) -> dict[str
     return predictions
 
 
-def read_experts(path: str | Path) -> pd.DataFrame:
+def read_experts(path: str | Path, problems: Problems | None = None) -> pd.DataFrame:
     """The CSV as columns, one row per image, indexed by ``dicom_id``: the ``PATHOLOGIES``
     probabilities, ``age_years``, ``race`` and ``view``. Checked as ``load_experts`` checks it: a
-    file that passes column by column is read so; any other is read row by row by ``load_experts``,
-    which raises its first problem."""
+    file that passes column by column is read so; any other is read row by row by ``load_experts``
+    (which raises its first problem, or with ``problems`` records each and leaves its row out)."""
     path = Path(path)
     text = read_text(path, "an expert CSV: build it with `python -m datamodules.build experts`")
     frame = _clean_experts(text)
     if frame is not None:
         return frame
-    predictions = load_experts(path)  # raises the first problem, naming its line and field
+    predictions = load_experts(path, problems)
     return pd.DataFrame(
         [(*prediction.probabilities, prediction.age_years, prediction.race, prediction.view)
          for prediction in predictions.values()], columns=[*PATHOLOGIES, "age_years", "race", "view"],
@@ -183,45 +186,53 @@ def read_experts(path: str | Path) -> pd.DataFrame:
 
 
 def _clean_experts(text: str) -> pd.DataFrame | None:
-    """The table when every row passes the checks of ``load_experts``, else None."""
-    try:
-        frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, na_filter=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeError):
-        return None
-    if any(column not in frame.columns for column in COLUMNS) or frame.empty or frame.isna().any().any():
-        return None
+    """The table when every row passes the checks of ``load_experts``, else None. Parsed by Arrow's
+    CSV reader, which refuses what is not a number in a number column."""
+    numbers = (*PATHOLOGIES, *RACE_COLUMNS, "age_years")
     raw_lines = text.count("\n") + (not text.endswith("\n"))
-    if raw_lines != len(frame) + 1 or '"' in text:  # blank, quoted or multi-line rows: read row by row
+    if '"' in text or "\r" in text:  # quoted or multi-line values: read row by row
         return None
-    numbers = {}
+    try:
+        table = pa_csv.read_csv(pa.py_buffer(text.encode()), convert_options=pa_csv.ConvertOptions(
+            column_types={**{name: pa.float64() for name in numbers},
+                          **{name: pa.string() for name in ("dicom_id", "subject_id", "study_id", "race", "view")}},
+            include_columns=list(COLUMNS), strings_can_be_null=False))
+    except (pa.ArrowInvalid, pa.ArrowKeyError, KeyError):  # a column missing, a value not a number, a short row
+        return None
+    if table.num_rows == 0 or raw_lines != table.num_rows + 1:  # blank lines: read row by row
+        return None
     for columns, low, high in ((PATHOLOGIES + RACE_COLUMNS, 0.0, 1.0), (("age_years",), 0.0, 150.0)):
         for column in columns:
-            values = pd.to_numeric(frame[column], errors="coerce")
-            if not ((values >= low) & (values <= high)).all():
+            values = table.column(column).to_numpy()
+            if not ((values >= low) & (values <= high)).all():  # NaN and no value fail too
                 return None
-            numbers[column] = values.to_numpy(dtype=np.float64)
-    identifiers = frame[["subject_id", "study_id"]]
-    if not (identifiers.apply(lambda column: column.str.fullmatch(r"[0-9]+")).all().all()
-            and (frame["dicom_id"] != "").all() and not frame["dicom_id"].duplicated().any()
-            and frame["race"].isin(RACES).all() and frame["view"].isin(VIEWS).all()):
+    whole = all(pc.all(pc.match_substring_regex(table.column(name), r"^[0-9]+$")).as_py()
+                for name in ("subject_id", "study_id"))
+    dicom_ids = table.column("dicom_id")
+    if not (whole and pc.all(pc.not_equal(dicom_ids, "")).as_py()
+            and pc.count_distinct(dicom_ids).as_py() == table.num_rows
+            and pc.all(pc.is_in(table.column("race"), value_set=pa.array(RACES))).as_py()
+            and pc.all(pc.is_in(table.column("view"), value_set=pa.array(VIEWS))).as_py()):
         return None
-    return pd.DataFrame({**{name: numbers[name] for name in (*PATHOLOGIES, "age_years")},
-                         "race": frame["race"].to_numpy(dtype=object), "view": frame["view"].to_numpy(dtype=object)},
-                        index=pd.Index(frame["dicom_id"].to_numpy(dtype=object), name="dicom_id"))
+    frame = pd.DataFrame({name: table.column(name).to_numpy() for name in (*PATHOLOGIES, "age_years")})
+    frame["race"] = table.column("race").to_numpy(zero_copy_only=False)
+    frame["view"] = table.column("view").to_numpy(zero_copy_only=False)
+    return frame.set_index(pd.Index(dicom_ids.to_numpy(zero_copy_only=False), name="dicom_id"))
 
 
 def expert_texts(table: pd.DataFrame, demographics: bool = True) -> pd.Series:
-    """``expert_text`` of every row of ``read_experts``' table, column by column."""
+    """``expert_text`` of every row of ``read_experts``' table, column by column (Arrow's string kernels)."""
     bounds = np.array([bound for bound, _ in LEVELS[:-1]])
-    words = np.array([word for _, word in LEVELS], dtype=object)
-    text = pd.Series("Expert models' findings on the current image: ", index=table.index, dtype=object)
+    words = pa.array([word for _, word in LEVELS])
+    parts: list = ["Expert models' findings on the current image: "]
     for number, pathology in enumerate(PATHOLOGIES):
-        chosen = words[np.searchsorted(bounds, table[pathology].to_numpy(), side="right")]
-        text = text + (("; " if number else "") + f"{_pathology_name(pathology)}: ") + chosen
-    text = text + "."
+        parts += [("; " if number else "") + f"{_pathology_name(pathology)}: ",
+                  words.take(np.searchsorted(bounds, table[pathology].to_numpy(), side="right"))]
+    parts.append(".")
     if demographics:
         # numpy rounds halves to even, as Python's round does.
-        ages = pd.Series(np.round(table["age_years"].to_numpy()).astype(np.int64), index=table.index).astype(str)
-        text = (text + " Estimated age: " + ages + " years; race: " + table["race"] + "; view: "
-                + table["view"].str.lower() + ".")
-    return text
+        ages = pa.array(np.round(table["age_years"].to_numpy()).astype(np.int64)).cast(pa.string())
+        parts += [" Estimated age: ", ages, " years; race: ", pa.array(table["race"].to_numpy(dtype=object)),
+                  "; view: ", pc.utf8_lower(pa.array(table["view"].to_numpy(dtype=object))), "."]
+    text = pc.binary_join_element_wise(*parts, "")
+    return pd.Series(text.to_numpy(zero_copy_only=False), index=table.index, dtype=object)

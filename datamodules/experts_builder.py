@@ -154,7 +154,7 @@ def preprocess(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 class _Images(Dataset):
-    def __init__(self, paths: list[Path]):
+    def __init__(self, paths: list[str | Path]):
         self.paths = paths
 
     def __len__(self) -> int:

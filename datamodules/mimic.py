@@ -3,7 +3,7 @@ interval between two studies comes from.
 
 ``load_images(root)`` gives one row per image: ids, ``split`` (``validate`` read as ``val``), ``view``
 (``ViewPosition``, or the view code meaning when that is empty), ``study_datetime`` (``StudyDate`` +
-the unpadded ``StudyTime``) and ``path``. Tables may be gzipped (as shipped) or not.
+the unpadded ``StudyTime``) and ``path`` (the JPEG's, as a string). Tables may be gzipped (as shipped) or not.
 ``dicom_study_datetime`` reads the same two tags from a DICOM header, for users who have the DICOMs.
 """
 
@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from common.readers import InputError, Problems, Table, read_all, read_csv, raise_or_record
 
@@ -33,13 +35,15 @@ def image_path(root: str | Path, subject_id: int, study_id: int, dicom_id: str) 
     return Path(f"{root}/files/p{subject[:2]}/p{subject}/s{int(study_id)}/{dicom_id}.jpg")
 
 
-def image_paths(mimic_root: str | Path, subject_ids, study_ids, dicom_ids) -> pd.Series:
-    """``image_path`` of many images at once, as strings (a ``Path`` is made when an image is read)."""
-    subjects = pd.Series(np.asarray(subject_ids, dtype=np.int64)).astype(str)
-    studies = pd.Series(np.asarray(study_ids, dtype=np.int64)).astype(str)
+def image_paths(mimic_root: str | Path, subject_ids, study_ids, dicom_ids) -> pa.Array:
+    """``image_path`` of many images at once, as Arrow strings (a ``Path`` is made when an image is read)."""
+    subjects = pa.array(np.asarray(subject_ids, dtype=np.int64)).cast(pa.string())
+    studies = pa.array(np.asarray(study_ids, dtype=np.int64)).cast(pa.string())
+    dicom_ids = dicom_ids if isinstance(dicom_ids, (pa.Array, pa.ChunkedArray)) else \
+        pa.array(np.asarray(dicom_ids, dtype=object), pa.string())
     files = str(Path(f"{mimic_root}/files"))  # as image_path's Path would write it
-    return (files + "/p" + subjects.str[:2] + "/p" + subjects + "/s" + studies + "/"
-            + pd.Series(np.asarray(dicom_ids, dtype=object)).astype(str) + ".jpg").astype(object)
+    return pc.binary_join_element_wise(f"{files}/p", pc.utf8_slice_codeunits(subjects, 0, 2), "/p", subjects, "/s",
+                                       studies, "/", dicom_ids, ".jpg", "")
 
 
 def parse_study_date(value: int | float | str) -> date:
@@ -173,7 +177,8 @@ def _images(root, dicom_ids: list, subjects: list, studies: list, split_names: l
     return pd.DataFrame({
         "dicom_id": dicom_ids, "subject_id": subjects, "study_id": studies, "split": split_names, "view": views,
         "study_datetime": times,
-        "path": [Path(path) for path in image_paths(root, subjects, studies, dicom_ids).tolist()],
+        # Strings until an image is opened: a Path per image costs seconds at 377k.
+        "path": image_paths(root, subjects, studies, dicom_ids).to_pandas(),
     })
 
 
@@ -186,28 +191,52 @@ def _clean_images(root, metadata: Table, splits: Table) -> pd.DataFrame | None:
     if split_frame["dicom_id"].isna().any() or split_frame["dicom_id"].duplicated().any() \
             or not split_frame["split"].isin(list(SPLITS)).all():
         return None
-    split_of = pd.Series(split_frame["split"].map(SPLITS).to_numpy(), index=split_frame["dicom_id"].to_numpy())
-    if not frame["dicom_id"].isin(split_of.index).all():
+    dicom_ids = frame["dicom_id"].to_numpy(dtype=object)
+    split_rows = pd.Index(split_frame["dicom_id"].to_numpy(dtype=object)).get_indexer(dicom_ids)
+    if (split_rows < 0).any():
         return None
+    codes, names = pd.factorize(split_frame["split"].to_numpy(dtype=object))
+    split_names = np.array([SPLITS[name] for name in names], dtype=object)[codes][split_rows]
     numbers = {column: pd.to_numeric(frame[column], errors="coerce") for column in ("subject_id", "study_id")}
     if any(values.isna().any() or (values % 1 != 0).any() for values in numbers.values()):
         return None
-    try:  # per distinct value: a few thousand dates, and the times of day
-        days = {value: parse_study_date(value) for value in frame["StudyDate"].unique().tolist()}
-        moments = {value: parse_study_time(value) for value in frame["StudyTime"].unique().tolist()}
-    except ValueError:
+    moments = study_datetimes(frame["StudyDate"], frame["StudyTime"])
+    if moments is None:
         return None
-    views: dict = {}
-    dicom_ids = frame["dicom_id"].tolist()
-    positions, meanings = frame["ViewPosition"].tolist(), frame["ViewCodeSequence_CodeMeaning"].tolist()
+    views, view_names = pd.factorize(pd.MultiIndex.from_arrays(
+        [frame["ViewPosition"].to_numpy(dtype=object), frame["ViewCodeSequence_CodeMeaning"].to_numpy(dtype=object)]))
     images = _images(
-        root, dicom_ids, numbers["subject_id"].astype("int64").tolist(), numbers["study_id"].astype("int64").tolist(),
-        split_of.reindex(dicom_ids).tolist(),
-        [views[key] if key in views else views.setdefault(key, _view(*key)) for key in zip(positions, meanings)],
-        [datetime.combine(days[day], moments[moment]) for day, moment in
-         zip(frame["StudyDate"].tolist(), frame["StudyTime"].tolist())])
+        root, dicom_ids, numbers["subject_id"].to_numpy(dtype=np.int64), numbers["study_id"].to_numpy(dtype=np.int64),
+        split_names, np.array([_view(*names) for names in view_names], dtype=object)[views], moments.astype(object))
     images.attrs["rejected"] = set()
     return images
+
+
+def study_datetimes(dates: pd.Series, times: pd.Series) -> np.ndarray | None:
+    """``study_datetime`` of every row (datetime64[us]) as ``parse_study_date`` and ``parse_study_time``
+    read them, or None when a value is not one they read."""
+    codes, distinct = pd.factorize(dates)  # a few thousand dates
+    try:
+        days = np.array([parse_study_date(value) for value in distinct], dtype="datetime64[D]")
+    except ValueError:
+        return None
+    seconds = pd.to_numeric(times, errors="coerce").to_numpy(dtype=np.float64)
+    if codes.min(initial=0) < 0 or not (np.isfinite(seconds).all() and (seconds >= 0).all() and (seconds < 1e6).all()):
+        return None
+    # HHMMSS.ffffff to the microsecond, as f"{value:.6f}" rounds it; a value whose rounding the product
+    # could get wrong (its millionths within a thousandth of a half) is read by parse_study_time itself.
+    scaled = seconds * 1e6
+    micro = np.round(scaled).astype(np.int64)
+    close = np.flatnonzero(np.abs(scaled - np.floor(scaled) - 0.5) < 1e-3)
+    for row in close:
+        moment = parse_study_time(seconds[row])
+        micro[row] = ((moment.hour * 100 + moment.minute) * 100 + moment.second) * 1_000_000 + moment.microsecond
+    whole, fraction = np.divmod(micro, 1_000_000)
+    hours, minutes, second = whole // 10_000, whole // 100 % 100, whole % 100
+    if not ((whole < 1_000_000) & (hours <= 23) & (minutes <= 59) & (second <= 59)).all():
+        return None
+    since_midnight = ((hours * 60 + minutes) * 60 + second) * 1_000_000 + fraction
+    return days[codes].astype("datetime64[us]") + since_midnight.astype("timedelta64[us]")
 
 
 def _checked_images(root, metadata: Table, splits: Table, problems: Problems | None) -> pd.DataFrame:

@@ -55,28 +55,73 @@ def load_prognostic(path: str | Path, diffvqa_dir: str | Path, mimic_root: str |
     return table, load_report
 
 
+COLUMNS = ["id", "split", "study_id", "ref_id", "interval_days", "question", "answer"]
+
+
 def read_prognostic(path: str | Path, studies: Studies, problems: Problems | None = None) -> pd.DataFrame:
-    """Every record of a prognostic JSONL, checked, in file order: columns ``id``, ``split``,
-    ``study_id``, ``ref_id``, ``interval_days``, ``question``, ``answer``. A line that is not a
-    record of ``RECORD_KEYS``, names an unknown split or study, or whose ``interval_days`` disagrees
-    with the studies' dates is an error (with ``problems``: recorded and left out)."""
-    studies_path = studies.path
+    """Every record of a prognostic JSONL, checked, in file order: columns ``COLUMNS``. A line that
+    is not a record of ``RECORD_KEYS``, names an unknown split or study, or whose ``interval_days``
+    disagrees with the studies' dates is an error (with ``problems``: recorded and left out). The
+    studies and intervals of a file whose every line is a well-formed record are checked column by
+    column; any other file is checked line by line, each problem reported as the lines come."""
+    lines = list(read_jsonl(path, "prognostic questions: build them with `python -m datamodules.build prognostic`"))
+    frame = _clean_records(lines, studies)
+    if frame is not None:
+        return frame
     first_line: dict[str, int] = {}
     rows = []
-    for line, record in read_jsonl(path, "prognostic questions: build them with `python -m datamodules.build "
-                                         "prognostic`"):
+    for line, record in lines:
         try:
-            rows.append(_checked(Path(path), line, record, studies, studies_path, first_line))
+            rows.append(_checked(Path(path), line, record, studies, studies.path, first_line))
         except InputError as error:
             raise_or_record(problems, error)
-    frame = pd.DataFrame(rows, columns=["id", "split", "study_id", "ref_id", "interval_days", "question", "answer"])
-    return frame.astype({"study_id": np.int64, "ref_id": np.int64, "interval_days": np.float64})
+    return _records(rows)
+
+
+def _records(rows: list[tuple]) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=COLUMNS).astype({"study_id": np.int64, "ref_id": np.int64,
+                                                       "interval_days": np.float64})
+
+
+def _well_formed(record) -> bool:
+    """What ``_checked`` asks of a record before looking up its studies (JSON gives exact types: a
+    bool's type is not int)."""
+    if isinstance(record, InputError) or not KEYS <= record.keys():
+        return False
+    for key, types in EXACT_TYPES:
+        value = record[key]
+        if type(value) not in types or value == "":
+            return False
+    return record["split"] in SPLITS
+
+
+def _clean_records(lines: list[tuple[int, dict | InputError]], studies: Studies) -> pd.DataFrame | None:
+    """The records when every line passes the checks of ``_checked``, else None."""
+    if not all(_well_formed(record) for _, record in lines):
+        return None
+    frame = _records([(r["id"], r["split"], r["study_id"], r["ref_id"], r["interval_days"], r["question"],
+                       r["answer"]) for _, r in lines])
+    known = studies.frame.index
+    if frame["id"].duplicated().any() or not (frame["study_id"].isin(known).all() and frame["ref_id"].isin(known).all()):
+        return None
+    days = studies.frame["day"]
+    intervals = days.reindex(frame["study_id"]).to_numpy() - days.reindex(frame["ref_id"]).to_numpy()
+    if not (intervals == frame["interval_days"].to_numpy()).all():
+        return None
+    frame["interval_days"] = intervals.astype(np.float64)
+    return frame
+
+
 # Required fields whose value must be of a type: (types, what a person reads in the message).
 TYPED_FIELDS = {
     "id": (str, "a non-empty string"), "split": (str, "a string"), "study_id": (int, "a whole number"),
     "ref_id": (int, "a whole number"), "interval_days": ((int, float), "a number"),
     "question": (str, "a non-empty string"), "answer": (str, "a non-empty string"),
 }
+
+
+KEYS = frozenset(RECORD_KEYS)
+EXACT_TYPES = tuple((key, types if isinstance(types, tuple) else (types,)) for key, (types, _) in TYPED_FIELDS.items())
 
 
 def _checked(path: Path, line: int, record, studies: Studies, studies_path: Path,

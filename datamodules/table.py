@@ -46,6 +46,7 @@ FIELDS = tuple(field.name for field in fields(Sample))
 assert FIELDS == tuple(SCHEMA.names), "SCHEMA must follow Sample's fields"
 PATH_FIELDS = ("image", "prior_image")
 ITER_ROWS = 65536
+
 TEXT_FIELDS = ("question", "answer", "history", "expert")  # with the options, what a sample's length counts
 
 
@@ -181,3 +182,14 @@ def _lengths(column: pa.ChunkedArray) -> np.ndarray:
             chunk_lengths = pc.utf8_length(chunk)
         parts.append(pc.fill_null(chunk_lengths, 0).to_numpy(zero_copy_only=False).astype(np.int64))
     return np.concatenate(parts)
+
+
+def image_stems(paths: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """Each path's ``Path.stem`` (a MIMIC-CXR-JPG image's is its dicom_id); none for none."""
+    names = pc.replace_substring_regex(paths, r"^.*/", "")
+    return pc.replace_substring_regex(names, r"^(.+)\.[^.]+$", r"\1")  # ".jpg" and "a." keep their dot, as in Path
+
+
+def one_array(values: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """The values as one array (a column read from a file or concatenated comes in chunks)."""
+    return values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values

@@ -8,7 +8,7 @@ import pytest
 
 from common.readers import InputError
 from datamodules.diffvqa import load_diffvqa
-from datamodules.mimic import days_between, image_path
+from datamodules.mimic import days_between, image_path, image_paths
 
 
 @pytest.fixture
@@ -136,3 +136,10 @@ def test_paper_test_policy_keeps_one_study_per_subject(world):
 def test_unknown_test_policy_is_a_clear_error(world):
     with pytest.raises(ValueError, match="test_policy='latest'"):
         load_diffvqa(world / "medical-diff-vqa", world / "mimic-cxr-jpg", "test", test_policy="latest")
+
+
+@pytest.mark.parametrize("root", ["/data/mimic", "data/mimic/", "", ".", "./data//mimic"])
+def test_image_paths_of_many_images_are_their_image_paths(root):
+    ids = [(10000032, 50414267, "02aa804e-bde0afdd"), (9, 1, "x.y"), (123456789, 98765432, "a b")]
+    paths = image_paths(root, *zip(*ids)).to_pylist()
+    assert paths == [str(image_path(root, *image)) for image in ids]

@@ -257,7 +257,7 @@ def test_rows_equal_xrvs_own_models_on_xrvs_own_preprocessing(weights_dir, clean
 def test_an_interrupted_run_resumes_where_it_stopped_and_gives_the_same_csv(models, images, clean_csv, tmp_path):
     out = tmp_path / "experts.csv"
     broken = images.copy()
-    broken.loc[2, "path"] = tmp_path / "gone.jpg"
+    broken.loc[2, "path"] = str(tmp_path / "gone.jpg")
     with pytest.raises(FileNotFoundError, match="gone.jpg: image not found"):
         run_experts(broken, models, out, batch_size=BATCH)
     assert not out.exists()

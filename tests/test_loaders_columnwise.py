@@ -4,6 +4,7 @@ problems reported for the same bad rows."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -186,3 +187,22 @@ def test_the_sample_table_is_columns_not_objects(world, tiny_base, tmp_path):
     # Every sample's expert text is stored once per image, not once per sample.
     assert sum(len(chunk.dictionary) for chunk in expert.chunks) < len(table)
     assert data.table_bytes("train") == table.nbytes
+
+
+def test_prognostic_lines_with_problems_are_reported_as_the_row_by_row_loader_reports_them(world, tmp_path):
+    lines = (world / "prognostic" / "prognostic.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines[:40]]
+    records[3]["interval_days"] += 1
+    records[5]["study_id"] = 59999999
+    records[8]["id"] = records[7]["id"]
+    records[11]["split"] = "validate"
+    del records[13]["answer"]
+    path = tmp_path / "prognostic.jsonl"
+    path.write_text("\n".join([json.dumps(record) for record in records] + ["not json"]) + "\n")
+    found = {}
+    for name, loader in (("new", prognostic.load_prognostic), ("old", reference.load_prognostic)):
+        problems = Problems(listed=None)
+        samples, report = loader(path, world / "medical-diff-vqa", world / "mimic-cxr-jpg", "train", problems=problems)
+        found[name] = (list(samples), report, problems.lines())
+    assert found["new"] == found["old"]
+    assert len(found["new"][2]) == 6 and found["new"][0]

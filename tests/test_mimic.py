@@ -2,17 +2,25 @@
 
 import gzip
 from datetime import datetime, time
+from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 
 from common.readers import InputError
 from datamodules.mimic import (
+    METADATA_COLUMNS,
+    _checked_images,
+    _clean_images,
     dicom_study_datetime,
     image_path,
     load_chexpert,
     load_images,
     parse_study_time,
     read_table,
+    study_datetime,
+    study_datetimes,
 )
 
 HEADER = ("dicom_id,subject_id,study_id,PerformedProcedureStepDescription,ViewPosition,Rows,Columns,StudyDate,"
@@ -51,8 +59,8 @@ def test_images_table_reads_gzipped_and_plain_tables_alike(tmp_path, gzipped):
     assert images["view"].tolist() == ["PA", "LATERAL", "AP"]  # empty ViewPosition -> the code meaning
     assert images["study_datetime"].tolist() == [datetime(2180, 5, 6, 21, 30, 14, 531000)] * 2 + [
         datetime(2180, 6, 26, 8, 5, 56, 875000)]
-    assert images["path"][0] == image_path(tmp_path / "mimic", 10000032, 50414267,
-                                           "02aa804e-bde0afdd-112c0b34-7bc16630-4e384014")
+    assert images["path"][0] == str(image_path(tmp_path / "mimic", 10000032, 50414267,
+                                               "02aa804e-bde0afdd-112c0b34-7bc16630-4e384014"))
     assert str(images["path"][0]).endswith("files/p10/p10000032/s50414267/02aa804e-bde0afdd-112c0b34-7bc16630-4e384014.jpg")
 
 
@@ -109,7 +117,7 @@ def test_synthetic_world_tables_load_with_every_image_on_disk(world):
     assert len(images) == len(read_table(root, "mimic-cxr-2.0.0-metadata", []).frame)
     assert set(images["split"]) <= {"train", "val", "test"} and "val" in set(images["split"])
     assert set(images["view"]) <= {"PA", "AP", "LATERAL"}
-    assert all(path.is_file() for path in images["path"])
+    assert all(Path(path).is_file() for path in images["path"])
     labels = load_chexpert(root)
     assert set(labels["study_id"]) == set(images["study_id"])
 
@@ -136,3 +144,31 @@ def test_study_date_and_time_from_a_dicom_header(tmp_path):
     dataset.save_as(tmp_path / "none.dcm", enforce_file_format=True)
     with pytest.raises(ValueError, match="no StudyDate/StudyTime"):
         dicom_study_datetime(tmp_path / "none.dcm")
+
+
+def test_study_times_read_column_by_column_are_those_read_one_by_one():
+    """Including times whose microseconds f"{value:.6f}" rounds from a half."""
+    rng = np.random.default_rng(0)
+    whole = rng.integers(0, 24, 4000) * 10_000 + rng.integers(0, 60, 4000) * 100 + rng.integers(0, 60, 4000)
+    times = np.concatenate([whole + rng.integers(0, 1_000_000, 4000) / 1e6, whole + rng.integers(0, 1000, 4000) / 1e3,
+                            whole.astype(float), [80556.875, 0.0000005, 0.0000015, 235959.9999995, 5.5, 100.25]])
+    dates = pd.Series(rng.choice([21500101, 21800229 - 100, 21991231], len(times)))
+    moments = study_datetimes(dates, pd.Series(times))
+    expected = [study_datetime(day, time) for day, time in zip(dates, times)]
+    assert moments.astype(object).tolist() == expected
+
+
+@pytest.mark.parametrize("time", [-5.0, 240000.0, 126000.0, 1e20, float("nan")])
+def test_a_study_time_that_is_not_a_time_of_day_is_left_to_the_row_by_row_reading(time):
+    assert study_datetimes(pd.Series([21500101]), pd.Series([time])) is None
+
+
+def test_the_tables_read_column_by_column_are_those_read_row_by_row(world, tmp_path):
+    root = world / "mimic-cxr-jpg"
+    metadata = read_table(root, "mimic-cxr-2.0.0-metadata", METADATA_COLUMNS)
+    metadata.frame.loc[::7, "ViewPosition"] = float("nan")  # the view from the code meaning, or UNKNOWN
+    metadata.frame.loc[::14, "ViewCodeSequence_CodeMeaning"] = float("nan")
+    splits = read_table(root, "mimic-cxr-2.0.0-split", ["dicom_id", "split"])
+    columns, rows = _clean_images(root, metadata, splits), _checked_images(root, metadata, splits, None)
+    assert columns.equals(rows) and (columns.dtypes == rows.dtypes).all()
+    assert {"UNKNOWN", "PA"} <= set(columns["view"])

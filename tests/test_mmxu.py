@@ -3,6 +3,7 @@ lines, single-choice scoring and the validation CLI."""
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -31,7 +32,7 @@ def subject(world):
     frontal = images[images["view"].isin(["PA", "AP"])].sort_values("study_datetime")
     for _, studies in frontal.groupby("subject_id"):
         if len(studies) >= 3:
-            studies = studies.assign(relative=[str(p.relative_to(world / "mimic-cxr-jpg")) for p in studies["path"]])
+            studies = studies.assign(relative=[str(Path(p).relative_to(world / "mimic-cxr-jpg")) for p in studies["path"]])
             return studies.reset_index(drop=True)
     raise AssertionError("the test world has no subject with three studies")
 
@@ -62,7 +63,7 @@ def test_a_test_schema_row_is_a_two_image_sample_with_the_interval_from_the_meta
     (sample,), report = load_mmxu(path, world / "mimic-cxr-jpg")
     assert report.loaded["mmxu"] == 1
     assert sample.sample_id == "MMXU-test-7" and sample.task == "mmxu" and sample.question_type == "worsen"
-    assert sample.image == subject.path[2] and sample.prior_image == subject.path[1]
+    assert sample.image == Path(subject.path[2]) and sample.prior_image == Path(subject.path[1])
     assert sample.interval_days == days(subject, 2, 1)
     assert (sample.study_id, sample.prior_study_id) == (subject.study_id[2], subject.study_id[1])
     assert sample.options == OPTIONS and sample.answer == "A" and sample.history is None
@@ -78,7 +79,7 @@ def test_a_dev_schema_list_of_priors_uses_the_most_recent_prior_and_its_report(w
     }
     path = write_rows(tmp_path / "MMXU-dev.jsonl", [row])
     (sample,), _ = load_mmxu(path, world / "mimic-cxr-jpg", history="global")
-    assert sample.prior_image == subject.path[1] and sample.interval_days == days(subject, 2, 1)
+    assert sample.prior_image == Path(subject.path[1]) and sample.interval_days == days(subject, 2, 1)
     assert sample.history == "Report of the previous image: Study 1 report. Small left pleural effusion."
 
 

@@ -1,11 +1,13 @@
 """The data validation CLI: counts on a good copy, named errors and a non-zero exit on a bad one."""
 
+import re
 import shutil
 
 import pandas as pd
 import pytest
 
-from datamodules.validate import main
+from datamodules.validate import main, validate
+from tests import reference_validate
 
 
 @pytest.fixture
@@ -80,3 +82,50 @@ def test_prognostic_needs_diffvqa(world, capsys):
         main(["--mimic-cxr-jpg", str(world / "mimic-cxr-jpg"), "--mmxu", str(world / "mmxu" / "MMXU-test.jsonl"),
               "--prognostic", str(world / "prognostic" / "prognostic.jsonl")])
     assert "--prognostic needs --diffvqa" in capsys.readouterr().err
+
+
+def test_the_column_wise_checks_report_what_the_sample_by_sample_checks_reported(world, data_copy, tmp_path):
+    """The lines and problems of ``validate`` equal those of the checks it replaced
+    (tests/reference_validate.py), on a copy with a problem of every kind the cross-checks find."""
+    mimic, diffvqa_dir = data_copy / "mimic-cxr-jpg", data_copy / "medical-diff-vqa"
+    questions = pd.read_csv(diffvqa_dir / "mimic_pair_questions.csv")
+    studies = pd.read_csv(diffvqa_dir / "mimic_all.csv")
+    metadata = pd.read_csv(mimic / "mimic-cxr-2.0.0-metadata.csv.gz", dtype={"dicom_id": str})
+    splits = pd.read_csv(mimic / "mimic-cxr-2.0.0-split.csv.gz", dtype={"dicom_id": str})
+    # An image moved to another split, one given to another study, one dated after its successor, one
+    # removed from the metadata, two removed from disk.
+    first, second, fourth = (studies.loc[i, "dicom_id"] for i in (3, 8, 20))
+    reference = questions.loc[questions.question_type == "difference", "ref_id"].iloc[0]
+    third = studies.set_index("study_id").loc[reference, "dicom_id"]
+    splits.loc[splits.dicom_id == first, "split"] = "test" if questions.loc[0, "split"] != "test" else "train"
+    metadata.loc[metadata.dicom_id == second, "study_id"] = 50000001
+    metadata.loc[metadata.dicom_id == third, "StudyDate"] = 21991231
+    metadata = metadata[metadata.dicom_id != fourth]
+    metadata.to_csv(mimic / "mimic-cxr-2.0.0-metadata.csv.gz", index=False)
+    splits.to_csv(mimic / "mimic-cxr-2.0.0-split.csv.gz", index=False)
+    for dicom_id in (studies.loc[30, "dicom_id"], studies.loc[31, "dicom_id"]):
+        next((mimic / "files").rglob(f"{dicom_id}.jpg")).unlink()
+    experts = (world / "experts" / "experts.csv").read_text().splitlines()
+    (tmp_path / "experts.csv").write_text("\n".join(experts[:1] + experts[1::2]) + "\n")
+    arguments = (mimic, diffvqa_dir, False, (), world / "prognostic" / "prognostic.jsonl", tmp_path / "experts.csv")
+    new, old = validate(*arguments), reference_validate.validate(*arguments)
+    assert new[0] == old[0]
+    assert new[1] == [once_per_file(problem) for problem in old[1]]
+    kinds = "\n".join(new[1])
+    for kind in ("split differs from MIMIC's", "image of another study", "negative interval",
+                 "image not in MIMIC metadata", "missing images", "question images without predictions"):
+        assert kind in kinds
+
+
+def once_per_file(problem: str) -> str:
+    """The reference's image problems, each file named once: it checked a file again for each source
+    whose samples use it (a Diff-VQA question and a prognostic question on the same image)."""
+    head, _, rest = problem.partition(":\n    ")
+    if not head.startswith("question images: "):
+        return problem
+    first: dict[str, str] = {}
+    for example in rest.split("\n    "):
+        first.setdefault(example.split(": ", 1)[0], example)
+    count = len(first)
+    head = re.sub(r"\d+ problems", f"{count} problems", head)
+    return f"{head}:\n    " + "\n    ".join(first.values()) if count > 1 else next(iter(first.values()))
