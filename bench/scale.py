@@ -39,11 +39,13 @@ process's start-up and imports, "wall" the stage's own work after them; "peak RS
 high-water mark at the stage's end (``VmHWM``; ``ru_maxrss`` would count the parent's size too):
 
 - ``datamodule``: train.yaml with ``data=lumen``, experts (``data.experts=${paths.experts}``) and
-  prognostic questions on the scaled world, composed, its DataModule instantiated and
-  ``train_dataloader()`` built; then, in the same process, ``val_dataloader()`` on its own. With an
-  on-disk index cache (``data.index_cache``, when ``LumenDataModule`` takes one) it runs twice: cold
-  (an empty cache) and warm (a second launch on the same cache). "sample table" is
-  ``LumenDataModule.table_bytes("train")`` where the DataModule has it: host memory per rank;
+  prognostic questions on the scaled world, composed, its DataModule instantiated, ``prepare_data()``
+  run (as the Trainer runs it) and ``train_dataloader()`` built; then, in the same process,
+  ``val_dataloader()`` on its own. Twice: cold (an empty ``data.index_cache``) and warm (a second
+  launch on the cache the first wrote). "sample table" is ``LumenDataModule.table_bytes("train")``,
+  the host memory of a rank's training samples; "a forked loader worker's own memory" is what a
+  process forked from the launch (as a data-loader worker is) gains in private memory by reading
+  every ``WORKER_STRIDE``-th training sample: the table's pages are shared, not copied;
 - ``diffvqa``: ``DiffVQASource.load`` of train, val and test;
 - ``validate``: ``python -m datamodules.validate`` (no ``--read-images``) on the MIMIC root,
   Medical-Diff-VQA directory, prognostic JSONL and expert CSV;
@@ -56,7 +58,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import inspect
 import json
 import os
 import platform
@@ -78,6 +79,7 @@ MARKER = "scale.json"
 REAL = {"images": 377_110, "studies": 227_835, "questions": 700_703, "difference": 164_324}
 STAGES = ("datamodule", "diffvqa", "validate", "prognostic")
 # The issue's targets, per table row.
+WORKER_STRIDE = 7  # of the training samples, those a forked worker reads to show what it shares
 TARGETS = {"datamodule-warm": "≤ 10 s", "datamodule-cold": "≤ 45 s", "sample table": "≤ 1 GB per rank",
            "validate": "≤ 20 s"}
 MIMIC_TABLES = ("metadata", "split", "chexpert")
@@ -328,7 +330,6 @@ def scale_world(world: Path, out: Path, scale: float) -> tuple[dict, float | Non
 def stage_datamodule(args: argparse.Namespace) -> dict:
     from run.cli import compose_config
     from run.train import instantiate_data
-    from datamodules.datamodule import LumenDataModule
     from models.config import ModelConfig
     from models.factory import input_spec
 
@@ -340,20 +341,44 @@ def stage_datamodule(args: argparse.Namespace) -> dict:
                  f"paths.diffvqa={world / 'medical-diff-vqa'}",
                  f"paths.prognostic={world / 'prognostic/prognostic.jsonl'}",
                  f"paths.experts={world / 'experts/experts.csv'}", "data.experts=${paths.experts}"]
-    index_cache = "index_cache" in inspect.signature(LumenDataModule).parameters
-    if index_cache:
-        overrides.append(f"++data.index_cache={args.index_cache}")
+    overrides.append(f"data.index_cache={args.index_cache}")
     cfg = compose_config("train", overrides)
     datamodule = instantiate_data(cfg, input_spec(ModelConfig(**cfg.model.net)))
-    datamodule.train_dataloader()
+    datamodule.prepare_data()  # as the Trainer does, in one process per machine, before the ranks' loaders
+    loader = datamodule.train_dataloader()
     train_seconds = time.perf_counter() - started
     train_rss = peak_rss()
-    table_bytes = datamodule.table_bytes("train") if hasattr(datamodule, "table_bytes") else None
     started = time.perf_counter()
     datamodule.val_dataloader()
-    return {"imported": imported, "seconds": train_seconds, "rss": train_rss, "index_cache": index_cache,
-            "table_bytes": table_bytes, "val_seconds": time.perf_counter() - started, "val_rss": peak_rss(),
-            "counts": datamodule.sample_counts}
+    val_seconds = time.perf_counter() - started
+    return {"imported": imported, "seconds": train_seconds, "rss": train_rss, "index_cache": True,
+            "table_bytes": datamodule.table_bytes("train"), "val_seconds": val_seconds, "val_rss": peak_rss(),
+            "counts": datamodule.sample_counts, "worker_bytes": forked_reader_bytes(loader.dataset, WORKER_STRIDE)}
+
+
+def private_bytes() -> int:
+    """This process's private (unshared) resident memory, in bytes (Linux)."""
+    rollup = Path("/proc/self/smaps_rollup").read_text().split()
+    return sum(int(rollup[i + 1]) * 1024 for i, name in enumerate(rollup) if name in ("Private_Clean:", "Private_Dirty:"))
+
+
+def forked_reader_bytes(dataset, stride: int) -> int:
+    """The private memory a forked data-loader worker gains by reading every ``stride``-th sample's
+    fields (no image): what each worker would copy of the sample table were it Python objects."""
+    reading, writing = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the worker
+        os.close(reading)
+        before = private_bytes()
+        for index in range(0, len(dataset.samples), stride):
+            dataset.samples[index]
+        os.write(writing, str(private_bytes() - before).encode())
+        os._exit(0)
+    os.close(writing)
+    with os.fdopen(reading) as answer:
+        grown = int(answer.read())
+    os.waitpid(pid, 0)
+    return grown
 
 
 def stage_diffvqa(args: argparse.Namespace) -> dict:
@@ -476,7 +501,7 @@ def table_rows(reports: dict[str, dict]) -> list[str]:
         report = reports.get(f"datamodule-{temperature}")
         if report is None:
             continue
-        cache = "index cache " + temperature if report.get("index_cache") else "no data.index_cache on this code"
+        cache = "index cache " + temperature
         loaded = report.get("counts", {}).get("train", {})
         note = f" ({cache}; {sum(c['kept'] for c in loaded.values()):,} training samples)" if loaded else f" ({cache})"
         row("DataModule ready, data=lumen + experts + prognostic (train loader)", report,
@@ -486,9 +511,10 @@ def table_rows(reports: dict[str, dict]) -> list[str]:
             built, kept = sum(c["loaded"] for c in val.values()), sum(c["kept"] for c in val.values())
             row("its validation loader", report, wall_key="val_seconds", rss_key="val_rss", imports=False,
                 note=f" ({built:,} rows built, {kept:,} kept)")
-            when = f" ({temperature})" if report["index_cache"] else ""
-            rows.append(f"| sample table (train split), host memory per rank{when} | — | — | "
-                        f"{gigabytes(report['table_bytes'])} | {TARGETS['sample table']} |")
+            rows.append(f"| sample table (train split), host memory per rank ({temperature}; memory-mapped from the "
+                        f"index cache) | — | — | {gigabytes(report['table_bytes'])} | {TARGETS['sample table']} |")
+            rows.append(f"| a forked loader worker's own memory after reading every {WORKER_STRIDE}th training "
+                        f"sample ({temperature}) | — | — | {gigabytes(report['worker_bytes'])} | shared, not copied |")
     if "diffvqa" in reports:
         report = reports["diffvqa"]
         note = "" if "error" in report else " (" + ", ".join(f"{n:,} {s}" for s, n in report["counts"].items()) + ")"
@@ -540,8 +566,6 @@ def main() -> None:
                 for temperature in ("cold", "warm"):
                     name = f"datamodule-{temperature}"
                     reports[name] = run_stage(stage, out, work, base, cache, index_cache, name)
-                    if not reports[name].get("index_cache"):
-                        break
             else:
                 reports[stage] = run_stage(stage, out, work, base, cache)
     finally:
@@ -560,8 +584,6 @@ def main() -> None:
          ("difference", "difference questions")))
           + f"; {made['diffvqa_studies']:,} studies in mimic_all.csv, {made['subjects']:,} subjects, "
           f"{made['prognostic']:,} prognostic questions, {made['expert_rows']:,} expert rows")
-    if "datamodule-cold" in reports and not reports["datamodule-cold"].get("index_cache", True):
-        print("- LumenDataModule takes no index_cache on this code: cold only, no warm launch")
     print("\n| stage | wall (s) | imports (s) | peak RSS (GB) | target |\n| --- | ---: | ---: | ---: | --- |")
     print("\n".join(table_rows(reports)))
     if args.keep:

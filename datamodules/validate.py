@@ -267,7 +267,8 @@ def validate(mimic_cxr_jpg: Path, diffvqa: Path | None = None, read_images: bool
             continue
         samples = list(run.samples(f"MMXU {path}", None, loaded, lambda sample_id, path=path: (path, None)))
         types, letters = Counter(s.question_type for s in samples), Counter(s.answer for s in samples)
-        splits = Counter(run.index.split[row] for row in run.index.rows(pa.array([s.image.stem for s in samples])))
+        rows = run.index.rows(pa.array([s.image.stem for s in samples], pa.string()))
+        splits = Counter(run.index.split[row] for row in rows if row >= 0)  # load_mmxu found each in the metadata
         run.lines.append("  content types: " + ", ".join(f"{n} {name}" for name, n in sorted(types.items()))
                          + "; answers: " + ", ".join(f"{letters[letter]} {letter}" for letter in LETTERS)
                          + "; MIMIC splits of the current images: "
