@@ -71,6 +71,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 GB = 1024**3
@@ -281,7 +282,8 @@ def write_scaled(tables: dict[str, pd.DataFrame], out: Path) -> None:
     links = tables["links"]
     for folder in links["path"].str.rpartition("/")[0].unique():
         os.makedirs(f"{mimic}{folder}")
-    for path, target in zip(links["path"].tolist(), links["target"].tolist()):
+    for path, target in tqdm(zip(links["path"].tolist(), links["target"].tolist()), total=len(links),
+                             desc="linking the scaled world's images", unit="image", mininterval=2):
         os.symlink(target, f"{mimic}{path}")
 
 
@@ -310,7 +312,9 @@ def scale_world(world: Path, out: Path, scale: float) -> tuple[dict, float | Non
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
+        print(f"scaling {world.name} to {scale:g} of the real counts into {out}", flush=True)
         tables = scaled_tables(World.read(world), scale)
+        print("writing its tables", flush=True)
         write_scaled(tables, partial)
         marker = {**key, "counts": counts(tables), "targets": targets(scale)}
         (partial / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
@@ -437,10 +441,13 @@ def run_stage(stage: str, world: Path, work: Path, base: Path, cache_dir: Path, 
                "--result", str(result), "--base", str(base), "--cache-dir", str(cache_dir)]
     if index_cache is not None:
         command += ["--index-cache", str(index_cache)]
+    print(f"stage {name}: running (log: {log})", flush=True)
     launched = time.time()
     with log.open("w") as output:
         code = subprocess.run(command + ["--launched", repr(launched)], cwd=ROOT, stdout=output,
                               stderr=subprocess.STDOUT).returncode
+    print(f"stage {name}: {'done' if code == 0 else f'exit code {code}'} after {time.time() - launched:.0f} s",
+          flush=True)
     report = {"log": str(log)}
     if code != 0 or not result.is_file():
         tail = log.read_text().strip().splitlines()[-1:] or ["no output"]
@@ -591,6 +598,7 @@ def main() -> None:
     failed = [name for name, report in reports.items() if "error" in report]
     if failed:
         print(f"\nfailed: {', '.join(failed)}; see the logs (run with --keep to keep them)", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -183,6 +183,10 @@ class LumenDataModule(L.LightningDataModule):
             if split not in self.tables:
                 self.tables[split] = [self._source_table(name, source, split, shared)
                                       for name, source in self.sources.items()]
+        # What was read to build them goes with ``shared``: nothing of it stays in a rank, or is
+        # inherited by its data-loader workers.
+        self.__dict__.pop("_expert_table", None)
+        self.__dict__.pop("_expert_index", None)
 
     def _source_table(self, name: str, source, split: str, shared: dict) -> SampleTable:
         limit = self.limit.get(split)
@@ -198,7 +202,8 @@ class LumenDataModule(L.LightningDataModule):
                 table = self._with_experts(table, name)
             if key is not None:
                 self.index_cache.store(key, table, record)
-                table = self.index_cache.load(key)[0]  # mapped: its pages shared with the other processes
+                stored = self.index_cache.load(key)
+                table = stored[0] if stored is not None else table  # mapped: its pages shared with other processes
             log.info("%s %s: built in %.1f s", name, split, time.perf_counter() - started)
         else:
             table, record = cached
@@ -265,13 +270,6 @@ class LumenDataModule(L.LightningDataModule):
         """About how many tokens each sample takes: its visual tokens plus its text at CHARS_PER_TOKEN."""
         images = np.where(table.has_prior(), self.image_slots, 1)
         return images * self.tokens_per_image + table.text_chars() // CHARS_PER_TOKEN
-
-    def length(self, sample: Sample) -> int:
-        """About how many tokens a sample takes: its visual tokens plus its text at CHARS_PER_TOKEN."""
-        images = self.image_slots if sample.has_prior else 1
-        text = sum(len(part or "") for part in (sample.question, sample.answer, sample.history, sample.expert))
-        text += sum(len(option) for option in (sample.options or {}).values())
-        return images * self.tokens_per_image + text // CHARS_PER_TOKEN
 
     def _rank(self) -> tuple[int, int]:
         trainer = self.trainer

@@ -122,7 +122,8 @@ def read_studies(diffvqa_dir: str | Path, problems: Problems | None = None) -> S
     so that every problem is reported as the rows come."""
     table = read_csv(Path(diffvqa_dir) / "mimic_all.csv", STUDY_COLUMNS, "Medical-Diff-VQA's mimic_all.csv "
                      "(set paths.diffvqa to the Medical-Diff-VQA directory)", dtype={"dicom_id": str})
-    return _clean_studies(table) or Studies.from_studies(table.path, _checked_studies(table, problems))
+    studies = _clean_studies(table)
+    return studies if studies is not None else Studies.from_studies(table.path, _checked_studies(table, problems))
 
 
 def _whole_numbers(values: pd.Series) -> pd.Series:
@@ -412,7 +413,8 @@ def load_diffvqa(
 
 
 def _is(values: pa.Array, value: str) -> np.ndarray:
-    return pc.equal(values, value).to_numpy(zero_copy_only=False)
+    """Where ``values`` is ``value``, as booleans (an empty cell, null under pandas 3, is not)."""
+    return pc.fill_null(pc.equal(values, value), False).to_numpy(zero_copy_only=False)
 
 
 def _count(counter: Counter, key: str, mask: np.ndarray) -> None:

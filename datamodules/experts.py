@@ -190,7 +190,7 @@ def _clean_experts(text: str) -> pd.DataFrame | None:
     CSV reader, which refuses what is not a number in a number column."""
     numbers = (*PATHOLOGIES, *RACE_COLUMNS, "age_years")
     raw_lines = text.count("\n") + (not text.endswith("\n"))
-    if '"' in text or "\r" in text:  # quoted or multi-line values: read row by row
+    if '"' in text or "\r" in text or text.startswith("\ufeff"):  # quoted values, CRs, a BOM: read row by row
         return None
     try:
         table = pa_csv.read_csv(pa.py_buffer(text.encode()), convert_options=pa_csv.ConvertOptions(

@@ -2,11 +2,13 @@
 
 A source's split is stored as an Arrow IPC file (``<key>.arrow``) with what its load reported beside
 it (``<key>.json``). The key is a digest of everything the table is made from: the source's settings,
-the DataModule's settings that shape the samples, and each input file's fingerprint (its resolved
-path, size, modification time and a hash of its first ``HEAD_BYTES``). A changed file, setting or
-``SCHEMA_VERSION`` is a new key; old entries are left for ``rm -r`` (each names its source and split in
-its ``.json``). Files are written to a temporary name and renamed, so a reader never sees half a file
-and two ranks building the same entry at once both leave a whole one.
+the DataModule's settings that shape the samples, each input file's fingerprint (its resolved path,
+size, modification time and a hash of its first ``HEAD_BYTES``) and the code that makes tables (a hash
+of ``CODE``'s files). A changed file, setting or loader is a new key; old entries are left for
+``rm -r`` (each names its source and split in its ``.json``). A file is written under a temporary name
+and published by a hard link, never over an entry that exists: a reader never sees half a file, and
+when several machines build the same entry at once (one ``prepare_data`` per node on a shared
+filesystem) the first one's stays, so no process has the file it maps replaced under it.
 
 A stored table is memory-mapped, not read: its pages are the page cache's, shared by every process on
 the machine that maps the file (ranks and their data-loader workers alike).
@@ -18,6 +20,7 @@ import hashlib
 import json
 import os
 import tempfile
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +28,11 @@ import pyarrow as pa
 
 from datamodules.table import SampleTable
 
-SCHEMA_VERSION = 1  # raise it when what a table holds for the same inputs changes
 HEAD_BYTES = 1 << 16
+# The modules whose code decides what a table holds for the same inputs and settings.
+CODE = ("table.py", "index_cache.py", "datamodule.py", "sources.py", "diffvqa.py", "prognostic.py", "mimic.py",
+        "mmxu.py", "experts.py", "enhance.py", "records.py")
+RECORD_KEYS = ("source", "split", "loaded", "report")
 
 
 def fingerprint(path: str | Path) -> dict[str, Any]:
@@ -38,9 +44,21 @@ def fingerprint(path: str | Path) -> dict[str, Any]:
     return {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "head": head}
 
 
-def cache_key(settings: dict[str, Any], inputs: list[str | Path]) -> str:
-    """The digest naming a table made with ``settings`` from ``inputs``."""
-    described = {"schema": SCHEMA_VERSION, "settings": settings, "inputs": [fingerprint(path) for path in inputs]}
+@lru_cache(maxsize=1)
+def code_version() -> str:
+    """A hash of the code that makes tables (``CODE``), so that a changed loader builds its tables again."""
+    digest = hashlib.sha256()
+    for name in CODE:
+        digest.update((Path(__file__).parent / name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def cache_key(settings: dict[str, Any], inputs: list[str | Path]) -> str | None:
+    """The digest naming a table made with ``settings`` from ``inputs``; None when an input is not a
+    file (its loader then says what is wrong, as it does without a cache)."""
+    if not all(Path(path).is_file() for path in inputs):
+        return None
+    described = {"code": code_version(), "settings": settings, "inputs": [fingerprint(path) for path in inputs]}
     return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
@@ -59,18 +77,19 @@ class IndexCache:
         table_file, record_file = self.paths(key)
         try:
             record = json.loads(record_file.read_text())
-            # The map stays open while the table's buffers use it.
-            table = pa.ipc.open_file(pa.memory_map(str(table_file))).read_all()
-            return SampleTable(table), record
+            if not isinstance(record, dict) or any(name not in record for name in RECORD_KEYS):
+                return None
+            return SampleTable.map_files([table_file]), record
         except (OSError, ValueError, pa.ArrowException):
             return None
 
     def store(self, key: str, table: SampleTable, record: dict[str, Any]) -> None:
-        """Writes the table, then its record: a record is only ever beside a whole table."""
+        """Publishes the table, then its record (a record is only ever beside a whole table); an entry
+        another process published first is kept."""
         self.directory.mkdir(parents=True, exist_ok=True)
         table_file, record_file = self.paths(key)
-        _atomic(table_file, lambda file: _write_table(file, table))
-        _atomic(record_file, lambda file: file.write(json.dumps(record, indent=1, sort_keys=True).encode()))
+        _publish(table_file, lambda file: _write_table(file, table))
+        _publish(record_file, lambda file: file.write(json.dumps(record, indent=1, sort_keys=True).encode()))
 
 
 def _write_table(file, table: SampleTable) -> None:
@@ -78,12 +97,20 @@ def _write_table(file, table: SampleTable) -> None:
         writer.write_table(table.arrow)
 
 
-def _atomic(path: Path, write) -> None:
+def _publish(path: Path, write) -> None:
+    """``write``s a temporary file and links it as ``path`` unless ``path`` exists (a filesystem
+    without hard links gets it renamed into place)."""
+    if path.exists():
+        return
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "wb") as file:
             write(file)
-        os.replace(temporary, path)
-    except BaseException:
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            pass  # another process published it first
+        except OSError:
+            os.replace(temporary, path)
+    finally:
         Path(temporary).unlink(missing_ok=True)
-        raise

@@ -99,8 +99,11 @@ def _clean_records(lines: list[tuple[int, dict | InputError]], studies: Studies)
     """The records when every line passes the checks of ``_checked``, else None."""
     if not all(_well_formed(record) for _, record in lines):
         return None
-    frame = _records([(r["id"], r["split"], r["study_id"], r["ref_id"], r["interval_days"], r["question"],
-                       r["answer"]) for _, r in lines])
+    try:
+        frame = _records([(r["id"], r["split"], r["study_id"], r["ref_id"], r["interval_days"], r["question"],
+                           r["answer"]) for _, r in lines])
+    except OverflowError:  # an id beyond int64 names no study: said line by line
+        return None
     known = studies.frame.index
     if frame["id"].duplicated().any() or not (frame["study_id"].isin(known).all() and frame["ref_id"].isin(known).all()):
         return None

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -77,10 +76,6 @@ class DiffVQASource:
         if self.enhanced is not None:
             _require(self.enhanced, "a JSONL from `python -m datamodules.build enhance`", "data.sources.<name>.enhanced")
 
-    @cached_property
-    def _enhanced(self) -> dict[str, dict]:
-        return load_enhanced(self.enhanced)
-
     def inputs(self, split: str) -> list[Path] | None:
         tables = [Path(self.diffvqa) / "mimic_pair_questions.csv", Path(self.diffvqa) / "mimic_all.csv"]
         return tables + ([Path(self.enhanced)] if self.enhanced else [])
@@ -94,11 +89,13 @@ class DiffVQASource:
 
         data = _shared(shared, ("mimic_pair_questions.csv", str(Path(self.diffvqa).resolve())), read)
         table, report = load_diffvqa(data, self.mimic_cxr_jpg, split, tuple(self.tasks), use_prior, self.test_policy)
-        return (self._enhance(table) if self.enhanced else table), report
+        if self.enhanced:
+            table = self._enhance(table, _shared(shared, ("enhanced", str(Path(self.enhanced).resolve())),
+                                                 lambda: load_enhanced(self.enhanced)))
+        return table, report
 
-    def _enhance(self, table: SampleTable) -> SampleTable:
-        """The enhanced answers as targets, the short ones kept for metrics."""
-        records = self._enhanced
+    def _enhance(self, table: SampleTable, records: dict[str, dict]) -> SampleTable:
+        """The enhanced answers (``records``, by sample id) as targets, the short ones kept for metrics."""
         sample_ids, answers = table.column("sample_id").to_pylist(), table.column("answer").to_pylist()
         enhanced = []
         for sample_id, answer in zip(sample_ids, answers):
@@ -175,10 +172,12 @@ class MMXUSource:
         """What a split reads: its file and MIMIC-CXR-JPG's metadata and split tables; None (not cached)
         when the history comes from report files, which are too many to fingerprint."""
         path = getattr(self, split)
+        if path is None:
+            return []  # no file, no samples
         if self.history != "none" and self.reports_root is not None:
             return None
         tables = [table_path(self.mimic_cxr_jpg, stem) for stem in ("mimic-cxr-2.0.0-metadata", "mimic-cxr-2.0.0-split")]
-        return ([] if path is None else [Path(path)]) + tables
+        return [Path(path), *tables]
 
     def load(self, split: str, use_prior: bool, shared: dict | None = None) -> tuple[SampleTable, LoadReport]:
         path = getattr(self, split)

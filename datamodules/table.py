@@ -63,13 +63,29 @@ def _array(values, field: pa.Field) -> pa.Array:
 
 
 class SampleTable(Sequence):
-    """Samples as columns (``SCHEMA``). ``table[i]`` is the ``Sample``; ``table[a:b]`` a table."""
+    """Samples as columns (``SCHEMA``). ``table[i]`` is the ``Sample``; ``table[a:b]`` a table.
 
-    def __init__(self, table: pa.Table):
-        if table.schema.names != SCHEMA.names:
-            raise ValueError(f"a sample table has the columns {SCHEMA.names}, not {table.schema.names}")
-        self.arrow = table
+    A table mapped from files (``map_files``) remembers them: pickled (for a data-loader worker
+    started by spawn or forkserver rather than fork) it is mapped again from them, not copied."""
+
+    def __init__(self, table: pa.Table, files: tuple[str, ...] | None = None):
+        if not table.schema.equals(SCHEMA):
+            raise ValueError(f"a sample table has the schema\n{SCHEMA}\nnot\n{table.schema}")
+        self.arrow, self.files = table, files
         self._columns = [table.column(name) for name in FIELDS]
+
+    @classmethod
+    def map_files(cls, files) -> SampleTable:
+        """The tables of Arrow IPC ``files``, one after another, memory-mapped (each map stays open
+        while the table's buffers use it)."""
+        files = tuple(str(file) for file in files)
+        tables = [pa.ipc.open_file(pa.memory_map(file)).read_all() for file in files]
+        return cls(pa.concat_tables(tables) if tables else cls.from_columns(0).arrow, files)
+
+    def __reduce__(self):
+        if self.files is not None:
+            return SampleTable.map_files, (self.files,)
+        return SampleTable, (self.arrow,)
 
     @classmethod
     def from_columns(cls, length: int, **columns) -> SampleTable:
@@ -103,7 +119,9 @@ class SampleTable(Sequence):
         if not tables:
             return cls.from_columns(0)
         # Zero-copy: each table's chunks (and dictionaries) stay where they are, mapped or not.
-        return cls(pa.concat_tables([table.arrow for table in tables]))
+        mapped = all(table.files is not None for table in tables)
+        return cls(pa.concat_tables([table.arrow for table in tables]),
+                   sum((table.files for table in tables), ()) if mapped else None)
 
     def __len__(self) -> int:
         return self.arrow.num_rows
@@ -157,9 +175,9 @@ class SampleTable(Sequence):
             total += _lengths(self.arrow.column(name))
         options = self.arrow.column("options")
         if options.null_count < len(options):  # MMXU's few questions: read one by one
-            for row, text in enumerate(options.to_pylist()):
-                if text is not None:
-                    total[row] += sum(len(option) for option in json.loads(text).values())
+            rows = np.flatnonzero(options.is_valid().to_numpy(zero_copy_only=False))
+            for row, text in zip(rows, options.take(pa.array(rows)).to_pylist()):
+                total[row] += sum(len(option) for option in json.loads(text).values())
         return total
 
 

@@ -181,7 +181,7 @@ class _Validation:
             codes = pc.fill_null(images.indices, -1).to_numpy(zero_copy_only=False)
             checked = codes >= 0
             checked[checked] = ~skipped[codes[checked]]
-            rows = np.where(checked, looked_up[codes], -1)
+            rows = np.where(checked, looked_up[np.maximum(codes, 0)], -1) if len(stems) else np.full(len(codes), -1)
             known = rows >= 0
             found[field] = (known, np.where(known, index.day[rows], 0))
             for position in np.flatnonzero(checked & ~known):

@@ -129,3 +129,12 @@ def once_per_file(problem: str) -> str:
     count = len(first)
     head = re.sub(r"\d+ problems", f"{count} problems", head)
     return f"{head}:\n    " + "\n    ".join(first.values()) if count > 1 else next(iter(first.values()))
+
+
+def test_questions_without_a_single_prior_image_are_checked(world, data_copy, capsys):
+    path = data_copy / "medical-diff-vqa" / "mimic_pair_questions.csv"
+    questions = pd.read_csv(path)
+    questions[questions.question_type != "difference"].to_csv(path, index=False)
+    arguments = (data_copy / "mimic-cxr-jpg", data_copy / "medical-diff-vqa")
+    assert validate(*arguments) == reference_validate.validate(*arguments)
+    assert validate(*arguments)[1] == []
