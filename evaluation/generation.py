@@ -25,6 +25,7 @@ import logging
 import os
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
@@ -169,7 +170,7 @@ class _AppendRecords(BasePredictionWriter):
             os.fsync(handle.fileno())
 
 
-def generate_records(module, samples: list[Sample], collator, batch_size: int, num_workers: int, accelerator: str,
+def generate_records(module, samples: Sequence[Sample], collator, batch_size: int, num_workers: int, accelerator: str,
                      out: Path, fingerprint: dict, devices: int = 1, num_nodes: int = 1,
                      precision: str = "32-true") -> list[dict] | None:
     """Every sample's record, in order, generating only those not already in ``out``, in batches of
