@@ -43,9 +43,11 @@ high-water mark at the stage's end (``VmHWM``; ``ru_maxrss`` would count the par
   run (as the Trainer runs it) and ``train_dataloader()`` built; then, in the same process,
   ``val_dataloader()`` on its own. Twice: cold (an empty ``data.index_cache``) and warm (a second
   launch on the cache the first wrote). "sample table" is ``LumenDataModule.table_bytes("train")``,
-  the host memory of a rank's training samples; "a forked loader worker's own memory" is what a
-  process forked from the launch (as a data-loader worker is) gains in private memory by reading
-  every ``WORKER_STRIDE``-th training sample: the table's pages are shared, not copied;
+  the host memory of a rank's training samples; "memory a forked loader worker copies" is what a
+  process forked from the launch (as a data-loader worker is) writes to, or copies on write, by
+  reading every ``WORKER_STRIDE``-th training sample (``Private_Dirty``), from the table and, the
+  baseline, from the same samples held as a list of ``Sample`` objects (as before issue 22): reading
+  an object writes its reference count, so its page is copied;
 - ``diffvqa``: ``DiffVQASource.load`` of train, val and test;
 - ``validate``: ``python -m datamodules.validate`` (no ``--read-images``) on the MIMIC root,
   Medical-Diff-VQA directory, prognostic JSONL and expert CSV;
@@ -354,29 +356,34 @@ def stage_datamodule(args: argparse.Namespace) -> dict:
     train_rss = peak_rss()
     started = time.perf_counter()
     datamodule.val_dataloader()
-    val_seconds = time.perf_counter() - started
-    return {"imported": imported, "seconds": train_seconds, "rss": train_rss, "index_cache": True,
-            "table_bytes": datamodule.table_bytes("train"), "val_seconds": val_seconds, "val_rss": peak_rss(),
-            "counts": datamodule.sample_counts, "worker_bytes": forked_reader_bytes(loader.dataset, WORKER_STRIDE)}
+    val_seconds, val_rss = time.perf_counter() - started, peak_rss()
+    table = loader.dataset.samples
+    worker_bytes = forked_reader_bytes(table, WORKER_STRIDE)
+    objects = list(table)  # the baseline: the same samples as Python objects, as they were held before
+    return {"imported": imported, "seconds": train_seconds, "rss": train_rss, "table_bytes": datamodule.table_bytes("train"),
+            "val_seconds": val_seconds, "val_rss": val_rss, "counts": datamodule.sample_counts,
+            "worker_bytes": worker_bytes, "objects_worker_bytes": forked_reader_bytes(objects, WORKER_STRIDE)}
 
 
-def private_bytes() -> int:
-    """This process's private (unshared) resident memory, in bytes (Linux)."""
+def copied_bytes() -> int:
+    """The memory this process has written to, in bytes: its own, or copied on write from the process
+    it was forked from (``Private_Dirty``; Linux). Pages of a mapped file it only read are the page
+    cache's, shared, and not counted."""
     rollup = Path("/proc/self/smaps_rollup").read_text().split()
-    return sum(int(rollup[i + 1]) * 1024 for i, name in enumerate(rollup) if name in ("Private_Clean:", "Private_Dirty:"))
+    return int(rollup[rollup.index("Private_Dirty:") + 1]) * 1024
 
 
-def forked_reader_bytes(dataset, stride: int) -> int:
-    """The private memory a forked data-loader worker gains by reading every ``stride``-th sample's
-    fields (no image): what each worker would copy of the sample table were it Python objects."""
+def forked_reader_bytes(samples, stride: int) -> int:
+    """The memory a process forked from the launch (as a data-loader worker is) copies by reading every
+    ``stride``-th of ``samples`` (a ``Sample`` each, no image)."""
     reading, writing = os.pipe()
     pid = os.fork()
     if pid == 0:  # the worker
         os.close(reading)
-        before = private_bytes()
-        for index in range(0, len(dataset.samples), stride):
-            dataset.samples[index]
-        os.write(writing, str(private_bytes() - before).encode())
+        before = copied_bytes()
+        for index in range(0, len(samples), stride):
+            samples[index].question
+        os.write(writing, str(copied_bytes() - before).encode())
         os._exit(0)
     os.close(writing)
     with os.fdopen(reading) as answer:
@@ -520,8 +527,10 @@ def table_rows(reports: dict[str, dict]) -> list[str]:
                 note=f" ({built:,} rows built, {kept:,} kept)")
             rows.append(f"| sample table (train split), host memory per rank ({temperature}; memory-mapped from the "
                         f"index cache) | — | — | {gigabytes(report['table_bytes'])} | {TARGETS['sample table']} |")
-            rows.append(f"| a forked loader worker's own memory after reading every {WORKER_STRIDE}th training "
-                        f"sample ({temperature}) | — | — | {gigabytes(report['worker_bytes'])} | shared, not copied |")
+            rows.append(f"| memory a forked loader worker copies reading every {WORKER_STRIDE}th training sample "
+                        f"({temperature}): from the table / from the same samples as Python objects (before) | — | — | "
+                        f"{gigabytes(report['worker_bytes'])} / {gigabytes(report['objects_worker_bytes'])} | "
+                        "shared, not copied |")
     if "diffvqa" in reports:
         report = reports["diffvqa"]
         note = "" if "error" in report else " (" + ", ".join(f"{n:,} {s}" for s, n in report["counts"].items()) + ")"
