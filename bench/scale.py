@@ -448,7 +448,7 @@ def run_stage(stage: str, world: Path, work: Path, base: Path, cache_dir: Path, 
                "--result", str(result), "--base", str(base), "--cache-dir", str(cache_dir)]
     if index_cache is not None:
         command += ["--index-cache", str(index_cache)]
-    print(f"stage {name}: running (log: {log})", flush=True)
+    print(f"stage {name}: running (its log, kept with --keep: {log})", flush=True)
     launched = time.time()
     with log.open("w") as output:
         code = subprocess.run(command + ["--launched", repr(launched)], cwd=ROOT, stdout=output,
