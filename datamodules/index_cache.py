@@ -109,7 +109,7 @@ def _publish(path: Path, write) -> None:
         try:
             os.link(temporary, path)
         except FileExistsError:
-            pass  # another process published it first
+            return  # another process published it first: theirs stays, ours is removed below
         except OSError:
             os.replace(temporary, path)
     finally:
