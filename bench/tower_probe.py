@@ -6,6 +6,11 @@ always answering "absent" or "present" would get). A difference answer is right 
 of both studies are all read right, so this bounds what a VLM on this tower can do before the tower
 itself is trained further.
 
+On a synthetic world it then reads the six Medical-Diff-VQA findings from the world's truth on each
+study's frontal image the same way (fitted on the train split's studies) and answers the test split's
+whole-image difference questions from those readings alone: the added and missing findings a linear
+reader of the frozen tower gets right, next to what "nothing has changed." gets.
+
     python -m bench.tower_probe                                    # the demo's cached tiny base and world
     python -m bench.tower_probe --base DIR --world DIR
 """
@@ -16,13 +21,16 @@ import argparse
 import os
 from pathlib import Path
 
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from transformers import SiglipImageProcessor, SiglipVisionModel
 
 from datamodules.collate import image_transform
-from datamodules.mimic import CHEXPERT_LABELS, load_chexpert, load_images
+from datamodules.mimic import CHEXPERT_LABELS, FRONTAL_VIEWS, load_chexpert, load_images
+from datamodules.synthetic.population import FINDINGS, SITES, site_column
+from datamodules.synthetic.questions import WHOLE_IMAGE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,6 +51,11 @@ def features(tower: SiglipVisionModel, processor: SiglipImageProcessor, paths: l
 def probe_accuracy(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor,
                    test_labels: torch.Tensor) -> float:
     """Accuracy of an L2-regularised logistic regression (L-BFGS) fitted on ``train``."""
+    return float((probe_predictions(train, train_labels, test) == test_labels).float().mean())
+
+
+def probe_predictions(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor) -> torch.Tensor:
+    """0/1 predictions on ``test`` of an L2-regularised logistic regression (L-BFGS) fitted on ``train``."""
     weight = torch.zeros(train.shape[1], requires_grad=True)
     bias = torch.zeros(1, requires_grad=True)
     optimizer = torch.optim.LBFGS([weight, bias], max_iter=200)
@@ -55,7 +68,53 @@ def probe_accuracy(train: torch.Tensor, train_labels: torch.Tensor, test: torch.
 
     optimizer.step(loss)
     with torch.no_grad():
-        return float(((test @ weight + bias > 0).float() == test_labels).float().mean())
+        return (test @ weight + bias > 0).float()
+
+
+def finding_truth(world: Path) -> pd.DataFrame:
+    """study_id -> whether each Medical-Diff-VQA finding is present at any of its sites (the world's truth)."""
+    truth = pd.read_csv(world / "truth" / "studies.csv")
+    present = pd.DataFrame({"study_id": truth["study_id"]})
+    for finding in FINDINGS:
+        columns = [site_column(f, site) for f, site in SITES if f is finding]
+        present[finding.name] = (truth[columns] > 0).any(axis=1)
+    return present.set_index("study_id")
+
+
+def difference_sets_right(questions: pd.DataFrame, truth: pd.DataFrame, read: pd.DataFrame) -> float:
+    """Share of whole-image difference questions (``study_id``, ``ref_id``) whose added and missing
+    findings, taken from ``read`` (study_id -> finding -> present), equal those of ``truth``."""
+
+    def change(table: pd.DataFrame) -> pd.DataFrame:
+        now, before = table.loc[questions["study_id"]].to_numpy(), table.loc[questions["ref_id"]].to_numpy()
+        return pd.DataFrame(list(zip(map(tuple, now & ~before), map(tuple, before & ~now))))
+
+    return float((change(read) == change(truth[read.columns])).all(axis=1).mean())
+
+
+def difference_reader(tower: SiglipVisionModel, processor: SiglipImageProcessor, world: Path) -> None:
+    """Prints the linear reader's accuracy per finding and on the test split's difference questions."""
+    images = load_images(world / "mimic-cxr-jpg")
+    frontal = images[images["view"].isin(FRONTAL_VIEWS)].drop_duplicates("study_id")
+    truth = finding_truth(world)
+    train, other = frontal[frontal["split"] == "train"], frontal[frontal["split"] != "train"]
+    train_features, all_features = (features(tower, processor, list(part["path"])) for part in (train, frontal))
+    mean, std = train_features.mean(dim=0), train_features.std(dim=0) + 1e-6
+    train_features, all_features = (train_features - mean) / std, (all_features - mean) / std
+    read = pd.DataFrame(index=frontal["study_id"].to_numpy())
+    print(f"\nfindings read on the frontal image: fitted on {len(train)} train-split studies, scored on {len(other)} others\n")
+    print("| finding | share present | probe accuracy |\n| --- | --- | --- |")
+    for finding in truth.columns:
+        target = torch.tensor(truth.loc[train["study_id"], finding].to_numpy(), dtype=torch.float32)
+        read[finding] = probe_predictions(train_features, target, all_features).numpy().astype(bool)
+        expected = truth.loc[other["study_id"], finding].to_numpy()
+        print(f"| {finding} | {expected.mean():.2f} | {(read.loc[other['study_id'], finding].to_numpy() == expected).mean():.3f} |")
+    questions = pd.read_csv(world / "medical-diff-vqa" / "mimic_pair_questions.csv")
+    questions = questions[(questions["split"] == "test") & (questions["question"] == WHOLE_IMAGE)]
+    unchanged = difference_sets_right(questions, truth, pd.DataFrame(False, index=truth.index, columns=truth.columns))
+    print(f"\ntest-split whole-image difference questions ({len(questions)}): added and missing findings right "
+          f"{difference_sets_right(questions, truth, read):.3f} from the linear readings; "
+          f"'nothing has changed.' {unchanged:.3f}")
 
 
 def main() -> None:
@@ -80,6 +139,8 @@ def main() -> None:
             continue
         accuracy = probe_accuracy(train_features, target, test_features, expected)
         print(f"| {label} | {float(expected.mean()):.2f} | {accuracy:.3f} |")
+    if (args.world / "truth" / "studies.csv").is_file():
+        difference_reader(tower, processor, args.world)
 
 
 if __name__ == "__main__":

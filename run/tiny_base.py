@@ -5,7 +5,8 @@
     BASE/lumen-base.json what was built, from what (written last: marks the directory complete)
 
 The tokenizer is a byte-level BPE trained on the synthetic world's questions, answers and reports;
-the vision tower is pretrained on the world's training-split labels (see ``pretrain_vision_tower``).
+the vision tower is pretrained on the world's training-split labels or, with
+``vision_pretrain_subjects``, on a population drawn for it alone (see ``pretrain_vision_tower``).
 
     python -m run.tiny_base --world DIR --out BASE
 """
@@ -14,7 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import sys
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +42,9 @@ from common.contract import IMAGE_TOKEN
 from common.files import atomic_directory
 from datamodules.collate import image_transform
 from datamodules.mimic import CHEXPERT_LABELS, load_chexpert, load_images
+from datamodules.synthetic.drawing import render_image
+from datamodules.synthetic.population import ImageRecord, Study, simulate_population
+from datamodules.synthetic.writer import default_workers
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", IMAGE_TOKEN]
 # ChatML as NVILA/Qwen2 use it; a default system turn is added when the messages have none.
@@ -96,16 +104,9 @@ def train_tokenizer(corpus: Iterator[str], vocab_size: int) -> PreTrainedTokeniz
     return tokenizer
 
 
-def pretrain_vision_tower(
-    tower: torch.nn.Module, world: Path, steps: int, image_size: int, mean, std, seed: int, batch_size: int = 64
-) -> float:
-    """Multi-label pretraining of the tower on the world's train-split images: the 14 CheXpert labels
-    (positive = 1.0) and the view. Returns the last batch's loss.
-
-    A real base model comes with a pretrained vision tower (SigLIP for NVILA); a tower at random
-    initialisation makes a tiny VLM spend most of a CPU budget learning to see, so the tiny base gets
-    the equivalent of that pretraining from its own world's training split (never val/test).
-    """
+def world_pretraining_set(world: Path, image_size: int, mean, std) -> tuple[torch.Tensor, torch.Tensor]:
+    """The world's train-split images (never val/test) with their study's 14 CheXpert labels
+    (positive = 1.0) and their view: (images, 3, size, size) pixels and (images, labels) targets."""
     jpg = world / "mimic-cxr-jpg"
     images = load_images(jpg).query("split == 'train'").merge(load_chexpert(jpg), on=["subject_id", "study_id"])
     labels = [column for column in images.columns if column in CHEXPERT_LABELS]
@@ -114,8 +115,66 @@ def pretrain_vision_tower(
         dtype=torch.float32,
     )
     pixels = torch.stack([image_transform(Image.open(path), image_size, mean, std) for path in images["path"]])
+    return pixels, targets
+
+
+# A drawn image's rows: twice the tiny tower's input, so that, like the world's 240-320 px images, it is
+# downsampled (and its noise averaged) on the way in; drawing it costs a tenth of a world-sized one.
+DRAWN_ROWS = 128
+# The drawn population's seed is the base's seed plus this, so it is never a world of a small seed.
+DRAWN_SEED_OFFSET = 1_000_003
+DRAWN_VIEWS = ("PA", "AP", "LATERAL")
+
+
+def _draw_small(job: tuple[Study, ImageRecord, int, int]) -> np.ndarray:
+    """One image of a drawn study at ``DRAWN_ROWS`` rows, from its own random stream (the same pixels
+    whichever process draws it)."""
+    study, image, seed, index = job
+    small = replace(image, rows=DRAWN_ROWS, columns=max(1, round(DRAWN_ROWS * image.columns / image.rows)))
+    return render_image(study, small, np.random.default_rng([seed, 3, index]))
+
+
+def drawn_pretraining_set(subjects: int, seed: int, image_size: int, mean, std,
+                          workers: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images of a population drawn for pretraining alone, never written and sharing no subject with
+    a world of another seed, each with the presence of every finding site (side, zone, device) and its
+    view: the tiny tower's stand-in for the large labelled corpora a real tower is pretrained on."""
+    studies = simulate_population(subjects, seed)
+    jobs = [(study, image, seed, index)
+            for index, (study, image) in enumerate((study, image) for study in studies for image in study.images)]
+    targets = torch.tensor(
+        [[*(level > 0 for level in study.levels), *(image.view == view for view in DRAWN_VIEWS)] for study, image, *_ in jobs],
+        dtype=torch.float32,
+    )
+    drawn = []
+    progress = tqdm(total=len(jobs), desc=f"drawing {subjects} subjects' images for tower pretraining", unit="image")
+    workers = default_workers() if workers is None else workers
+    if workers > 1 and len(jobs) > workers:
+        context = multiprocessing.get_context("fork" if sys.platform == "linux" else None)
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            for pixels in pool.map(_draw_small, jobs, chunksize=max(1, len(jobs) // (32 * workers))):
+                drawn.append(image_transform(Image.fromarray(pixels), image_size, mean, std))
+                progress.update()
+    else:
+        for job in jobs:
+            drawn.append(image_transform(Image.fromarray(_draw_small(job)), image_size, mean, std))
+            progress.update()
+    progress.close()
+    return torch.stack(drawn), targets
+
+
+def pretrain_vision_tower(tower: torch.nn.Module, pixels: torch.Tensor, targets: torch.Tensor, steps: int, seed: int,
+                          lr: float = 1e-3, batch_size: int = 64) -> float:
+    """Multi-label pretraining of the tower, its mean-pooled last layer read by a linear head, on
+    ``pixels`` and their ``targets`` (``world_pretraining_set`` or ``drawn_pretraining_set``). Returns
+    the last batch's loss.
+
+    A real base model comes with a pretrained vision tower (SigLIP for NVILA); a tower at random
+    initialisation makes a tiny VLM spend most of a CPU budget learning to see, so the tiny base gets
+    the equivalent of that pretraining.
+    """
     head = torch.nn.Linear(tower.config.hidden_size, targets.shape[1])
-    optimizer = torch.optim.AdamW([*tower.parameters(), *head.parameters()], lr=1e-3)
+    optimizer = torch.optim.AdamW([*tower.parameters(), *head.parameters()], lr=lr)
     generator = torch.Generator().manual_seed(seed)
     tower.train()
     loss = torch.tensor(float("nan"))
@@ -130,7 +189,8 @@ def pretrain_vision_tower(
 
 
 def base_manifest(world: str | Path, vision: dict | None = None, llm: dict | None = None, vocab_size: int = 1024,
-                  vision_pretrain_steps: int = 600, seed: int = 0) -> dict:
+                  vision_pretrain_steps: int = 600, vision_pretrain_lr: float = 1e-3,
+                  vision_pretrain_subjects: int = 0, seed: int = 0) -> dict:
     """Everything a tiny base is built from: equal manifests, equal bases. The world counts by what it
     is (its generator version, size and seed), not only by where it is: a world regenerated in place
     by a newer generator makes the base stale."""
@@ -143,6 +203,9 @@ def base_manifest(world: str | Path, vision: dict | None = None, llm: dict | Non
         "llm": {**DEFAULT_LLM, **(llm or {})},
         "vocab_size": vocab_size,
         "vision_pretrain_steps": vision_pretrain_steps,
+        "vision_pretrain_lr": vision_pretrain_lr,
+        # 0: the world's train split; N: a population of N subjects drawn for pretraining alone.
+        "vision_pretrain_subjects": vision_pretrain_subjects,
         "seed": seed,
     }
 
@@ -168,9 +231,14 @@ def build_tiny_base(out: str | Path, world: str | Path, **options) -> Path:
         vision = manifest["vision"]
         tower = SiglipVisionModel(SiglipVisionConfig(vision_use_head=False, **vision))
         processor = SiglipImageProcessor(size={"height": vision["image_size"], "width": vision["image_size"]})
+        size, mean, std = vision["image_size"], processor.image_mean, processor.image_std
+        if manifest["vision_pretrain_subjects"]:
+            pixels, targets = drawn_pretraining_set(manifest["vision_pretrain_subjects"],
+                                                    manifest["seed"] + DRAWN_SEED_OFFSET, size, mean, std)
+        else:
+            pixels, targets = world_pretraining_set(world, size, mean, std)
         manifest["vision_pretrain_loss"] = pretrain_vision_tower(
-            tower, world, manifest["vision_pretrain_steps"], vision["image_size"], processor.image_mean,
-            processor.image_std, manifest["seed"],
+            tower, pixels, targets, manifest["vision_pretrain_steps"], manifest["seed"], manifest["vision_pretrain_lr"],
         )
         tower.save_pretrained(staging / "vision_tower")
         processor.save_pretrained(staging / "vision_tower")
@@ -198,8 +266,14 @@ def main() -> None:
     parser.add_argument("--world", required=True, type=Path, help="synthetic world directory (python -m datamodules.synthetic)")
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vision-pretrain-steps", type=int, default=600)
+    parser.add_argument("--vision-pretrain-lr", type=float, default=1e-3)
+    parser.add_argument("--vision-pretrain-subjects", type=int, default=0,
+                        help="pretrain the tower on this many subjects drawn for it alone (0: the world's train split)")
     args = parser.parse_args()
-    path = ensure_tiny_base(args.out, args.world, seed=args.seed)
+    path = ensure_tiny_base(args.out, args.world, seed=args.seed, vision_pretrain_steps=args.vision_pretrain_steps,
+                            vision_pretrain_lr=args.vision_pretrain_lr,
+                            vision_pretrain_subjects=args.vision_pretrain_subjects)
     print(f"tiny base model in {path}")
 
 

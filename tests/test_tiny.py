@@ -13,3 +13,37 @@ def test_a_world_regenerated_in_place_by_another_generator_makes_the_tiny_base_s
     after = base_manifest(same_place)
     assert before["world"] == after["world"] and before != after
     assert before["world_generator"] == {key: manifest[key] for key in ("generator_version", "subjects", "seed")}
+
+
+def test_a_drawn_pretraining_set_labels_every_site_and_view_of_its_own_population_whatever_draws_it():
+    import numpy as np
+    import torch
+
+    from datamodules.synthetic.population import SITES, simulate_population
+    from run.tiny_base import DRAWN_VIEWS, drawn_pretraining_set
+
+    mean = std = (0.5, 0.5, 0.5)
+    pixels, targets = drawn_pretraining_set(3, seed=11, image_size=16, mean=mean, std=std, workers=1)
+    images = [(study, image) for study in simulate_population(3, 11) for image in study.images]
+    assert pixels.shape == (len(images), 3, 16, 16) and targets.shape == (len(images), len(SITES) + len(DRAWN_VIEWS))
+    expected = [[*(np.array(study.levels) > 0), *(image.view == view for view in DRAWN_VIEWS)] for study, image in images]
+    assert torch.equal(targets, torch.tensor(np.array(expected, dtype=np.float32)))
+    assert targets[:, :len(SITES)].sum() > 0  # the three subjects have findings to learn
+    forked, forked_targets = drawn_pretraining_set(3, seed=11, image_size=16, mean=mean, std=std, workers=2)
+    assert torch.equal(pixels, forked) and torch.equal(targets, forked_targets)
+    other, _ = drawn_pretraining_set(3, seed=12, image_size=16, mean=mean, std=std, workers=1)
+    assert other.shape != pixels.shape or not torch.equal(other, pixels)
+
+
+def test_a_tiny_base_pretrained_on_a_drawn_population_says_so_and_is_rebuilt_when_that_changes(world, tmp_path):
+    from tests.helpers import TINY_LLM, TINY_VISION
+    from run.tiny_base import MANIFEST, ensure_tiny_base
+
+    options = dict(vision=TINY_VISION, llm=TINY_LLM, vision_pretrain_steps=2, vision_pretrain_subjects=4)
+    base = ensure_tiny_base(tmp_path / "base", world, **options)
+    built = json.loads((base / MANIFEST).read_text())
+    assert built["vision_pretrain_subjects"] == 4 and built["vision_pretrain_lr"] == 1e-3
+    stamp = (base / MANIFEST).stat().st_mtime_ns
+    assert ensure_tiny_base(tmp_path / "base", world, **options) == base and (base / MANIFEST).stat().st_mtime_ns == stamp
+    ensure_tiny_base(tmp_path / "base", world, **{**options, "vision_pretrain_subjects": 5})
+    assert json.loads((base / MANIFEST).read_text())["vision_pretrain_subjects"] == 5

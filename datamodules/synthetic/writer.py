@@ -51,7 +51,7 @@ def _write_image(job: tuple[Study, ImageRecord, int, int, Path]) -> None:
     Image.fromarray(pixels).save(path, quality=90)
 
 
-def _default_workers() -> int:
+def default_workers() -> int:
     """The CPUs this process may use (the scheduler's affinity, not the machine's count), at most 16."""
     return max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 16))
 
@@ -101,7 +101,7 @@ def generate_world(out: Path, subjects: int, seed: int, workers: int | None = No
             "view": study.view, **dict(zip(SITE_COLUMNS, study.levels)),
         })
 
-    workers = _default_workers() if workers is None else workers
+    workers = default_workers() if workers is None else workers
     progress = tqdm(total=len(images), desc=f"drawing {subjects} subjects' images", unit="image")
     if workers > 1 and len(images) > workers:
         # Forked on Linux (as DataLoader workers are): nothing to re-import, and no `if __name__ ==
