@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
-import sys
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -44,7 +41,7 @@ from datamodules.collate import image_transform
 from datamodules.mimic import CHEXPERT_LABELS, load_chexpert, load_images
 from datamodules.synthetic.drawing import render_image
 from datamodules.synthetic.population import ImageRecord, Study, simulate_population
-from datamodules.synthetic.writer import default_workers
+from datamodules.synthetic.writer import draw_in_processes
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", IMAGE_TOKEN]
 # ChatML as NVILA/Qwen2 use it; a default system turn is added when the messages have none.
@@ -118,49 +115,39 @@ def world_pretraining_set(world: Path, image_size: int, mean, std) -> tuple[torc
     return pixels, targets
 
 
-# A drawn image's rows: twice the tiny tower's input, so that, like the world's 240-320 px images, it is
-# downsampled (and its noise averaged) on the way in; drawing it costs a tenth of a world-sized one.
-DRAWN_ROWS = 128
-# The drawn population's seed is the base's seed plus this, so it is never a world of a small seed.
+# The drawn population's seed is the base's seed plus this, so it is not a world of a small seed
+# (build_tiny_base refuses the one world whose seed it is).
 DRAWN_SEED_OFFSET = 1_000_003
 DRAWN_VIEWS = ("PA", "AP", "LATERAL")
 
 
-def _draw_small(job: tuple[Study, ImageRecord, int, int]) -> np.ndarray:
-    """One image of a drawn study at ``DRAWN_ROWS`` rows, from its own random stream (the same pixels
-    whichever process draws it)."""
-    study, image, seed, index = job
-    small = replace(image, rows=DRAWN_ROWS, columns=max(1, round(DRAWN_ROWS * image.columns / image.rows)))
+def _draw_small(job: tuple[Study, ImageRecord, int, int, int]) -> np.ndarray:
+    """One image of a drawn study at ``rows`` rows, from its own random stream (the same pixels whichever
+    process draws it)."""
+    study, image, rows, seed, index = job
+    small = replace(image, rows=rows, columns=max(1, round(rows * image.columns / image.rows)))
     return render_image(study, small, np.random.default_rng([seed, 3, index]))
 
 
 def drawn_pretraining_set(subjects: int, seed: int, image_size: int, mean, std,
                           workers: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The images of a population drawn for pretraining alone, never written and sharing no subject with
-    a world of another seed, each with the presence of every finding site (side, zone, device) and its
-    view: the tiny tower's stand-in for the large labelled corpora a real tower is pretrained on."""
+    """The images of a population drawn for pretraining alone (never written), each with the presence
+    of every finding site (side, zone, device) and its view: the tiny tower's stand-in for the large
+    labelled corpora a real tower is pretrained on. Each image is drawn at twice the tower's input
+    size, so that, like the world's 240-320 px images, it is downsampled (and its noise averaged) on
+    the way in."""
     studies = simulate_population(subjects, seed)
-    jobs = [(study, image, seed, index)
-            for index, (study, image) in enumerate((study, image) for study in studies for image in study.images)]
+    images = [(study, image) for study in studies for image in study.images]
+    jobs = [(study, image, 2 * image_size, seed, index) for index, (study, image) in enumerate(images)]
     targets = torch.tensor(
-        [[*(level > 0 for level in study.levels), *(image.view == view for view in DRAWN_VIEWS)] for study, image, *_ in jobs],
+        [[*(level > 0 for level in study.levels), *(image.view == view for view in DRAWN_VIEWS)] for study, image in images],
         dtype=torch.float32,
     )
-    drawn = []
-    progress = tqdm(total=len(jobs), desc=f"drawing {subjects} subjects' images for tower pretraining", unit="image")
-    workers = default_workers() if workers is None else workers
-    if workers > 1 and len(jobs) > workers:
-        context = multiprocessing.get_context("fork" if sys.platform == "linux" else None)
-        with ProcessPoolExecutor(workers, mp_context=context) as pool:
-            for pixels in pool.map(_draw_small, jobs, chunksize=max(1, len(jobs) // (32 * workers))):
-                drawn.append(image_transform(Image.fromarray(pixels), image_size, mean, std))
-                progress.update()
-    else:
-        for job in jobs:
-            drawn.append(image_transform(Image.fromarray(_draw_small(job)), image_size, mean, std))
-            progress.update()
-    progress.close()
-    return torch.stack(drawn), targets
+    pixels = torch.empty(len(jobs), 3, image_size, image_size)
+    drawn = draw_in_processes(_draw_small, jobs, workers, f"drawing {subjects} subjects' images for tower pretraining")
+    for index, image in enumerate(drawn):
+        pixels[index] = image_transform(Image.fromarray(image), image_size, mean, std)
+    return pixels, targets
 
 
 def pretrain_vision_tower(tower: torch.nn.Module, pixels: torch.Tensor, targets: torch.Tensor, steps: int, seed: int,
@@ -194,6 +181,9 @@ def base_manifest(world: str | Path, vision: dict | None = None, llm: dict | Non
     """Everything a tiny base is built from: equal manifests, equal bases. The world counts by what it
     is (its generator version, size and seed), not only by where it is: a world regenerated in place
     by a newer generator makes the base stale."""
+    if vision_pretrain_subjects < 0:
+        raise ValueError(f"vision_pretrain_subjects={vision_pretrain_subjects}: expected 0 (the world's train split) "
+                         "or a number of subjects to draw")
     world = Path(world)
     built = json.loads((world / "world.json").read_text()) if (world / "world.json").is_file() else {}
     return {
@@ -214,6 +204,18 @@ def build_tiny_base(out: str | Path, world: str | Path, **options) -> Path:
     """Builds the tiny base into ``out`` (atomically: a temp directory renamed into place)."""
     out, world = Path(out), Path(world)
     manifest = base_manifest(world, **options)
+    vision = manifest["vision"]
+    processor = SiglipImageProcessor(size={"height": vision["image_size"], "width": vision["image_size"]})
+    size, mean, std = vision["image_size"], processor.image_mean, processor.image_std
+    # Drawn first, in forked workers, while this process has started no thread pools yet.
+    if manifest["vision_pretrain_subjects"]:
+        drawn_seed = manifest["seed"] + DRAWN_SEED_OFFSET
+        if manifest["world_generator"]["seed"] == drawn_seed:
+            raise ValueError(f"the world {world} was drawn with seed {drawn_seed}, the seed of the population the tower "
+                             "would be pretrained on (its test split included): build the base with another seed")
+        pixels, targets = drawn_pretraining_set(manifest["vision_pretrain_subjects"], drawn_seed, size, mean, std)
+    else:
+        pixels, targets = world_pretraining_set(world, size, mean, std)
     torch.manual_seed(manifest["seed"])
     with atomic_directory(out) as staging:
         tokenizer = train_tokenizer(world_corpus(world), manifest["vocab_size"])
@@ -228,15 +230,7 @@ def build_tiny_base(out: str | Path, world: str | Path, **options) -> Path:
         Qwen2ForCausalLM(config).save_pretrained(staging / "llm")
         tokenizer.save_pretrained(staging / "llm")
 
-        vision = manifest["vision"]
         tower = SiglipVisionModel(SiglipVisionConfig(vision_use_head=False, **vision))
-        processor = SiglipImageProcessor(size={"height": vision["image_size"], "width": vision["image_size"]})
-        size, mean, std = vision["image_size"], processor.image_mean, processor.image_std
-        if manifest["vision_pretrain_subjects"]:
-            pixels, targets = drawn_pretraining_set(manifest["vision_pretrain_subjects"],
-                                                    manifest["seed"] + DRAWN_SEED_OFFSET, size, mean, std)
-        else:
-            pixels, targets = world_pretraining_set(world, size, mean, std)
         manifest["vision_pretrain_loss"] = pretrain_vision_tower(
             tower, pixels, targets, manifest["vision_pretrain_steps"], manifest["seed"], manifest["vision_pretrain_lr"],
         )
@@ -254,6 +248,9 @@ def ensure_tiny_base(out: str | Path, world: str | Path, **options) -> Path:
     if manifest.is_file():
         built = json.loads(manifest.read_text())
         built.pop("vision_pretrain_loss", None)
+        # A base built before these options existed was built with their defaults (the same tower).
+        built.setdefault("vision_pretrain_lr", 1e-3)
+        built.setdefault("vision_pretrain_subjects", 0)
         if built == base_manifest(world, **options):
             return out
     elif out.exists() and any(out.iterdir()):

@@ -1,6 +1,14 @@
 import json
 
-from run.tiny_base import base_manifest
+import numpy as np
+import pytest
+import torch
+
+from datamodules.synthetic.population import SITES, simulate_population
+from run.tiny_base import (
+    DRAWN_SEED_OFFSET, DRAWN_VIEWS, MANIFEST, base_manifest, build_tiny_base, drawn_pretraining_set, ensure_tiny_base,
+)
+from tests.helpers import TINY_LLM, TINY_VISION
 
 
 def test_a_world_regenerated_in_place_by_another_generator_makes_the_tiny_base_stale(world, tmp_path):
@@ -16,12 +24,6 @@ def test_a_world_regenerated_in_place_by_another_generator_makes_the_tiny_base_s
 
 
 def test_a_drawn_pretraining_set_labels_every_site_and_view_of_its_own_population_whatever_draws_it():
-    import numpy as np
-    import torch
-
-    from datamodules.synthetic.population import SITES, simulate_population
-    from run.tiny_base import DRAWN_VIEWS, drawn_pretraining_set
-
     mean = std = (0.5, 0.5, 0.5)
     pixels, targets = drawn_pretraining_set(3, seed=11, image_size=16, mean=mean, std=std, workers=1)
     images = [(study, image) for study in simulate_population(3, 11) for image in study.images]
@@ -36,9 +38,6 @@ def test_a_drawn_pretraining_set_labels_every_site_and_view_of_its_own_populatio
 
 
 def test_a_tiny_base_pretrained_on_a_drawn_population_says_so_and_is_rebuilt_when_that_changes(world, tmp_path):
-    from tests.helpers import TINY_LLM, TINY_VISION
-    from run.tiny_base import MANIFEST, ensure_tiny_base
-
     options = dict(vision=TINY_VISION, llm=TINY_LLM, vision_pretrain_steps=2, vision_pretrain_subjects=4)
     base = ensure_tiny_base(tmp_path / "base", world, **options)
     built = json.loads((base / MANIFEST).read_text())
@@ -47,3 +46,15 @@ def test_a_tiny_base_pretrained_on_a_drawn_population_says_so_and_is_rebuilt_whe
     assert ensure_tiny_base(tmp_path / "base", world, **options) == base and (base / MANIFEST).stat().st_mtime_ns == stamp
     ensure_tiny_base(tmp_path / "base", world, **{**options, "vision_pretrain_subjects": 5})
     assert json.loads((base / MANIFEST).read_text())["vision_pretrain_subjects"] == 5
+
+
+def test_a_drawn_population_that_is_the_world_itself_or_a_negative_one_is_refused(world, tmp_path):
+    twin = tmp_path / "world"
+    twin.mkdir()
+    manifest = json.loads((world / "world.json").read_text())
+    (twin / "world.json").write_text(json.dumps({**manifest, "seed": DRAWN_SEED_OFFSET}))
+    with pytest.raises(ValueError, match=f"seed {DRAWN_SEED_OFFSET}"):
+        build_tiny_base(tmp_path / "base", twin, vision_pretrain_subjects=2)
+    with pytest.raises(ValueError, match="vision_pretrain_subjects=-1"):
+        base_manifest(world, vision_pretrain_subjects=-1)
+    assert not (tmp_path / "base").exists()

@@ -9,8 +9,10 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pandas as pd
@@ -54,6 +56,30 @@ def _write_image(job: tuple[Study, ImageRecord, int, int, Path]) -> None:
 def default_workers() -> int:
     """The CPUs this process may use (the scheduler's affinity, not the machine's count), at most 16."""
     return max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 16))
+
+
+T, R = TypeVar("T"), TypeVar("R")
+
+
+def draw_in_processes(draw: Callable[[T], R], jobs: list[T], workers: int | None, description: str) -> Iterator[R]:
+    """``draw(job)`` for every job, in order, with a progress bar; ``workers`` processes (None: one per
+    usable CPU, at most 16; 1: in this process). ``draw`` must give the same result whichever process runs it."""
+    workers = default_workers() if workers is None else workers
+    with tqdm(total=len(jobs), desc=description, unit="image") as progress:
+        if workers > 1 and len(jobs) > workers:
+            # Forked on Linux (as DataLoader workers are): nothing to re-import, and no `if __name__ ==
+            # "__main__"` guard asked of the caller; the children only draw with numpy, scipy and Pillow.
+            context = multiprocessing.get_context("fork" if sys.platform == "linux" else None)
+            with ProcessPoolExecutor(workers, mp_context=context) as pool:
+                # Iterating waits for every job in order and raises a worker's error here.
+                for result in pool.map(draw, jobs, chunksize=max(1, len(jobs) // (32 * workers))):
+                    progress.update()
+                    yield result
+        else:
+            for job in jobs:
+                result = draw(job)
+                progress.update()
+                yield result
 
 
 def generate_world(out: Path, subjects: int, seed: int, workers: int | None = None) -> dict:
@@ -101,21 +127,8 @@ def generate_world(out: Path, subjects: int, seed: int, workers: int | None = No
             "view": study.view, **dict(zip(SITE_COLUMNS, study.levels)),
         })
 
-    workers = default_workers() if workers is None else workers
-    progress = tqdm(total=len(images), desc=f"drawing {subjects} subjects' images", unit="image")
-    if workers > 1 and len(images) > workers:
-        # Forked on Linux (as DataLoader workers are): nothing to re-import, and no `if __name__ ==
-        # "__main__"` guard asked of the caller; the children only draw with numpy, scipy and Pillow.
-        context = multiprocessing.get_context("fork" if sys.platform == "linux" else None)
-        with ProcessPoolExecutor(workers, mp_context=context) as pool:
-            # Iterating waits for every image in order and raises a worker's error here.
-            for _ in pool.map(_write_image, images, chunksize=max(1, len(images) // (32 * workers))):
-                progress.update()
-    else:
-        for job in images:
-            _write_image(job)
-            progress.update()
-    progress.close()
+    for _ in draw_in_processes(_write_image, images, workers, f"drawing {subjects} subjects' images"):
+        pass
 
     tables = {
         "metadata": pd.DataFrame(metadata, columns=METADATA_COLUMNS),
