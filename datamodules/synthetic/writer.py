@@ -9,6 +9,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -127,8 +128,8 @@ def generate_world(out: Path, subjects: int, seed: int, workers: int | None = No
             "view": study.view, **dict(zip(SITE_COLUMNS, study.levels)),
         })
 
-    for _ in draw_in_processes(_write_image, images, workers, f"drawing {subjects} subjects' images"):
-        pass
+    # Each job writes its own file and returns None: draining the iterator is the work.
+    deque(draw_in_processes(_write_image, images, workers, f"drawing {subjects} subjects' images"), maxlen=0)
 
     tables = {
         "metadata": pd.DataFrame(metadata, columns=METADATA_COLUMNS),
