@@ -100,7 +100,8 @@ def difference_reader(tower: SiglipVisionModel, processor: SiglipImageProcessor,
     images = load_images(world / "mimic-cxr-jpg")
     frontal = images[images["view"].isin(FRONTAL_VIEWS)].drop_duplicates("study_id")
     truth = finding_truth(world)
-    is_train = (frontal["split"] == "train").to_numpy()
+    # A copy: pandas hands out read-only arrays, which torch warns about when it indexes with one.
+    is_train = (frontal["split"] == "train").to_numpy(copy=True)
     train, other = frontal[is_train], frontal[~is_train]
     all_features = features(tower, processor, list(frontal["path"]))
     mean, std = all_features[is_train].mean(dim=0), all_features[is_train].std(dim=0) + 1e-6

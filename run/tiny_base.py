@@ -151,7 +151,7 @@ def drawn_pretraining_set(subjects: int, seed: int, image_size: int, mean, std,
 
 
 def pretrain_vision_tower(tower: torch.nn.Module, pixels: torch.Tensor, targets: torch.Tensor, steps: int, seed: int,
-                          lr: float = 1e-3, batch_size: int = 64) -> float:
+                          lr: float = 1e-3, batch_size: int = 32) -> float:
     """Multi-label pretraining of the tower, its mean-pooled last layer read by a linear head, on
     ``pixels`` and their ``targets`` (``world_pretraining_set`` or ``drawn_pretraining_set``). Returns
     the last batch's loss.
@@ -177,10 +177,12 @@ def pretrain_vision_tower(tower: torch.nn.Module, pixels: torch.Tensor, targets:
 
 def base_manifest(world: str | Path, vision: dict | None = None, llm: dict | None = None, vocab_size: int = 1024,
                   vision_pretrain_steps: int = 600, vision_pretrain_lr: float = 1e-3,
-                  vision_pretrain_subjects: int = 0, seed: int = 0) -> dict:
+                  vision_pretrain_subjects: int = 0, vision_pretrain_batch_size: int = 32, seed: int = 0) -> dict:
     """Everything a tiny base is built from: equal manifests, equal bases. The world counts by what it
     is (its generator version, size and seed), not only by where it is: a world regenerated in place
     by a newer generator makes the base stale."""
+    if vision_pretrain_batch_size < 1:
+        raise ValueError(f"vision_pretrain_batch_size={vision_pretrain_batch_size}: expected a positive number of images")
     if vision_pretrain_subjects < 0:
         raise ValueError(f"vision_pretrain_subjects={vision_pretrain_subjects}: expected 0 (the world's train split) "
                          "or a number of subjects to draw")
@@ -194,6 +196,7 @@ def base_manifest(world: str | Path, vision: dict | None = None, llm: dict | Non
         "vocab_size": vocab_size,
         "vision_pretrain_steps": vision_pretrain_steps,
         "vision_pretrain_lr": vision_pretrain_lr,
+        "vision_pretrain_batch_size": vision_pretrain_batch_size,
         # 0: the world's train split; N: a population of N subjects drawn for pretraining alone.
         "vision_pretrain_subjects": vision_pretrain_subjects,
         "seed": seed,
@@ -233,6 +236,7 @@ def build_tiny_base(out: str | Path, world: str | Path, **options) -> Path:
         tower = SiglipVisionModel(SiglipVisionConfig(vision_use_head=False, **vision))
         manifest["vision_pretrain_loss"] = pretrain_vision_tower(
             tower, pixels, targets, manifest["vision_pretrain_steps"], manifest["seed"], manifest["vision_pretrain_lr"],
+            manifest["vision_pretrain_batch_size"],
         )
         tower.save_pretrained(staging / "vision_tower")
         processor.save_pretrained(staging / "vision_tower")
@@ -251,6 +255,8 @@ def ensure_tiny_base(out: str | Path, world: str | Path, **options) -> Path:
         # A base built before these options existed was built with their defaults (the same tower).
         built.setdefault("vision_pretrain_lr", 1e-3)
         built.setdefault("vision_pretrain_subjects", 0)
+        # Before the batch size was an option it was 64: such a base is rebuilt at today's default.
+        built.setdefault("vision_pretrain_batch_size", 64)
         if built == base_manifest(world, **options):
             return out
     elif out.exists() and any(out.iterdir()):
@@ -265,11 +271,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vision-pretrain-steps", type=int, default=600)
     parser.add_argument("--vision-pretrain-lr", type=float, default=1e-3)
+    parser.add_argument("--vision-pretrain-batch-size", type=int, default=32)
     parser.add_argument("--vision-pretrain-subjects", type=int, default=0,
                         help="pretrain the tower on this many subjects drawn for it alone (0: the world's train split)")
     args = parser.parse_args()
     path = ensure_tiny_base(args.out, args.world, seed=args.seed, vision_pretrain_steps=args.vision_pretrain_steps,
                             vision_pretrain_lr=args.vision_pretrain_lr,
+                            vision_pretrain_batch_size=args.vision_pretrain_batch_size,
                             vision_pretrain_subjects=args.vision_pretrain_subjects)
     print(f"tiny base model in {path}")
 

@@ -58,3 +58,19 @@ def test_a_drawn_population_that_is_the_world_itself_or_a_negative_one_is_refuse
     with pytest.raises(ValueError, match="vision_pretrain_subjects=-1"):
         base_manifest(world, vision_pretrain_subjects=-1)
     assert not (tmp_path / "base").exists()
+
+
+def test_a_base_built_at_the_old_pretraining_batch_is_rebuilt_and_a_bad_batch_is_refused(world, tmp_path):
+    options = dict(vision=TINY_VISION, llm=TINY_LLM, vision_pretrain_steps=2)
+    base = ensure_tiny_base(tmp_path / "base", world, **options)
+    built = json.loads((base / MANIFEST).read_text())
+    assert built["vision_pretrain_batch_size"] == 32
+    # A manifest written before the batch size was an option: that base was pretrained on batches of 64.
+    del built["vision_pretrain_batch_size"]
+    (base / MANIFEST).write_text(json.dumps(built))
+    stamp = (base / MANIFEST).stat().st_mtime_ns
+    ensure_tiny_base(tmp_path / "base", world, **options)
+    assert (base / MANIFEST).stat().st_mtime_ns != stamp
+    assert json.loads((base / MANIFEST).read_text())["vision_pretrain_batch_size"] == 32
+    with pytest.raises(ValueError, match="vision_pretrain_batch_size=0"):
+        base_manifest(world, vision_pretrain_batch_size=0)
