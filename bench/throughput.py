@@ -220,6 +220,8 @@ def main() -> None:
     cache = os.environ.get("LUMEN_CACHE", str(ROOT / ".cache" / "lumen"))
     cfg = compose_config("train", [f"paths.cache_dir={cache}", "paths.output_dir=unused", "data.use_prior=false",
                                    f"data.batch_size={args.batch_size}", f"model.net.dtype={args.dtype}",
+                                   # Hugging Face's Llava below tunes its tower: so does ours (the demo freezes it).
+                                   "model.net.tune_vision=true",
                                    f"model.net.fusion.mode={args.fusion}", *args.overrides])
     prepare(cfg)
     config = ModelConfig(**cfg.model.net)

@@ -52,7 +52,7 @@ class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     projector: str | None = None  # None: the base's mm_projector type, else mlp_downsample
     fusion: FusionConfig = field(default_factory=FusionConfig)
-    tune_vision: bool = True
+    tune_vision: bool = True  # the demo's config (configs/model/lumen.yaml) freezes its tiny tower
     tune_projector: bool = True  # the projector and the temporal fusion
     tune_llm: bool = True
     attn_implementation: str = "sdpa"

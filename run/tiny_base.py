@@ -63,6 +63,8 @@ DEFAULT_LLM = dict(
     intermediate_size=384, max_position_embeddings=1024, rope_theta=10000.0,
 )
 MANIFEST = "lumen-base.json"
+# Images per tower pretraining step (64 before the option existed: such bases are rebuilt).
+PRETRAIN_BATCH_SIZE = 32
 
 
 def world_corpus(world_dir: Path) -> Iterator[str]:
@@ -151,7 +153,7 @@ def drawn_pretraining_set(subjects: int, seed: int, image_size: int, mean, std,
 
 
 def pretrain_vision_tower(tower: torch.nn.Module, pixels: torch.Tensor, targets: torch.Tensor, steps: int, seed: int,
-                          lr: float = 1e-3, batch_size: int = 32) -> float:
+                          lr: float = 1e-3, batch_size: int = PRETRAIN_BATCH_SIZE) -> float:
     """Multi-label pretraining of the tower, its mean-pooled last layer read by a linear head, on
     ``pixels`` and their ``targets`` (``world_pretraining_set`` or ``drawn_pretraining_set``). Returns
     the last batch's loss.
@@ -177,11 +179,12 @@ def pretrain_vision_tower(tower: torch.nn.Module, pixels: torch.Tensor, targets:
 
 def base_manifest(world: str | Path, vision: dict | None = None, llm: dict | None = None, vocab_size: int = 1024,
                   vision_pretrain_steps: int = 600, vision_pretrain_lr: float = 1e-3,
-                  vision_pretrain_subjects: int = 0, vision_pretrain_batch_size: int = 32, seed: int = 0) -> dict:
+                  vision_pretrain_subjects: int = 0, vision_pretrain_batch_size: int = PRETRAIN_BATCH_SIZE,
+                  seed: int = 0) -> dict:
     """Everything a tiny base is built from: equal manifests, equal bases. The world counts by what it
     is (its generator version, size and seed), not only by where it is: a world regenerated in place
     by a newer generator makes the base stale."""
-    if vision_pretrain_batch_size < 1:
+    if not isinstance(vision_pretrain_batch_size, int) or vision_pretrain_batch_size < 1:
         raise ValueError(f"vision_pretrain_batch_size={vision_pretrain_batch_size}: expected a positive number of images")
     if vision_pretrain_subjects < 0:
         raise ValueError(f"vision_pretrain_subjects={vision_pretrain_subjects}: expected 0 (the world's train split) "
@@ -252,10 +255,10 @@ def ensure_tiny_base(out: str | Path, world: str | Path, **options) -> Path:
     if manifest.is_file():
         built = json.loads(manifest.read_text())
         built.pop("vision_pretrain_loss", None)
-        # A base built before these options existed was built with their defaults (the same tower).
+        # A base built before these options existed was built with the values below: the learning rate and
+        # the drawn population it had then (the same tower as today's defaults), and batches of 64.
         built.setdefault("vision_pretrain_lr", 1e-3)
         built.setdefault("vision_pretrain_subjects", 0)
-        # Before the batch size was an option it was 64: such a base is rebuilt at today's default.
         built.setdefault("vision_pretrain_batch_size", 64)
         if built == base_manifest(world, **options):
             return out
@@ -271,7 +274,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vision-pretrain-steps", type=int, default=600)
     parser.add_argument("--vision-pretrain-lr", type=float, default=1e-3)
-    parser.add_argument("--vision-pretrain-batch-size", type=int, default=32)
+    parser.add_argument("--vision-pretrain-batch-size", type=int, default=PRETRAIN_BATCH_SIZE)
     parser.add_argument("--vision-pretrain-subjects", type=int, default=0,
                         help="pretrain the tower on this many subjects drawn for it alone (0: the world's train split)")
     args = parser.parse_args()

@@ -29,7 +29,9 @@ def demo(world, tiny_base, tmp_path_factory):
             cfg = compose_config("train", [
                 f"paths.output_dir={run}", f"paths.cache_dir={run}", f"paths.world_dir={world}",
                 f"paths.tiny_base={tiny_base}", f"prepare.world.subjects={WORLD_SUBJECTS}", "data.batch_size=8",
-                f"model.net.fusion.mode={mode}"])
+                f"model.net.fusion.mode={mode}",
+                # The whole model trained, as formula_flops counts it (the demo freezes its tower).
+                "model.net.tune_vision=true"])
             config = ModelConfig(**cfg.model.net)
             datamodule = instantiate_data(cfg, input_spec(config))
             datamodule.setup("fit")

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from datamodules.synthetic.population import SITES, simulate_population
+from run import tiny_base
 from run.tiny_base import (
     DRAWN_SEED_OFFSET, DRAWN_VIEWS, MANIFEST, base_manifest, build_tiny_base, drawn_pretraining_set, ensure_tiny_base,
 )
@@ -60,17 +61,25 @@ def test_a_drawn_population_that_is_the_world_itself_or_a_negative_one_is_refuse
     assert not (tmp_path / "base").exists()
 
 
-def test_a_base_built_at_the_old_pretraining_batch_is_rebuilt_and_a_bad_batch_is_refused(world, tmp_path):
+def test_a_base_built_at_the_old_pretraining_batch_is_rebuilt_and_a_bad_batch_is_refused(world, tmp_path, monkeypatch):
+    batches = []
+    pretrain = tiny_base.pretrain_vision_tower
+    monkeypatch.setattr(tiny_base, "pretrain_vision_tower",
+                        lambda *args, **kwargs: batches.append(args[6]) or pretrain(*args, **kwargs))
     options = dict(vision=TINY_VISION, llm=TINY_LLM, vision_pretrain_steps=2)
     base = ensure_tiny_base(tmp_path / "base", world, **options)
     built = json.loads((base / MANIFEST).read_text())
-    assert built["vision_pretrain_batch_size"] == 32
-    # A manifest written before the batch size was an option: that base was pretrained on batches of 64.
+    assert built["vision_pretrain_batch_size"] == 32 and batches == [32]
+    # A manifest written before the batch size was an option: that base was pretrained on batches of 64,
+    # so it is kept for a run that asks for 64 and rebuilt for one that asks for today's default.
     del built["vision_pretrain_batch_size"]
     (base / MANIFEST).write_text(json.dumps(built))
     stamp = (base / MANIFEST).stat().st_mtime_ns
+    ensure_tiny_base(tmp_path / "base", world, **options, vision_pretrain_batch_size=64)
+    assert (base / MANIFEST).stat().st_mtime_ns == stamp and batches == [32]
     ensure_tiny_base(tmp_path / "base", world, **options)
-    assert (base / MANIFEST).stat().st_mtime_ns != stamp
+    assert (base / MANIFEST).stat().st_mtime_ns != stamp and batches == [32, 32]
     assert json.loads((base / MANIFEST).read_text())["vision_pretrain_batch_size"] == 32
-    with pytest.raises(ValueError, match="vision_pretrain_batch_size=0"):
-        base_manifest(world, vision_pretrain_batch_size=0)
+    for bad in (0, 32.0):
+        with pytest.raises(ValueError, match=f"vision_pretrain_batch_size={bad}"):
+            base_manifest(world, vision_pretrain_batch_size=bad)
