@@ -1,15 +1,21 @@
-"""How well a base's vision tower reads each finding: a linear probe on its features.
+"""How well a base's vision tower reads each finding: linear probes on its features.
 
-Fits a logistic regression per CheXpert label on the mean-pooled last-layer features of the train
-split's images, and prints its accuracy on every other image next to the label's share there (what
-always answering "absent" or "present" would get). A difference answer is right only when the findings
-of both studies are all read right, so this bounds what a VLM on this tower can do before the tower
-itself is trained further.
+Fits a logistic regression per CheXpert label on the mean-pooled tokens (of the layer the VLM reads) of
+the train split's images, and prints its accuracy on every other image next to the label's share there
+(what always answering "absent" or "present" would get). A difference answer needs the findings of
+both studies read, so this bounds what a VLM on this tower can do before the tower itself is trained
+further.
 
 On a synthetic world it then reads the six Medical-Diff-VQA findings from the world's truth on each
-study's frontal image the same way (fitted on the train split's studies) and answers the test split's
-whole-image difference questions from those readings alone: the added and missing findings a linear
-reader of the frozen tower gets right, next to what reading no finding anywhere gets.
+study's frontal image (fitted on the train split's studies) with two readers: the linear probe on the
+mean-pooled tokens, and a token reader (the same linear read of every token, the largest logit kept: can
+some token tell?), and answers the test split's whole-image difference questions from each one's
+readings: a finding is read as added (missing) when the probability that it is present now and was
+absent before (or the reverse) is over one half, which, unlike thresholding each study's reading,
+does not call a change from two uncertain readings.
+
+Either tower family of the tiny base is read (``run.tiny_base``: a SigLIP ViT, or with
+``--vision-tower resnet`` a timm ResNet), at the layer a VLM reads it with the demo's config.
 
     python -m bench.tower_probe                                    # the demo's cached tiny base and world
     python -m bench.tower_probe --base DIR --world DIR
@@ -18,6 +24,7 @@ reader of the frozen tower gets right, next to what reading no finding anywhere 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 
@@ -26,12 +33,13 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from transformers import SiglipImageProcessor, SiglipVisionModel
 
 from datamodules.collate import image_transform
 from datamodules.mimic import CHEXPERT_LABELS, FRONTAL_VIEWS, load_chexpert, load_images
 from datamodules.synthetic.population import FINDINGS, site_column
 from datamodules.synthetic.questions import WHOLE_IMAGE
+from models.vision import VisionTower, build_vision_tower, read_spec
+from run.tiny_base import MANIFEST, RESNET_READ_STAGE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,13 +48,28 @@ ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("LUMEN_CACHE", ROOT / ".cache" / "lumen"))
 
 
-def features(tower: SiglipVisionModel, processor: SiglipImageProcessor, paths: list[str]) -> torch.Tensor:
-    """(images, hidden) mean-pooled last-layer tokens, standardised later."""
-    size = tower.config.image_size
-    pixels = torch.stack([image_transform(Image.open(path), size, processor.image_mean, processor.image_std)
-                          for path in paths])
+def tiny_tower(base: Path) -> tuple[VisionTower, tuple[int, tuple, tuple]]:
+    """The base's tower as the demo's VLM reads it -- a SigLIP tower at its last layer, a ResNet at stage
+    ``RESNET_READ_STAGE`` -- and its input size, mean and std."""
+    built = json.loads((base / MANIFEST).read_text()) if (base / MANIFEST).is_file() else {}
+    kind, layer = ("timm", RESNET_READ_STAGE) if built.get("vision_tower") == "resnet" else ("hf", -1)
+    spec = read_spec(kind, base / "vision_tower", layer)
+    return build_vision_tower(kind, base / "vision_tower", layer).eval(), (spec.image_size, spec.mean, spec.std)
+
+
+def features(tower: VisionTower, size_mean_std: tuple[int, tuple, tuple], paths: list[str]) -> torch.Tensor:
+    """(images, tokens, channels): the tokens of the layer the VLM reads, standardised later."""
+    size, mean, std = size_mean_std
+    pixels = torch.stack([image_transform(Image.open(path), size, mean, std) for path in paths])
     with torch.no_grad():
-        return torch.cat([tower(pixel_values=batch).last_hidden_state.mean(dim=1) for batch in pixels.split(256)])
+        return torch.cat([tower(batch) for batch in pixels.split(256)])
+
+
+def standardise(train: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
+    """Every channel to zero mean and unit variance over ``train``'s images (and tokens)."""
+    dims = tuple(range(train.dim() - 1))
+    mean, std = train.mean(dim=dims), train.std(dim=dims) + 1e-6
+    return [(part - mean) / std for part in (train, *others)]
 
 
 def probe_accuracy(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor,
@@ -57,19 +80,30 @@ def probe_accuracy(train: torch.Tensor, train_labels: torch.Tensor, test: torch.
 
 def probe_predictions(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor) -> torch.Tensor:
     """0/1 predictions on ``test`` of an L2-regularised logistic regression (L-BFGS) fitted on ``train``."""
-    weight = torch.zeros(train.shape[1], requires_grad=True)
+    return (probe_probabilities(train, train_labels, test) > 0.5).float()
+
+
+def probe_probabilities(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor) -> torch.Tensor:
+    """P(label) on ``test`` from an L2-regularised logistic regression (L-BFGS) fitted on ``train``. Features
+    (images, channels) are read as they are; tokens (images, tokens, channels) by reading every token with
+    the same weights and keeping the largest logit (a finding needs one token that shows it)."""
+    weight = torch.zeros(train.shape[-1], requires_grad=True)
     bias = torch.zeros(1, requires_grad=True)
     optimizer = torch.optim.LBFGS([weight, bias], max_iter=200)
 
+    def logits(features: torch.Tensor) -> torch.Tensor:
+        read = features @ weight + bias
+        return read if features.dim() == 2 else read.amax(dim=1)
+
     def loss() -> torch.Tensor:
         optimizer.zero_grad()
-        value = F.binary_cross_entropy_with_logits(train @ weight + bias, train_labels) + 1e-3 * weight.square().sum()
+        value = F.binary_cross_entropy_with_logits(logits(train), train_labels) + 1e-3 * weight.square().sum()
         value.backward()
         return value
 
     optimizer.step(loss)
     with torch.no_grad():
-        return (test @ weight + bias > 0).float()
+        return torch.sigmoid(logits(test))
 
 
 def finding_truth(world: Path) -> pd.DataFrame:
@@ -84,43 +118,48 @@ def finding_truth(world: Path) -> pd.DataFrame:
 
 def difference_sets_right(questions: pd.DataFrame, truth: pd.DataFrame, read: pd.DataFrame) -> float:
     """Share of whole-image difference questions (``study_id``, ``ref_id``) whose added and missing
-    findings, taken from ``read`` (study_id -> finding -> present), equal those of ``truth``."""
+    findings, taken from ``read`` (study_id -> finding -> present, or its probability), equal those of
+    ``truth``. From probabilities a finding counts as added (missing) when P(present now, absent before)
+    (or the reverse) is over one half, the readings of the two studies taken as independent."""
     if questions.empty:
         raise ValueError("no difference questions to answer")
 
     def change(table: pd.DataFrame) -> np.ndarray:
-        now, before = table.loc[questions["study_id"]].to_numpy(), table.loc[questions["ref_id"]].to_numpy()
-        return np.concatenate([now & ~before, before & ~now], axis=1)  # (questions, added + missing)
+        now = table.loc[questions["study_id"]].to_numpy().astype(float)
+        before = table.loc[questions["ref_id"]].to_numpy().astype(float)
+        return np.concatenate([now * (1 - before) > 0.5, before * (1 - now) > 0.5], axis=1)  # (questions, added + missing)
 
     return float((change(read) == change(truth[read.columns])).all(axis=1).mean())
 
 
-def difference_reader(tower: SiglipVisionModel, processor: SiglipImageProcessor, world: Path) -> None:
-    """Prints the linear reader's accuracy per finding and on the test split's difference questions."""
+def difference_reader(tower: VisionTower, size_mean_std: tuple[int, tuple, tuple], world: Path) -> None:
+    """Prints each reader's accuracy per finding and on the test split's difference questions."""
     images = load_images(world / "mimic-cxr-jpg")
     frontal = images[images["view"].isin(FRONTAL_VIEWS)].drop_duplicates("study_id")
     truth = finding_truth(world)
     # A copy: pandas hands out read-only arrays, which torch warns about when it indexes with one.
     is_train = (frontal["split"] == "train").to_numpy(copy=True)
     train, other = frontal[is_train], frontal[~is_train]
-    all_features = features(tower, processor, list(frontal["path"]))
-    mean, std = all_features[is_train].mean(dim=0), all_features[is_train].std(dim=0) + 1e-6
-    all_features = (all_features - mean) / std
-    train_features = all_features[is_train]
-    read = pd.DataFrame(index=frontal["study_id"].to_numpy())
+    tokens = features(tower, size_mean_std, list(frontal["path"]))
+    readers = {"pooled reader": tokens.mean(dim=1), "token reader": tokens}
+    read = {name: pd.DataFrame(index=frontal["study_id"].to_numpy()) for name in readers}
     print(f"\nfindings read on the frontal image: fitted on {len(train)} train-split studies, scored on {len(other)} others\n")
-    print("| finding | share present | probe accuracy |\n| --- | --- | --- |")
+    print(f"| finding | share present | {' | '.join(readers)} |\n| --- | --- |{' --- |' * len(readers)}")
     for finding in truth.columns:
         target = torch.tensor(truth.loc[train["study_id"], finding].to_numpy(), dtype=torch.float32)
-        read[finding] = probe_predictions(train_features, target, all_features).numpy().astype(bool)
         expected = truth.loc[other["study_id"], finding].to_numpy()
-        print(f"| {finding} | {expected.mean():.2f} | {(read.loc[other['study_id'], finding].to_numpy() == expected).mean():.3f} |")
+        accuracies = []
+        for name, reader_features in readers.items():
+            fitted, everything = standardise(reader_features[is_train], reader_features)
+            read[name][finding] = probe_probabilities(fitted, target, everything).numpy()
+            accuracies.append((read[name].loc[other["study_id"], finding].to_numpy() > 0.5) == expected)
+        print(f"| {finding} | {expected.mean():.2f} | {' | '.join(f'{right.mean():.3f}' for right in accuracies)} |")
     questions = pd.read_csv(world / "medical-diff-vqa" / "mimic_pair_questions.csv")
     questions = questions[(questions["split"] == "test") & (questions["question"] == WHOLE_IMAGE)]
     unchanged = difference_sets_right(questions, truth, pd.DataFrame(False, index=truth.index, columns=truth.columns))
     print(f"\ntest-split whole-image difference questions ({len(questions)}): added and missing findings right "
-          f"{difference_sets_right(questions, truth, read):.3f} from the linear readings; "
-          f"{unchanged:.3f} from reading no finding anywhere (no finding added or missing)")
+          + ", ".join(f"{difference_sets_right(questions, truth, table):.3f} from the {name}" for name, table in read.items())
+          + f"; {unchanged:.3f} from reading no finding anywhere (no finding added or missing)")
 
 
 def main() -> None:
@@ -129,15 +168,14 @@ def main() -> None:
     parser.add_argument("--world", type=Path, default=CACHE / "world-400subjects-seed0")
     parser.add_argument("--min-share", type=float, default=0.02, help="leave out labels rarer than this")
     args = parser.parse_args()
-    tower = SiglipVisionModel.from_pretrained(args.base / "vision_tower").eval()
-    processor = SiglipImageProcessor.from_pretrained(args.base / "vision_tower")
+    tower, size_mean_std = tiny_tower(args.base)
     jpg = args.world / "mimic-cxr-jpg"
     images = load_images(jpg).merge(load_chexpert(jpg), on=["subject_id", "study_id"])
     train, test = images[images["split"] == "train"], images[images["split"] != "train"]
-    train_features, test_features = features(tower, processor, list(train["path"])), features(tower, processor, list(test["path"]))
-    mean, std = train_features.mean(dim=0), train_features.std(dim=0) + 1e-6
-    train_features, test_features = (train_features - mean) / std, (test_features - mean) / std
-    print(f"{args.base.name}: linear probe on {len(train)} train-split images, scored on {len(test)} others\n")
+    train_features, test_features = standardise(features(tower, size_mean_std, list(train["path"])).mean(dim=1),
+                                                features(tower, size_mean_std, list(test["path"])).mean(dim=1))
+    print(f"{args.base.name}: linear probe on the mean-pooled tokens of {len(train)} train-split images, scored on "
+          f"{len(test)} others\n")
     print("| label | share of the scored images | probe accuracy |\n| --- | --- | --- |")
     for label in [label for label in CHEXPERT_LABELS if label in images.columns]:
         target, expected = (torch.tensor((part[label] == 1.0).to_numpy(), dtype=torch.float32) for part in (train, test))
@@ -146,7 +184,7 @@ def main() -> None:
         accuracy = probe_accuracy(train_features, target, test_features, expected)
         print(f"| {label} | {float(expected.mean()):.2f} | {accuracy:.3f} |")
     if (args.world / "truth" / "studies.csv").is_file():
-        difference_reader(tower, processor, args.world)
+        difference_reader(tower, size_mean_std, args.world)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     BASE/llm/            Hugging Face Qwen2ForCausalLM + tokenizer (ChatML, <image> special token)
     BASE/vision_tower/   Hugging Face SiglipVisionModel + preprocessor_config.json, as in NVILA
+                         (or, with vision_tower="resnet", a timm ResNet in timm's local-dir format)
     BASE/lumen-base.json what was built, from what (written last: marks the directory complete)
 
 The tokenizer is a byte-level BPE trained on the synthetic world's questions, answers and reports;
@@ -22,8 +23,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import timm
 import torch.nn.functional as F
 from PIL import Image
+from timm.models import save_for_hf
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 from transformers import (
@@ -62,6 +65,14 @@ DEFAULT_LLM = dict(
     hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
     intermediate_size=384, max_position_embeddings=1024, rope_theta=10000.0,
 )
+# The tower families a tiny base can have. siglip: NVILA's kind, a ViT (read by the default model/vision
+# config, model.net.vision.layer=-1). resnet: a small timm ResNet, BioViL-T's kind of CXR tower, read at its
+# second stage, 8 x 8 tokens at 64 px (model/vision=timm model.net.vision.layer=RESNET_READ_STAGE). On the
+# demo's world the ResNet's tokens read the findings far better than the tiny ViT's (docs/results.md).
+VISION_TOWERS = ("siglip", "resnet")
+DEFAULT_RESNET = dict(image_size=64, stem_width=16, channels=[32, 64, 128, 128])
+RESNET_READ_STAGE = 2
+RESNET_NORMALISATION = (0.5, 0.5, 0.5)
 MANIFEST = "lumen-base.json"
 # Images per tower pretraining step (64 before the option existed: such bases are rebuilt).
 PRETRAIN_BATCH_SIZE = 32
@@ -152,25 +163,53 @@ def drawn_pretraining_set(subjects: int, seed: int, image_size: int, mean, std,
     return pixels, targets
 
 
+def siglip_tokens(tower: SiglipVisionModel, pixels: torch.Tensor) -> torch.Tensor:
+    """(B, N, C): a SigLIP tower's last-layer tokens."""
+    return tower(pixel_values=pixels).last_hidden_state
+
+
+def resnet_tokens(tower: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """(B, N, C): a timm ResNet's tokens at the stage the VLM reads (``RESNET_READ_STAGE``)."""
+    (features,) = tower.forward_intermediates(pixels, indices=[RESNET_READ_STAGE], intermediates_only=True,
+                                              stop_early=True)
+    return features.flatten(2).transpose(1, 2)
+
+
+def resnet_tower(vision: dict) -> torch.nn.Module:
+    """A small timm ResNet (one basic block per stage) for ``vision``'s image size, stem and stage widths."""
+    size = vision["image_size"]
+    return timm.create_model("resnet18", pretrained=False, num_classes=0, global_pool="", layers=(1, 1, 1, 1),
+                             stem_width=vision["stem_width"], channels=tuple(vision["channels"]),
+                             pretrained_cfg_overlay=dict(input_size=(3, size, size), mean=RESNET_NORMALISATION,
+                                                         std=RESNET_NORMALISATION))
+
+
 def pretrain_vision_tower(tower: torch.nn.Module, pixels: torch.Tensor, targets: torch.Tensor, steps: int, seed: int,
-                          lr: float = 1e-3, batch_size: int = PRETRAIN_BATCH_SIZE) -> float:
-    """Multi-label pretraining of the tower, its mean-pooled last layer read by a linear head, on
-    ``pixels`` and their ``targets`` (``world_pretraining_set`` or ``drawn_pretraining_set``). Returns
-    the last batch's loss.
+                          lr: float = 1e-3, batch_size: int = PRETRAIN_BATCH_SIZE, tokens=siglip_tokens,
+                          pool: str = "mean") -> float:
+    """Multi-label pretraining of the tower on ``pixels`` and their ``targets`` (``world_pretraining_set``
+    or ``drawn_pretraining_set``): a linear head reads the mean of its ``tokens`` (``pool="mean"``), or
+    reads every token and keeps the largest logit per label (``pool="max"``: each token must carry the
+    findings it shows, which is what the VLM reads). Returns the last batch's loss.
 
     A real base model comes with a pretrained vision tower (SigLIP for NVILA); a tower at random
     initialisation makes a tiny VLM spend most of a CPU budget learning to see, so the tiny base gets
     the equivalent of that pretraining.
     """
-    head = torch.nn.Linear(tower.config.hidden_size, targets.shape[1])
+    if pool not in ("mean", "max"):
+        raise ValueError(f"pool={pool!r}: expected 'mean' or 'max'")
+    with torch.no_grad():
+        width = tokens(tower, pixels[:1]).shape[-1]
+    head = torch.nn.Linear(width, targets.shape[1])
     optimizer = torch.optim.AdamW([*tower.parameters(), *head.parameters()], lr=lr)
     generator = torch.Generator().manual_seed(seed)
     tower.train()
     loss = torch.tensor(float("nan"))
     for _ in tqdm(range(steps), desc="pretraining the tiny vision tower", unit="step"):
         batch = torch.randint(len(pixels), (batch_size,), generator=generator)
-        features = tower(pixel_values=pixels[batch]).last_hidden_state.mean(dim=1)
-        loss = F.binary_cross_entropy_with_logits(head(features), targets[batch])
+        read = tokens(tower, pixels[batch])
+        logits = head(read.mean(dim=1)) if pool == "mean" else head(read).amax(dim=1)
+        loss = F.binary_cross_entropy_with_logits(logits, targets[batch])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -180,12 +219,14 @@ def pretrain_vision_tower(tower: torch.nn.Module, pixels: torch.Tensor, targets:
 def base_manifest(world: str | Path, vision: dict | None = None, llm: dict | None = None, vocab_size: int = 1024,
                   vision_pretrain_steps: int = 600, vision_pretrain_lr: float = 1e-3,
                   vision_pretrain_subjects: int = 0, vision_pretrain_batch_size: int = PRETRAIN_BATCH_SIZE,
-                  seed: int = 0) -> dict:
+                  vision_tower: str = "siglip", seed: int = 0) -> dict:
     """Everything a tiny base is built from: equal manifests, equal bases. The world counts by what it
     is (its generator version, size and seed), not only by where it is: a world regenerated in place
     by a newer generator makes the base stale."""
     if not isinstance(vision_pretrain_batch_size, int) or vision_pretrain_batch_size < 1:
         raise ValueError(f"vision_pretrain_batch_size={vision_pretrain_batch_size}: expected a positive number of images")
+    if vision_tower not in VISION_TOWERS:
+        raise ValueError(f"vision_tower={vision_tower!r}: expected one of {VISION_TOWERS}")
     if vision_pretrain_subjects < 0:
         raise ValueError(f"vision_pretrain_subjects={vision_pretrain_subjects}: expected 0 (the world's train split) "
                          "or a number of subjects to draw")
@@ -194,7 +235,8 @@ def base_manifest(world: str | Path, vision: dict | None = None, llm: dict | Non
     return {
         "world": str(world.resolve()),
         "world_generator": {key: built.get(key) for key in ("generator_version", "subjects", "seed")},
-        "vision": {**DEFAULT_VISION, **(vision or {})},
+        "vision_tower": vision_tower,
+        "vision": {**(DEFAULT_RESNET if vision_tower == "resnet" else DEFAULT_VISION), **(vision or {})},
         "llm": {**DEFAULT_LLM, **(llm or {})},
         "vocab_size": vocab_size,
         "vision_pretrain_steps": vision_pretrain_steps,
@@ -210,9 +252,10 @@ def build_tiny_base(out: str | Path, world: str | Path, **options) -> Path:
     """Builds the tiny base into ``out`` (atomically: a temp directory renamed into place)."""
     out, world = Path(out), Path(world)
     manifest = base_manifest(world, **options)
-    vision = manifest["vision"]
+    vision, resnet = manifest["vision"], manifest["vision_tower"] == "resnet"
     processor = SiglipImageProcessor(size={"height": vision["image_size"], "width": vision["image_size"]})
-    size, mean, std = vision["image_size"], processor.image_mean, processor.image_std
+    size = vision["image_size"]
+    mean, std = (RESNET_NORMALISATION, RESNET_NORMALISATION) if resnet else (processor.image_mean, processor.image_std)
     # Drawn first, in forked workers, while this process has started no thread pools yet.
     if manifest["vision_pretrain_subjects"]:
         drawn_seed = manifest["seed"] + DRAWN_SEED_OFFSET
@@ -236,13 +279,23 @@ def build_tiny_base(out: str | Path, world: str | Path, **options) -> Path:
         Qwen2ForCausalLM(config).save_pretrained(staging / "llm")
         tokenizer.save_pretrained(staging / "llm")
 
-        tower = SiglipVisionModel(SiglipVisionConfig(vision_use_head=False, **vision))
+        if resnet:
+            tower = resnet_tower(vision)
+            reading = dict(tokens=resnet_tokens, pool="max")
+        else:
+            tower = SiglipVisionModel(SiglipVisionConfig(vision_use_head=False, **vision))
+            reading = dict(tokens=siglip_tokens, pool="mean")
         manifest["vision_pretrain_loss"] = pretrain_vision_tower(
             tower, pixels, targets, manifest["vision_pretrain_steps"], manifest["seed"], manifest["vision_pretrain_lr"],
-            manifest["vision_pretrain_batch_size"],
+            manifest["vision_pretrain_batch_size"], **reading,
         )
-        tower.save_pretrained(staging / "vision_tower")
-        processor.save_pretrained(staging / "vision_tower")
+        if resnet:
+            model_args = dict(num_classes=0, global_pool="", layers=[1, 1, 1, 1], stem_width=vision["stem_width"],
+                              channels=list(vision["channels"]))
+            save_for_hf(tower.eval(), str(staging / "vision_tower"), model_args=model_args, safe_serialization=True)
+        else:
+            tower.save_pretrained(staging / "vision_tower")
+            processor.save_pretrained(staging / "vision_tower")
 
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return out
@@ -260,6 +313,7 @@ def ensure_tiny_base(out: str | Path, world: str | Path, **options) -> Path:
         built.setdefault("vision_pretrain_lr", 1e-3)
         built.setdefault("vision_pretrain_subjects", 0)
         built.setdefault("vision_pretrain_batch_size", 64)
+        built.setdefault("vision_tower", "siglip")
         if built == base_manifest(world, **options):
             return out
     elif out.exists() and any(out.iterdir()):
@@ -275,13 +329,16 @@ def main() -> None:
     parser.add_argument("--vision-pretrain-steps", type=int, default=600)
     parser.add_argument("--vision-pretrain-lr", type=float, default=1e-3)
     parser.add_argument("--vision-pretrain-batch-size", type=int, default=PRETRAIN_BATCH_SIZE)
+    parser.add_argument("--vision-tower", choices=VISION_TOWERS, default="siglip",
+                        help="the tower's family: NVILA's SigLIP ViT, or a small timm ResNet (read it with "
+                             f"model/vision=timm model.net.vision.layer={RESNET_READ_STAGE})")
     parser.add_argument("--vision-pretrain-subjects", type=int, default=0,
                         help="pretrain the tower on this many subjects drawn for it alone (0: the world's train split)")
     args = parser.parse_args()
     path = ensure_tiny_base(args.out, args.world, seed=args.seed, vision_pretrain_steps=args.vision_pretrain_steps,
                             vision_pretrain_lr=args.vision_pretrain_lr,
                             vision_pretrain_batch_size=args.vision_pretrain_batch_size,
-                            vision_pretrain_subjects=args.vision_pretrain_subjects)
+                            vision_pretrain_subjects=args.vision_pretrain_subjects, vision_tower=args.vision_tower)
     print(f"tiny base model in {path}")
 
 

@@ -7,7 +7,8 @@ import torch
 from datamodules.synthetic.population import SITES, simulate_population
 from run import tiny_base
 from run.tiny_base import (
-    DRAWN_SEED_OFFSET, DRAWN_VIEWS, MANIFEST, base_manifest, build_tiny_base, drawn_pretraining_set, ensure_tiny_base,
+    DRAWN_SEED_OFFSET, DRAWN_VIEWS, MANIFEST, RESNET_READ_STAGE, base_manifest, build_tiny_base, drawn_pretraining_set,
+    ensure_tiny_base,
 )
 from tests.helpers import TINY_LLM, TINY_VISION
 
@@ -83,3 +84,45 @@ def test_a_base_built_at_the_old_pretraining_batch_is_rebuilt_and_a_bad_batch_is
     for bad in (0, 32.0):
         with pytest.raises(ValueError, match=f"vision_pretrain_batch_size={bad}"):
             base_manifest(world, vision_pretrain_batch_size=bad)
+
+
+def test_a_resnet_tower_base_loads_as_a_timm_tower_whose_read_stage_the_pretraining_taught(world, tmp_path, monkeypatch):
+    from models.config import ModelConfig
+    from models.factory import build_model, input_spec
+
+    read = []
+    resnet_tokens = tiny_base.resnet_tokens
+    monkeypatch.setattr(tiny_base, "resnet_tokens", lambda tower, pixels: read.append(pixels.shape[0]) or resnet_tokens(tower, pixels))
+    options = dict(llm=TINY_LLM, vision_pretrain_steps=2, vision_tower="resnet",
+                   vision=dict(image_size=32, stem_width=8, channels=[8, 16, 16, 16]))
+    base = ensure_tiny_base(tmp_path / "base", world, **options)
+    built = json.loads((base / MANIFEST).read_text())
+    assert built["vision_tower"] == "resnet" and built["vision"]["channels"] == [8, 16, 16, 16]
+    assert read == [1, 32, 32]  # the head's width, then each pretraining batch, all read at the stage the VLM reads
+    config = ModelConfig(base=str(base), vision={"type": "timm", "layer": RESNET_READ_STAGE}, tune_vision=False)
+    spec = input_spec(config)
+    assert (spec.image_size, spec.mean, spec.tokens_per_image) == (32, (0.5, 0.5, 0.5), 4)  # 4 x 4 tokens, merged 2 x 2
+    model = build_model(config)
+    pixels = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        stored = tiny_base.resnet_tokens(tiny_base.resnet_tower(built["vision"]), pixels)  # only its shape
+        tokens = model.vision.eval()(pixels)
+    assert tokens.shape == stored.shape == (3, 16, 16)
+    # Training the VLM leaves a frozen tower in eval mode: its batch norms keep their running statistics.
+    model.train()
+    assert model.llm.training and not model.vision.training
+    before = {name: buffer.clone() for name, buffer in model.vision.named_buffers()}
+    with torch.no_grad():
+        model.vision(pixels)
+    assert all(torch.equal(buffer, before[name]) for name, buffer in model.vision.named_buffers())
+    # A base built before the tower family was an option is a SigLIP base: kept as one, rebuilt for a ResNet.
+    siglip = ensure_tiny_base(tmp_path / "siglip", world, vision=TINY_VISION, llm=TINY_LLM, vision_pretrain_steps=2)
+    manifest = json.loads((siglip / MANIFEST).read_text())
+    assert manifest["vision_tower"] == "siglip"
+    del manifest["vision_tower"]
+    (siglip / MANIFEST).write_text(json.dumps(manifest))
+    stamp = (siglip / MANIFEST).stat().st_mtime_ns
+    ensure_tiny_base(tmp_path / "siglip", world, vision=TINY_VISION, llm=TINY_LLM, vision_pretrain_steps=2)
+    assert (siglip / MANIFEST).stat().st_mtime_ns == stamp
+    with pytest.raises(ValueError, match="vision_tower='vit'"):
+        base_manifest(world, vision_tower="vit")
