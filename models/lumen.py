@@ -51,14 +51,6 @@ class LumenModel(nn.Module):
         self.llm = llm
         self.image_token_id = image_token_id
 
-    def train(self, mode: bool = True) -> LumenModel:
-        """A frozen vision tower stays in eval mode: it computes the same tokens in training as in evaluation
-        (a ResNet's batch norms keep their running statistics; dropout stays off)."""
-        super().train(mode)
-        if mode and not any(parameter.requires_grad for parameter in self.vision.parameters()):
-            self.vision.eval()
-        return self
-
     @property
     def tokens_per_image(self) -> int:
         return self.projector.tokens_per_image

@@ -190,7 +190,11 @@ class TimmVisionTower(nn.Module):
     @property
     def blocks(self) -> nn.Module:
         """The transformer blocks, or a convnet's stages (FSDP wraps each as one unit)."""
-        return self.model.blocks if hasattr(self.model, "blocks") else self.model.stages
+        for name in ("blocks", "stages"):
+            if hasattr(self.model, name):
+                return getattr(self.model, name)
+        raise ValueError(f"the timm tower {self.config.get('architecture')!r} has no blocks or stages to wrap one by one: "
+                         "FSDP and activation checkpointing need a tower that has them (a ViT, a ConvNeXt)")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         (features,) = self.model.forward_intermediates(images, indices=[self.index], intermediates_only=True)

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 import timm
+import torch
 import torch.nn.functional as F
 from PIL import Image
 from timm.models import save_for_hf
@@ -67,10 +67,12 @@ DEFAULT_LLM = dict(
 )
 # The tower families a tiny base can have. siglip: NVILA's kind, a ViT (read by the default model/vision
 # config, model.net.vision.layer=-1). resnet: a small timm ResNet, BioViL-T's kind of CXR tower, read at its
-# second stage, 8 x 8 tokens at 64 px (model/vision=timm model.net.vision.layer=RESNET_READ_STAGE). On the
-# demo's world the ResNet's tokens read the findings far better than the tiny ViT's (docs/results.md).
+# second stage, 8 x 8 tokens at 64 px (model/vision=timm model.net.vision.layer=RESNET_READ_STAGE), after
+# timm's default stem (a 7 x 7 convolution to 64 channels and a max-pool); its last two stages are built, as
+# a timm ResNet needs, but never read. On the demo's world the ResNet's tokens read the findings far better
+# than the tiny ViT's (docs/results.md).
 VISION_TOWERS = ("siglip", "resnet")
-DEFAULT_RESNET = dict(image_size=64, stem_width=16, channels=[32, 64, 128, 128])
+DEFAULT_RESNET = dict(image_size=64, channels=[32, 64, 128, 128])
 RESNET_READ_STAGE = 2
 RESNET_NORMALISATION = (0.5, 0.5, 0.5)
 MANIFEST = "lumen-base.json"
@@ -175,11 +177,15 @@ def resnet_tokens(tower: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
     return features.flatten(2).transpose(1, 2)
 
 
+def resnet_arguments(vision: dict) -> dict:
+    """timm's ResNet arguments for ``vision``'s stage widths: one basic block per stage, no head."""
+    return dict(num_classes=0, global_pool="", layers=[1, 1, 1, 1], channels=list(vision["channels"]))
+
+
 def resnet_tower(vision: dict) -> torch.nn.Module:
-    """A small timm ResNet (one basic block per stage) for ``vision``'s image size, stem and stage widths."""
+    """A small timm ResNet for ``vision``'s image size and stage widths."""
     size = vision["image_size"]
-    return timm.create_model("resnet18", pretrained=False, num_classes=0, global_pool="", layers=(1, 1, 1, 1),
-                             stem_width=vision["stem_width"], channels=tuple(vision["channels"]),
+    return timm.create_model("resnet18", pretrained=False, **resnet_arguments(vision),
                              pretrained_cfg_overlay=dict(input_size=(3, size, size), mean=RESNET_NORMALISATION,
                                                          std=RESNET_NORMALISATION))
 
@@ -236,7 +242,9 @@ def base_manifest(world: str | Path, vision: dict | None = None, llm: dict | Non
         "world": str(world.resolve()),
         "world_generator": {key: built.get(key) for key in ("generator_version", "subjects", "seed")},
         "vision_tower": vision_tower,
-        "vision": {**(DEFAULT_RESNET if vision_tower == "resnet" else DEFAULT_VISION), **(vision or {})},
+        # As JSON reads it back (tuples as lists), so a built base's manifest compares equal.
+        "vision": json.loads(json.dumps({**(DEFAULT_RESNET if vision_tower == "resnet" else DEFAULT_VISION),
+                                         **(vision or {})})),
         "llm": {**DEFAULT_LLM, **(llm or {})},
         "vocab_size": vocab_size,
         "vision_pretrain_steps": vision_pretrain_steps,
@@ -290,9 +298,8 @@ def build_tiny_base(out: str | Path, world: str | Path, **options) -> Path:
             manifest["vision_pretrain_batch_size"], **reading,
         )
         if resnet:
-            model_args = dict(num_classes=0, global_pool="", layers=[1, 1, 1, 1], stem_width=vision["stem_width"],
-                              channels=list(vision["channels"]))
-            save_for_hf(tower.eval(), str(staging / "vision_tower"), model_args=model_args, safe_serialization=True)
+            save_for_hf(tower.eval(), str(staging / "vision_tower"), model_args=resnet_arguments(vision),
+                        safe_serialization=True)
         else:
             tower.save_pretrained(staging / "vision_tower")
             processor.save_pretrained(staging / "vision_tower")

@@ -87,6 +87,8 @@ def test_a_base_built_at_the_old_pretraining_batch_is_rebuilt_and_a_bad_batch_is
 
 
 def test_a_resnet_tower_base_loads_as_a_timm_tower_whose_read_stage_the_pretraining_taught(world, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
     from models.config import ModelConfig
     from models.factory import build_model, input_spec
 
@@ -94,28 +96,28 @@ def test_a_resnet_tower_base_loads_as_a_timm_tower_whose_read_stage_the_pretrain
     resnet_tokens = tiny_base.resnet_tokens
     monkeypatch.setattr(tiny_base, "resnet_tokens", lambda tower, pixels: read.append(pixels.shape[0]) or resnet_tokens(tower, pixels))
     options = dict(llm=TINY_LLM, vision_pretrain_steps=2, vision_tower="resnet",
-                   vision=dict(image_size=32, stem_width=8, channels=[8, 16, 16, 16]))
+                   vision=dict(image_size=32, channels=(8, 16, 16, 16)))
     base = ensure_tiny_base(tmp_path / "base", world, **options)
     built = json.loads((base / MANIFEST).read_text())
     assert built["vision_tower"] == "resnet" and built["vision"]["channels"] == [8, 16, 16, 16]
     assert read == [1, 32, 32]  # the head's width, then each pretraining batch, all read at the stage the VLM reads
+    stamp = (base / MANIFEST).stat().st_mtime_ns
+    ensure_tiny_base(tmp_path / "base", world, **options)  # the same options (a tuple of widths) keep it
+    assert (base / MANIFEST).stat().st_mtime_ns == stamp and read == [1, 32, 32]
     config = ModelConfig(base=str(base), vision={"type": "timm", "layer": RESNET_READ_STAGE}, tune_vision=False)
     spec = input_spec(config)
     assert (spec.image_size, spec.mean, spec.tokens_per_image) == (32, (0.5, 0.5, 0.5), 4)  # 4 x 4 tokens, merged 2 x 2
     model = build_model(config)
-    pixels = torch.randn(3, 3, 32, 32)
+    stored = load_file(base / "vision_tower" / "model.safetensors")
+    kept = model.vision.model.state_dict()
+    assert {key for key in stored if key.startswith(("layer1.", "layer2."))} <= kept.keys()
+    assert all(torch.equal(kept[key], stored[key]) for key in kept)  # the pretrained weights, stages 3-4 pruned
     with torch.no_grad():
-        stored = tiny_base.resnet_tokens(tiny_base.resnet_tower(built["vision"]), pixels)  # only its shape
-        tokens = model.vision.eval()(pixels)
-    assert tokens.shape == stored.shape == (3, 16, 16)
-    # Training the VLM leaves a frozen tower in eval mode: its batch norms keep their running statistics.
-    model.train()
-    assert model.llm.training and not model.vision.training
-    before = {name: buffer.clone() for name, buffer in model.vision.named_buffers()}
-    with torch.no_grad():
-        model.vision(pixels)
-    assert all(torch.equal(buffer, before[name]) for name, buffer in model.vision.named_buffers())
-    # A base built before the tower family was an option is a SigLIP base: kept as one, rebuilt for a ResNet.
+        tokens = model.vision.eval()(torch.randn(3, 3, 32, 32))
+    assert tokens.shape == (3, 16, 16)  # (images, 4 x 4 stage-2 positions, 16 channels)
+    with pytest.raises(ValueError, match="no blocks or stages"):
+        model.vision.blocks  # what FSDP and activation checkpointing would wrap
+    # A base built before the tower family was an option is a SigLIP base, and is kept as one.
     siglip = ensure_tiny_base(tmp_path / "siglip", world, vision=TINY_VISION, llm=TINY_LLM, vision_pretrain_steps=2)
     manifest = json.loads((siglip / MANIFEST).read_text())
     assert manifest["vision_tower"] == "siglip"
