@@ -74,13 +74,8 @@ def standardise(train: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor
 
 def probe_accuracy(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor,
                    test_labels: torch.Tensor) -> float:
-    """Accuracy of an L2-regularised logistic regression (L-BFGS) fitted on ``train``."""
-    return float((probe_predictions(train, train_labels, test) == test_labels).float().mean())
-
-
-def probe_predictions(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor) -> torch.Tensor:
-    """0/1 predictions on ``test`` of an L2-regularised logistic regression (L-BFGS) fitted on ``train``."""
-    return (probe_probabilities(train, train_labels, test) > 0.5).float()
+    """Accuracy on ``test`` of an L2-regularised logistic regression (L-BFGS) fitted on ``train``."""
+    return float(((probe_probabilities(train, train_labels, test) > 0.5).float() == test_labels).float().mean())
 
 
 def probe_probabilities(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor) -> torch.Tensor:
@@ -132,15 +127,15 @@ def difference_sets_right(questions: pd.DataFrame, truth: pd.DataFrame, read: pd
     return float((change(read) == change(truth[read.columns])).all(axis=1).mean())
 
 
-def difference_reader(tower: VisionTower, size_mean_std: tuple[int, tuple, tuple], world: Path) -> None:
-    """Prints each reader's accuracy per finding and on the test split's difference questions."""
-    images = load_images(world / "mimic-cxr-jpg")
+def difference_reader(images: pd.DataFrame, image_tokens: torch.Tensor, world: Path) -> None:
+    """Prints each reader's accuracy per finding and on the test split's difference questions; ``images`` are
+    the world's images, ``image_tokens`` their tokens (row for row)."""
     frontal = images[images["view"].isin(FRONTAL_VIEWS)].drop_duplicates("study_id")
     truth = finding_truth(world)
     # A copy: pandas hands out read-only arrays, which torch warns about when it indexes with one.
     is_train = (frontal["split"] == "train").to_numpy(copy=True)
     train, other = frontal[is_train], frontal[~is_train]
-    tokens = features(tower, size_mean_std, list(frontal["path"]))
+    tokens = image_tokens[torch.tensor(images.index.get_indexer(frontal.index))]
     readers = {"pooled reader": tokens.mean(dim=1), "token reader": tokens}
     read = {name: pd.DataFrame(index=frontal["study_id"].to_numpy()) for name in readers}
     print(f"\nfindings read on the frontal image: fitted on {len(train)} train-split studies, scored on {len(other)} others\n")
@@ -170,10 +165,13 @@ def main() -> None:
     args = parser.parse_args()
     tower, size_mean_std = tiny_tower(args.base)
     jpg = args.world / "mimic-cxr-jpg"
-    images = load_images(jpg).merge(load_chexpert(jpg), on=["subject_id", "study_id"])
+    all_images = load_images(jpg).reset_index(drop=True)
+    # Every image through the tower once: the CheXpert probe and the difference reader share the tokens.
+    image_tokens = features(tower, size_mean_std, list(all_images["path"]))
+    images = all_images.reset_index().merge(load_chexpert(jpg), on=["subject_id", "study_id"])
     train, test = images[images["split"] == "train"], images[images["split"] != "train"]
-    train_features, test_features = standardise(features(tower, size_mean_std, list(train["path"])).mean(dim=1),
-                                                features(tower, size_mean_std, list(test["path"])).mean(dim=1))
+    train_features, test_features = standardise(image_tokens[torch.tensor(train["index"].to_numpy())].mean(dim=1),
+                                                image_tokens[torch.tensor(test["index"].to_numpy())].mean(dim=1))
     print(f"{args.base.name}: linear probe on the mean-pooled tokens of {len(train)} train-split images, scored on "
           f"{len(test)} others\n")
     print("| label | share of the scored images | probe accuracy |\n| --- | --- | --- |")
@@ -184,7 +182,7 @@ def main() -> None:
         accuracy = probe_accuracy(train_features, target, test_features, expected)
         print(f"| {label} | {float(expected.mean()):.2f} | {accuracy:.3f} |")
     if (args.world / "truth" / "studies.csv").is_file():
-        difference_reader(tower, size_mean_std, args.world)
+        difference_reader(all_images, image_tokens, args.world)
 
 
 if __name__ == "__main__":
