@@ -54,7 +54,8 @@ class TemporalFusion(nn.Module):
     DDP/FSDP ranks must agree on the graph whatever their batches hold. One process need not; there
     (``LumenLitModule.configure_model`` sets it from the world size) a batch without priors skips them
     and their parameters get no gradient that step, as if the batch had not touched them.
-    The last layers of the difference and interval branches and all type embeddings start at zero: a
+    The alignment starts as the identity on queries, keys, values and output (``__init__``). The last layers
+    of the difference and interval branches and all type embeddings start at zero: a
     model initialised from NVILA first computes exactly NVILA's tokens for the current image (and, in
     ``concat``, for the prior image).
     """
@@ -87,6 +88,16 @@ class TemporalFusion(nn.Module):
         for layer in zero_init:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+        if mode != "concat":
+            # The alignment starts as a content match: its query, key, value and output maps are the identity, so
+            # a current token's counterpart is the prior tokens averaged by their similarity to it, and their
+            # difference is what changed, not the token minus a random map of the prior. From the default random
+            # maps the demo's difference questions came out less often right (docs/results.md, 2026-12-05).
+            with torch.no_grad():
+                self.align.in_proj_weight.copy_(torch.eye(dim).repeat(3, 1))
+                self.align.in_proj_bias.zero_()
+                self.align.out_proj.weight.copy_(torch.eye(dim))
+                self.align.out_proj.bias.zero_()
 
     @property
     def use_interval(self) -> bool:

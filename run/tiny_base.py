@@ -252,6 +252,11 @@ def base_manifest(world: str | Path, vision: dict | None = None, llm: dict | Non
         "vision_pretrain_batch_size": vision_pretrain_batch_size,
         # 0: the world's train split; N: a population of N subjects drawn for pretraining alone.
         "vision_pretrain_subjects": vision_pretrain_subjects,
+        # How the pretraining head reads the tokens (pretrain_vision_tower): the mean, for both families. The mean
+        # of the tokens is what a head of the LLM attending evenly to an image sees, and a ResNet pretrained on it
+        # gives the demo's difference questions far more right than one pretrained on each token's largest
+        # logit (docs/results.md, 2026-12-05); ResNet bases built before this key existed used the max.
+        "vision_pretrain_pool": "mean",
         "seed": seed,
     }
 
@@ -289,13 +294,13 @@ def build_tiny_base(out: str | Path, world: str | Path, **options) -> Path:
 
         if resnet:
             tower = resnet_tower(vision)
-            reading = dict(tokens=resnet_tokens, pool="max")
+            reading = resnet_tokens
         else:
             tower = SiglipVisionModel(SiglipVisionConfig(vision_use_head=False, **vision))
-            reading = dict(tokens=siglip_tokens, pool="mean")
+            reading = siglip_tokens
         manifest["vision_pretrain_loss"] = pretrain_vision_tower(
             tower, pixels, targets, manifest["vision_pretrain_steps"], manifest["seed"], manifest["vision_pretrain_lr"],
-            manifest["vision_pretrain_batch_size"], **reading,
+            manifest["vision_pretrain_batch_size"], tokens=reading, pool=manifest["vision_pretrain_pool"],
         )
         if resnet:
             save_for_hf(tower.eval(), str(staging / "vision_tower"), model_args=resnet_arguments(vision),
@@ -321,6 +326,7 @@ def ensure_tiny_base(out: str | Path, world: str | Path, **options) -> Path:
         built.setdefault("vision_pretrain_subjects", 0)
         built.setdefault("vision_pretrain_batch_size", 64)
         built.setdefault("vision_tower", "siglip")
+        built.setdefault("vision_pretrain_pool", "max" if built["vision_tower"] == "resnet" else "mean")
         if built == base_manifest(world, **options):
             return out
     elif out.exists() and any(out.iterdir()):

@@ -123,3 +123,14 @@ def test_interval_embedding_separates_intervals():
 def test_unknown_mode_is_a_clear_error():
     with pytest.raises(ValueError, match="model.net.fusion.mode='stack'"):
         TemporalFusion(DIM, TOKENS, "stack")
+
+
+@pytest.mark.parametrize("mode", ["difference", "fused"])
+def test_at_initialisation_the_alignment_finds_each_tokens_counterpart_by_content(mode):
+    """The alignment starts as the identity on queries, keys, values and output: a current token's counterpart
+    is the prior token most like it (here the same token, in another order), not a random map of the prior."""
+    fusion = TemporalFusion(DIM, TOKENS, mode)
+    current = 10 * torch.eye(DIM)[:TOKENS].unsqueeze(0)  # (1, N, D): distinct tokens
+    prior = current[:, torch.tensor([2, 0, 3, 1])]
+    counterpart, _ = fusion.align(current, prior, prior, need_weights=False)
+    torch.testing.assert_close(counterpart, current)

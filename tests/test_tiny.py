@@ -104,6 +104,17 @@ def test_a_resnet_tower_base_loads_as_a_timm_tower_whose_read_stage_the_pretrain
     stamp = (base / MANIFEST).stat().st_mtime_ns
     ensure_tiny_base(tmp_path / "base", world, **options)  # the same options (a tuple of widths) keep it
     assert (base / MANIFEST).stat().st_mtime_ns == stamp and read == [1, 32, 32]
+    # The pretraining head read the mean of the tokens. A ResNet base from before the pool was recorded was
+    # pretrained on each token's largest logit: it is rebuilt.
+    assert built["vision_pretrain_pool"] == "mean"
+    del built["vision_pretrain_pool"]
+    (base / MANIFEST).write_text(json.dumps(built))
+    pools = []
+    pretrain = tiny_base.pretrain_vision_tower
+    monkeypatch.setattr(tiny_base, "pretrain_vision_tower",
+                        lambda *args, **kwargs: pools.append(kwargs["pool"]) or pretrain(*args, **kwargs))
+    ensure_tiny_base(tmp_path / "base", world, **options)
+    assert pools == ["mean"] and json.loads((base / MANIFEST).read_text())["vision_pretrain_pool"] == "mean"
     config = ModelConfig(base=str(base), vision={"type": "timm", "layer": RESNET_READ_STAGE}, tune_vision=False)
     spec = input_spec(config)
     assert (spec.image_size, spec.mean, spec.tokens_per_image) == (32, (0.5, 0.5, 0.5), 4)  # 4 x 4 tokens, merged 2 x 2
@@ -117,11 +128,11 @@ def test_a_resnet_tower_base_loads_as_a_timm_tower_whose_read_stage_the_pretrain
     assert tokens.shape == (3, 16, 16)  # (images, 4 x 4 stage-2 positions, 16 channels)
     with pytest.raises(ValueError, match="no blocks or stages"):
         model.vision.blocks  # what FSDP and activation checkpointing would wrap
-    # A base built before the tower family was an option is a SigLIP base, and is kept as one.
+    # A base built before the tower family was an option is a SigLIP base (pretrained on the mean), and is kept as one.
     siglip = ensure_tiny_base(tmp_path / "siglip", world, vision=TINY_VISION, llm=TINY_LLM, vision_pretrain_steps=2)
     manifest = json.loads((siglip / MANIFEST).read_text())
     assert manifest["vision_tower"] == "siglip"
-    del manifest["vision_tower"]
+    del manifest["vision_tower"], manifest["vision_pretrain_pool"]
     (siglip / MANIFEST).write_text(json.dumps(manifest))
     stamp = (siglip / MANIFEST).stat().st_mtime_ns
     ensure_tiny_base(tmp_path / "siglip", world, vision=TINY_VISION, llm=TINY_LLM, vision_pretrain_steps=2)
