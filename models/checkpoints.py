@@ -32,7 +32,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from common.contract import IMAGE_TOKEN
 from common.files import atomic_directory, atomic_file
 from models.config import ModelConfig
-from models.factory import build_model, load_tokenizer
+from models.factory import build_model, load_tokenizer, vision_type
 from models.lumen import LumenModel
 from models.vision import WEIGHTS
 
@@ -138,7 +138,7 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
             (staging / name / "config.json").write_text(json.dumps(extra, indent=2))
             save_file({k: v.contiguous() for k, v in module.state_dict().items()}, staging / name / WEIGHTS)
         # The exported tower holds only the layers up to the chosen one: address it by absolute index.
-        exported = ModelConfig(**{**config.to_dict(), "base": ".", "vision": {"type": config.vision.type, "layer": model.vision.index}})
+        exported = ModelConfig(**{**config.to_dict(), "base": ".", "vision": {"type": vision_type(config), "layer": model.vision.index}})
         summary = {
             "model_type": "lumen",
             "architectures": ["LumenModel"],

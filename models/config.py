@@ -17,20 +17,25 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 ATTENTION = ("eager", "sdpa", "flash_attention_2")
 # The layer a tower is read at when neither the config nor the base says: SigLIP's second-to-last, NVILA's.
 DEFAULT_VISION_LAYER = -2
+# The manifest of a tiny base built by run.tiny_base: what it was built from, and the layer its tower is
+# read at ("vision_layer"), which model.net.vision.layer=null follows.
+BASE_MANIFEST = "lumen-base.json"
 
 
 @dataclass(frozen=True)
 class VisionConfig:
     """The ``model/vision`` config group."""
 
-    type: str = "hf"
-    # None: an NVILA base's mm_vision_select_layer (models.nvila), else DEFAULT_VISION_LAYER. A layer that
-    # differs from an NVILA base's is refused: its projector was trained on that layer's tokens.
+    # None: the family of the base's vision_tower/, read from its files (models.vision.tower_type_of).
+    type: str | None = None
+    # None: the layer the base prescribes -- an NVILA base's mm_vision_select_layer (models.nvila), a tiny
+    # base's vision_layer (BASE_MANIFEST) -- else DEFAULT_VISION_LAYER. A layer that differs from an NVILA
+    # base's is refused: its projector was trained on that layer's tokens.
     layer: int | None = None
 
     def __post_init__(self) -> None:
-        if self.type not in TOWER_TYPES:
-            raise ValueError(f"model.net.vision.type={self.type!r}: expected one of {TOWER_TYPES}")
+        if self.type is not None and self.type not in TOWER_TYPES:
+            raise ValueError(f"model.net.vision.type={self.type!r}: expected one of {TOWER_TYPES} or null (the base's)")
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,10 @@ class ModelConfig:
     @property
     def vision_dir(self) -> Path:
         return Path(self.base) / "vision_tower"
+
+    @property
+    def manifest_path(self) -> Path:
+        return Path(self.base) / BASE_MANIFEST
 
     @property
     def projector_dir(self) -> Path:

@@ -4,7 +4,9 @@ read without remote code:
     config.json       optional: NVILA's (model_type llava_llama), whose vision layer and token selection,
                       image scales and image policy are followed and checked (``models.nvila``)
     llm/              a Hugging Face causal LM + its tokenizer (AutoModelForCausalLM/AutoTokenizer)
-    vision_tower/     a vision tower (``model.net.vision.type``: hf = SiglipVisionModel, timm, open_clip)
+    vision_tower/     a vision tower (``model.net.vision.type``: hf = SiglipVisionModel, timm, open_clip;
+                      null = whichever the directory holds)
+    lumen-base.json   optional: a tiny base's manifest (``run.tiny_base``), naming the layer its tower is read at
     mm_projector/     optional: NVILA's projector (config.json with mm_projector_type + model.safetensors
                       keyed ``layers.*``); absent = a fresh ``mlp_downsample``
     temporal_fusion/  optional (our exports): the temporal fusion's config and weights
@@ -29,7 +31,7 @@ from models.fusion import TemporalFusion
 from models.lumen import LumenModel
 from models.nvila import NvilaConfig, read_nvila_config
 from models.projector import MERGE_SIZE, PROJECTOR_TYPES, MLPDownsampleProjector, tokens_per_image
-from models.vision import WEIGHTS, build_vision_tower, read_spec
+from models.vision import WEIGHTS, build_vision_tower, read_spec, tower_type_of
 
 log = logging.getLogger(__name__)
 
@@ -50,21 +52,32 @@ def llm_dir(config: ModelConfig) -> Path:
 
 def vision_dir(config: ModelConfig) -> Path:
     """The base's ``vision_tower/``, or an error saying what ``model.net.base`` must hold."""
-    return _require_dir(config.vision_dir, f"a {config.vision.type} vision tower")
+    return _require_dir(config.vision_dir, f"a {config.vision.type or 'Hugging Face, timm or open_clip'} vision tower")
+
+
+def vision_type(config: ModelConfig) -> str:
+    """``model.net.vision.type``, or if null the family of the tower the base holds."""
+    return config.vision.type or tower_type_of(vision_dir(config))
 
 
 def nvila_config(config: ModelConfig) -> NvilaConfig | None:
     """The base's NVILA ``config.json``, checked (``models.nvila``); ``None`` if the base is no NVILA directory."""
     vision_dir(config)  # the check reads the tower's config: a missing tower is named first
-    return read_nvila_config(config.base, config.vision.type)
+    return read_nvila_config(config.base, vision_type(config))
 
 
 def vision_layer(config: ModelConfig, nvila: NvilaConfig | None) -> int:
     """The tower layer to read: an NVILA base's (``model.net.vision.layer`` may only name the same one), else
-    ``model.net.vision.layer``, else ``DEFAULT_VISION_LAYER``."""
+    ``model.net.vision.layer``, else a tiny base's ``vision_layer``, else ``DEFAULT_VISION_LAYER``."""
     if nvila is not None:
         return nvila.layer_for(config.vision.layer)
-    return DEFAULT_VISION_LAYER if config.vision.layer is None else config.vision.layer
+    if config.vision.layer is not None:
+        return config.vision.layer
+    if config.manifest_path.is_file():
+        layer = json.loads(config.manifest_path.read_text()).get("vision_layer")
+        if layer is not None:
+            return layer
+    return DEFAULT_VISION_LAYER
 
 
 def resolved_projector_type(config: ModelConfig) -> str:
@@ -89,7 +102,7 @@ def input_spec(config: ModelConfig) -> InputSpec:
     (``resize``; ``None`` for a base that does not say). An NVILA base is checked here as in
     ``build_model``, so a run stops on an unsupported value before any data is read."""
     nvila = nvila_config(config)
-    vision = read_spec(config.vision.type, vision_dir(config), vision_layer(config, nvila))
+    vision = read_spec(vision_type(config), vision_dir(config), vision_layer(config, nvila))
     projector_type = resolved_projector_type(config)
     if nvila is not None:
         if (config.projector_dir / "config.json").is_file():
@@ -181,7 +194,7 @@ def build_model(config: ModelConfig, weights: bool = True) -> LumenModel:
     tokenizer = load_tokenizer(config)
     llm = _load_llm(config, len(tokenizer), weights)
     nvila = nvila_config(config)
-    vision = build_vision_tower(config.vision.type, vision_dir(config), vision_layer(config, nvila), weights=weights)
+    vision = build_vision_tower(vision_type(config), vision_dir(config), vision_layer(config, nvila), weights=weights)
     llm_size = llm.config.hidden_size
     projector = _projector(config, vision, llm_size, nvila, weights)
     fusion = TemporalFusion(llm_size, projector.tokens_per_image, mode=config.fusion.mode,

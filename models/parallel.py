@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX, checkpoint_wrapper
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+    apply_activation_checkpointing as wrap_for_checkpointing,
+)
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -63,19 +67,19 @@ def decoder_layers(model: LumenModel) -> nn.ModuleList:
     return model.llm.model.layers
 
 
-def checkpoint_blocks(blocks: nn.ModuleList | nn.Sequential) -> None:
-    """Wraps each block in torch's non-reentrant ``checkpoint_wrapper``: its activations are recomputed
-    in the backward pass instead of kept. State-dict keys are unchanged (the wrapper strips its prefix)."""
-    for index, block in enumerate(blocks):
-        blocks[index] = checkpoint_wrapper(block)
+def checkpoint_blocks(root: nn.Module, blocks: Iterable[nn.Module]) -> None:
+    """Wraps each of ``blocks`` (submodules of ``root``, wherever they sit: a list's items, a ResNet's
+    ``layer1``...) in torch's non-reentrant ``checkpoint_wrapper`` in place: its activations are recomputed in
+    the backward pass instead of kept. State-dict keys are unchanged (the wrapper strips its prefix)."""
+    chosen = set(blocks)
+    wrap_for_checkpointing(root, checkpoint_wrapper_fn=checkpoint_wrapper, check_fn=lambda module: module in chosen)
 
 
 def apply_activation_checkpointing(model: LumenModel) -> None:
     """Checkpoints every vision block and LLM decoder layer: the one mechanism behind
     ``model.net.gradient_checkpointing``, in one process and under FSDP2 (applied before sharding, so
     each FSDP unit is one checkpointed block). Hugging Face's own gradient checkpointing stays off."""
-    checkpoint_blocks(model.vision.blocks)
-    checkpoint_blocks(decoder_layers(model))
+    checkpoint_blocks(model, [*model.vision.blocks, *decoder_layers(model)])
 
 
 def shard(model: LumenModel, mesh: DeviceMesh, param_dtype: torch.dtype | None) -> None:

@@ -188,13 +188,19 @@ class TimmVisionTower(nn.Module):
         return pretrained["input_size"][-1], pretrained["mean"], pretrained["std"]
 
     @property
-    def blocks(self) -> nn.Module:
-        """The transformer blocks, or a convnet's stages (FSDP wraps each as one unit)."""
+    def blocks(self) -> list[nn.Module]:
+        """The transformer blocks, or a convnet's stages up to the one read (FSDP wraps each as one unit):
+        ``blocks`` or ``stages`` where the model has them (a ViT, a ConvNeXt), else the feature modules timm
+        lists that hold parameters (a ResNet's ``layer1``, ``layer2``, ...; not the stem's activation)."""
         for name in ("blocks", "stages"):
             if hasattr(self.model, name):
-                return getattr(self.model, name)
-        raise ValueError(f"the timm tower {self.config.get('architecture')!r} has no blocks or stages to wrap one by one: "
-                         "FSDP and activation checkpointing need a tower that has them (a ViT, a ConvNeXt)")
+                return list(getattr(self.model, name))
+        stages = [self.model.get_submodule(info["module"]) for info in self.model.feature_info[:self.index + 1]]
+        stages = [stage for stage in stages if any(True for _ in stage.parameters())]
+        if not stages:
+            raise ValueError(f"the timm tower {self.config.get('architecture')!r} has no blocks, stages or feature modules "
+                             "with parameters to wrap one by one, as FSDP and activation checkpointing do")
+        return stages
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         (features,) = self.model.forward_intermediates(images, indices=[self.index], intermediates_only=True)
@@ -263,6 +269,17 @@ class OpenClipVisionTower(nn.Module):
 
 VisionTower = HFVisionTower | TimmVisionTower | OpenClipVisionTower
 TOWERS = {"hf": HFVisionTower, "timm": TimmVisionTower, "open_clip": OpenClipVisionTower}
+
+
+def tower_type_of(tower_dir: str | Path) -> str:
+    """The family of the tower in ``tower_dir``, from the files each family's format writes: open_clip's
+    ``open_clip_config.json``; timm's ``config.json``, which names an ``architecture``; else a Hugging Face
+    ``config.json`` (its ``model_type`` is checked when the tower is built)."""
+    tower_dir = Path(tower_dir)
+    if (tower_dir / "open_clip_config.json").is_file():
+        return "open_clip"
+    config = _read_json(tower_dir / "config.json", "a Hugging Face, timm or open_clip vision tower's config")
+    return "timm" if "architecture" in config else "hf"
 
 
 def build_vision_tower(tower_type: str, tower_dir: str | Path, layer: int, weights: bool = True) -> VisionTower:

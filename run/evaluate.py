@@ -34,7 +34,7 @@ from evaluation.metrics import is_closed, score_sample
 from evaluation.plots import plot_by_question_type, plot_distributions
 from evaluation.report import aggregate, difference_headline, markdown_report, markdown_table
 from models.checkpoints import LoadedCheckpoint, load_checkpoint
-from models.factory import input_spec
+from models.factory import input_spec, vision_type
 from models.lit_module import LumenLitModule
 from run.cli import check_config, prepare
 
@@ -139,7 +139,7 @@ def evaluate(cfg: DictConfig) -> dict | None:
     results["config"] = OmegaConf.to_container(cfg, resolve=True)
     model = loaded.model
     results["model"] = {
-        "vision": loaded.config.vision.type,
+        "vision": vision_type(loaded.config),
         "projector": model.projector.projector_type,
         "fusion_mode": model.fusion.mode,
         "tokens_per_image": model.tokens_per_image,

@@ -1,9 +1,10 @@
 """Writes a tiny base model to disk in the layout a real one has, so the same loaders read both.
 
     BASE/llm/            Hugging Face Qwen2ForCausalLM + tokenizer (ChatML, <image> special token)
-    BASE/vision_tower/   Hugging Face SiglipVisionModel + preprocessor_config.json, as in NVILA
-                         (or, with vision_tower="resnet", a timm ResNet in timm's local-dir format)
-    BASE/lumen-base.json what was built, from what (written last: marks the directory complete)
+    BASE/vision_tower/   a small timm ResNet in timm's local-dir format (the default), or with
+                         vision_tower="siglip" a Hugging Face SiglipVisionModel + preprocessor_config.json, as in NVILA
+    BASE/lumen-base.json what was built, from what, and the layer the tower is read at (vision_layer,
+                         which model.net.vision.layer=null follows); written last: marks the directory complete
 
 The tokenizer is a byte-level BPE trained on the synthetic world's questions, answers and reports;
 the vision tower is pretrained on the world's training-split labels or, with
@@ -39,12 +40,13 @@ from transformers import (
 )
 
 from common.contract import IMAGE_TOKEN
-from common.files import atomic_directory
+from common.files import atomic_directory, write_json_atomic
 from datamodules.collate import image_transform
 from datamodules.mimic import CHEXPERT_LABELS, load_chexpert, load_images
 from datamodules.synthetic.drawing import render_image
 from datamodules.synthetic.population import ImageRecord, Study, simulate_population
 from datamodules.synthetic.writer import draw_in_processes
+from models.config import BASE_MANIFEST
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", IMAGE_TOKEN]
 # ChatML as NVILA/Qwen2 use it; a default system turn is added when the messages have none.
@@ -65,17 +67,18 @@ DEFAULT_LLM = dict(
     hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
     intermediate_size=384, max_position_embeddings=1024, rope_theta=10000.0,
 )
-# The tower families a tiny base can have. siglip: NVILA's kind, a ViT (read by the default model/vision
-# config, model.net.vision.layer=-1). resnet: a small timm ResNet, BioViL-T's kind of CXR tower, read at its
-# second stage, 8 x 8 tokens at 64 px (model/vision=timm model.net.vision.layer=RESNET_READ_STAGE), after
-# timm's default stem (a 7 x 7 convolution to 64 channels and a max-pool); its last two stages are built, as
-# a timm ResNet needs, but never read. On the demo's world the ResNet's tokens read the findings far better
-# than the tiny ViT's (docs/results.md).
-VISION_TOWERS = ("siglip", "resnet")
-DEFAULT_RESNET = dict(image_size=64, channels=[32, 64, 128, 128])
+# The tower families a tiny base can have. resnet (the default): a small timm ResNet, BioViL-T's kind of CXR
+# tower, read at its second stage, 8 x 8 tokens at 64 px, after timm's default stem (a 7 x 7 convolution to 64
+# channels and a max-pool); its last two stages are built, as a timm ResNet needs, but never read. siglip:
+# NVILA's kind, a ViT, read at its last layer. On the demo's world the ResNet's tokens read the findings far
+# better than the tiny ViT's (docs/results.md). The manifest names the layer (VISION_LAYERS) and the model
+# finds the family from the tower's files, so model/vision needs no override for either.
+VISION_TOWERS = ("resnet", "siglip")
 RESNET_READ_STAGE = 2
+VISION_LAYERS = {"resnet": RESNET_READ_STAGE, "siglip": -1}
+DEFAULT_RESNET = dict(image_size=64, channels=[32, 64, 128, 128])
 RESNET_NORMALISATION = (0.5, 0.5, 0.5)
-MANIFEST = "lumen-base.json"
+MANIFEST = BASE_MANIFEST
 # Images per tower pretraining step (64 before the option existed: such bases are rebuilt).
 PRETRAIN_BATCH_SIZE = 32
 
@@ -225,7 +228,7 @@ def pretrain_vision_tower(tower: torch.nn.Module, pixels: torch.Tensor, targets:
 def base_manifest(world: str | Path, vision: dict | None = None, llm: dict | None = None, vocab_size: int = 1024,
                   vision_pretrain_steps: int = 600, vision_pretrain_lr: float = 1e-3,
                   vision_pretrain_subjects: int = 0, vision_pretrain_batch_size: int = PRETRAIN_BATCH_SIZE,
-                  vision_tower: str = "siglip", seed: int = 0) -> dict:
+                  vision_tower: str = "resnet", seed: int = 0) -> dict:
     """Everything a tiny base is built from: equal manifests, equal bases. The world counts by what it
     is (its generator version, size and seed), not only by where it is: a world regenerated in place
     by a newer generator makes the base stale."""
@@ -236,12 +239,17 @@ def base_manifest(world: str | Path, vision: dict | None = None, llm: dict | Non
     if vision_pretrain_subjects < 0:
         raise ValueError(f"vision_pretrain_subjects={vision_pretrain_subjects}: expected 0 (the world's train split) "
                          "or a number of subjects to draw")
+    unknown = sorted(set(vision or {}) - set(DEFAULT_RESNET)) if vision_tower == "resnet" else []
+    if unknown:
+        raise ValueError(f"vision={vision}: a resnet tower takes {sorted(DEFAULT_RESNET)}, not {unknown} (settings of a "
+                         "siglip tower? set vision_tower=siglip)")
     world = Path(world)
     built = json.loads((world / "world.json").read_text()) if (world / "world.json").is_file() else {}
     return {
         "world": str(world.resolve()),
         "world_generator": {key: built.get(key) for key in ("generator_version", "subjects", "seed")},
         "vision_tower": vision_tower,
+        "vision_layer": VISION_LAYERS[vision_tower],
         # As JSON reads it back (tuples as lists), so a built base's manifest compares equal.
         "vision": json.loads(json.dumps({**(DEFAULT_RESNET if vision_tower == "resnet" else DEFAULT_VISION),
                                          **(vision or {})})),
@@ -327,7 +335,11 @@ def ensure_tiny_base(out: str | Path, world: str | Path, **options) -> Path:
         built.setdefault("vision_pretrain_batch_size", 64)
         built.setdefault("vision_tower", "siglip")
         built.setdefault("vision_pretrain_pool", "max" if built["vision_tower"] == "resnet" else "mean")
+        built.setdefault("vision_layer", VISION_LAYERS[built["vision_tower"]])
         if built == base_manifest(world, **options):
+            stored = json.loads(manifest.read_text())
+            if "vision_layer" not in stored:  # built before the key existed: the model reads it from here
+                write_json_atomic(manifest, {**stored, "vision_layer": built["vision_layer"]})
             return out
     elif out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not a tiny base built by lumen (no {MANIFEST}); choose another path")
@@ -342,9 +354,8 @@ def main() -> None:
     parser.add_argument("--vision-pretrain-steps", type=int, default=600)
     parser.add_argument("--vision-pretrain-lr", type=float, default=1e-3)
     parser.add_argument("--vision-pretrain-batch-size", type=int, default=PRETRAIN_BATCH_SIZE)
-    parser.add_argument("--vision-tower", choices=VISION_TOWERS, default="siglip",
-                        help="the tower's family: NVILA's SigLIP ViT, or a small timm ResNet (read it with "
-                             f"model/vision=timm model.net.vision.layer={RESNET_READ_STAGE})")
+    parser.add_argument("--vision-tower", choices=VISION_TOWERS, default="resnet",
+                        help="the tower's family: a small timm ResNet, or NVILA's kind, a SigLIP ViT")
     parser.add_argument("--vision-pretrain-subjects", type=int, default=0,
                         help="pretrain the tower on this many subjects drawn for it alone (0: the world's train split)")
     args = parser.parse_args()

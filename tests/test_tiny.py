@@ -40,7 +40,7 @@ def test_a_drawn_pretraining_set_labels_every_site_and_view_of_its_own_populatio
 
 
 def test_a_tiny_base_pretrained_on_a_drawn_population_says_so_and_is_rebuilt_when_that_changes(world, tmp_path):
-    options = dict(vision=TINY_VISION, llm=TINY_LLM, vision_pretrain_steps=2, vision_pretrain_subjects=4)
+    options = dict(vision_tower="siglip", vision=TINY_VISION, llm=TINY_LLM, vision_pretrain_steps=2, vision_pretrain_subjects=4)
     base = ensure_tiny_base(tmp_path / "base", world, **options)
     built = json.loads((base / MANIFEST).read_text())
     assert built["vision_pretrain_subjects"] == 4 and built["vision_pretrain_lr"] == 1e-3
@@ -67,7 +67,7 @@ def test_a_base_built_at_the_old_pretraining_batch_is_rebuilt_and_a_bad_batch_is
     pretrain = tiny_base.pretrain_vision_tower
     monkeypatch.setattr(tiny_base, "pretrain_vision_tower",
                         lambda *args, **kwargs: batches.append(args[6]) or pretrain(*args, **kwargs))
-    options = dict(vision=TINY_VISION, llm=TINY_LLM, vision_pretrain_steps=2)
+    options = dict(vision_tower="siglip", vision=TINY_VISION, llm=TINY_LLM, vision_pretrain_steps=2)
     base = ensure_tiny_base(tmp_path / "base", world, **options)
     built = json.loads((base / MANIFEST).read_text())
     assert built["vision_pretrain_batch_size"] == 32 and batches == [32]
@@ -90,7 +90,7 @@ def test_a_resnet_tower_base_loads_as_a_timm_tower_whose_read_stage_the_pretrain
     from safetensors.torch import load_file
 
     from models.config import ModelConfig
-    from models.factory import build_model, input_spec
+    from models.factory import build_model, input_spec, vision_layer
 
     read = []
     resnet_tokens = tiny_base.resnet_tokens
@@ -115,7 +115,9 @@ def test_a_resnet_tower_base_loads_as_a_timm_tower_whose_read_stage_the_pretrain
                         lambda *args, **kwargs: pools.append(kwargs["pool"]) or pretrain(*args, **kwargs))
     ensure_tiny_base(tmp_path / "base", world, **options)
     assert pools == ["mean"] and json.loads((base / MANIFEST).read_text())["vision_pretrain_pool"] == "mean"
-    config = ModelConfig(base=str(base), vision={"type": "timm", "layer": RESNET_READ_STAGE}, tune_vision=False)
+    # The model finds the family (timm) and the layer (the manifest's vision_layer) from the base itself.
+    assert built["vision_layer"] == RESNET_READ_STAGE
+    config = ModelConfig(base=str(base), tune_vision=False)
     spec = input_spec(config)
     assert (spec.image_size, spec.mean, spec.tokens_per_image) == (32, (0.5, 0.5, 0.5), 4)  # 4 x 4 tokens, merged 2 x 2
     model = build_model(config)
@@ -126,16 +128,21 @@ def test_a_resnet_tower_base_loads_as_a_timm_tower_whose_read_stage_the_pretrain
     with torch.no_grad():
         tokens = model.vision.eval()(torch.randn(3, 3, 32, 32))
     assert tokens.shape == (3, 16, 16)  # (images, 4 x 4 stage-2 positions, 16 channels)
-    with pytest.raises(ValueError, match="no blocks or stages"):
-        model.vision.blocks  # what FSDP and activation checkpointing would wrap
-    # A base built before the tower family was an option is a SigLIP base (pretrained on the mean), and is kept as one.
-    siglip = ensure_tiny_base(tmp_path / "siglip", world, vision=TINY_VISION, llm=TINY_LLM, vision_pretrain_steps=2)
+    # What FSDP and activation checkpointing wrap one by one: the stages up to the one read.
+    assert model.vision.blocks == [model.vision.model.layer1, model.vision.model.layer2]
+    # A base built before the tower family was an option is a SigLIP base (pretrained on the mean, read at its
+    # last layer), and is kept as one; its manifest gains the layer the model reads it at.
+    siglip = ensure_tiny_base(tmp_path / "siglip", world, vision_tower="siglip", vision=TINY_VISION, llm=TINY_LLM, vision_pretrain_steps=2)
     manifest = json.loads((siglip / MANIFEST).read_text())
     assert manifest["vision_tower"] == "siglip"
-    del manifest["vision_tower"], manifest["vision_pretrain_pool"]
+    del manifest["vision_tower"], manifest["vision_pretrain_pool"], manifest["vision_layer"]
     (siglip / MANIFEST).write_text(json.dumps(manifest))
-    stamp = (siglip / MANIFEST).stat().st_mtime_ns
-    ensure_tiny_base(tmp_path / "siglip", world, vision=TINY_VISION, llm=TINY_LLM, vision_pretrain_steps=2)
-    assert (siglip / MANIFEST).stat().st_mtime_ns == stamp
+    stamp = (siglip / "vision_tower" / "model.safetensors").stat().st_mtime_ns
+    ensure_tiny_base(tmp_path / "siglip", world, vision_tower="siglip", vision=TINY_VISION, llm=TINY_LLM, vision_pretrain_steps=2)
+    assert (siglip / "vision_tower" / "model.safetensors").stat().st_mtime_ns == stamp
+    assert json.loads((siglip / MANIFEST).read_text())["vision_layer"] == -1
+    assert vision_layer(ModelConfig(base=str(siglip)), None) == -1
     with pytest.raises(ValueError, match="vision_tower='vit'"):
         base_manifest(world, vision_tower="vit")
+    with pytest.raises(ValueError, match=r"vision=\{.*'patch_size'.*\}: a resnet tower takes"):
+        base_manifest(world, vision=TINY_VISION)  # a SigLIP's settings for the default ResNet

@@ -12,7 +12,7 @@ import torch
 from run.cli import compose_config
 from run.evaluate import evaluate
 from models.callbacks.resumable_checkpoint import Trained
-from tests.helpers import WORLD_SUBJECTS
+from tests.helpers import PLAIN, WORLD_SUBJECTS
 from run.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +35,8 @@ def test_training_lowers_the_loss_and_logs_it(trained_checkpoint):
 
 def test_checkpoint_loads_with_weights_only(trained_checkpoint):
     checkpoint = torch.load(trained_checkpoint, map_location="cpu", weights_only=True)
-    assert checkpoint["hyper_parameters"]["net"]["vision"] == {"type": "hf", "layer": -1}
+    # The tower as configured: the one the base holds, at the layer it names (models.factory resolves both).
+    assert checkpoint["hyper_parameters"]["net"]["vision"] == {"type": None, "layer": None}
     assert checkpoint["datamodule_hyper_parameters"]["image_resize"] == "pad"  # the tiny base prescribes none
     assert any(key.startswith("model.fusion.") for key in checkpoint["state_dict"])
 
@@ -61,7 +62,7 @@ def test_fsdp_with_two_cpu_processes_trains_and_saves_a_sharded_checkpoint(world
         sys.executable, "train.py", "trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2",
         "trainer.max_steps=3",
         f"paths.output_dir={run}", f"paths.world_dir={world}", f"paths.tiny_base={tiny_base}",
-        f"prepare.world.subjects={WORLD_SUBJECTS}", "prepare.tiny_base=null", "data.batch_size=2", "data.limit.train=16", "data.limit.val=4",
+        f"prepare.world.subjects={WORLD_SUBJECTS}", "prepare.tiny_base=null", *PLAIN, "data.batch_size=2", "data.limit.train=16", "data.limit.val=4",
         f"hydra.run.dir={run}",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

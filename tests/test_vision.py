@@ -7,7 +7,7 @@ import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX, CheckpointWrapper
 
 from models.parallel import checkpoint_blocks
-from models.vision import build_vision_tower, read_spec
+from models.vision import build_vision_tower, read_spec, tower_type_of
 from tests import towers
 from tests.helpers import assert_same_up_to_summation_order
 
@@ -37,6 +37,8 @@ TOWERS = [
     ("timm", "timm", towers.write_timm),
     ("open_clip", "open_clip", towers.write_open_clip),
 ]
+# A convnet without blocks or stages: its stages are timm's feature modules (layer1, layer2, ...).
+WITH_RESNET = [*TOWERS, ("resnet", "timm", towers.write_resnet)]
 
 
 @pytest.mark.parametrize(("kind", "tower_type", "write"), TOWERS, ids=[t[0] for t in TOWERS])
@@ -100,6 +102,20 @@ def test_open_clip_tower_never_builds_the_text_tower(tmp_path):
     assert not any("token_embedding" in name for name in tower.state_dict())
 
 
+@pytest.mark.parametrize(("kind", "tower_type", "write"), WITH_RESNET, ids=[t[0] for t in WITH_RESNET])
+def test_a_towers_family_is_read_from_its_files(tmp_path, kind, tower_type, write):
+    write(tmp_path / kind)
+    assert tower_type_of(tmp_path / kind) == tower_type
+    tower = build_vision_tower(tower_type, tmp_path / kind, -1)
+    tower.save(tmp_path / "saved")  # as export writes it
+    assert tower_type_of(tmp_path / "saved") == tower_type
+
+
+def test_a_directory_without_a_tower_config_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"no vision tower at {tmp_path}: expected config.json"):
+        tower_type_of(tmp_path)
+
+
 def test_unknown_tower_type_and_layer_are_clear_errors(tmp_path):
     towers.write_siglip(tmp_path / "siglip")
     with pytest.raises(ValueError, match="model.net.vision.type='vit'"):
@@ -121,14 +137,14 @@ def test_missing_tower_directory_is_a_clear_error(tmp_path):
         build_vision_tower("timm", tmp_path / "nothing", -2)
 
 
-@pytest.mark.parametrize(("kind", "tower_type", "write"), TOWERS, ids=[t[0] for t in TOWERS])
+@pytest.mark.parametrize(("kind", "tower_type", "write"), WITH_RESNET, ids=[t[0] for t in WITH_RESNET])
 def test_activation_checkpointing_gives_the_same_gradients(tmp_path, kind, tower_type, write):
     write(tmp_path / kind)
     gradients = []
     for checkpointed in (False, True):
         tower = build_vision_tower(tower_type, tmp_path / kind, -1).train()
         if checkpointed:
-            checkpoint_blocks(tower.blocks)
+            checkpoint_blocks(tower, tower.blocks)
             assert sum(isinstance(m, CheckpointWrapper) for m in tower.modules()) == len(tower.blocks) > 0
         tower(IMAGES).square().sum().backward()
         # (the wrapper's prefix is in parameter names, not in state-dict keys)

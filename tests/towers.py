@@ -68,6 +68,17 @@ def write_timm(out: Path, seed: int = 0) -> torch.nn.Module:
     return model
 
 
+def write_resnet(out: Path, seed: int = 0) -> torch.nn.Module:
+    """A small timm ResNet (one basic block per stage) in timm's local-dir format: a convnet without
+    ``blocks`` or ``stages``, whose stages are the modules ``layer1``...``layer4``."""
+    torch.manual_seed(seed)
+    args = dict(layers=[1, 1, 1, 1], channels=[8, 8, WIDTH, WIDTH], num_classes=0, global_pool="")
+    model = timm.create_model("resnet18", pretrained=False, **args,
+                              pretrained_cfg_overlay=dict(input_size=(3, IMAGE_SIZE, IMAGE_SIZE))).eval()
+    save_for_hf(model, str(out), model_args=args, safe_serialization=True)
+    return model
+
+
 def write_open_clip(out: Path, seed: int = 0) -> torch.nn.Module:
     """An open_clip checkpoint directory (config + weights of both towers), as on the Hugging Face Hub."""
     import open_clip
