@@ -85,7 +85,7 @@ def main() -> None:
         train_dir, eval_dir = args.out / name, args.out / f"{name}-eval"
         tasks = [] if name == "nvila_ft" else [f"data.sources.diffvqa.tasks=[{','.join(args.tasks)}]"]
         commands = {
-            "train": ["train.py", *VARIANTS[name], *tasks, *world, f"trainer.max_steps={args.steps}",
+            "train": ["train.py", "data=diffvqa", *VARIANTS[name], *tasks, *world, f"trainer.max_steps={args.steps}",
                       "trainer.max_epochs=-1", "logger=csv", f"hydra.run.dir={train_dir}"],
             "eval": ["eval.py", f"ckpt={train_dir / 'checkpoints' / 'last.ckpt'}", *held_out, f"hydra.run.dir={eval_dir}"],
         }

@@ -10,7 +10,7 @@ import torch
 from run.cli import compose_config
 from datamodules.synthetic import ensure_world
 from run.tiny_base import ensure_tiny_base
-from tests.helpers import TINY_LLM, TINY_PRETRAIN_STEPS, TINY_VISION, WORLD_SUBJECTS
+from tests.helpers import PLAIN, TINY_LLM, TINY_PRETRAIN_STEPS, TINY_VISION, WORLD_SUBJECTS
 from run.train import train
 
 # Numbers computed in this process must not depend on the machine's cores: the thread count decides how
@@ -25,7 +25,7 @@ def world(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_base(world, tmp_path_factory) -> Path:
-    return ensure_tiny_base(tmp_path_factory.mktemp("base") / "tiny-base", world, vision=TINY_VISION, llm=TINY_LLM,
+    return ensure_tiny_base(tmp_path_factory.mktemp("base") / "tiny-base", world, vision_tower="siglip", vision=TINY_VISION, llm=TINY_LLM,
                             vision_pretrain_steps=TINY_PRETRAIN_STEPS)
 
 
@@ -38,9 +38,11 @@ def demo_overrides(world, tiny_base, tmp_path) -> list[str]:
         f"paths.world_dir={world}",
         f"paths.tiny_base={tiny_base}",
         f"prepare.world.subjects={WORLD_SUBJECTS}",
+        "prepare.tiny_base.vision_tower=siglip",
         f"+prepare.tiny_base.vision={TINY_VISION}".replace("'", ""),
         f"+prepare.tiny_base.llm={TINY_LLM}".replace("'", ""),
         f"prepare.tiny_base.vision_pretrain_steps={TINY_PRETRAIN_STEPS}",
+        *PLAIN,
         "data.batch_size=4",
         "data.eval_batch_size=8",
         "logger=csv",
@@ -54,7 +56,7 @@ def trained_checkpoint(tmp_path_factory, world, tiny_base) -> Path:
     overrides = [
         f"paths.output_dir={run}", f"paths.cache_dir={run / 'cache'}", f"paths.world_dir={world}",
         f"paths.tiny_base={tiny_base}", f"prepare.world.subjects={WORLD_SUBJECTS}", "prepare.tiny_base=null",
-        "logger=csv", "data.batch_size=8", "data.limit.val=16", "trainer.max_epochs=2",
+        *PLAIN, "logger=csv", "data.batch_size=8", "data.limit.val=16", "trainer.max_epochs=2",
     ]
     trainer = train(compose_config("train", overrides))
     assert trainer.global_step > 10

@@ -9,6 +9,9 @@ import torch
 
 # Small enough to build in seconds, big enough for a few batches of every question type.
 WORLD_SUBJECTS = 16
+# The train config without the demo's recipe (configs/experiment/demo.yaml): its single Medical-Diff-VQA
+# source, for one epoch. Tests that count steps or samples say so, so that the demo can change its recipe.
+PLAIN = ("data=diffvqa", "trainer.max_epochs=1")
 TINY_VISION = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
                "intermediate_size": 64}
 TINY_LLM = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,

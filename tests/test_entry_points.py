@@ -13,6 +13,7 @@ import torch
 from hydra.errors import ConfigCompositionException
 
 from run.cli import compose_config, override_problem
+from tests.helpers import PLAIN
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_GPU = torch.cuda.is_available() or torch.backends.mps.is_available()
@@ -106,7 +107,7 @@ def test_an_unknown_option_of_a_group_names_the_closest_and_all_options():
 
 
 def test_a_training_run_shows_its_model_and_progress_without_library_noise(world, tiny_base, tmp_path):
-    result = run("train.py", tmp_path, "prepare=none", f"paths.world_dir={world}", f"paths.tiny_base={tiny_base}",
+    result = run("train.py", tmp_path, "prepare=none", f"paths.world_dir={world}", f"paths.tiny_base={tiny_base}", *PLAIN,
                  "trainer.max_steps=2", "data.batch_size=4", "data.limit.val=4")
     assert result.returncode == 0, result.stderr[-3000:]
     output = result.stdout + result.stderr
@@ -120,7 +121,8 @@ def test_a_training_run_shows_its_model_and_progress_without_library_noise(world
 def test_the_printed_evaluate_command_evaluates_the_trained_checkpoint(world, tiny_base, tmp_path):
     """python train.py, then the python eval.py command it prints, as a person types them."""
     paths = ["prepare=none", f"paths.world_dir={world}", f"paths.tiny_base={tiny_base}"]
-    trained = run("train.py", tmp_path / "train", *paths, "trainer.max_steps=2", "data.batch_size=4", "data.limit.val=4")
+    trained = run("train.py", tmp_path / "train", *paths, *PLAIN, "trainer.max_steps=2", "data.batch_size=4",
+                  "data.limit.val=4")
     assert trained.returncode == 0, trained.stderr[-3000:]
     command = next(line for line in trained.stdout.splitlines() if line.startswith("evaluate with: "))
     script, checkpoint = command.removeprefix("evaluate with: python ").split()

@@ -199,7 +199,7 @@ def test_an_image_without_expert_predictions_is_named(sources, tiny_base, world,
 
 def test_mmxu_fine_tunes_and_evaluates_with_letter_accuracy(demo_overrides, world, tmp_path):
     from run.evaluate import evaluate
-    trainer = train(compose_config("train", demo_overrides + ["experiment=mmxu", "trainer.max_steps=4",
+    trainer = train(compose_config("train", demo_overrides + ["experiment=mmxu", "data=mmxu", "trainer.max_steps=4",
                                                               "data.limit.val=8"]))
     assert trainer.global_step == 4 and trainer.datamodule.hparams.tasks == ["mmxu"]
     checkpoint = trainer.checkpoint_callback.last_model_path

@@ -23,7 +23,7 @@ from models.config import ModelConfig
 from models.factory import build_model
 from models.lit_module import LumenLitModule as LumenModule
 from models.parallel import accumulation, clip_grad_norm
-from tests.helpers import WORLD_SUBJECTS, assert_same_up_to_summation_order, model_inputs, model_labels
+from tests.helpers import PLAIN, WORLD_SUBJECTS, assert_same_up_to_summation_order, model_inputs, model_labels
 from run.train import accumulate_grad_batches, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -289,7 +289,7 @@ def global_batch_runs(world, tiny_base, tmp_path_factory) -> dict[str, dict]:
     """Global batch 8 from micro-batches of 2: FSDP2 on 2 processes (with activation checkpointing) and
     one process, on the same 16 samples (8 micro-batches), with a frozen tower and clipping at 1.0."""
     common = [f"paths.world_dir={world}", f"paths.tiny_base={tiny_base}", f"prepare.world.subjects={WORLD_SUBJECTS}",
-              "prepare.tiny_base=null", "data.global_batch_size=8", "data.batch_size=2", "data.limit.train=16",
+              "prepare.tiny_base=null", *PLAIN, "data.global_batch_size=8", "data.batch_size=2", "data.limit.train=16",
               "data.limit.val=4", "model.net.tune_vision=false", "trainer.gradient_clip_val=1.0",
               "trainer.log_every_n_steps=1", "logger=csv"]
     sharded_run = tmp_path_factory.mktemp("global-batch-fsdp")

@@ -13,7 +13,7 @@ import lightning as L
 import pytest
 import torch
 
-from tests.helpers import WORLD_SUBJECTS
+from tests.helpers import PLAIN, WORLD_SUBJECTS
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 4
@@ -52,7 +52,7 @@ def two_process_run(run: Path, world, tiny_base, *overrides: str) -> list[float]
     command = [sys.executable, "train.py", "trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2",
                f"trainer.max_steps={STEPS}", "trainer.log_every_n_steps=1", f"paths.output_dir={run}",
                f"paths.world_dir={world}", f"paths.tiny_base={tiny_base}", f"prepare.world.subjects={WORLD_SUBJECTS}",
-               "prepare.tiny_base=null", "data.batch_size=4", "data.limit.train=32", "data.limit.val=4",
+               "prepare.tiny_base=null", *PLAIN, "data.batch_size=4", "data.limit.train=32", "data.limit.val=4",
                "+callbacks.dtypes._target_=tests.test_precision.Dtypes", f"+callbacks.dtypes.directory={run / 'dtypes'}",
                f"hydra.run.dir={run}", *overrides]
     result = subprocess.run(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,

@@ -29,7 +29,7 @@ from models.checkpoints import CONSOLIDATED_KEYS, consolidate, export, load_chec
 from models.config import ModelConfig
 from models.factory import build_model, input_spec
 from models.callbacks.resumable_checkpoint import Trained, continue_on, publish
-from tests.helpers import WORLD_SUBJECTS, checkpoints_cli
+from tests.helpers import PLAIN, WORLD_SUBJECTS, checkpoints_cli
 from tests.helpers import model_inputs as inputs
 from run.train import instantiate_data, train
 
@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # The runs: 16 training samples in micro-batches of 2 = 8 global batches, 4 optimizer steps per epoch
 # on 2 processes; a checkpoint every 3 steps, so the last one (step 4) is the end-of-training save.
 EVERY = 3
-DATA = ["data.batch_size=2", "data.limit.train=16", "data.limit.val=4"]
+DATA = [*PLAIN, "data.batch_size=2", "data.limit.train=16", "data.limit.val=4"]
 
 
 def sampler(world_size=1, rank=0, sizes=(30, 12), weights=(1.0, 0.5), batch_size=2) -> MixtureBatchSampler:
@@ -250,7 +250,7 @@ def fsdp_run(run: Path, world, tiny_base, devices: int, *overrides: str) -> list
     return [
         sys.executable, "train.py", "trainer=fsdp", "trainer.accelerator=cpu", f"trainer.devices={devices}",
         f"paths.output_dir={run}", f"hydra.run.dir={run}", f"paths.world_dir={world}", f"paths.tiny_base={tiny_base}",
-        f"prepare.world.subjects={WORLD_SUBJECTS}", "prepare.tiny_base=null", *DATA,
+        f"prepare.world.subjects={WORLD_SUBJECTS}", "prepare.tiny_base=null", *PLAIN, *DATA,
         f"callbacks.model_checkpoint.every_n_train_steps={EVERY}",
         "+callbacks.record._target_=tests.recording.TrainingRecord", f"+callbacks.record.directory={run / 'record'}",
         *overrides,
@@ -337,7 +337,7 @@ def single_process(run: Path, world, tiny_base, *overrides: str):
     4 steps an epoch) and a checkpoint every 2 steps."""
     return compose_config("train", [
         f"paths.output_dir={run}", f"paths.cache_dir={run / 'cache'}", f"paths.world_dir={world}",
-        f"paths.tiny_base={tiny_base}", f"prepare.world.subjects={WORLD_SUBJECTS}", "prepare.tiny_base=null",
+        f"paths.tiny_base={tiny_base}", f"prepare.world.subjects={WORLD_SUBJECTS}", "prepare.tiny_base=null", *PLAIN,
         "logger=csv", *DATA, "+trainer.accumulate_grad_batches=2", "callbacks.model_checkpoint.every_n_train_steps=2",
         "+callbacks.record._target_=tests.recording.TrainingRecord", f"+callbacks.record.directory={run / 'record'}",
         *overrides,
@@ -393,7 +393,7 @@ def short_run(run: Path, world, tiny_base, *overrides: str):
     """A one-process run of 8 steps an epoch (16 samples in micro-batches of 2) that logs every step."""
     return compose_config("train", [
         f"paths.output_dir={run}", f"paths.cache_dir={run / 'cache'}", f"paths.world_dir={world}",
-        f"paths.tiny_base={tiny_base}", f"prepare.world.subjects={WORLD_SUBJECTS}", "prepare.tiny_base=null",
+        f"paths.tiny_base={tiny_base}", f"prepare.world.subjects={WORLD_SUBJECTS}", "prepare.tiny_base=null", *PLAIN,
         "logger=csv", "trainer.log_every_n_steps=1", *DATA,
         "+callbacks.bar._target_=tests.test_resume.BarRecorder", *overrides,
     ])
@@ -486,7 +486,7 @@ def test_a_resume_with_nothing_to_train_exits_with_code_2_naming_the_limit(stopp
     run = tmp_path / "run"
     shutil.copytree(stopped_run, run)
     command = [sys.executable, "train.py", f"hydra.run.dir={run}", f"paths.world_dir={world}",
-               f"paths.tiny_base={tiny_base}", f"prepare.world.subjects={WORLD_SUBJECTS}", "prepare.tiny_base=null",
+               f"paths.tiny_base={tiny_base}", f"prepare.world.subjects={WORLD_SUBJECTS}", "prepare.tiny_base=null", *PLAIN,
                *DATA, "trainer.max_steps=3", "ckpt_path=last"]
     result = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 2, result.stderr[-3000:]
@@ -524,7 +524,7 @@ def test_a_single_process_checkpoint_file_is_refused_by_fsdp_with_the_fix(crashe
 def test_a_sharded_checkpoint_is_refused_by_a_single_device_trainer_with_the_fix(killed_run, world, tiny_base):
     overrides = [f"paths.output_dir={killed_run}", f"paths.cache_dir={killed_run / 'cache'}",
                  f"paths.world_dir={world}", f"paths.tiny_base={tiny_base}", f"prepare.world.subjects={WORLD_SUBJECTS}",
-                 "prepare.tiny_base=null", *DATA, "ckpt_path=last"]
+                 "prepare.tiny_base=null", *PLAIN, *DATA, "ckpt_path=last"]
     with pytest.raises(ValueError, match=r"ckpt_path=last is a sharded checkpoint \(.*last.ckpt\), which only the "
                                          r"FSDP2 strategy reads: resume with trainer=fsdp"):
         train(compose_config("train", overrides))
