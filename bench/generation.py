@@ -51,7 +51,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    cfg = compose_config("train", [f"paths.cache_dir={ROOT / '.cache' / 'lumen'}", "paths.output_dir=unused",
+    cfg = compose_config("train", [f"paths.cache_dir={ROOT / '.cache' / 'lumen'}", "paths.output_dir=unused", "data=diffvqa",
                                    f"data.limit.{args.split}={args.samples}", f"data.eval_batch_size={args.batch_size}"])
     prepare(cfg)
     if args.ckpt:

@@ -7,9 +7,9 @@ Trains, for the same number of steps on the same synthetic world (seed 0):
   fused                current tokens carrying the gated difference (N)
   one-image            the demo model and data, difference questions without their prior image
   nvila_ft             the paper's baseline: single-image diagnostic questions only      experiment=nvila_ft
-The demo arms train on the questions named by --tasks (default: difference questions only, so the
-whole CPU budget goes to the skill under test; ``--tasks diagnostic difference`` for the full demo
-mix). Each model is then evaluated on the difference questions of a held-out world generated with
+The demo arms train on the single Medical-Diff-VQA source (``data=diffvqa``; the demo itself trains on a
+weighted mixture, ``data=demo``), on the questions named by --tasks (default: difference questions only, so
+the whole CPU budget goes to the skill under test; ``--tasks diagnostic difference`` for both, unweighted). Each model is then evaluated on the difference questions of a held-out world generated with
 another seed; the script prints the accuracy of the added/missing finding sets (95% Wilson
 intervals), micro-F1 of the added and of the missing findings, the visual tokens a two-image sample
 costs, the accuracy ratio of --reference to every other arm, and an exact McNemar test of the

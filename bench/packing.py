@@ -67,7 +67,7 @@ def main() -> None:
                         help="where the demo's world and tiny base are (built there if absent)")
     args = parser.parse_args()
 
-    cfg = compose_config("train", [f"paths.cache_dir={args.cache_dir}", f"paths.output_dir={tempfile.mkdtemp()}",
+    cfg = compose_config("train", [f"paths.cache_dir={args.cache_dir}", f"paths.output_dir={tempfile.mkdtemp()}", "data=diffvqa",
                                    f"prepare.world.subjects={args.subjects}", f"data.batch_size={args.batch_size}",
                                    f"data.group_batches={args.group_batches}"])
     prepare(cfg)

@@ -3,7 +3,7 @@ new user types them, from a cold cache (a new, empty ``LUMEN_CACHE``), so the wo
 too. Prints the wall time of each stage, the size of the Python environment, and the demo's scores; the
 README's quickstart figures are this script's.
 
-    python -m bench.quickstart                 # under 10 minutes on the slowest 2-core CPU measured (docs/results.md)
+    python -m bench.quickstart                 # about 7 minutes on a 2-core Intel Xeon (docs/results.md)
     python -m bench.quickstart --cache DIR     # keep the built world and base in DIR (must not exist yet)
 """
 

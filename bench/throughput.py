@@ -1,6 +1,7 @@
 """Our training step vs Hugging Face's ``LlavaForConditionalGeneration`` built from the same tiny components.
 
-Both models hold the same weights: the demo's tiny base SigLIP tower (read at the same layer) and Qwen2
+Both models hold the same weights: a tiny base's SigLIP tower (``prepare.tiny_base.vision_tower=siglip``, read at
+the same layer) and Qwen2
 LLM, and the NVILA projector (2x2 token merge + MLP). Llava's own projector does not merge tokens, so
 ours is put in its place (``multi_modal_projector``): the only way to give both the same visual tokens
 per image and the same prompts; everything else on the Llava side -- tower call, feature selection,
@@ -218,7 +219,10 @@ def main() -> None:
     device = torch.device(args.device)
 
     cache = os.environ.get("LUMEN_CACHE", str(ROOT / ".cache" / "lumen"))
-    cfg = compose_config("train", [f"paths.cache_dir={cache}", "paths.output_dir=unused", "data.use_prior=false",
+    # Llava's tower is a Hugging Face one: the tiny base with NVILA's kind of tower (SigLIP), on the Medical-Diff-VQA
+    # questions (one source) whose batches docs/training.md timed.
+    cfg = compose_config("train", [f"paths.cache_dir={cache}", "paths.output_dir=unused", "prepare.tiny_base.vision_tower=siglip",
+                                   "data=diffvqa", "data.use_prior=false",
                                    f"data.batch_size={args.batch_size}", f"model.net.dtype={args.dtype}",
                                    # Hugging Face's Llava below tunes its tower: so does ours (the demo freezes it).
                                    "model.net.tune_vision=true",

@@ -14,8 +14,8 @@ readings: a finding is read as added (missing) when the probability that it is p
 absent before (or the reverse) is over one half, which, unlike thresholding each study's reading,
 does not call a change from two uncertain readings.
 
-Either tower family of the tiny base is read (``run.tiny_base``: a SigLIP ViT, or with
-``--vision-tower resnet`` a timm ResNet), at the layer a VLM reads it with the demo's config.
+Either tower family of the tiny base is read (``run.tiny_base``: a timm ResNet, or with
+``--vision-tower siglip`` a SigLIP ViT), at the layer a VLM reads it with the demo's config.
 
     python -m bench.tower_probe                                    # the demo's cached tiny base and world
     python -m bench.tower_probe --base DIR --world DIR
@@ -24,7 +24,6 @@ Either tower family of the tiny base is read (``run.tiny_base``: a SigLIP ViT, o
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
@@ -38,8 +37,9 @@ from datamodules.collate import image_transform
 from datamodules.mimic import CHEXPERT_LABELS, FRONTAL_VIEWS, load_chexpert, load_images
 from datamodules.synthetic.population import FINDINGS, site_column
 from datamodules.synthetic.questions import WHOLE_IMAGE
+from models.config import ModelConfig
+from models.factory import vision_layer, vision_type
 from models.vision import VisionTower, build_vision_tower, read_spec
-from run.tiny_base import MANIFEST, RESNET_READ_STAGE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,10 +49,10 @@ CACHE = Path(os.environ.get("LUMEN_CACHE", ROOT / ".cache" / "lumen"))
 
 
 def tiny_tower(base: Path) -> tuple[VisionTower, tuple[int, tuple, tuple]]:
-    """The base's tower as the demo's VLM reads it -- a SigLIP tower at its last layer, a ResNet at stage
-    ``RESNET_READ_STAGE`` -- and its input size, mean and std."""
-    built = json.loads((base / MANIFEST).read_text()) if (base / MANIFEST).is_file() else {}
-    kind, layer = ("timm", RESNET_READ_STAGE) if built.get("vision_tower") == "resnet" else ("hf", -1)
+    """The base's tower as the demo's VLM reads it (``model/vision=base``: the family its files say, the layer its
+    manifest names -- a ResNet's second stage, a SigLIP's last layer) and its input size, mean and std."""
+    config = ModelConfig(base=str(base))
+    kind, layer = vision_type(config), vision_layer(config, None)
     spec = read_spec(kind, base / "vision_tower", layer)
     return build_vision_tower(kind, base / "vision_tower", layer).eval(), (spec.image_size, spec.mean, spec.std)
 
@@ -159,7 +159,7 @@ def difference_reader(images: pd.DataFrame, image_tokens: torch.Tensor, world: P
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", type=Path, default=CACHE / "tiny-base-world-400subjects-seed0")
+    parser.add_argument("--base", type=Path, default=CACHE / "tiny-base-resnet-world-400subjects-seed0")
     parser.add_argument("--world", type=Path, default=CACHE / "world-400subjects-seed0")
     parser.add_argument("--min-share", type=float, default=0.02, help="leave out labels rarer than this")
     args = parser.parse_args()

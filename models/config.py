@@ -18,8 +18,10 @@ ATTENTION = ("eager", "sdpa", "flash_attention_2")
 # The layer a tower is read at when neither the config nor the base says: SigLIP's second-to-last, NVILA's.
 DEFAULT_VISION_LAYER = -2
 # The manifest of a tiny base built by run.tiny_base: what it was built from, and the layer its tower is
-# read at ("vision_layer"), which model.net.vision.layer=null follows.
+# read at ("vision_layer"), which model.net.vision.layer=null follows. A manifest written before that key
+# existed names the tower's family ("vision_tower"; none: siglip), whose layer is this one.
 BASE_MANIFEST = "lumen-base.json"
+TINY_BASE_LAYERS = {"resnet": 2, "siglip": -1}
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from common.contract import IMAGE_TOKEN, InputSpec
 from common.tokenizer import load_tokenizer as load_directory_tokenizer
-from models.config import DEFAULT_VISION_LAYER, DTYPES, ModelConfig
+from models.config import DEFAULT_VISION_LAYER, DTYPES, TINY_BASE_LAYERS, ModelConfig
 from models.fusion import TemporalFusion
 from models.lumen import LumenModel
 from models.nvila import NvilaConfig, read_nvila_config
@@ -56,8 +56,13 @@ def vision_dir(config: ModelConfig) -> Path:
 
 
 def vision_type(config: ModelConfig) -> str:
-    """``model.net.vision.type``, or if null the family of the tower the base holds."""
-    return config.vision.type or tower_type_of(vision_dir(config))
+    """``model.net.vision.type``, or if null the family of the tower the base holds; a type that is not that
+    family is refused (its loader would fail on the other format's files, far from the cause)."""
+    held = tower_type_of(vision_dir(config))
+    if config.vision.type not in (None, held):
+        raise ValueError(f"model.net.vision.type={config.vision.type} but {config.vision_dir} holds a {held} tower: "
+                         f"set model/vision=base (or model.net.vision.type={held})")
+    return held
 
 
 def nvila_config(config: ModelConfig) -> NvilaConfig | None:
@@ -74,9 +79,8 @@ def vision_layer(config: ModelConfig, nvila: NvilaConfig | None) -> int:
     if config.vision.layer is not None:
         return config.vision.layer
     if config.manifest_path.is_file():
-        layer = json.loads(config.manifest_path.read_text()).get("vision_layer")
-        if layer is not None:
-            return layer
+        manifest = json.loads(config.manifest_path.read_text())
+        return manifest.get("vision_layer", TINY_BASE_LAYERS[manifest.get("vision_tower", "siglip")])
     return DEFAULT_VISION_LAYER
 
 

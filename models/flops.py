@@ -189,7 +189,7 @@ def formula_flops(model: LumenModel, images: int, priors: int, sequence_lengths:
     llm_weights = count(model.llm.get_decoder()) - count(model.llm.get_input_embeddings())
     patches = model.vision.grid[0] * model.vision.grid[1]
     tokens, width = model.tokens_per_image, llm.hidden_size
-    per_image = (6 * count(model.vision.blocks) * patches
+    per_image = (6 * sum(count(block) for block in model.vision.blocks) * patches
                  + 12 * len(model.vision.blocks) * model.vision.hidden_size * patches ** 2
                  + 6 * count(model.projector) * tokens)
     per_prior = 6 * count(model.fusion) * tokens + (12 * width * tokens ** 2 if hasattr(model.fusion, "align") else 0)

@@ -92,7 +92,8 @@ class TemporalFusion(nn.Module):
             # The alignment starts as a content match: its query, key, value and output maps are the identity, so
             # a current token's counterpart is the prior tokens averaged by their similarity to it, and their
             # difference is what changed, not the token minus a random map of the prior. From the default random
-            # maps the demo's difference questions came out less often right (docs/results.md, 2026-12-05: one seed).
+            # maps the demo's difference questions came out less often right (docs/results.md, 2026-12-05; the
+            # value-and-output identity alone scored about the same).
             with torch.no_grad():
                 self.align.in_proj_weight.copy_(torch.eye(dim).repeat(3, 1))
                 self.align.in_proj_bias.zero_()

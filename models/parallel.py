@@ -8,6 +8,7 @@ process's device, and filled from the full model that only rank 0 builds from th
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from collections.abc import Iterable
@@ -16,7 +17,10 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX, checkpoint_wrapper
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+    _CHECKPOINT_PREFIX, CheckpointWrapper, checkpoint_wrapper,
+)
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
     apply_activation_checkpointing as wrap_for_checkpointing,
 )
@@ -29,6 +33,8 @@ from torch.distributed.tensor.experimental import implicit_replication
 from models.config import ModelConfig
 from models.factory import build_model
 from models.lumen import LumenModel
+
+log = logging.getLogger(__name__)
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -73,13 +79,27 @@ def checkpoint_blocks(root: nn.Module, blocks: Iterable[nn.Module]) -> None:
     the backward pass instead of kept. State-dict keys are unchanged (the wrapper strips its prefix)."""
     chosen = set(blocks)
     wrap_for_checkpointing(root, checkpoint_wrapper_fn=checkpoint_wrapper, check_fn=lambda module: module in chosen)
+    wrapped = sum(isinstance(module, CheckpointWrapper) for module in root.modules())
+    if wrapped < len(chosen):
+        raise ValueError(f"{len(chosen) - wrapped} of the {len(chosen)} blocks to checkpoint are not modules of "
+                         f"{type(root).__name__}")
+
+
+def has_batch_norm(module: nn.Module) -> bool:
+    return any(isinstance(inner, _BatchNorm) for inner in module.modules())
 
 
 def apply_activation_checkpointing(model: LumenModel) -> None:
     """Checkpoints every vision block and LLM decoder layer: the one mechanism behind
     ``model.net.gradient_checkpointing``, in one process and under FSDP2 (applied before sharding, so
-    each FSDP unit is one checkpointed block). Hugging Face's own gradient checkpointing stays off."""
-    checkpoint_blocks(model, [*model.vision.blocks, *decoder_layers(model)])
+    each FSDP unit is one checkpointed block). Hugging Face's own gradient checkpointing stays off.
+    Blocks with batch norm (a convnet tower's) are not checkpointed: recomputing one in training mode
+    would update its running statistics a second time."""
+    blocks = [block for block in model.vision.blocks if not has_batch_norm(block)]
+    if len(blocks) < len(model.vision.blocks):
+        log.info("activation checkpointing: %d of the tower's %d blocks hold batch norm and are not checkpointed",
+                 len(model.vision.blocks) - len(blocks), len(model.vision.blocks))
+    checkpoint_blocks(model, [*blocks, *decoder_layers(model)])
 
 
 def shard(model: LumenModel, mesh: DeviceMesh, param_dtype: torch.dtype | None) -> None:
@@ -95,6 +115,12 @@ def shard(model: LumenModel, mesh: DeviceMesh, param_dtype: torch.dtype | None) 
         "ignore", message=r"FSDP2-wrapped module \(FSDP(\w+VisionTower|MLPDownsampleProjector)\) returned a view tensor"
     )
     options = {"mesh": mesh, "mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)}
+    # A convnet tower's batch norms keep float32 weights, as under autocast: their running statistics are float32,
+    # which batch norm refuses to combine with bfloat16 weights; they take the activations in whatever dtype.
+    for module in model.vision.modules():
+        if isinstance(module, _BatchNorm):
+            fully_shard(module, mesh=mesh, mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32,
+                                                                          cast_forward_inputs=False))
     for block in model.vision.blocks:
         fully_shard(block, **options)
     fully_shard(model.vision, **options)

@@ -40,13 +40,13 @@ from transformers import (
 )
 
 from common.contract import IMAGE_TOKEN
-from common.files import atomic_directory, write_json_atomic
+from common.files import atomic_directory
 from datamodules.collate import image_transform
 from datamodules.mimic import CHEXPERT_LABELS, load_chexpert, load_images
 from datamodules.synthetic.drawing import render_image
 from datamodules.synthetic.population import ImageRecord, Study, simulate_population
 from datamodules.synthetic.writer import draw_in_processes
-from models.config import BASE_MANIFEST
+from models.config import BASE_MANIFEST, TINY_BASE_LAYERS
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", IMAGE_TOKEN]
 # ChatML as NVILA/Qwen2 use it; a default system turn is added when the messages have none.
@@ -75,7 +75,8 @@ DEFAULT_LLM = dict(
 # finds the family from the tower's files, so model/vision needs no override for either.
 VISION_TOWERS = ("resnet", "siglip")
 RESNET_READ_STAGE = 2
-VISION_LAYERS = {"resnet": RESNET_READ_STAGE, "siglip": -1}
+VISION_LAYERS = TINY_BASE_LAYERS
+assert VISION_LAYERS["resnet"] == RESNET_READ_STAGE
 DEFAULT_RESNET = dict(image_size=64, channels=[32, 64, 128, 128])
 RESNET_NORMALISATION = (0.5, 0.5, 0.5)
 MANIFEST = BASE_MANIFEST
@@ -239,10 +240,12 @@ def base_manifest(world: str | Path, vision: dict | None = None, llm: dict | Non
     if vision_pretrain_subjects < 0:
         raise ValueError(f"vision_pretrain_subjects={vision_pretrain_subjects}: expected 0 (the world's train split) "
                          "or a number of subjects to draw")
-    unknown = sorted(set(vision or {}) - set(DEFAULT_RESNET)) if vision_tower == "resnet" else []
+    known = DEFAULT_RESNET if vision_tower == "resnet" else SiglipVisionConfig().to_dict()
+    unknown = sorted(set(vision or {}) - set(known))
     if unknown:
-        raise ValueError(f"vision={vision}: a resnet tower takes {sorted(DEFAULT_RESNET)}, not {unknown} (settings of a "
-                         "siglip tower? set vision_tower=siglip)")
+        other = "siglip" if vision_tower == "resnet" else "resnet"
+        raise ValueError(f"vision={vision}: a {vision_tower} tower has no settings {unknown} (settings of a {other} tower? "
+                         f"set vision_tower={other})")
     world = Path(world)
     built = json.loads((world / "world.json").read_text()) if (world / "world.json").is_file() else {}
     return {
@@ -337,9 +340,6 @@ def ensure_tiny_base(out: str | Path, world: str | Path, **options) -> Path:
         built.setdefault("vision_pretrain_pool", "max" if built["vision_tower"] == "resnet" else "mean")
         built.setdefault("vision_layer", VISION_LAYERS[built["vision_tower"]])
         if built == base_manifest(world, **options):
-            stored = json.loads(manifest.read_text())
-            if "vision_layer" not in stored:  # built before the key existed: the model reads it from here
-                write_json_atomic(manifest, {**stored, "vision_layer": built["vision_layer"]})
             return out
     elif out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not a tiny base built by lumen (no {MANIFEST}); choose another path")

@@ -2,8 +2,9 @@
 
     python -m torch.distributed.run --standalone --nproc_per_node=2 tests/fsdp_worker.py CASES.json OUT_DIR
 
-For each case (``{"name", "net": ModelConfig fields, "max_norm"}``) the process builds the model through
-``models.parallel.build_sharded`` (meta device, sharded, rank 0 reads the weights), runs one forward and
+For each case (``{"name", "net": ModelConfig fields, "max_norm", "param_dtype"}``) the process builds the model through
+``models.parallel.build_sharded`` (meta device, sharded, rank 0 reads the weights; computing in ``param_dtype``,
+null: float32), runs one forward and
 backward on ``tests.helpers.model_inputs`` (the same batch on every rank, so the averaged gradient is
 that batch's), clips by global norm, and writes ``OUT_DIR/<name>.rank<r>.pt`` for the test to compare
 with one unsharded process. Every rank is seeded differently: only rank 0's initialisation of fresh
@@ -39,7 +40,8 @@ def unit_trainability(model: torch.nn.Module) -> dict[str, list[bool]]:
 
 def run_case(case: dict, mesh, out: Path) -> None:
     torch.manual_seed(SEED + dist.get_rank())
-    model = build_sharded(ModelConfig(**case["net"]), mesh, None, torch.device("cpu"))
+    param_dtype = getattr(torch, case["param_dtype"]) if case.get("param_dtype") else None
+    model = build_sharded(ModelConfig(**case["net"]), mesh, param_dtype, torch.device("cpu"))
     fusion = {name: parameter.full_tensor().detach().clone() for name, parameter in model.fusion.named_parameters()}
     batch = model_inputs(model)
     loss = model(**batch, labels=model_labels(model, batch)).loss

@@ -44,6 +44,7 @@ def test_a_run_on_real_data_resolves_its_whole_config(config):
 def test_default_run_is_the_demo():
     default = compose_config("train", [])
     demo = compose_config("train", ["experiment=demo"])
+    default.task_name = demo.task_name
     assert OmegaConf.to_yaml(default) == OmegaConf.to_yaml(demo)
 
 
@@ -52,13 +53,14 @@ def test_the_demo_trains_on_its_difference_weighted_mixture_with_the_tower_the_b
     sources = {name: source for name, source in cfg.data.sources.items() if source is not None}
     assert {name: (list(source.tasks), source.weight) for name, source in sources.items()} == {
         "diagnostic": (["diagnostic"], 0.3), "difference": (["difference"], 4.0)}
-    assert cfg.trainer.max_epochs == 6 and cfg.trainer.accelerator == "cpu"
+    assert cfg.trainer.max_epochs == 8 and cfg.trainer.accelerator == "cpu"
     # A tiny ResNet base, whose family and read layer the model takes from the base itself.
     assert cfg.prepare.tiny_base.vision_tower == "resnet"
     assert (cfg.model.net.vision.type, cfg.model.net.vision.layer) == (None, None)
-    # Another experiment brings its own data and length, not the demo's.
+    # The other experiments bring their own data and length, not the demo's.
     nvila_ft = compose_config("train", ["experiment=nvila_ft"])
     assert list(nvila_ft.data.sources.diffvqa.tasks) == ["diagnostic"] and nvila_ft.trainer.max_epochs == 1
+    assert {compose_config("train", [f"experiment={name}"]).trainer.max_epochs for name in ("mmxu", "lumen")} == {1}
 
 
 def test_lumen_is_the_papers_recipe():

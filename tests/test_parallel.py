@@ -23,7 +23,8 @@ from models.config import ModelConfig
 from models.factory import build_model
 from models.lit_module import LumenLitModule as LumenModule
 from models.parallel import accumulation, clip_grad_norm
-from tests.helpers import PLAIN, WORLD_SUBJECTS, assert_same_up_to_summation_order, model_inputs, model_labels
+from run.tiny_base import ensure_tiny_base
+from tests.helpers import PLAIN, TINY_LLM, WORLD_SUBJECTS, assert_same_up_to_summation_order, model_inputs, model_labels
 from run.train import accumulate_grad_batches, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,7 +167,11 @@ CASES = {
     "plain": {},
     "checkpointed_frozen_tower": {"gradient_checkpointing": True, "tune_vision": False},
     "tied_embeddings": {},  # on a base whose LLM ties its LM head to the token embeddings
+    # On a tiny ResNet base (the demo's kind): a convnet whose stages are FSDP units, its batch norms their own.
+    "resnet_tower": {"gradient_checkpointing": True, "tune_vision": True},
 }
+# Run by the worker but not compared with one process: the ResNet case with bfloat16 compute.
+BFLOAT16 = {"resnet_bfloat16": {"tune_vision": True}}
 
 
 def tied_base(tiny_base: Path, out: Path) -> Path:
@@ -181,10 +186,13 @@ def tied_base(tiny_base: Path, out: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def nets(tiny_base, tmp_path_factory) -> dict[str, dict]:
+def nets(world, tiny_base, tmp_path_factory) -> dict[str, dict]:
     tied = tied_base(tiny_base, tmp_path_factory.mktemp("tied") / "base")
-    return {name: {"base": str(tied if name == "tied_embeddings" else tiny_base), "vision": TOWER, **overrides}
-            for name, overrides in CASES.items()}
+    resnet = ensure_tiny_base(tmp_path_factory.mktemp("resnet") / "base", world, llm=TINY_LLM, vision_pretrain_steps=2,
+                              vision={"image_size": 32, "channels": [8, 16, 16, 16]})
+    bases = {"tied_embeddings": (tied, TOWER), "resnet_tower": (resnet, {}), "resnet_bfloat16": (resnet, {})}
+    return {name: {"base": str(bases.get(name, (tiny_base,))[0]), "vision": bases.get(name, (None, TOWER))[1],
+                   **overrides} for name, overrides in {**CASES, **BFLOAT16}.items()}
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +200,8 @@ def sharded(nets, tmp_path_factory) -> dict[tuple[str, int], dict]:
     """Every case run once by tests/fsdp_worker.py in two processes: (case, rank) -> what it measured."""
     out = tmp_path_factory.mktemp("fsdp-worker")
     cases = out / "cases.json"
-    cases.write_text(json.dumps([{"name": name, "net": net, "max_norm": MAX_NORM} for name, net in nets.items()]))
+    cases.write_text(json.dumps([{"name": name, "net": net, "max_norm": MAX_NORM,
+                                  "param_dtype": "bfloat16" if name in BFLOAT16 else None} for name, net in nets.items()]))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                "tests/fsdp_worker.py", str(cases), str(out)]
     result = subprocess.run(command, cwd=ROOT, env={**ENV, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
@@ -206,6 +215,8 @@ def unsharded(nets) -> dict[str, dict]:
     """The same step in one process, on the model as build_model loads it (no checkpointing)."""
     results = {}
     for name, net in nets.items():
+        if name in BFLOAT16:
+            continue
         torch.manual_seed(0)  # the worker's rank 0 seed
         model = build_model(ModelConfig(**{**net, "gradient_checkpointing": False})).train()
         fusion = {n: p.detach().clone() for n, p in model.fusion.named_parameters()}
@@ -267,6 +278,20 @@ def test_each_block_is_its_own_unit_and_a_frozen_tower_shares_none_with_trained_
 def test_activation_checkpointing_under_fsdp_wraps_each_block_once(sharded):
     assert sharded["checkpointed_frozen_tower", 0]["checkpoint_wrappers"] == 4  # 2 vision blocks + 2 decoder layers
     assert sharded["plain", 0]["checkpoint_wrappers"] == 0
+    # A ResNet's stages hold batch norm, which a recompute would update twice: only the decoder layers.
+    assert sharded["resnet_tower", 0]["checkpoint_wrappers"] == 2
+
+
+def test_a_resnet_towers_stages_and_batch_norms_are_units_and_train_in_bfloat16(sharded):
+    units = sharded["resnet_tower", 0]["units"]
+    norms = {unit for unit in units if ".bn" in unit}
+    assert {"vision.model.layer1", "vision.model.layer2", "vision.model.bn1"} <= set(units)
+    assert {"vision.model.layer1.0.bn1", "vision.model.layer2.0.bn2"} <= norms
+    for rank in (0, 1):
+        result = sharded["resnet_bfloat16", rank]
+        assert torch.isfinite(result["loss"]) and torch.isfinite(result["grad_norm"])
+        assert result["loss"] == sharded["resnet_bfloat16", 0]["loss"]  # the same batch on both ranks
+        assert any(name.startswith("vision.model.layer1") for name in result["gradients"])  # the tower trained
 
 
 def test_tied_embeddings_stay_tied_after_sharding(sharded, unsharded):

@@ -130,19 +130,27 @@ def test_a_resnet_tower_base_loads_as_a_timm_tower_whose_read_stage_the_pretrain
     assert tokens.shape == (3, 16, 16)  # (images, 4 x 4 stage-2 positions, 16 channels)
     # What FSDP and activation checkpointing wrap one by one: the stages up to the one read.
     assert model.vision.blocks == [model.vision.model.layer1, model.vision.model.layer2]
-    # A base built before the tower family was an option is a SigLIP base (pretrained on the mean, read at its
-    # last layer), and is kept as one; its manifest gains the layer the model reads it at.
+    # A base built before the manifest named its layer is read at its family's: a ResNet's second stage...
+    config = ModelConfig(base=str(base))
+    (base / MANIFEST).write_text(json.dumps({key: value for key, value in built.items() if key != "vision_layer"}))
+    assert vision_layer(config, None) == RESNET_READ_STAGE
+    # ... and a base built before the tower family was an option is a SigLIP base (pretrained on the mean, read
+    # at its last layer), and is kept as one.
     siglip = ensure_tiny_base(tmp_path / "siglip", world, vision_tower="siglip", vision=TINY_VISION, llm=TINY_LLM, vision_pretrain_steps=2)
     manifest = json.loads((siglip / MANIFEST).read_text())
     assert manifest["vision_tower"] == "siglip"
     del manifest["vision_tower"], manifest["vision_pretrain_pool"], manifest["vision_layer"]
     (siglip / MANIFEST).write_text(json.dumps(manifest))
-    stamp = (siglip / "vision_tower" / "model.safetensors").stat().st_mtime_ns
+    stamp = (siglip / MANIFEST).stat().st_mtime_ns
     ensure_tiny_base(tmp_path / "siglip", world, vision_tower="siglip", vision=TINY_VISION, llm=TINY_LLM, vision_pretrain_steps=2)
-    assert (siglip / "vision_tower" / "model.safetensors").stat().st_mtime_ns == stamp
-    assert json.loads((siglip / MANIFEST).read_text())["vision_layer"] == -1
+    assert (siglip / MANIFEST).stat().st_mtime_ns == stamp
     assert vision_layer(ModelConfig(base=str(siglip)), None) == -1
     with pytest.raises(ValueError, match="vision_tower='vit'"):
         base_manifest(world, vision_tower="vit")
-    with pytest.raises(ValueError, match=r"vision=\{.*'patch_size'.*\}: a resnet tower takes"):
+    with pytest.raises(ValueError, match=r"a resnet tower has no settings \['hidden_size', .*set vision_tower=siglip"):
         base_manifest(world, vision=TINY_VISION)  # a SigLIP's settings for the default ResNet
+    with pytest.raises(ValueError, match=r"a siglip tower has no settings \['channels'\].*set vision_tower=resnet"):
+        base_manifest(world, vision_tower="siglip", vision={"channels": [8, 8, 8, 8]})
+    # A tower type other than the base's is refused, naming both.
+    with pytest.raises(ValueError, match=r"model.net.vision.type=hf but .* holds a timm tower: set model/vision=base"):
+        build_model(ModelConfig(base=str(base), vision={"type": "hf", "layer": -1}))
