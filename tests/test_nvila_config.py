@@ -178,7 +178,8 @@ def test_an_image_processor_lumen_cannot_reproduce_is_refused(nvila, tmp_path, p
 
 
 def test_an_nvila_config_needs_a_hugging_face_tower(nvila):
-    with pytest.raises(ValueError, match="model.net.vision.type=timm but .* is NVILA's.* set model.net.vision.type=hf"):
+    # NVILA's tower is a Hugging Face one: another type is refused before its loader reads the wrong files.
+    with pytest.raises(ValueError, match="model.net.vision.type=timm but .* holds a hf tower: set model/vision=base"):
         input_spec(config(nvila["root"], vision={"type": "timm"}))
 
 
