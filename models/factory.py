@@ -67,8 +67,7 @@ def vision_type(config: ModelConfig) -> str:
 
 def nvila_config(config: ModelConfig) -> NvilaConfig | None:
     """The base's NVILA ``config.json``, checked (``models.nvila``); ``None`` if the base is no NVILA directory."""
-    vision_dir(config)  # the check reads the tower's config: a missing tower is named first
-    return read_nvila_config(config.base, vision_type(config))
+    return read_nvila_config(config.base, vision_type(config))  # vision_type names a missing tower first
 
 
 def vision_layer(config: ModelConfig, nvila: NvilaConfig | None) -> int:

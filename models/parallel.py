@@ -17,7 +17,6 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
     _CHECKPOINT_PREFIX, CheckpointWrapper, checkpoint_wrapper,
 )
@@ -29,6 +28,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.experimental import implicit_replication
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from models.config import ModelConfig
 from models.factory import build_model

@@ -71,12 +71,10 @@ DEFAULT_LLM = dict(
 # tower, read at its second stage, 8 x 8 tokens at 64 px, after timm's default stem (a 7 x 7 convolution to 64
 # channels and a max-pool); its last two stages are built, as a timm ResNet needs, but never read. siglip:
 # NVILA's kind, a ViT, read at its last layer. On the demo's world the ResNet's tokens read the findings far
-# better than the tiny ViT's (docs/results.md). The manifest names the layer (VISION_LAYERS) and the model
+# better than the tiny ViT's (docs/results.md). The manifest names the layer (TINY_BASE_LAYERS) and the model
 # finds the family from the tower's files, so model/vision needs no override for either.
 VISION_TOWERS = ("resnet", "siglip")
-RESNET_READ_STAGE = 2
-VISION_LAYERS = TINY_BASE_LAYERS
-assert VISION_LAYERS["resnet"] == RESNET_READ_STAGE
+RESNET_READ_STAGE = TINY_BASE_LAYERS["resnet"]
 DEFAULT_RESNET = dict(image_size=64, channels=[32, 64, 128, 128])
 RESNET_NORMALISATION = (0.5, 0.5, 0.5)
 MANIFEST = BASE_MANIFEST
@@ -252,7 +250,7 @@ def base_manifest(world: str | Path, vision: dict | None = None, llm: dict | Non
         "world": str(world.resolve()),
         "world_generator": {key: built.get(key) for key in ("generator_version", "subjects", "seed")},
         "vision_tower": vision_tower,
-        "vision_layer": VISION_LAYERS[vision_tower],
+        "vision_layer": TINY_BASE_LAYERS[vision_tower],
         # As JSON reads it back (tuples as lists), so a built base's manifest compares equal.
         "vision": json.loads(json.dumps({**(DEFAULT_RESNET if vision_tower == "resnet" else DEFAULT_VISION),
                                          **(vision or {})})),
@@ -338,7 +336,7 @@ def ensure_tiny_base(out: str | Path, world: str | Path, **options) -> Path:
         built.setdefault("vision_pretrain_batch_size", 64)
         built.setdefault("vision_tower", "siglip")
         built.setdefault("vision_pretrain_pool", "max" if built["vision_tower"] == "resnet" else "mean")
-        built.setdefault("vision_layer", VISION_LAYERS[built["vision_tower"]])
+        built.setdefault("vision_layer", TINY_BASE_LAYERS[built["vision_tower"]])
         if built == base_manifest(world, **options):
             return out
     elif out.exists() and any(out.iterdir()):
